@@ -1,0 +1,8 @@
+"""magma_ext: Magma (momentum-aligned gradient masking) for PyTorch, with fused CUDA kernels."""
+
+from ._ops import has_cuda_extension
+from .optimizer import Magma
+from .param_groups import param_groups
+
+__all__ = ["Magma", "param_groups", "has_cuda_extension"]
+__version__ = "0.1.0"

@@ -1,0 +1,115 @@
+"""The random-number contract of ALGORITHM.md section 4, in torch integer ops.
+
+Masks come from cuRAND's Philox4_32_10.  A block's draw at step ``t`` is the first word of
+``curand()`` after ``curand_init(seed, (tensor_index << 32) | block_index, 4 * t)``.  Because
+the offset is a multiple of four, that word is word 0 of the Philox block whose 128-bit counter
+is ``(t_lo, t_hi, block_index, tensor_index)`` under the 64-bit key ``seed``.
+
+Everything here works on int64 tensors holding unsigned 32-bit values, so it runs on any
+device; the 32x32 -> 64-bit products are split into 16-bit halves to stay inside int64.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+PHILOX_M0 = 0xD2511F53
+PHILOX_M1 = 0xCD9E8D57
+PHILOX_W0 = 0x9E3779B9
+PHILOX_W1 = 0xBB67AE85
+PHILOX_ROUNDS = 10
+MASK32 = 0xFFFFFFFF
+
+
+def _round_keys(seed: int) -> list[tuple[int, int]]:
+    """The (k0, k1) key of each of the ten rounds: the seed's halves, bumped by the Weyl constants."""
+    k0, k1 = seed & MASK32, (seed >> 32) & MASK32
+    keys = []
+    for _ in range(PHILOX_ROUNDS):
+        keys.append((k0, k1))
+        k0, k1 = (k0 + PHILOX_W0) & MASK32, (k1 + PHILOX_W1) & MASK32
+    return keys
+
+
+def _mulhilo(a: torch.Tensor, multiplier: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """High and low 32 bits of ``a * multiplier`` for ``0 <= a < 2**32`` without int64 overflow."""
+    product_low = a * (multiplier & 0xFFFF)  # < 2**48
+    product_high = a * (multiplier >> 16)  # < 2**48
+    low = (product_low + ((product_high & 0xFFFF) << 16)) & MASK32
+    high = (product_high + (product_low >> 16)) >> 16
+    return high, low
+
+
+def philox4x32_10(counter: tuple[torch.Tensor, ...], seed: int) -> tuple[torch.Tensor, ...]:
+    """Philox4x32-10 of a broadcastable 4-tuple of int64 counter words under a 64-bit key."""
+    c0, c1, c2, c3 = counter
+    for k0, k1 in _round_keys(seed):
+        high0, low0 = _mulhilo(c0, PHILOX_M0)
+        high1, low1 = _mulhilo(c2, PHILOX_M1)
+        c0, c1, c2, c3 = high1 ^ c1 ^ k0, low1, high0 ^ c3 ^ k1, low0
+    return c0, c1, c2, c3
+
+
+def check_seed(seed: int) -> int:
+    """Return ``seed`` if it is a valid unsigned 64-bit key, else raise."""
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"seed must be an int, got {type(seed).__name__}")
+    if not 0 <= seed < 2**64:
+        raise ValueError(f"Invalid seed: {seed} (expected 0 <= seed < 2**64)")
+    return seed
+
+
+def philox_first_word(
+    seed: int, tensor_index: torch.Tensor, block_index: torch.Tensor, step: torch.Tensor
+) -> torch.Tensor:
+    """Word 0 of ``curand()`` after ``curand_init(seed, (tensor_index << 32) | block_index, 4 * step)``.
+
+    All three tensors are int64 and broadcast together; the result is int64 in ``[0, 2**32)``.
+    """
+    check_seed(seed)
+    step = step.to(torch.int64)
+    counter = (
+        step & MASK32,
+        (step >> 32) & MASK32,
+        block_index.to(torch.int64) & MASK32,
+        tensor_index.to(torch.int64) & MASK32,
+    )
+    return philox4x32_10(counter, seed)[0]
+
+
+def keep_threshold(keep_prob: float) -> int:
+    """``round(keep_prob * 2**32)``, half away from zero: a block is kept when its word is below it."""
+    return math.floor(keep_prob * 2**32 + 0.5)
+
+
+def keep_mask(
+    seed: int,
+    tensor_index: torch.Tensor,
+    block_index: torch.Tensor,
+    step: torch.Tensor,
+    keep_prob: float,
+) -> torch.Tensor:
+    """Bernoulli(keep_prob) draw z of each block, as a bool tensor."""
+    return philox_first_word(seed, tensor_index, block_index, step) < keep_threshold(keep_prob)
+
+
+def curand_words(seed: int, subsequence: int, offset: int, n: int) -> list[int]:
+    """The first ``n`` words of ``curand()`` after ``curand_init(seed, subsequence, offset)``.
+
+    Plain-Python statement of cuRAND's Philox state machine (128-bit counter = offset // 4 plus
+    subsequence << 64; the first ``offset % 4`` words of that block are skipped).  For tests and
+    tools; masks use :func:`philox_first_word`.
+    """
+    check_seed(seed)
+    counter = ((subsequence % 2**64) << 64) + offset // 4
+    skip = offset % 4
+    words: list[int] = []
+    while len(words) < n:
+        parts = tuple(torch.tensor([(counter >> (32 * i)) & MASK32]) for i in range(4))
+        block = [int(w) for w in philox4x32_10(parts, seed)]
+        words.extend(block[skip:])
+        skip = 0
+        counter = (counter + 1) % 2**128
+    return words[:n]

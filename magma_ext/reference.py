@@ -1,0 +1,202 @@
+"""The Magma step in plain PyTorch: the readable statement of ALGORITHM.md.
+
+:func:`magma_step` takes the tensor lists of one parameter group on one device and performs one
+step with foreach ops, with no host-device synchronisation.  It computes every new value first
+and commits them at the end, so a skipped step (``found_inf``) leaves everything untouched.
+The CUDA kernels are tested against this function.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .layout import BlockLayout
+from .philox import keep_threshold, philox_first_word
+
+BASES = ("adam", "rmsprop", "laprop")
+MASKS = ("magma", "skip", "none")
+
+
+@dataclass
+class Hyper:
+    """Hyperparameters of one step of one parameter group."""
+
+    lr: float | torch.Tensor
+    beta1: float
+    beta2: float
+    eps: float
+    weight_decay: float
+    base: str
+    mask: str
+    keep_prob: float
+    tau: float
+    score_ema: float
+    seed: int
+
+
+@dataclass
+class GroupTensors:
+    """The lists one step works on: entry ``i`` of every list belongs to parameter ``i``.
+
+    ``master_params[i]`` is the float32 master copy or None; ``layouts[i]`` says how the
+    parameter is cut into blocks and ``tensor_indices[i]`` is its frozen tensor index.
+    """
+
+    params: list[torch.Tensor]
+    grads: list[torch.Tensor]
+    exp_avgs: list[torch.Tensor]
+    exp_avg_sqs: list[torch.Tensor]
+    scores: list[torch.Tensor]
+    steps: list[torch.Tensor]
+    master_params: list[torch.Tensor | None]
+    layouts: list[BlockLayout]
+    tensor_indices: list[int]
+
+
+@dataclass
+class BlockIndex:
+    """Per-block and per-element bookkeeping of a list of layouts, as device tensors."""
+
+    lengths: torch.Tensor  # elements of each block, all tensors' blocks concatenated
+    block_index: torch.Tensor  # global block index of each block
+    tensor_index: torch.Tensor  # tensor index of each block
+    block_counts: torch.Tensor  # blocks of each tensor
+    blocks_per_tensor: list[int]
+    numels: list[int]
+
+
+def build_block_index(layouts: list[BlockLayout], tensor_indices: list[int], device) -> BlockIndex:
+    """Flatten the blocks of many tensors into one list (cache the result: it allocates)."""
+    lengths, block_index, tensor_index = [], [], []
+    for layout, index in zip(layouts, tensor_indices):
+        lengths += layout.lengths()
+        block_index += range(layout.first_block, layout.first_block + layout.num_blocks)
+        tensor_index += [index] * layout.num_blocks
+    as_long = dict(dtype=torch.int64, device=device)
+    return BlockIndex(
+        lengths=torch.tensor(lengths, **as_long),
+        block_index=torch.tensor(block_index, **as_long),
+        tensor_index=torch.tensor(tensor_index, **as_long),
+        block_counts=torch.tensor([layout.num_blocks for layout in layouts], **as_long),
+        blocks_per_tensor=[layout.num_blocks for layout in layouts],
+        numels=[layout.numel for layout in layouts],
+    )
+
+
+def _flat(tensors: list[torch.Tensor]) -> torch.Tensor:
+    return torch.cat([t.reshape(-1) for t in tensors])
+
+
+def block_sums(products: list[list[torch.Tensor]], index: BlockIndex) -> torch.Tensor:
+    """Sum each list of per-element products over every block: shape (len(products), blocks)."""
+    data = torch.stack([_flat(p) for p in products], dim=1)
+    if data.shape[0] == 0:
+        return data.new_zeros((len(products), 0))
+    return torch.segment_reduce(data, "sum", lengths=index.lengths, axis=0).T
+
+
+def alignment(dot: torch.Tensor, m_sq: torch.Tensor, g_sq: torch.Tensor) -> torch.Tensor:
+    """cos(m, g) per block from its sums; 0 where either norm is 0."""
+    defined = (m_sq > 0) & (g_sq > 0)
+    cosine = dot / (m_sq.sqrt() * g_sq.sqrt())
+    return torch.where(defined, cosine, torch.zeros_like(cosine))
+
+
+def _per_element(per_block: torch.Tensor, index: BlockIndex, like: list[torch.Tensor]):
+    """Spread a per-block value over the elements of its block, shaped like ``like``."""
+    flat = torch.repeat_interleave(per_block, index.lengths)
+    return [piece.view(t.shape) for piece, t in zip(flat.split(index.numels), like)]
+
+
+def magma_step(
+    tensors: GroupTensors,
+    hyper: Hyper,
+    index: BlockIndex,
+    grad_scale: torch.Tensor | None = None,
+    found_inf: torch.Tensor | None = None,
+) -> None:
+    """One Magma step (ALGORITHM.md section 1) over one group's tensors, in place."""
+    if not tensors.params:
+        return
+    h = hyper
+    grads = [g.to(torch.float32) for g in tensors.grads]
+    if grad_scale is not None:
+        grads = torch._foreach_div(grads, grad_scale)
+    steps = torch._foreach_add(tensors.steps, 1)
+    bias1 = torch._foreach_add(torch._foreach_neg(torch._foreach_pow(h.beta1, steps)), 1)
+    bias2 = torch._foreach_add(torch._foreach_neg(torch._foreach_pow(h.beta2, steps)), 1)
+
+    # 1. Dense moments and the direction D (section 2).
+    exp_avg_sqs = torch._foreach_mul(tensors.exp_avg_sqs, h.beta2)
+    torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1 - h.beta2)
+    denoms = torch._foreach_sqrt(torch._foreach_div(exp_avg_sqs, bias2))
+    torch._foreach_add_(denoms, h.eps)
+    exp_avgs = torch._foreach_mul(tensors.exp_avgs, h.beta1)
+    if h.base == "laprop":
+        torch._foreach_add_(exp_avgs, torch._foreach_div(grads, denoms), alpha=1 - h.beta1)
+        directions = torch._foreach_div(exp_avgs, bias1)
+    else:
+        torch._foreach_add_(exp_avgs, grads, alpha=1 - h.beta1)
+        numerators = torch._foreach_div(exp_avgs, bias1) if h.base == "adam" else grads
+        directions = torch._foreach_div(numerators, denoms)
+
+    # 2.-3. Alignment score and mask, per block.
+    scores = list(tensors.scores)
+    keep = None
+    if h.mask == "magma":
+        sums = block_sums(
+            [
+                torch._foreach_mul(exp_avgs, grads),
+                torch._foreach_mul(exp_avgs, exp_avgs),
+                torch._foreach_mul(grads, grads),
+            ],
+            index,
+        )
+        instant = torch.sigmoid(alignment(*sums) / h.tau)
+        new_scores = h.score_ema * _flat(tensors.scores) + (1 - h.score_ema) * instant
+        scores = list(new_scores.split(index.blocks_per_tensor))
+    if h.mask != "none":
+        block_steps = torch.repeat_interleave(torch.stack(steps).to(torch.int64), index.block_counts)
+        words = philox_first_word(h.seed, index.tensor_index, index.block_index, block_steps)
+        keep_block = words < keep_threshold(h.keep_prob)
+        if h.mask == "magma":
+            scale_block = torch.where(keep_block, new_scores, torch.zeros_like(new_scores))
+        else:
+            scale_block = keep_block.to(torch.float32) / h.keep_prob
+        keep = _per_element(keep_block, index, tensors.params)
+        scales = _per_element(scale_block, index, tensors.params)
+
+    # 4.-5. Masked, modulated update with decoupled weight decay.
+    thetas = [
+        m if m is not None else p.to(torch.float64 if p.dtype == torch.float64 else torch.float32)
+        for p, m in zip(tensors.params, tensors.master_params)
+    ]
+    if h.weight_decay != 0:
+        directions = torch._foreach_add(directions, torch._foreach_mul(thetas, h.weight_decay))
+    if keep is not None:
+        directions = torch._foreach_mul(directions, scales)
+    new_thetas = torch._foreach_sub(thetas, torch._foreach_mul(directions, h.lr))
+    if keep is not None:
+        new_thetas = [torch.where(k, new, old) for k, new, old in zip(keep, new_thetas, thetas)]
+
+    _commit(tensors, steps, exp_avgs, exp_avg_sqs, scores, new_thetas, found_inf)
+
+
+def _commit(tensors, steps, exp_avgs, exp_avg_sqs, scores, thetas, found_inf) -> None:
+    """Write the new values into the optimizer's tensors, or keep the old ones if found_inf."""
+
+    def put(targets, values):
+        if found_inf is not None:
+            values = [torch.where(found_inf > 0, old, new.to(old.dtype)) for old, new in zip(targets, values)]
+        torch._foreach_copy_(targets, values)
+
+    put(tensors.steps, steps)
+    put(tensors.exp_avgs, exp_avgs)
+    put(tensors.exp_avg_sqs, exp_avg_sqs)
+    put(tensors.scores, scores)
+    masters = [(m, t) for m, t in zip(tensors.master_params, thetas) if m is not None]
+    if masters:
+        put([m for m, _ in masters], [t for _, t in masters])
+    put(tensors.params, thetas)
