@@ -8,16 +8,19 @@ tensors per device and hands them to the fused CUDA step or to the reference in
 from __future__ import annotations
 
 from collections import defaultdict
+from dataclasses import dataclass
 
 import torch
 from torch.optim import Optimizer
 
 from . import _ops
+from .fused import FusedPlan, fused_plan, fused_run
 from .layout import MAX_TENSOR_INDEX, layout_for
 from .options import check_group_options
 from .reference import BlockIndex, GroupTensors, Hyper, build_block_index, magma_step
 
 LOW_PRECISION = (torch.bfloat16, torch.float16)
+REAL_FLOATS = frozenset((torch.float16, torch.bfloat16, torch.float32, torch.float64))
 FLOAT32_STATE = ("exp_avg", "exp_avg_sq", "magma_score", "master_param")
 _CACHE_LIMIT = 64
 
@@ -81,7 +84,7 @@ class Magma(Optimizer):
             magma=True, fused=fused, master_weights=master_weights, capturable=capturable,
         )
         _check_group(defaults)
-        self._block_index_cache: dict = {}
+        self._plans: dict = {}
         super().__init__(params, defaults)
 
     # ------------------------------------------------------------------ groups and state
@@ -138,6 +141,7 @@ class Magma(Optimizer):
         """
         saved = state_dict["state"]
         super().load_state_dict(state_dict)
+        self._plans.clear()
         saved_ids = [i for group in state_dict["param_groups"] for i in group["params"]]
         params = [p for group in self.param_groups for p in group["params"]]
         for param_id, p in zip(saved_ids, params):
@@ -166,6 +170,9 @@ class Magma(Optimizer):
         found_inf = getattr(self, "found_inf", None)
         # Check every group before touching anything, so that an error changes nothing.
         work = [self._params_with_grad(group) for group in self.param_groups]
+        for group, params in zip(self.param_groups, work):
+            if params and self._plan_key(group, params) not in self._plans:
+                self._check_layouts(group, params)
         indices = None
         for group, params in zip(self.param_groups, work):
             new = [p for p in params if len(self.state[p]) == 0]
@@ -173,9 +180,11 @@ class Magma(Optimizer):
                 indices = self._tensor_indices()
             for p in new:
                 self._init_state(p, group, indices[id(p)])
-        for group, params in zip(self.param_groups, work):
-            for device, device_params in _by_device(params).items():
-                self._step_device(group, device, device_params, grad_scale, found_inf)
+        plans = [self._plan(group, params) for group, params in zip(self.param_groups, work) if params]
+        groups = [group for group, params in zip(self.param_groups, work) if params]
+        for group, group_plans in zip(groups, plans):
+            for plan in group_plans:
+                self._step_device(group, plan, grad_scale, found_inf)
         return loss
 
     def _params_with_grad(self, group: dict) -> list[torch.Tensor]:
@@ -184,40 +193,63 @@ class Magma(Optimizer):
             grad = p.grad
             if grad is None:
                 continue
-            if grad.is_sparse or grad.layout != torch.strided:
-                raise TypeError("Magma does not support sparse gradients (grad layout must be strided)")
-            if grad.is_complex() or not grad.is_floating_point():
-                raise TypeError(f"Magma needs real floating-point gradients, got grad dtype {grad.dtype}")
-            if grad.shape != p.shape:
-                raise ValueError(f"grad shape {tuple(grad.shape)} does not match param shape {tuple(p.shape)}")
-            if grad.device != p.device:
-                raise ValueError(f"grad on {grad.device} but param on {p.device}")
-            state = self.state[p]
-            if state:
-                blocks = layout_for(tuple(p.shape), group["block"]).num_blocks
-                if state["magma_score"].numel() != blocks:
-                    raise ValueError(
-                        f"block={group['block']!r} gives {blocks} blocks for a parameter whose "
-                        f"magma_score has {state['magma_score'].numel()}: block cannot change mid-run"
-                    )
+            if grad.layout is not torch.strided or grad.dtype not in REAL_FLOATS or grad.shape != p.shape:
+                _raise_bad_grad(p, grad)
             params.append(p)
         if params and group["fused"]:
             _check_fused_params(params)
         return params
 
-    def _step_device(self, group, device, params, grad_scale, found_inf) -> None:
-        states = [self.state[p] for p in params]
+    @staticmethod
+    def _plan_key(group: dict, params: list[torch.Tensor]) -> tuple:
+        return (id(group), group["block"], group["fused"], tuple(map(id, params)))
+
+    def _check_layouts(self, group: dict, params: list[torch.Tensor]) -> None:
+        """Grads on their params' devices; block unchanged for parameters that have state."""
+        for p in params:
+            if p.grad.device != p.device:
+                raise ValueError(f"grad on {p.grad.device} but param on {p.device}")
+            state = self.state[p]
+            if not state:
+                continue
+            blocks = layout_for(tuple(p.shape), group["block"]).num_blocks
+            if state["magma_score"].numel() != blocks:
+                raise ValueError(
+                    f"block={group['block']!r} gives {blocks} blocks for a parameter whose "
+                    f"magma_score has {state['magma_score'].numel()}: block cannot change mid-run"
+                )
+
+    def _plan(self, group: dict, params: list[torch.Tensor]) -> list[_DevicePlan]:
+        """What does not change from step to step for these parameters: cached."""
+        key = self._plan_key(group, params)
+        plans = self._plans.get(key)
+        if plans is None:
+            if len(self._plans) >= _CACHE_LIMIT:
+                self._plans.clear()
+            plans = [self._plan_device(group, device, members) for device, members in _by_device(params).items()]
+            self._plans[key] = plans
+        return plans
+
+    def _plan_device(self, group: dict, device, params: list[torch.Tensor]) -> _DevicePlan:
         layouts = [layout_for(tuple(p.shape), group["block"]) for p in params]
+        indices = [self.state[p]["magma_tensor_index"] for p in params]
+        masters = [self.state[p].get("master_param") is not None for p in params]
+        if _use_fused(group["fused"], params):
+            return _DevicePlan(device, params, layouts, indices, fused_plan(params, masters, layouts, indices))
+        return _DevicePlan(device, params, layouts, indices, None)
+
+    def _step_device(self, group, plan: _DevicePlan, grad_scale, found_inf) -> None:
+        states = [self.state[p] for p in plan.params]
         tensors = GroupTensors(
-            params=params,
-            grads=[p.grad for p in params],
+            params=plan.params,
+            grads=[p.grad for p in plan.params],
             exp_avgs=[s["exp_avg"] for s in states],
             exp_avg_sqs=[s["exp_avg_sq"] for s in states],
             scores=[s["magma_score"] for s in states],
             steps=[s["step"] for s in states],
             master_params=[s.get("master_param") for s in states],
-            layouts=layouts,
-            tensor_indices=[s["magma_tensor_index"] for s in states],
+            layouts=plan.layouts,
+            tensor_indices=plan.tensor_indices,
         )
         hyper = Hyper(
             lr=group["lr"], beta1=group["betas"][0], beta2=group["betas"][1], eps=group["eps"],
@@ -226,25 +258,38 @@ class Magma(Optimizer):
             tau=group["tau"], score_ema=group["score_ema"], seed=group["seed"],
         )
         if grad_scale is not None:
-            grad_scale = grad_scale.to(device, non_blocking=True)
+            grad_scale = grad_scale.to(plan.device, non_blocking=True)
         if found_inf is not None:
-            found_inf = found_inf.to(device, non_blocking=True)
-        if _use_fused(group["fused"], params):
-            from .fused import fused_step
-
-            fused_step(tensors, hyper, grad_scale, found_inf)
+            found_inf = found_inf.to(plan.device, non_blocking=True)
+        if plan.fused is not None:
+            fused_run(plan.fused, tensors, hyper, grad_scale, found_inf)
         else:
-            magma_step(tensors, hyper, self._block_index(tensors, device), grad_scale, found_inf)
+            magma_step(tensors, hyper, self._block_index(plan), grad_scale, found_inf)
 
-    def _block_index(self, tensors: GroupTensors, device) -> BlockIndex:
-        key = (device, tuple(zip(tensors.tensor_indices, tensors.layouts)))
-        index = self._block_index_cache.get(key)
-        if index is None:
-            if len(self._block_index_cache) >= _CACHE_LIMIT:
-                self._block_index_cache.clear()
-            index = build_block_index(tensors.layouts, tensors.tensor_indices, device)
-            self._block_index_cache[key] = index
-        return index
+    def _block_index(self, plan: _DevicePlan) -> BlockIndex:
+        if plan.block_index is None:
+            plan.block_index = build_block_index(plan.layouts, plan.tensor_indices, plan.device)
+        return plan.block_index
+
+
+@dataclass
+class _DevicePlan:
+    """The parts of a group's step on one device that stay the same from step to step."""
+
+    device: torch.device
+    params: list[torch.Tensor]
+    layouts: list
+    tensor_indices: list[int]
+    fused: FusedPlan | None
+    block_index: BlockIndex | None = None
+
+
+def _raise_bad_grad(p: torch.Tensor, grad: torch.Tensor) -> None:
+    if grad.layout is not torch.strided:
+        raise TypeError(f"Magma does not support sparse gradients (grad layout {grad.layout})")
+    if grad.dtype not in REAL_FLOATS:
+        raise TypeError(f"Magma needs real floating-point gradients, got grad dtype {grad.dtype}")
+    raise ValueError(f"grad shape {tuple(grad.shape)} does not match param shape {tuple(p.shape)}")
 
 
 def _check_group(group: dict) -> None:
@@ -262,15 +307,16 @@ def _check_group(group: dict) -> None:
 
 
 def _fusable(p: torch.Tensor) -> bool:
-    return p.is_cuda and p.dtype in _ops.FUSED_DTYPES
+    return p.is_cuda and p.dtype in _ops.FUSED_DTYPES and p.is_contiguous()
 
 
 def _check_fused_params(params) -> None:
     bad = [p for p in params if not _fusable(p)]
     if bad:
         raise RuntimeError(
-            "fused=True requires every parameter to be a CUDA tensor of dtype float32, bfloat16 "
-            f"or float16; got {bad[0].dtype} on {bad[0].device}"
+            "fused=True requires every parameter to be a contiguous CUDA tensor of dtype float32, "
+            f"bfloat16 or float16; got {bad[0].dtype} on {bad[0].device}"
+            f"{'' if bad[0].is_contiguous() else ' (not contiguous)'}"
         )
 
 

@@ -1,0 +1,239 @@
+// The chunked passes.  A work item is at most kChunk elements of one block of one tensor.
+//
+//   moments_kernel   every item: dense moments; then by mode
+//                      kNone:  apply the update (the dense base optimizer, one pass),
+//                      kSkip:  apply it scaled by 1/keep_prob if the block is kept (one pass),
+//                      kMagma: write the item's sums <m,g>, |m|^2, |g|^2 (deterministic).
+//   finalize_kernel  kMagma, every block: add its items' sums in a fixed order into the flat
+//                    block-sum buffer, then score EMA and the scale of the block.
+//   apply_kernel     kMagma, every item of a kept block: read weights and moments, write weights.
+//                    Items of masked blocks return at once: their weights are never touched.
+#pragma once
+
+#include <cstdint>
+#include <type_traits>
+
+#include "magma_math.cuh"
+#include "philox.cuh"
+
+namespace magma {
+
+constexpr int kChunkThreads = 512;
+constexpr int kILP = 4;
+
+template <typename T>
+struct alignas(4 * sizeof(T)) Vec4 {
+  T x[4];
+};
+
+template <typename T>
+__device__ __forceinline__ bool aligned4(const T* p, int64_t i) {
+  return p == nullptr || reinterpret_cast<uintptr_t>(p + i) % sizeof(Vec4<T>) == 0;
+}
+
+// The pointers of tensor t, typed.
+template <typename P, typename G>
+struct TensorPtrs {
+  P* param;
+  const G* grad;
+  float* exp_avg;
+  float* exp_avg_sq;
+  float* master;
+  __device__ TensorPtrs(const TensorArgs& a, int t)
+      : param(static_cast<P*>(a.param[t])), grad(static_cast<const G*>(a.grad[t])),
+        exp_avg(a.exp_avg[t]), exp_avg_sq(a.exp_avg_sq[t]), master(a.master[t]) {}
+  __device__ bool vectorizable(int64_t i) const {
+    return aligned4(param, i) && aligned4(grad, i) && aligned4(exp_avg, i) &&
+           aligned4(exp_avg_sq, i) && aligned4(master, i);
+  }
+};
+
+// Loads kILP elements: consecutive ones with one vector access each (VEC), or elements
+// `stride` apart, masked by `end`.
+template <bool VEC, typename T>
+__device__ __forceinline__ void load_ilp(const T* p, int64_t i, int64_t stride, int64_t end, float* out) {
+  if (VEC) {
+    const Vec4<T> v = *reinterpret_cast<const Vec4<T>*>(p + i);
+#pragma unroll
+    for (int k = 0; k < kILP; ++k) out[k] = to_float(v.x[k]);
+  } else {
+#pragma unroll
+    for (int k = 0; k < kILP; ++k) out[k] = i + k * stride < end ? to_float(p[i + k * stride]) : 0.f;
+  }
+}
+
+template <bool VEC, typename T>
+__device__ __forceinline__ void store_ilp(T* p, int64_t i, int64_t stride, int64_t end, const float* in) {
+  if (VEC) {
+    Vec4<T> v;
+#pragma unroll
+    for (int k = 0; k < kILP; ++k) v.x[k] = from_float<T>(in[k]);
+    *reinterpret_cast<Vec4<T>*>(p + i) = v;
+  } else {
+#pragma unroll
+    for (int k = 0; k < kILP; ++k)
+      if (i + k * stride < end) p[i + k * stride] = from_float<T>(in[k]);
+  }
+}
+
+// Elements [begin, end) of one item, kILP per thread per iteration.  VEC: consecutive elements
+// with vector accesses (the range must be a whole number of vectors); else strided elements.
+template <int MODE, bool VEC, typename P, typename G>
+__device__ __forceinline__ void moments_range(const TensorPtrs<P, G>& t, const StepHyper& h,
+                                              const Coeffs& c, int64_t begin, int64_t end,
+                                              bool apply, float scale, float3& sums) {
+  const int64_t stride = VEC ? 1 : blockDim.x;
+  const int64_t first = begin + (VEC ? kILP : 1) * static_cast<int64_t>(threadIdx.x);
+  for (int64_t i = first; i < end; i += static_cast<int64_t>(kILP) * blockDim.x) {
+    float g[kILP], m[kILP], v[kILP], theta[kILP];
+    load_ilp<VEC>(t.grad, i, stride, end, g);
+    load_ilp<VEC>(t.exp_avg, i, stride, end, m);
+    load_ilp<VEC>(t.exp_avg_sq, i, stride, end, v);
+    if (apply) {
+      if (t.master) load_ilp<VEC>(t.master, i, stride, end, theta);
+      else load_ilp<VEC>(t.param, i, stride, end, theta);
+    }
+#pragma unroll
+    for (int k = 0; k < kILP; ++k) {
+      if (h.grad_scale) g[k] = g[k] / *h.grad_scale;
+      const float direction = update_moments(h, c, g[k], m[k], v[k]);
+      if (MODE == kMagma && (VEC || i + k * stride < end)) {
+        sums.x += m[k] * g[k];
+        sums.y += m[k] * m[k];
+        sums.z += g[k] * g[k];
+      }
+      if (apply) theta[k] = updated_theta(h, c, theta[k], direction, scale);
+    }
+    store_ilp<VEC>(t.exp_avg, i, stride, end, m);
+    store_ilp<VEC>(t.exp_avg_sq, i, stride, end, v);
+    if (apply) {
+      if (t.master) store_ilp<VEC>(t.master, i, stride, end, theta);
+      store_ilp<VEC>(t.param, i, stride, end, theta);
+    }
+  }
+}
+
+// Runs `body<VEC>(begin, end)` over an item: the bulk with vector accesses when every pointer
+// is aligned there, the rest with strided scalar accesses.
+template <typename P, typename G, typename Body>
+__device__ __forceinline__ void for_item(const TensorPtrs<P, G>& t, const Span& s, Body body) {
+  const int64_t end = s.begin + s.length;
+  if (t.vectorizable(s.begin)) {
+    const int64_t bulk_end = s.begin + (s.length / kILP) * kILP;
+    body(std::true_type{}, s.begin, bulk_end);
+    body(std::false_type{}, bulk_end, end);
+  } else {
+    body(std::false_type{}, s.begin, end);
+  }
+}
+
+template <typename P, typename G, int MODE>
+__global__ void __launch_bounds__(kChunkThreads)
+moments_kernel(const __grid_constant__ TensorArgs a, const StepHyper h, float* item_sums) {
+  if (step_skipped(h)) return;
+  const int64_t item = blockIdx.x;
+  const int t = find_tensor(a.work_start, a.count, item);
+  const Span s = item_span(a.piece[t], item - a.work_start[t]);
+  const Coeffs c = coeffs_for(h, a.step[t]);
+  bool apply = MODE == kNone;
+  float scale = 1.f;
+  if (MODE == kSkip) {
+    apply = keep_block(h.seed, a.tensor_index[t], a.first_block[t] + s.block, c.step, h.keep_threshold);
+    scale = h.inv_keep_prob;
+  }
+  const TensorPtrs<P, G> ptrs(a, t);
+  float3 sums = make_float3(0.f, 0.f, 0.f);
+  for_item(ptrs, s, [&](auto vec, int64_t begin, int64_t end) {
+    moments_range<MODE, decltype(vec)::value>(ptrs, h, c, begin, end, apply, scale, sums);
+  });
+  if (MODE == kMagma) {
+    __shared__ float shared[96];
+    const float3 total = block_sum3(sums.x, sums.y, sums.z, shared);
+    if (threadIdx.x == 0) {
+      item_sums[3 * item] = total.x;
+      item_sums[3 * item + 1] = total.y;
+      item_sums[3 * item + 2] = total.z;
+    }
+  }
+}
+
+// One CTA per block.  With item_sums == nullptr the block sums are already in block_sums
+// (e.g. after an all-reduce across ranks); otherwise they are added up from the items first.
+__global__ void __launch_bounds__(256)
+finalize_kernel(const __grid_constant__ TensorArgs a, const StepHyper h, const float* item_sums,
+                float* block_sums, float* block_scale) {
+  if (step_skipped(h)) return;
+  __shared__ float shared[96];
+  const int64_t b = blockIdx.x;
+  const int t = find_tensor(a.block_start, a.count, b);
+  const int64_t j = b - a.block_start[t];
+  float3 total;
+  if (item_sums != nullptr) {
+    const Piece& p = a.piece[t];
+    const int64_t first = a.work_start[t] + first_item(p, j);
+    const int64_t count = items_per_block(block_length(p, j));
+    float3 sums = make_float3(0.f, 0.f, 0.f);
+    for (int64_t k = threadIdx.x; k < count; k += blockDim.x) {
+      sums.x += item_sums[3 * (first + k)];
+      sums.y += item_sums[3 * (first + k) + 1];
+      sums.z += item_sums[3 * (first + k) + 2];
+    }
+    total = block_sum3(sums.x, sums.y, sums.z, shared);
+    if (threadIdx.x == 0) {
+      block_sums[3 * b] = total.x;
+      block_sums[3 * b + 1] = total.y;
+      block_sums[3 * b + 2] = total.z;
+    }
+  } else {
+    total = make_float3(block_sums[3 * b], block_sums[3 * b + 1], block_sums[3 * b + 2]);
+  }
+  if (threadIdx.x == 0) {
+    float* score = a.score[t] + j;
+    const float updated = new_score(h, *score, total.x, total.y, total.z);
+    *score = updated;
+    block_scale[b] = updated;
+  }
+}
+
+template <bool VEC, typename P, typename G>
+__device__ __forceinline__ void apply_range(const TensorPtrs<P, G>& t, const StepHyper& h,
+                                            const Coeffs& c, int64_t begin, int64_t end, float scale) {
+  const int64_t stride = VEC ? 1 : blockDim.x;
+  const int64_t first = begin + (VEC ? kILP : 1) * static_cast<int64_t>(threadIdx.x);
+  for (int64_t i = first; i < end; i += static_cast<int64_t>(kILP) * blockDim.x) {
+    float g[kILP] = {}, m[kILP], v[kILP], theta[kILP];
+    if (h.base == kRmsprop) load_ilp<VEC>(t.grad, i, stride, end, g);
+    load_ilp<VEC>(t.exp_avg, i, stride, end, m);
+    if (h.base != kLaprop) load_ilp<VEC>(t.exp_avg_sq, i, stride, end, v);
+    if (t.master) load_ilp<VEC>(t.master, i, stride, end, theta);
+    else load_ilp<VEC>(t.param, i, stride, end, theta);
+#pragma unroll
+    for (int k = 0; k < kILP; ++k) {
+      if (h.grad_scale) g[k] = g[k] / *h.grad_scale;
+      const float direction = direction_from_moments(h, c, g[k], m[k], v[k]);
+      theta[k] = updated_theta(h, c, theta[k], direction, scale);
+    }
+    if (t.master) store_ilp<VEC>(t.master, i, stride, end, theta);
+    store_ilp<VEC>(t.param, i, stride, end, theta);
+  }
+}
+
+// Items run in reverse order, so the first ones read the moments the moments pass wrote last,
+// which are most likely still in L2.
+template <typename P, typename G>
+__global__ void __launch_bounds__(kChunkThreads)
+apply_kernel(const __grid_constant__ TensorArgs a, const StepHyper h, const float* block_scale) {
+  if (step_skipped(h)) return;
+  const int64_t item = a.work_start[a.count] - 1 - blockIdx.x;
+  const int t = find_tensor(a.work_start, a.count, item);
+  const Span s = item_span(a.piece[t], item - a.work_start[t]);
+  const Coeffs c = coeffs_for(h, a.step[t]);
+  if (!keep_block(h.seed, a.tensor_index[t], a.first_block[t] + s.block, c.step, h.keep_threshold)) return;
+  const float scale = block_scale[a.block_start[t] + s.block];
+  const TensorPtrs<P, G> ptrs(a, t);
+  for_item(ptrs, s, [&](auto vec, int64_t begin, int64_t end) {
+    apply_range<decltype(vec)::value>(ptrs, h, c, begin, end, scale);
+  });
+}
+
+}  // namespace magma

@@ -1,0 +1,44 @@
+#include <c10/cuda/CUDAException.h>
+
+#include "chunked_kernels.cuh"
+#include "dispatch.cuh"
+#include "launch.h"
+
+namespace magma {
+
+static unsigned grid_of(int64_t units) { return static_cast<unsigned>(units); }
+
+void launch_moments(at::ScalarType param, at::ScalarType grad, int mask, const TensorArgs& args,
+                    const StepHyper& hyper, float* item_sums, cudaStream_t stream) {
+  const unsigned grid = grid_of(args.work_start[args.count]);
+  dispatch_param_grad(param, grad, [&](auto p, auto g) {
+    using P = typename decltype(p)::type;
+    using G = typename decltype(g)::type;
+    switch (mask) {
+      case kMagma: moments_kernel<P, G, kMagma><<<grid, kChunkThreads, 0, stream>>>(args, hyper, item_sums); break;
+      case kSkip: moments_kernel<P, G, kSkip><<<grid, kChunkThreads, 0, stream>>>(args, hyper, item_sums); break;
+      default: moments_kernel<P, G, kNone><<<grid, kChunkThreads, 0, stream>>>(args, hyper, item_sums); break;
+    }
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+void launch_finalize(const TensorArgs& args, const StepHyper& hyper, const float* item_sums,
+                     float* block_sums, float* block_scale, cudaStream_t stream) {
+  finalize_kernel<<<grid_of(args.block_start[args.count]), 256, 0, stream>>>(args, hyper, item_sums,
+                                                                              block_sums, block_scale);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+void launch_apply(at::ScalarType param, at::ScalarType grad, const TensorArgs& args,
+                  const StepHyper& hyper, const float* block_scale, cudaStream_t stream) {
+  const unsigned grid = grid_of(args.work_start[args.count]);
+  dispatch_param_grad(param, grad, [&](auto p, auto g) {
+    using P = typename decltype(p)::type;
+    using G = typename decltype(g)::type;
+    apply_kernel<P, G><<<grid, kChunkThreads, 0, stream>>>(args, hyper, block_scale);
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+}  // namespace magma

@@ -1,0 +1,137 @@
+// Per-element math of the Magma step (ALGORITHM.md sections 1, 2, 5), shared by every kernel.
+// The order of operations follows magma_ext/reference.py so that both round alike.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cstdint>
+
+#include "tensor_args.h"
+
+namespace magma {
+
+template <typename T> __device__ __forceinline__ float to_float(T x);
+template <> __device__ __forceinline__ float to_float<float>(float x) { return x; }
+template <> __device__ __forceinline__ float to_float<__nv_bfloat16>(__nv_bfloat16 x) { return __bfloat162float(x); }
+template <> __device__ __forceinline__ float to_float<__half>(__half x) { return __half2float(x); }
+
+template <typename T> __device__ __forceinline__ T from_float(float x);
+template <> __device__ __forceinline__ float from_float<float>(float x) { return x; }
+template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
+template <> __device__ __forceinline__ __half from_float<__half>(float x) { return __float2half_rn(x); }
+
+// Per-tensor constants of a step: bias corrections from the tensor's step count.
+struct Coeffs {
+  float bias1, bias2, lr;
+  uint64_t step;
+};
+
+__device__ __forceinline__ Coeffs coeffs_for(const StepHyper& h, const float* step_ptr) {
+  const float step = *step_ptr;
+  Coeffs c;
+  c.bias1 = 1.f - powf(h.beta1, step);
+  c.bias2 = 1.f - powf(h.beta2, step);
+  c.lr = h.lr_ptr ? *h.lr_ptr : h.lr;
+  c.step = static_cast<uint64_t>(step);
+  return c;
+}
+
+__device__ __forceinline__ bool step_skipped(const StepHyper& h) {
+  return h.found_inf != nullptr && *h.found_inf > 0.f;
+}
+
+template <typename G>
+__device__ __forceinline__ float load_grad(const G* grad, int64_t i, const StepHyper& h) {
+  const float g = to_float(grad[i]);
+  return h.grad_scale ? g / *h.grad_scale : g;
+}
+
+// Updates the moments of one element in place and returns its direction D (section 2).
+__device__ __forceinline__ float update_moments(const StepHyper& h, const Coeffs& c, float g,
+                                                float& m, float& v) {
+  v = v * h.beta2 + (1.f - h.beta2) * g * g;
+  const float denom = sqrtf(v / c.bias2) + h.eps;
+  if (h.base == kLaprop) {
+    m = m * h.beta1 + (1.f - h.beta1) * (g / denom);
+    return m / c.bias1;
+  }
+  m = m * h.beta1 + (1.f - h.beta1) * g;
+  return h.base == kAdam ? (m / c.bias1) / denom : g / denom;
+}
+
+// The direction D from moments that are already updated (the apply pass of two-pass blocks).
+__device__ __forceinline__ float direction_from_moments(const StepHyper& h, const Coeffs& c,
+                                                        float g, float m, float v) {
+  if (h.base == kLaprop) return m / c.bias1;
+  const float denom = sqrtf(v / c.bias2) + h.eps;
+  return h.base == kAdam ? (m / c.bias1) / denom : g / denom;
+}
+
+// theta - lr * scale * (D + weight_decay * theta)   (sections 1.4 and 1.5)
+__device__ __forceinline__ float updated_theta(const StepHyper& h, const Coeffs& c, float theta,
+                                               float direction, float scale) {
+  const float update = (direction + theta * h.weight_decay) * scale;
+  return theta - update * c.lr;
+}
+
+// The weights an update reads: the float32 master copy if there is one, else the parameter.
+template <typename P>
+__device__ __forceinline__ float load_theta(const P* param, const float* master, int64_t i) {
+  return master ? master[i] : to_float(param[i]);
+}
+
+template <typename P>
+__device__ __forceinline__ void store_theta(P* param, float* master, int64_t i, float theta) {
+  if (master) master[i] = theta;
+  param[i] = from_float<P>(theta);
+}
+
+// New score of a block from its sums <m, g>, ||m||^2, ||g||^2 (section 1.2).
+__device__ __forceinline__ float new_score(const StepHyper& h, float old_score, float dot,
+                                           float m_sq, float g_sq) {
+  const float cosine = (m_sq > 0.f && g_sq > 0.f) ? dot / (sqrtf(m_sq) * sqrtf(g_sq)) : 0.f;
+  const float instant = 1.f / (1.f + expf(-(cosine / h.tau)));
+  return h.score_ema * old_score + (1.f - h.score_ema) * instant;
+}
+
+// Deterministic sum of three values over a CTA; the result is valid in thread 0.
+// `shared` holds 3 * 32 floats.
+__device__ __forceinline__ float3 block_sum3(float a, float b, float c, float* shared) {
+  for (int offset = 16; offset > 0; offset >>= 1) {
+    a += __shfl_xor_sync(0xffffffffu, a, offset);
+    b += __shfl_xor_sync(0xffffffffu, b, offset);
+    c += __shfl_xor_sync(0xffffffffu, c, offset);
+  }
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int warps = (blockDim.x + 31) / 32;
+  if (warps == 1) return make_float3(a, b, c);
+  if (lane == 0) {
+    shared[3 * warp] = a;
+    shared[3 * warp + 1] = b;
+    shared[3 * warp + 2] = c;
+  }
+  __syncthreads();
+  float3 sum = make_float3(0.f, 0.f, 0.f);
+  if (warp == 0) {
+    if (lane < warps) sum = make_float3(shared[3 * lane], shared[3 * lane + 1], shared[3 * lane + 2]);
+    for (int offset = 16; offset > 0; offset >>= 1) {
+      sum.x += __shfl_xor_sync(0xffffffffu, sum.x, offset);
+      sum.y += __shfl_xor_sync(0xffffffffu, sum.y, offset);
+      sum.z += __shfl_xor_sync(0xffffffffu, sum.z, offset);
+    }
+  }
+  return sum;
+}
+
+// The tensor of a launch that work unit `unit` belongs to.
+__device__ __forceinline__ int find_tensor(const int64_t* starts, int count, int64_t unit) {
+  int low = 0, high = count - 1;
+  while (low < high) {
+    const int mid = (low + high + 1) / 2;
+    if (starts[mid] <= unit) low = mid; else high = mid - 1;
+  }
+  return low;
+}
+
+}  // namespace magma

@@ -1,0 +1,31 @@
+// The schemas of magma_ext's ops and their CUDA implementations; nothing else.
+//
+// Importing the module magma_ext._C runs these static registrations; the ops are then
+// torch.ops.magma_ext.*.  There is no pybind11 module: PyInit__C only creates an empty one.
+// The CMake build (a plain shared library for torch.ops.load_library) defines
+// MAGMA_EXT_NO_PYTHON and has no module init.
+#ifndef MAGMA_EXT_NO_PYTHON
+#include <Python.h>
+#endif
+#include <torch/library.h>
+
+#include "fused_step.h"
+
+#ifndef MAGMA_EXT_NO_PYTHON
+extern "C" PyObject* PyInit__C(void) {
+  static PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module);
+}
+#endif
+
+TORCH_LIBRARY(magma_ext, m) {
+  m.def(
+      "fused_step(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
+      "Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] scores, Tensor(e!)[] master_params, Tensor[] steps, "
+      "int[] tensor_indices, int[] block_sizes, int[] offsets, int[] logical_numels, float lr, "
+      "Tensor? lr_tensor, float beta1, float beta2, float eps, float weight_decay, int base, "
+      "int mask, float keep_prob, float tau, float score_ema, int seed, Tensor? grad_scale, "
+      "Tensor? found_inf) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(magma_ext, CUDA, m) { m.impl("fused_step", &magma::fused_step); }
