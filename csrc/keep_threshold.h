@@ -1,4 +1,4 @@
-// The mask threshold of the random-number contract (ALGORITHM.md section 4), for host code.
+// The mask threshold of the random-number contract (docs/ALGORITHM.md section 4), for host code.
 #pragma once
 
 #include <cstdint>

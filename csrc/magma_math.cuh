@@ -1,4 +1,4 @@
-// Per-element math of the Magma step (ALGORITHM.md sections 1, 2, 5), shared by every kernel.
+// Per-element math of the Magma step (docs/ALGORITHM.md sections 1, 2, 5), shared by every kernel.
 // The order of operations follows magma_ext/reference.py so that both round alike.
 #pragma once
 

@@ -1,4 +1,4 @@
-// The random-number contract of ALGORITHM.md section 4, in one place.
+// The random-number contract of docs/ALGORITHM.md section 4, in one place.
 #pragma once
 
 #include <cstdint>

@@ -1,4 +1,4 @@
-// How a piece of a tensor is cut into blocks (ALGORITHM.md section 3) and into the work items
+// How a piece of a tensor is cut into blocks (docs/ALGORITHM.md section 3) and into the work items
 // of the chunked kernels.  Plain C++ usable from host code (and the ctest) and device code.
 #pragma once
 

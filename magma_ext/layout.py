@@ -1,4 +1,4 @@
-"""Blocks (ALGORITHM.md section 3): how a tensor, or a piece of one, is cut into masking blocks.
+"""Blocks (docs/ALGORITHM.md section 3): how a tensor, or a piece of one, is cut into masking blocks.
 
 A block is a run of ``block_size`` contiguous elements of the flattened *logical* tensor (the
 last one may be shorter).  An optimizer normally holds whole tensors (``offset = 0``), but a

@@ -2,7 +2,7 @@
 
 The class is glue: it validates hyperparameters, creates state lazily, gathers each group's
 tensors per device and hands them to the fused CUDA step or to the reference in
-``reference.py``.  See ALGORITHM.md for the algorithm and its contract.
+``reference.py``.  See docs/ALGORITHM.md for the algorithm and its contract.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The random-number contract of ALGORITHM.md section 4, in torch integer ops.
+"""The random-number contract of docs/ALGORITHM.md section 4, in torch integer ops.
 
 Masks come from cuRAND's Philox4_32_10.  A block's draw at step ``t`` is the first word of
 ``curand()`` after ``curand_init(seed, (tensor_index << 32) | block_index, 4 * t)``.  Because

@@ -1,4 +1,4 @@
-"""The Magma step in plain PyTorch: the readable statement of ALGORITHM.md.
+"""The Magma step in plain PyTorch: the readable statement of docs/ALGORITHM.md.
 
 :func:`magma_step` takes the tensor lists of one parameter group on one device and performs one
 step with foreach ops, with no host-device synchronisation.  It computes every new value first
@@ -117,7 +117,7 @@ def magma_step(
     grad_scale: torch.Tensor | None = None,
     found_inf: torch.Tensor | None = None,
 ) -> None:
-    """One Magma step (ALGORITHM.md section 1) over one group's tensors, in place."""
+    """One Magma step (docs/ALGORITHM.md section 1) over one group's tensors, in place."""
     if not tensors.params:
         return
     h = hyper
