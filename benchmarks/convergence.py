@@ -2,11 +2,15 @@
 
 Usage (from the repository root)::
 
-    python benchmarks/convergence.py --plan --num-shards 2            # the run list, estimated times
-    python benchmarks/convergence.py --shard 1 --num-shards 2 --bundle shard1.json --time-budget-s 500
-    python benchmarks/convergence.py --mode throughput --bundle throughput.json
-    python benchmarks/convergence.py report --inputs shard1.json shard2.json throughput.json
+    python benchmarks/convergence.py --plan --num-shards 3            # the run list, estimated times
+    python benchmarks/convergence.py --shard 1 --num-shards 3 --out '' --bundle shard1.json --time-budget-s 500
+    python benchmarks/convergence.py --mode throughput --out '' --bundle throughput.json
+    python benchmarks/convergence.py report --inputs shard1.json shard2.json shard3.json throughput.json
     python benchmarks/convergence.py --quick --out /tmp/conv_smoke    # a CPU smoke test
+
+The whole study (78 runs, ~19 min of H100 time by the estimates) fits three calls of under
+nine minutes: ``--num-shards 3``, each shard with ``--time-budget-s``, the throughput mode
+beside the shortest shard. Shards must be run with the same flags apart from ``--shard``.
 
 Models, data and training loop are the demo's (``magma_ext.demo``): Llama-style decoders of
 about 10M and 50M parameters on the bytes of the Python standard library (or ``--data``), a
@@ -33,7 +37,6 @@ import argparse  # noqa: E402
 import gc  # noqa: E402
 import hashlib  # noqa: E402
 import json  # noqa: E402
-import math  # noqa: E402
 import os  # noqa: E402
 import platform  # noqa: E402
 import shlex  # noqa: E402
@@ -63,10 +66,11 @@ DEFAULT_MAX_BYTES = 48 * 2**20
 WEIGHT_DECAY = 0.1
 KEEP_PROB = 0.5
 # Muon's AdamW part (embedding, LM head, norms) runs at this fraction of Muon's learning rate,
-# so one sweep moves both: Muon's 0.02 pairs with AdamW's 2e-3, the middle of AdamW's own grid.
+# so one sweep moves both: Muon's 0.02 pairs with 2e-3, a point of AdamW's own grid.
 MUON_ADAMW_LR_RATIO = 0.1
+THROUGHPUT_DEFAULTS = {"warmup_steps": 10, "timed_steps": 30, "repeats": 5}
 # Seconds per invocation outside the runs (imports, CUDA start, reading the corpus).
-INVOCATION_OVERHEAD_S = 15.0
+INVOCATION_OVERHEAD_S = 10.0
 
 
 # ---------------------------------------------------------------------------- model sizes
@@ -112,14 +116,21 @@ class Size:
         """Estimated wall seconds of one run (training, evaluations, set-up)."""
         ms = self.step_ms.get(optimizer, self.step_ms.get("AdamW", 10.0))
         evaluations = self.steps // self.eval_every + 2
-        return self.setup_s + self.steps * ms / 1000 + evaluations * self.eval_batches * self.eval_batch_ms / 1000
+        eval_s = evaluations * self.eval_batches * self.eval_batch_ms / 1000
+        return self.setup_s + self.steps * ms / 1000 + eval_s
 
 
+# Step costs measured on an H100 (2026-11, torch 2.11, this script's first pilot): the demo's
+# loop waits for every step's loss, and at these widths the step is bound by the host launching
+# kernels, so the 10M model steps only ~1.8x faster than the 50M one and torch's Muon (one
+# Newton-Schulz loop per matrix) costs ~20-40 ms more per step.
 SIZES = {
-    "10M": Size("10M", dim=384, layers=6, heads=6, steps=600, sweep_seeds=(0, 1),
-                step_ms={"AdamW": 10.0, "Muon": 13.0}, eval_batch_ms=3.0),
-    "50M": Size("50M", dim=640, layers=10, heads=10, steps=600, sweep_seeds=(0,), best_lr_seeds=(1,),
-                step_ms={"AdamW": 25.0, "Muon": 30.0}, eval_batch_ms=7.0),
+    "10M": Size("10M", dim=384, layers=6, heads=6, steps=300, sweep_seeds=(0, 1),
+                step_ms={"AdamW": 25.0, "RMSProp": 24.0, "SkipUpdate": 22.0, "Magma-Adam": 28.0,
+                         "Magma-RMSProp": 28.0, "Muon": 45.0}, eval_batch_ms=8.0),
+    "50M": Size("50M", dim=640, layers=10, heads=10, steps=300, sweep_seeds=(0,), best_lr_seeds=(1,),
+                step_ms={"AdamW": 45.0, "RMSProp": 46.0, "SkipUpdate": 42.0, "Magma-Adam": 45.0,
+                         "Magma-RMSProp": 47.0, "Muon": 82.0}, eval_batch_ms=14.0),
 }
 QUICK_SIZE = Size("tiny", dim=64, layers=2, heads=2, steps=30, batch_size=8, seq_len=64, eval_batches=2,
                   evals=3, sweep_seeds=(0,), best_lr_seeds=(1,), step_ms={"AdamW": 30.0}, eval_batch_ms=5.0)
@@ -207,22 +218,24 @@ class OptimizerSpec:
     uses_magma: bool = False
 
 
-# Grids are powers of two apart, centred where each optimizer's update size puts its optimum:
-# Magma applies about keep_prob * s ~ 1/4 of its base optimizer's update, so its grid sits
-# higher; plain RMSProp has no momentum and wants smaller steps than Adam.
+# Grids are powers of two apart. A pilot on the 10M model (600 steps, seed 0) found AdamW best
+# at 1e-3 and RMSProp at 5e-4, both degrading fast above, and Muon best at 0.02; the grids put
+# those optima on their second or third point. Magma applies about keep_prob * s ~ 1/4 of its
+# base optimizer's update, so its grids sit 2-4x higher than its base's; SkipUpdate's kept
+# updates are 1/keep_prob = 2x larger, so it shares RMSProp's grid.
 OPTIMIZERS = {spec.name: spec for spec in (
-    OptimizerSpec("AdamW", (1e-3, 2e-3, 4e-3, 8e-3),
+    OptimizerSpec("AdamW", (5e-4, 1e-3, 2e-3, 4e-3),
                   "torch.optim.AdamW (fused=True on CUDA)", build_adamw),
-    OptimizerSpec("RMSProp", (5e-4, 1e-3, 2e-3, 4e-3),
+    OptimizerSpec("RMSProp", (1.25e-4, 2.5e-4, 5e-4, 1e-3),
                   'magma_ext.Magma(base="rmsprop", mask="none"): dense RMSProp with bias-corrected v',
                   _magma("rmsprop", "none"), uses_magma=True),
-    OptimizerSpec("SkipUpdate", (5e-4, 1e-3, 2e-3, 4e-3),
+    OptimizerSpec("SkipUpdate", (1.25e-4, 2.5e-4, 5e-4, 1e-3),
                   f'magma_ext.Magma(base="rmsprop", mask="skip", keep_prob={KEEP_PROB})',
                   _magma("rmsprop", "skip"), uses_magma=True),
-    OptimizerSpec("Magma-Adam", (2e-3, 4e-3, 8e-3, 1.6e-2),
+    OptimizerSpec("Magma-Adam", (1e-3, 2e-3, 4e-3, 8e-3),
                   f'magma_ext.Magma(base="adam", mask="magma", keep_prob={KEEP_PROB})',
                   _magma("adam", "magma"), uses_magma=True),
-    OptimizerSpec("Magma-RMSProp", (1e-3, 2e-3, 4e-3, 8e-3),
+    OptimizerSpec("Magma-RMSProp", (2.5e-4, 5e-4, 1e-3, 2e-3),
                   f'magma_ext.Magma(base="rmsprop", mask="magma", keep_prob={KEEP_PROB})',
                   _magma("rmsprop", "magma"), uses_magma=True),
     OptimizerSpec("Muon", (5e-3, 1e-2, 2e-2, 4e-2),
@@ -303,7 +316,8 @@ def shard_runs(cells: list[Cell]) -> list[RunSpec]:
         if run.stage == "best_lr":
             return 2
         return 0 if run.seed == size.sweep_seeds[0] else 1
-    ordered = [(phase(run, cell.size), i, j, run) for i, cell in enumerate(cells) for j, run in enumerate(cell.runs)]
+    ordered = [(phase(run, cell.size), i, j, run)
+               for i, cell in enumerate(cells) for j, run in enumerate(cell.runs)]
     return [run for *_, run in sorted(ordered, key=lambda t: t[:3])]
 
 
@@ -322,6 +336,12 @@ def print_plan(shards: list[list[Cell]], sizes_by_name: dict[str, Size]) -> None
             lr = "best lr of seed 0" if run.lr is None else f"lr {run.lr:g}"
             print(f"    {run.run_id:<40} {run.stage:<8} {lr}")
     print(f"total: {sum(len(shard_runs(c)) for c in shards)} runs, estimated {total:.0f} s ({total / 60:.1f} min)")
+    for size in sizes_by_name.values():
+        steps = THROUGHPUT_DEFAULTS["warmup_steps"] + THROUGHPUT_DEFAULTS["timed_steps"]
+        seconds = THROUGHPUT_DEFAULTS["repeats"] * sum(
+            steps * size.step_ms.get(name, size.step_ms.get("AdamW", 10.0)) / 1000 + size.setup_s * 2
+            for name in OPTIMIZERS) + INVOCATION_OVERHEAD_S
+        print(f"--mode throughput --size {size.name} (all optimizers, default rounds): about {seconds:.0f} s")
     for size in sizes_by_name.values():
         params = Llama(size.model_config()).num_parameters()
         print(f"size {size.name}: {params / 1e6:.2f}M parameters, {size.steps} steps x {size.batch_size} x "
@@ -409,8 +429,8 @@ def run_one(run: RunSpec, lr: float, size: Size, spec: OptimizerSpec, data, devi
     factory = lambda model: spec.build(model, lr, run.seed, device)  # noqa: E731
     record = {"kind": "run", "id": f"{size.name}__{spec.name}__lr{lr:g}__seed{run.seed}", "size": size.name,
               "optimizer": spec.name, "lr": lr, "seed": run.seed, "stage": run.stage, "steps": size.steps,
-              "batch_size": size.batch_size, "seq_len": size.seq_len, "tokens": size.tokens, "eval_every": size.eval_every,
-              "eval_batches": size.eval_batches, "model": size.model_config().to_dict(), "dtype": dtype,
+              "batch_size": size.batch_size, "seq_len": size.seq_len, "tokens": size.tokens,
+              "eval_every": size.eval_every, "eval_batches": size.eval_batches, "model": size.model_config().to_dict(), "dtype": dtype,
               "optimizer_description": spec.description,
               "magma_fused": bool(spec.uses_magma and magma_fused_flag(device)), "status": "ok", "error": None}
     start = time.perf_counter()
@@ -513,10 +533,11 @@ def state_bytes(optimizer: torch.optim.Optimizer) -> int:
     return total
 
 
-def measure_throughput(size: Size, spec: OptimizerSpec, device: torch.device, dtype: str, train_data,
-                       warmup: int, timed: int, repeats: int) -> dict:
-    """Tokens per second of whole training steps (forward, backward, clipping, optimizer),
-    the optimizer step alone (CUDA events on a GPU) and the peak memory, for one optimizer."""
+def time_window(size: Size, spec: OptimizerSpec, device: torch.device, dtype: str, train_data,
+                warmup: int, timed: int) -> dict:
+    """One fresh model and optimizer: ``warmup`` steps, then ``timed`` whole training steps
+    (forward, backward, clipping, optimizer) timed together and each optimizer step alone
+    (CUDA events on a GPU); the peak memory counts from before the model was built."""
     cuda = device.type == "cuda"
     gc.collect()
     if cuda:
@@ -529,83 +550,95 @@ def measure_throughput(size: Size, spec: OptimizerSpec, device: torch.device, dt
     # A few fixed batches already on the device: the step is timed, not the data pipeline.
     data_iter = batches(train_data, size.batch_size, size.seq_len, seed=0, device=device)
     fixed = [next(data_iter) for _ in range(4)]
+    opt_ms, events = [], []
 
-    def sync():
-        if cuda:
-            torch.cuda.synchronize(device)
-
-    def step(i: int, events=None):
+    def step(i: int, timing: bool) -> None:
         inputs, targets = fixed[i % len(fixed)]
         with autocast:
             loss = model(inputs, targets)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        if events is None:
+        if timing and cuda:
+            pair = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+            pair[0].record()
             optimizer.step()
-        elif cuda:
-            events[0].record()
-            optimizer.step()
-            events[1].record()
-        else:
+            pair[1].record()
+            events.append(pair)
+        elif timing:
             t0 = time.perf_counter()
             optimizer.step()
-            events.append((time.perf_counter() - t0) * 1000)
+            opt_ms.append((time.perf_counter() - t0) * 1000)
+        else:
+            optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
+    def sync() -> None:
+        if cuda:
+            torch.cuda.synchronize(device)
+
     for i in range(warmup):
-        step(i)
+        step(i, timing=False)
     sync()
-    windows, opt_ms = [], []
-    for _ in range(repeats):
-        pairs = [[torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)] if cuda else []
-                 for _ in range(timed)]
-        t0 = time.perf_counter()
-        for i in range(timed):
-            step(i, pairs[i])
-        sync()
-        windows.append(time.perf_counter() - t0)
-        opt_ms += [a.elapsed_time(b) for a, b in pairs] if cuda else [p[0] for p in pairs]
-    window = statistics.median(windows)
-    tokens = timed * size.batch_size * size.seq_len
-    record = {"kind": "throughput", "size": size.name, "optimizer": spec.name, "description": spec.description,
-              "magma_fused": bool(spec.uses_magma and magma_fused_flag(device)), "dtype": dtype,
-              "batch_size": size.batch_size, "seq_len": size.seq_len, "num_parameters": model.num_parameters(),
-              "warmup_steps": warmup, "timed_steps": timed, "repeats": repeats,
-              "tokens_per_s": tokens / window, "step_ms": 1000 * window / timed,
-              "step_ms_windows": [1000 * w / timed for w in windows],
-              "opt_step_ms_median": statistics.median(opt_ms), "opt_step_ms_min": min(opt_ms),
-              "opt_step_timer": "cuda events" if cuda else "perf_counter",
-              "state_bytes": state_bytes(optimizer),
+    t0 = time.perf_counter()
+    for i in range(timed):
+        step(i, timing=True)
+    sync()
+    window = time.perf_counter() - t0
+    opt_ms += [a.elapsed_time(b) for a, b in events]
+    result = {"window_s": window, "opt_ms": opt_ms, "state_bytes": state_bytes(optimizer),
+              "num_parameters": model.num_parameters(),
               "peak_mem_bytes": torch.cuda.max_memory_allocated(device) if cuda else None}
     del model, optimizer, fixed
-    return record
+    return result
 
 
 def run_throughput(args, specs: list[OptimizerSpec], device: torch.device) -> int:
+    """Every optimizer's windows in turn, round after round, so that drifts of the machine
+    (clocks, other load) spread over all optimizers instead of favouring one."""
     size = QUICK_SIZE if args.quick else SIZES[args.size]
     train_data, val_data = load_corpus(args.data, max_bytes=args.max_bytes)
     meta = {"command": command_line(), "date": now_utc(), "mode": "throughput", "quick": args.quick,
             "env": environment(device), "data": describe_data(args.data, train_data, val_data, args.max_bytes)}
     writer = RecordWriter(args.out, args.bundle, meta)
     print(f"throughput: {size.name} model, batch {size.batch_size} x {size.seq_len}, {args.dtype}, "
-          f"{args.warmup_steps} warm-up + {args.repeats} x {args.timed_steps} timed steps, "
+          f"{args.repeats} rounds of {args.warmup_steps} warm-up + {args.timed_steps} timed steps per optimizer, "
           f"on {meta['env']['device_name']}", flush=True)
-    failures = 0
+    windows: dict[str, list[dict]] = {spec.name: [] for spec in specs}
+    errors: dict[str, str] = {}
+    for _ in range(args.repeats):
+        for spec in specs:
+            if spec.name in errors:
+                continue
+            try:
+                windows[spec.name].append(time_window(size, spec, device, args.dtype, train_data,
+                                                      args.warmup_steps, args.timed_steps))
+            except Exception as exc:  # noqa: BLE001 -- keep the other rows
+                errors[spec.name] = f"{type(exc).__name__}: {exc}"
+                print(f"{spec.name}: ERROR {errors[spec.name]}", flush=True)
+    tokens = args.timed_steps * size.batch_size * size.seq_len
     for spec in specs:
-        try:
-            record = measure_throughput(size, spec, device, args.dtype, train_data, args.warmup_steps,
-                                        args.timed_steps, args.repeats)
-        except Exception as exc:  # noqa: BLE001 -- keep the other rows
-            failures += 1
-            print(f"{spec.name}: ERROR {type(exc).__name__}: {exc}", flush=True)
+        if spec.name in errors:
             continue
-        record.update(command=meta["command"], date=now_utc(), env=meta["env"])
+        runs = windows[spec.name]
+        window = statistics.median(r["window_s"] for r in runs)
+        opt_ms = [ms for r in runs for ms in r["opt_ms"]]
+        peaks = [r["peak_mem_bytes"] for r in runs if r["peak_mem_bytes"] is not None]
+        record = {"kind": "throughput", "size": size.name, "optimizer": spec.name, "description": spec.description,
+                  "magma_fused": bool(spec.uses_magma and magma_fused_flag(device)), "dtype": args.dtype,
+                  "batch_size": size.batch_size, "seq_len": size.seq_len, "num_parameters": runs[0]["num_parameters"],
+                  "warmup_steps": args.warmup_steps, "timed_steps": args.timed_steps, "repeats": len(runs),
+                  "tokens_per_s": tokens / window, "step_ms": 1000 * window / args.timed_steps,
+                  "step_ms_windows": [1000 * r["window_s"] / args.timed_steps for r in runs],
+                  "opt_step_ms_median": statistics.median(opt_ms), "opt_step_ms_min": min(opt_ms),
+                  "opt_step_timer": "cuda events" if device.type == "cuda" else "perf_counter",
+                  "state_bytes": runs[0]["state_bytes"], "peak_mem_bytes": max(peaks) if peaks else None,
+                  "command": meta["command"], "date": now_utc(), "env": meta["env"]}
         writer.add("throughput", record, f"throughput__{size.name}__{spec.name}.json")
         memory = f"  peak {record['peak_mem_bytes'] / 2**20:,.0f} MiB" if record["peak_mem_bytes"] else ""
         print(f"{spec.name:<14} {record['tokens_per_s']:>12,.0f} tok/s  step {record['step_ms']:.2f} ms  "
               f"optimizer {record['opt_step_ms_median']:.3f} ms  state {record['state_bytes'] / 2**20:,.1f} MiB"
               f"{memory}", flush=True)
-    return 1 if failures else 0
+    return 1 if errors else 0
 
 
 # ---------------------------------------------------------------------------- CLI
@@ -638,9 +671,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--bundle", default=None, help="also write every record of this invocation into this one file")
     g = p.add_argument_group("--mode throughput")
     g.add_argument("--size", default="50M", choices=tuple(SIZES), help="model size to time")
-    g.add_argument("--warmup-steps", type=int, default=10)
-    g.add_argument("--timed-steps", type=int, default=30)
-    g.add_argument("--repeats", type=int, default=3, help="timed windows per optimizer (median reported)")
+    g.add_argument("--warmup-steps", type=int, default=THROUGHPUT_DEFAULTS["warmup_steps"])
+    g.add_argument("--timed-steps", type=int, default=THROUGHPUT_DEFAULTS["timed_steps"])
+    g.add_argument("--repeats", type=int, default=THROUGHPUT_DEFAULTS["repeats"],
+                   help="rounds over all optimizers (median window reported)")
     args = p.parse_args(argv)
     if not 1 <= args.shard <= args.num_shards:
         p.error(f"--shard must be in 1..{args.num_shards}, got {args.shard}")
