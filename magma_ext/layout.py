@@ -44,8 +44,8 @@ def block_size_for(shape: tuple[int, ...], block) -> int:
 class BlockLayout:
     """The blocks seen by a piece of ``numel`` elements at ``offset`` in its logical tensor.
 
-    ``logical_numel`` is the logical tensor's size; a piece holds *whole* blocks when it starts
-    on a block boundary and ends on one or at the logical tensor's end.
+    ``logical_numel`` is the logical tensor's size (the CUDA planner runs a piece of whole
+    blocks, one starting on a block boundary and ending on one or at that size, in one pass).
     """
 
     numel: int
@@ -87,14 +87,6 @@ class BlockLayout:
     def head(self) -> int:
         """Elements of the piece in its first block."""
         return min(self.numel, self.block_size - self.offset % self.block_size)
-
-    @property
-    def whole_blocks(self) -> bool:
-        """True when no block of this piece lies partly outside it."""
-        end = self.offset + self.numel
-        return self.offset % self.block_size == 0 and (
-            end % self.block_size == 0 or end == self.logical_numel
-        )
 
     def lengths(self) -> list[int]:
         """Elements of the piece in each of its blocks, in order."""
