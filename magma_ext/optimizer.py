@@ -170,20 +170,20 @@ class Magma(Optimizer):
         found_inf = getattr(self, "found_inf", None)
         # Check every group before touching anything, so that an error changes nothing.
         work = [self._params_with_grad(group) for group in self.param_groups]
-        for group, params in zip(self.param_groups, work):
-            if params and self._plan_key(group, params) not in self._plans:
+        active = [(group, params, self._plan_key(group, params))
+                  for group, params in zip(self.param_groups, work) if params]
+        for group, params, key in active:
+            if key not in self._plans:
                 self._check_layouts(group, params)
         indices = None
-        for group, params in zip(self.param_groups, work):
+        for group, params, _ in active:
             new = [p for p in params if len(self.state[p]) == 0]
             if new and indices is None:
                 indices = self._tensor_indices()
             for p in new:
                 self._init_state(p, group, indices[id(p)])
-        plans = [self._plan(group, params) for group, params in zip(self.param_groups, work) if params]
-        groups = [group for group, params in zip(self.param_groups, work) if params]
-        for group, group_plans in zip(groups, plans):
-            for plan in group_plans:
+        for group, params, key in active:
+            for plan in self._plan(key, group, params):
                 self._step_device(group, plan, grad_scale, found_inf)
         return loss
 
@@ -219,9 +219,8 @@ class Magma(Optimizer):
                     f"magma_score has {state['magma_score'].numel()}: block cannot change mid-run"
                 )
 
-    def _plan(self, group: dict, params: list[torch.Tensor]) -> list[_DevicePlan]:
-        """What does not change from step to step for these parameters: cached."""
-        key = self._plan_key(group, params)
+    def _plan(self, key: tuple, group: dict, params: list[torch.Tensor]) -> list[_DevicePlan]:
+        """What does not change from step to step for these parameters: cached under ``key``."""
         plans = self._plans.get(key)
         if plans is None:
             if len(self._plans) >= _CACHE_LIMIT:
