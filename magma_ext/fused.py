@@ -49,10 +49,9 @@ def fused_step_op(
 
 @dataclass
 class FusedSublist:
-    """Tensors of one (param dtype, grad dtype, master weights) kind: one native call."""
+    """Tensors of one (param dtype, master weights) kind: one native call."""
 
     members: list[int]  # positions in the group's lists
-    grad_dtype: torch.dtype
     has_master: bool
     block_sizes: list[int]
     offsets: list[int]
@@ -74,9 +73,9 @@ def fused_plan(params, has_master, layouts, tensor_indices) -> FusedPlan:
     for i, (p, master) in enumerate(zip(params, has_master)):
         kinds[(p.dtype, master)].append(i)
     sublists = []
-    for (dtype, master), members in kinds.items():
+    for (_, master), members in kinds.items():
         sublists.append(FusedSublist(
-            members=members, grad_dtype=dtype, has_master=master,
+            members=members, has_master=master,
             block_sizes=[layouts[i].block_size for i in members],
             offsets=[layouts[i].offset for i in members],
             logical_numels=[layouts[i].logical_numel for i in members],
