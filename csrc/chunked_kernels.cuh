@@ -95,7 +95,7 @@ __device__ __forceinline__ void moments_range(const TensorPtrs<P, G>& t, const S
     }
 #pragma unroll
     for (int k = 0; k < kILP; ++k) {
-      if (h.grad_scale) g[k] = g[k] / *h.grad_scale;
+      g[k] = unscale_grad(g[k], h);
       const float direction = update_moments(h, c, g[k], m[k], v[k]);
       if (MODE == kMagma && (VEC || i + k * stride < end)) {
         sums.x += m[k] * g[k];
@@ -209,7 +209,7 @@ __device__ __forceinline__ void apply_range(const TensorPtrs<P, G>& t, const Ste
     else load_ilp<VEC>(t.param, i, stride, end, theta);
 #pragma unroll
     for (int k = 0; k < kILP; ++k) {
-      if (h.grad_scale) g[k] = g[k] / *h.grad_scale;
+      g[k] = unscale_grad(g[k], h);
       const float direction = direction_from_moments(h, c, g[k], m[k], v[k]);
       theta[k] = updated_theta(h, c, theta[k], direction, scale);
     }

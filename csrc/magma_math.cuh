@@ -41,10 +41,14 @@ __device__ __forceinline__ bool step_skipped(const StepHyper& h) {
   return h.found_inf != nullptr && *h.found_inf > 0.f;
 }
 
+// The gradient without AMP's loss scale.
+__device__ __forceinline__ float unscale_grad(float g, const StepHyper& h) {
+  return h.grad_scale ? g / *h.grad_scale : g;
+}
+
 template <typename G>
 __device__ __forceinline__ float load_grad(const G* grad, int64_t i, const StepHyper& h) {
-  const float g = to_float(grad[i]);
-  return h.grad_scale ? g / *h.grad_scale : g;
+  return unscale_grad(to_float(grad[i]), h);
 }
 
 // Updates the moments of one element in place and returns its direction D (section 2).
