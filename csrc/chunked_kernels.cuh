@@ -5,9 +5,12 @@
 //                      kSkip:  apply it scaled by 1/keep_prob if the block is kept (one pass),
 //                      kMagma: write the item's sums <m,g>, |m|^2, |g|^2 (deterministic).
 //   finalize_kernel  kMagma, every block: add its items' sums in a fixed order into the flat
-//                    block-sum buffer, then score EMA and the scale of the block.
+//                    block-sum buffer, then score EMA, mask draw and the scale of the block
+//                    (kMaskedBlock for a masked block).
 //   apply_kernel     kMagma, every item of a kept block: read weights and moments, write weights.
-//                    Items of masked blocks return at once: their weights are never touched.
+//                    A fixed grid of resident CTAs strides over the items and steps over those
+//                    of masked blocks, whose weights are never touched: launching one CTA per
+//                    item would spend most of a low keep_prob step starting CTAs that do nothing.
 #pragma once
 
 #include <cstdint>
@@ -20,6 +23,9 @@ namespace magma {
 
 constexpr int kChunkThreads = 512;
 constexpr int kILP = 4;
+
+// The scale finalize_kernel writes for a masked block (a score is never negative).
+constexpr float kMaskedBlock = -1.f;
 
 template <typename T>
 struct alignas(4 * sizeof(T)) Vec4 {
@@ -191,7 +197,9 @@ finalize_kernel(const __grid_constant__ TensorArgs a, const StepHyper h, const f
     float* score = a.score[t] + j;
     const float updated = new_score(h, *score, total.x, total.y, total.z);
     *score = updated;
-    block_scale[b] = updated;
+    const bool kept = keep_block(h.seed, a.tensor_index[t], a.first_block[t] + j,
+                                 step_count(a.step[t]), h.keep_threshold);
+    block_scale[b] = kept ? updated : kMaskedBlock;
   }
 }
 
@@ -219,21 +227,32 @@ __device__ __forceinline__ void apply_range(const TensorPtrs<P, G>& t, const Ste
 }
 
 // Items run in reverse order, so the first ones read the moments the moments pass wrote last,
-// which are most likely still in L2.
+// which are most likely still in L2.  The grid is what fits on the device at once; each CTA
+// takes every gridDim.x-th item and steps over the rest of a masked block in one go.
 template <typename P, typename G>
 __global__ void __launch_bounds__(kChunkThreads)
 apply_kernel(const __grid_constant__ TensorArgs a, const StepHyper h, const float* block_scale) {
   if (step_skipped(h)) return;
-  const int64_t item = a.work_start[a.count] - 1 - blockIdx.x;
-  const int t = find_tensor(a.work_start, a.count, item);
-  const Span s = item_span(a.piece[t], item - a.work_start[t]);
-  const Coeffs c = coeffs_for(h, a.step[t]);
-  if (!keep_block(h.seed, a.tensor_index[t], a.first_block[t] + s.block, c.step, h.keep_threshold)) return;
-  const float scale = block_scale[a.block_start[t] + s.block];
-  const TensorPtrs<P, G> ptrs(a, t);
-  for_item(ptrs, s, [&](auto vec, int64_t begin, int64_t end) {
-    apply_range<decltype(vec)::value>(ptrs, h, c, begin, end, scale);
-  });
+  const int64_t items = a.work_start[a.count];
+  int t = a.count - 1;
+  for (int64_t r = blockIdx.x; r < items; r += gridDim.x) {
+    const int64_t item = items - 1 - r;
+    while (a.work_start[t] > item) --t;  // items only decrease
+    const Piece& piece = a.piece[t];
+    const Span s = item_span(piece, item - a.work_start[t]);
+    const float scale = block_scale[a.block_start[t] + s.block];
+    if (scale == kMaskedBlock) {
+      // The block's first item is the last of its items this loop would reach.
+      const int64_t last_r = items - 1 - (a.work_start[t] + first_item(piece, s.block));
+      r += (last_r - r) / gridDim.x * gridDim.x;
+      continue;
+    }
+    const Coeffs c = coeffs_for(h, a.step[t]);
+    const TensorPtrs<P, G> ptrs(a, t);
+    for_item(ptrs, s, [&](auto vec, int64_t begin, int64_t end) {
+      apply_range<decltype(vec)::value>(ptrs, h, c, begin, end, scale);
+    });
+  }
 }
 
 }  // namespace magma

@@ -27,6 +27,11 @@ struct Coeffs {
   uint64_t step;
 };
 
+// The step count t of a tensor (held as a float, like torch's fused Adam).
+__device__ __forceinline__ uint64_t step_count(const float* step_ptr) {
+  return static_cast<uint64_t>(*step_ptr);
+}
+
 __device__ __forceinline__ Coeffs coeffs_for(const StepHyper& h, const float* step_ptr) {
   const float step = *step_ptr;
   Coeffs c;

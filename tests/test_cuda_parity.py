@@ -62,6 +62,22 @@ def test_masks_identical_every_step(mask, block):
     assert kept_any and dropped_any
 
 
+@pytest.mark.parametrize("keep_prob", [0.1, 0.5, 0.9])
+def test_masked_blocks_of_several_work_items(keep_prob):
+    # Row blocks of 20000 and 9001 elements span 3 and 2 work items of the apply pass, which
+    # steps over a masked block's items together; many such blocks sit side by side here.
+    shapes = [(40, 20000), (7, 9001), (3,), (25, 16384)]
+    fused, reference = twins(shapes, block="row", lr=1e-2, keep_prob=keep_prob, seed=13)
+    for step in range(6):
+        feed_same_grads(fused, reference, step)
+        before_f = [p.detach().clone() for p in params_of(fused)]
+        before_r = [p.detach().clone() for p in params_of(reference)]
+        fused.step()
+        reference.step()
+        assert changed_blocks(before_f, None, fused) == changed_blocks(before_r, None, reference)
+        assert_same_state(fused, reference, where=f"step {step + 1}")
+
+
 def test_float32_grads_on_bfloat16_params():
     fused, reference = twins(SHAPES, torch.bfloat16, master_weights=True, lr=1e-2, block="row")
     for step in range(5):
