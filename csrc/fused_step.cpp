@@ -18,14 +18,15 @@
 namespace magma {
 namespace {
 
-// Two-pass launches are cut at this many elements.  Small batches let the apply pass find what
-// the moments pass wrote still in L2, but each batch costs three dependent launches and a
-// partly idle GPU at its edges; measured on an H100 (benchmarks/results), large batches win for
-// LLM shapes.  MAGMA_EXT_TWO_PASS_BATCH_ELEMS overrides it, for tuning.
+// Two-pass launches can be cut at this many elements (MAGMA_EXT_TWO_PASS_BATCH_ELEMS, for
+// tuning); by default they are not.  Small batches would let the apply pass find more of what
+// the moments pass wrote still in L2, but each batch costs three dependent launches of 27 KB of
+// parameters and a partly idle GPU at its edges: on an H100 one batch per 256 tensors wins for
+// LLM shapes (benchmarks/results).
 int64_t two_pass_batch_elems() {
   static const int64_t value = [] {
     const char* text = std::getenv("MAGMA_EXT_TWO_PASS_BATCH_ELEMS");
-    return text != nullptr ? std::max<int64_t>(std::atoll(text), 1) : int64_t{1} << 28;
+    return text != nullptr ? std::max<int64_t>(std::atoll(text), 1) : LLONG_MAX;
   }();
   return value;
 }

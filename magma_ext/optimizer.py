@@ -176,15 +176,21 @@ class Magma(Optimizer):
             if key not in self._plans:
                 self._check_layouts(group, params)
         indices = None
+        group_states = []
         for group, params, _ in active:
-            new = [p for p in params if len(self.state[p]) == 0]
+            states = [self.state[p] for p in params]
+            new = [p for p, state in zip(params, states) if not state]
             if new and indices is None:
                 indices = self._tensor_indices()
             for p in new:
                 self._init_state(p, group, indices[id(p)])
-        for group, params, key in active:
-            for plan in self._plan(key, group, params):
-                self._step_device(group, plan, grad_scale, found_inf)
+            group_states.append(states)
+        for (group, params, key), states in zip(active, group_states):
+            plans = self._plan(key, group, params)
+            for plan in plans:
+                if len(plans) > 1:
+                    states = [self.state[p] for p in plan.params]
+                self._step_device(group, plan, states, grad_scale, found_inf)
         return loss
 
     def _params_with_grad(self, group: dict) -> list[torch.Tensor]:
@@ -237,8 +243,7 @@ class Magma(Optimizer):
             return _DevicePlan(device, params, layouts, indices, fused_plan(params, masters, layouts, indices))
         return _DevicePlan(device, params, layouts, indices, None)
 
-    def _step_device(self, group, plan: _DevicePlan, grad_scale, found_inf) -> None:
-        states = [self.state[p] for p in plan.params]
+    def _step_device(self, group, plan: _DevicePlan, states: list[dict], grad_scale, found_inf) -> None:
         tensors = GroupTensors(
             params=plan.params,
             grads=[p.grad for p in plan.params],
