@@ -224,7 +224,7 @@ class OptimizerSpec:
 # base optimizer's update, so its grids sit 2-4x higher than its base's; SkipUpdate's kept
 # updates are 1/keep_prob = 2x larger, so it shares RMSProp's grid.
 OPTIMIZERS = {spec.name: spec for spec in (
-    OptimizerSpec("AdamW", (5e-4, 1e-3, 2e-3, 4e-3),
+    OptimizerSpec("AdamW", (2.5e-4, 5e-4, 1e-3, 2e-3),
                   "torch.optim.AdamW (fused=True on CUDA)", build_adamw),
     OptimizerSpec("RMSProp", (1.25e-4, 2.5e-4, 5e-4, 1e-3),
                   'magma_ext.Magma(base="rmsprop", mask="none"): dense RMSProp with bias-corrected v',
@@ -321,10 +321,10 @@ def shard_runs(cells: list[Cell]) -> list[RunSpec]:
     return [run for *_, run in sorted(ordered, key=lambda t: t[:3])]
 
 
-def print_plan(shards: list[list[Cell]], sizes_by_name: dict[str, Size]) -> None:
+def print_plan(shards: list[list[Cell]], sizes_by_name: dict[str, Size], finished: list[dict]) -> None:
     total = 0.0
     for i, cells in enumerate(shards, 1):
-        runs = shard_runs(cells)
+        runs = not_finished(shard_runs(cells), finished)
         seconds = sum(sizes_by_name[r.size].estimate_s(r.optimizer) for r in runs) + INVOCATION_OVERHEAD_S
         total += seconds
         print(f"shard {i}/{len(shards)}: {len(runs)} runs, estimated {seconds:.0f} s ({seconds / 60:.1f} min) "
@@ -335,7 +335,9 @@ def print_plan(shards: list[list[Cell]], sizes_by_name: dict[str, Size]) -> None
         for run in runs:
             lr = "best lr of seed 0" if run.lr is None else f"lr {run.lr:g}"
             print(f"    {run.run_id:<40} {run.stage:<8} {lr}")
-    print(f"total: {sum(len(shard_runs(c)) for c in shards)} runs, estimated {total:.0f} s ({total / 60:.1f} min)")
+    count = sum(len(not_finished(shard_runs(c), finished)) for c in shards)
+    print(f"total: {count} runs, estimated {total:.0f} s ({total / 60:.1f} min)"
+          + (f"; {len(finished)} finished runs from --resume left out" if finished else ""))
     for size in sizes_by_name.values():
         steps = THROUGHPUT_DEFAULTS["warmup_steps"] + THROUGHPUT_DEFAULTS["timed_steps"]
         seconds = THROUGHPUT_DEFAULTS["repeats"] * sum(
@@ -463,9 +465,26 @@ def best_lr(records: list[dict], size: str, optimizer: str, seed: int) -> float 
     return min(done, key=lambda r: r["final_val_loss"])["lr"] if done else None
 
 
+def load_finished(paths: list[Path]) -> list[dict]:
+    """The finished ("ok") run records of earlier bundles, for --resume."""
+    records = []
+    for path in paths:
+        records += [r for r in json.loads(path.read_text())["runs"] if r["status"] == "ok"]
+    return records
+
+
+def not_finished(runs: list[RunSpec], finished: list[dict]) -> list[RunSpec]:
+    """The runs that no earlier record finished (a best-lr run counts by size, optimizer, seed)."""
+    done = {r["id"] for r in finished}
+    done_best = {(r["size"], r["optimizer"], r["seed"]) for r in finished if r["stage"] == "best_lr"}
+    return [run for run in runs if run.run_id not in done
+            and not (run.stage == "best_lr" and (run.size, run.optimizer, run.seed) in done_best)]
+
+
 def run_sweep(args, sizes: list[Size], specs: list[OptimizerSpec], device: torch.device) -> int:
     shards = assign_shards(make_cells(sizes, specs, args.quick), args.num_shards)
-    runs = shard_runs(shards[args.shard - 1])
+    finished = load_finished(args.resume)
+    runs = not_finished(shard_runs(shards[args.shard - 1]), finished)
     sizes_by_name = {s.name: s for s in sizes}
     train_data, val_data = load_corpus(args.data, max_bytes=args.max_bytes)
     meta = {"command": command_line(), "date": now_utc(), "mode": "sweep", "shard": args.shard,
@@ -477,7 +496,7 @@ def run_sweep(args, sizes: list[Size], specs: list[OptimizerSpec], device: torch
             "optimizers": {s.name: {"lrs": list(quick_lrs(s) if args.quick else s.lrs),
                                     "description": s.description} for s in specs},
             "weight_decay": WEIGHT_DECAY, "betas": list(BETAS), "muon_adamw_lr_ratio": MUON_ADAMW_LR_RATIO,
-            "planned_runs": [r.run_id for r in runs]}
+            "planned_runs": [r.run_id for r in runs], "resumed_from": [str(p) for p in args.resume]}
     writer = RecordWriter(args.out, args.bundle, meta)
     env = meta["env"]
     print(f"shard {args.shard}/{args.num_shards}: {len(runs)} runs on {env['device_name']} ({args.dtype}); "
@@ -489,8 +508,8 @@ def run_sweep(args, sizes: list[Size], specs: list[OptimizerSpec], device: torch
     failures = 0
     for n, run in enumerate(runs, 1):
         size, spec = sizes_by_name[run.size], OPTIMIZERS[run.optimizer]
-        lr = run.lr if run.lr is not None else best_lr(writer.contents["runs"], run.size, run.optimizer,
-                                                       size.sweep_seeds[0])
+        lr = run.lr if run.lr is not None else best_lr(finished + writer.contents["runs"], run.size,
+                                                       run.optimizer, size.sweep_seeds[0])
         skip_reason = None
         if lr is None:
             skip_reason = "no finished seed-0 sweep run to take the best learning rate from"
@@ -669,6 +688,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--out", default=str(DEFAULT_OUT),
                    help="folder for one JSON per run; '' writes none (use --bundle)")
     p.add_argument("--bundle", default=None, help="also write every record of this invocation into this one file")
+    p.add_argument("--resume", default="",
+                   help="comma-separated bundles of earlier invocations: their finished runs are not run "
+                        "again (and count for best-lr runs)")
     g = p.add_argument_group("--mode throughput")
     g.add_argument("--size", default="50M", choices=tuple(SIZES), help="model size to time")
     g.add_argument("--warmup-steps", type=int, default=THROUGHPUT_DEFAULTS["warmup_steps"])
@@ -690,6 +712,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     args.size_names = sizes
     args.out = Path(args.out) if args.out else None
     args.bundle = Path(args.bundle) if args.bundle else None
+    args.resume = [Path(p) for p in args.resume.split(",") if p]
+    missing = [str(p) for p in args.resume if not p.is_file()]
+    if missing:
+        p.error(f"--resume: no such file(s) {missing}")
     if args.steps is not None and args.steps < 1:
         p.error("--steps must be at least 1")
     return args
@@ -709,7 +735,8 @@ def main(argv: list[str] | None = None) -> int:
         sizes = [replace(s, steps=args.steps) for s in sizes]
     specs = [OPTIMIZERS[name] for name in args.optimizer_names]
     if args.plan:
-        print_plan(assign_shards(make_cells(sizes, specs, args.quick), args.num_shards), {s.name: s for s in sizes})
+        print_plan(assign_shards(make_cells(sizes, specs, args.quick), args.num_shards), {s.name: s for s in sizes},
+                   load_finished(args.resume))
         return 0
     if args.mode == "throughput":
         return run_throughput(args, specs, device)

@@ -121,6 +121,11 @@ class CellSummary:
     best_runs: list[dict]
     selection_seeds: list[int]
     edge: str | None  # "lowest" / "highest" when the best lr is at the end of the grid
+    scores: dict[float, float] = field(default_factory=dict)  # lr -> the perplexity it was judged by
+
+    def near_best(self, within: float) -> list[float]:
+        """The learning rates whose perplexity is within ``within`` (relative) of the best one."""
+        return [lr for lr in self.lrs if self.scores.get(lr, math.inf) <= self.scores[self.best_lr] * (1 + within)]
 
     @property
     def ppls(self) -> list[float]:
@@ -160,7 +165,8 @@ def summarize(runs: list[dict]) -> dict[str, dict[str, CellSummary]]:
         if len(lrs) > 1 and math.isfinite(score[best]):
             edge = "lowest" if best == lrs[0] else "highest" if best == lrs[-1] else None
         out.setdefault(size, {})[optimizer] = CellSummary(
-            size, optimizer, lrs, best, [by_lr[best][s] for s in sorted(by_lr[best])], sorted(common), edge)
+            size, optimizer, lrs, best, [by_lr[best][s] for s in sorted(by_lr[best])], sorted(common), edge,
+            {lr: score[lr] for lr in lrs})
     params = {r["size"]: r["num_parameters"] for r in runs if r.get("num_parameters")}
     sizes = sorted(out, key=lambda s: (params.get(s, 0), s))
     return {s: {o: out[s][o] for o in sorted(out[s], key=_optimizer_rank)} for s in sizes}
@@ -233,7 +239,7 @@ def plot_ppl_vs_lr(summary: dict[str, dict[str, CellSummary]], runs: list[dict],
         if not finite:
             continue
         best = min(finite)
-        top = min(max(finite), best * 1.5) * 1.01
+        top = min(max(finite), best * 2.5) * 1.01
         for name in cells:
             cell_runs = [r for r in runs if r["size"] == size and r["optimizer"] == name]
             lrs = sorted({r["lr"] for r in cell_runs})
@@ -248,7 +254,8 @@ def plot_ppl_vs_lr(summary: dict[str, dict[str, CellSummary]], runs: list[dict],
                     ax.plot(r["lr"], top, "x" if math.isinf(ppl(r)) else "^", color=color, markersize=8,
                             clip_on=False)
         ax.set_xscale("log")
-        ax.set_ylim(best * 0.995, top)
+        ax.xaxis.set_minor_formatter(plt.NullFormatter())  # minor labels collide on short ranges
+        ax.set_ylim(best * 0.98, top)
         ax.set_xlabel("peak learning rate")
         ax.set_ylabel("final validation perplexity (per byte)")
         ax.set_title(f"{size}: final val perplexity vs lr (top edge: ^ above the axis, x diverged)", fontsize=9)
@@ -328,6 +335,9 @@ def throughput_table(rows: list[dict]) -> list[str]:
     return lines
 
 
+STABLE_WITHIN = 0.10
+
+
 def ordering_statement(summary: dict[str, dict[str, CellSummary]]) -> list[str]:
     """A plain comparison of the measured ordering of best perplexities with the paper's."""
     lines = [f"The paper reports the ordering {PAPER_ORDER} (lower validation perplexity first). "
@@ -363,6 +373,17 @@ def ordering_statement(summary: dict[str, dict[str, CellSummary]]) -> list[str]:
         if edges:
             lines.append(f"- Best learning rate at an end of its grid: {', '.join(edges)}; the optimum of these "
                          "may lie outside the grid, so their best perplexity may be overstated.")
+        ranges = []
+        for name, c in cells.items():
+            near = c.near_best(STABLE_WITHIN)
+            if math.isfinite(c.mean_ppl) and len(c.lrs) > 1:
+                ranges.append(f"{name} {len(near)} of {len(c.lrs)} ({near[0]:g} to {near[-1]:g})" if len(near) > 1
+                              else f"{name} 1 of {len(c.lrs)} ({near[0]:g})")
+        if ranges:
+            lines.append(f"- Stable range (the paper claims a much wider one for Magma): learning rates within "
+                         f"{STABLE_WITHIN:.0%} of each optimizer's best perplexity (over the seeds every learning rate "
+                         f"ran): {'; '.join(ranges)}. A range that reaches an end of its grid may continue "
+                         "beyond it.")
         lines.append("")
     full = [s for s, (h, c) in verdicts.items() if c == len(PAPER_RELATIONS) and h == c]
     partial = [f"{s}: {h} of {c} checked relations hold"
@@ -379,21 +400,38 @@ def ordering_statement(summary: dict[str, dict[str, CellSummary]]) -> list[str]:
     return lines
 
 
+def _merged(metas: list[dict], key: str) -> dict:
+    """``meta[key]`` of every sweep invocation, merged in date order (a later one wins)."""
+    merged: dict = {}
+    for m in sorted((m for m in metas if m.get("mode") == "sweep"), key=lambda m: m.get("date", "")):
+        merged.update(m.get(key) or {})
+    return merged
+
+
+def seeds_run(runs: list[dict], size: str) -> str:
+    """Which seeds ran for a size, from the records: at every lr, and at the best lr only."""
+    sweep = [r for r in runs if r["size"] == size and r["stage"] == "sweep"]
+    cells = {(r["optimizer"], r["lr"]) for r in sweep}
+    every = sorted(seed for seed in {r["seed"] for r in sweep}
+                   if all(any(r["seed"] == seed and (r["optimizer"], r["lr"]) == c for r in sweep) for c in cells))
+    best = sorted({r["seed"] for r in runs if r["size"] == size and r["stage"] == "best_lr"})
+    text = f"{every} at every lr"
+    return text + (f"; {best} at the best lr of seed {every[0] if every else 0}" if best else "")
+
+
 def setup_lines(study: Study) -> list[str]:
     meta = next((m for m in study.metas if m.get("mode") == "sweep"), {})
     lines = []
-    sizes = meta.get("sizes") or {}
+    sizes = _merged(study.metas, "sizes")
     if sizes:
-        lines += ["| size | parameters | dim x layers x heads | steps x batch x seq | tokens per run | seeds |",
+        lines += ["| size | parameters | dim x layers x heads | steps x batch x seq | tokens per run | seeds run |",
                   "|---|---:|---|---|---:|---|"]
         params = {r["size"]: r.get("num_parameters") for r in study.runs if r.get("num_parameters")}
         for name, s in sizes.items():
-            seeds = f"{s['sweep_seeds']} at every lr"
-            if s["best_lr_seeds"]:
-                seeds += f"; {s['best_lr_seeds']} at the best lr of seed {s['sweep_seeds'][0]}"
             count = f"{params[name] / 1e6:.2f}M" if name in params else "n/a"
             lines.append(f"| {name} | {count} | {s['dim']} x {s['n_layers']} x {s['n_heads']} | "
-                         f"{s['steps']} x {s['batch_size']} x {s['seq_len']} | {s['tokens'] / 1e6:.2f}M | {seeds} |")
+                         f"{s['steps']} x {s['batch_size']} x {s['seq_len']} | {s['tokens'] / 1e6:.2f}M | "
+                         f"{seeds_run(study.runs, name)} |")
         lines.append("")
     data = meta.get("data")
     if data:
@@ -402,10 +440,16 @@ def setup_lines(study: Study) -> list[str]:
                      f"training bytes, the last {data['val_bytes']:,} bytes of the fixed-order stream for "
                      f"validation (SHA-1 {', '.join(hashes)}"
                      f"{'; WARNING: the inputs used different validation splits' if len(hashes) > 1 else ''}).")
-    if meta.get("optimizers"):
-        lines += ["", "| optimizer | implementation | learning-rate grid |", "|---|---|---|"]
-        for name, o in meta["optimizers"].items():
-            lines.append(f"| {name} | {o['description']} | {', '.join(f'{lr:g}' for lr in o['lrs'])} |")
+    optimizers = _merged(study.metas, "optimizers")
+    if optimizers:
+        lines += ["", "| optimizer | implementation | learning rates run (sweep), per size |", "|---|---|---|"]
+        for name, o in optimizers.items():
+            grids = []
+            for size in sorted({r["size"] for r in study.runs if r["optimizer"] == name}):
+                lrs = sorted({r["lr"] for r in study.runs
+                              if r["optimizer"] == name and r["size"] == size and r["stage"] == "sweep"})
+                grids.append(f"{size}: {', '.join(f'{lr:g}' for lr in lrs)}")
+            lines.append(f"| {name} | {o['description']} | {'; '.join(grids) or 'not run'} |")
         lines += ["", f"Shared: betas {tuple(meta['betas'])}, weight decay {meta['weight_decay']} on 2-D weights "
                   "(embedding, norms unmasked and undecayed via `magma_ext.param_groups`, the same split for "
                   "AdamW), linear warm-up over the first 10% of steps then cosine decay to 10% of the peak, "
