@@ -6,11 +6,14 @@ Usage (from the repository root)::
     python benchmarks/convergence.py --shard 1 --num-shards 3 --out '' --bundle shard1.json --time-budget-s 500
     python benchmarks/convergence.py --mode throughput --out '' --bundle throughput.json
     python benchmarks/convergence.py report --inputs shard1.json shard2.json shard3.json throughput.json
+    python benchmarks/convergence.py --sizes 10M --resume shard1.json --bundle more.json   # the rest
     python benchmarks/convergence.py --quick --out /tmp/conv_smoke    # a CPU smoke test
 
 The whole study (78 runs, ~19 min of H100 time by the estimates) fits three calls of under
 nine minutes: ``--num-shards 3``, each shard with ``--time-budget-s``, the throughput mode
 beside the shortest shard. Shards must be run with the same flags apart from ``--shard``.
+``--resume`` takes earlier bundles and leaves out the runs they finished, so a study cut short
+by a device limit goes on where it stopped.
 
 Models, data and training loop are the demo's (``magma_ext.demo``): Llama-style decoders of
 about 10M and 50M parameters on the bytes of the Python standard library (or ``--data``), a
