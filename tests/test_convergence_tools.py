@@ -86,6 +86,7 @@ def test_summary_picks_the_best_lr_and_the_stable_range():
 
 
 def test_report_page_lists_the_runs_and_the_seeds(first_bundle, tmp_path):
+    pytest.importorskip("matplotlib")  # the report's plots; `make test` installs it
     page = tmp_path / "page.md"
     assert plot_convergence.main(["--inputs", str(first_bundle), "--page", str(page)]) == 0
     text = page.read_text()
