@@ -24,7 +24,10 @@ import magma_ext.fused as fused  # noqa: E402
 ROW_HALF = next(c for c in sb.FLOAT32_CASES if c.name == "Magma row keep 0.5")
 
 
-def host_ms(fn, repeats=20) -> float:
+REPEATS = 20
+
+
+def host_ms(fn, repeats=REPEATS) -> float:
     times = []
     for _ in range(repeats):
         torch.cuda.synchronize()
@@ -64,18 +67,17 @@ def main() -> int:
             opt.step()
             op, add = Timed(torch.ops.magma_ext.fused_step), Timed(torch._foreach_add_)
             total = host_ms(opt.step)
-            saved = fused.fused_step_op.__globals__["torch"]
+            saved = fused.torch
             shim = type(sys)("torch_shim")
             shim.__dict__.update(torch.__dict__)
             shim.ops = type("ops", (), {"magma_ext": type("m", (), {"fused_step": op})})
             shim._foreach_add_ = add
             fused.torch = shim
             try:
-                repeats = 20
-                host_ms(opt.step, repeats)
+                host_ms(opt.step)
             finally:
                 fused.torch = saved
-            calls = repeats
+            calls = REPEATS
             print(f"  {case.name}: step host {total:.2f} ms = op {op.total / calls * 1e3:.2f} ms"
                   f" + step counters {add.total / calls * 1e3:.2f} ms + rest (Python)"
                   f" {total - (op.total + add.total) / calls * 1e3:.2f} ms"
