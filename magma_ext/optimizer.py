@@ -1,28 +1,31 @@
 """``magma_ext.Magma``: the torch.optim.Optimizer.
 
 The class is glue: it validates hyperparameters, creates state lazily, gathers each group's
-tensors per device and hands them to the fused CUDA step or to the reference in
-``reference.py``.  See docs/ALGORITHM.md for the algorithm and its contract.
+tensors per device and hands them to :func:`magma_ext.functional.magma`, which picks the fused
+CUDA ops or the PyTorch reference.  See docs/ALGORITHM.md for the algorithm and its contract.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections import defaultdict
 from dataclasses import dataclass
 
 import torch
 from torch.optim import Optimizer
 
-from . import _ops
-from .fused import FusedPlan, fused_plan, fused_run
+from . import functional
 from .layout import MAX_TENSOR_INDEX, layout_for
-from .options import check_group_options
-from .reference import BlockIndex, GroupTensors, Hyper, build_block_index, magma_step
+from .options import check_group_options, options_key
+from .types import GroupTensors, Hyper
 
 LOW_PRECISION = (torch.bfloat16, torch.float16)
 REAL_FLOATS = frozenset((torch.float16, torch.bfloat16, torch.float32, torch.float64))
-FLOAT32_STATE = ("exp_avg", "exp_avg_sq", "magma_score", "master_param")
+FLOAT32_STATE = ("step", "exp_avg", "exp_avg_sq", "magma_score", "master_param")
+# Keys of torch.optim.AdamW's groups that would change its update; Magma has no such option.
+UNSUPPORTED_TORCH_OPTIONS = ("amsgrad", "maximize")
 _CACHE_LIMIT = 64
+_warned_no_extension = False
 
 
 class Magma(Optimizer):
@@ -35,8 +38,10 @@ class Magma(Optimizer):
         theta <- theta - lr * s_t * z_t * (D_t + weight_decay * theta)
 
     Args:
-        params: parameters or parameter groups; a group may override any keyword below and may
-            set ``"magma": False`` to never be masked (mask "none").
+        params: parameters, ``(name, parameter)`` pairs such as ``model.named_parameters()``
+            (the names are kept in each group's ``param_names``, as torch.optim does), or
+            parameter groups; a group may override any keyword below and may set
+            ``"magma": False`` to never be masked (mask "none").
         lr: learning rate, a float or a one-element tensor.
         betas: coefficients of the first and second moments.
         eps: added to the denominator.
@@ -49,12 +54,17 @@ class Magma(Optimizer):
         score_ema: EMA coefficient of the score.
         block: "tensor" (each tensor is one block), "row" (each slice along dim 0) or an int N
             (chunks of N contiguous elements).
-        seed: unsigned 64-bit key of the mask generator.
+        seed: unsigned 64-bit key of the mask generator (anything ``operator.index`` takes).
         fused: None picks the CUDA kernels when they are built and every parameter of a group
-            is on a CUDA device; True requires them; False always uses the PyTorch reference.
+            is on a CUDA device (warning once if CUDA parameters find no extension); True
+            requires them; False always uses the PyTorch reference.
         master_weights: keep a float32 master copy of bfloat16/float16 parameters.
-        capturable: keep every step value on the device so that the step can be captured in a
-            CUDA graph (the step counter always lives on the parameter's device here).
+        capturable: accepted for torch.optim API parity and otherwise unused: the step counter
+            always lives on the parameter's device and no path synchronises with the host, so
+            every step can be captured in a CUDA graph.
+
+    Hyperparameters written into ``param_groups`` after construction are checked before the
+    next step that uses them.
     """
 
     _step_supports_amp_scaling = True
@@ -84,8 +94,17 @@ class Magma(Optimizer):
             magma=True, fused=fused, master_weights=master_weights, capturable=capturable,
         )
         _check_group(defaults)
-        self._plans: dict = {}
+        self._reset_caches()
         super().__init__(params, defaults)
+
+    def _reset_caches(self) -> None:
+        self._plans: dict = {}
+        self._checked_options: dict[int, tuple] = {}
+
+    def __setstate__(self, state: dict) -> None:
+        """Restore a pickled or deep-copied optimizer; its caches are rebuilt on the next step."""
+        super().__setstate__(state)
+        self._reset_caches()
 
     # ------------------------------------------------------------------ groups and state
 
@@ -98,7 +117,7 @@ class Magma(Optimizer):
             params = [params]
         elif isinstance(params, set):
             raise TypeError("params must be an ordered iterable of tensors, not a set")
-        params = list(params)
+        params, names = _split_names(list(params))
         seen = {id(p) for group in getattr(self, "param_groups", []) for p in group["params"]}
         for p in params:
             if not isinstance(p, torch.Tensor):
@@ -108,16 +127,28 @@ class Magma(Optimizer):
             if id(p) in seen:
                 raise ValueError("a parameter appears more than once in params; list each parameter once")
             seen.add(id(p))
-        merged = {**self.defaults, **param_group, "params": params}
+        group = {**param_group, "params": params}
+        if names is not None:
+            group["param_names"] = names
+        merged = {**self.defaults, **group}
         _check_group(merged)
         if merged["fused"]:
             _check_fused_params(params)
-        super().add_param_group({**param_group, "params": params})
+        super().add_param_group(group)
 
     def _tensor_indices(self) -> dict[int, int]:
-        """Position of every parameter over param_groups, in order (its tensor index)."""
+        """Position of every parameter over param_groups, in order (its default tensor index)."""
         positions = (p for group in self.param_groups for p in group["params"])
         return {id(p): i for i, p in enumerate(positions)}
+
+    def _new_tensor_indices(self, new_params: list[torch.Tensor]) -> dict[int, int]:
+        """Tensor indices for parameters seen for the first time: their positions, unless a
+        parameter with state already holds that index (after groups were removed by hand);
+        such a parameter takes the next index above all in use, so no index is ever reused."""
+        positions = self._tensor_indices()
+        held = {state["magma_tensor_index"] for state in self.state.values() if "magma_tensor_index" in state}
+        indices = _fresh_indices([positions[id(p)] for p in new_params], held, len(positions))
+        return {id(p): index for p, index in zip(new_params, indices)}
 
     def _init_state(self, p: torch.Tensor, group: dict, tensor_index: int) -> None:
         if tensor_index >= MAX_TENSOR_INDEX:
@@ -127,31 +158,58 @@ class Magma(Optimizer):
         state["step"] = torch.zeros((), **as_float)
         state["exp_avg"] = torch.zeros(p.shape, **as_float)
         state["exp_avg_sq"] = torch.zeros(p.shape, **as_float)
-        blocks = layout_for(tuple(p.shape), group["block"]).num_blocks
-        state["magma_score"] = torch.full((blocks,), 0.5, **as_float)
-        state["magma_tensor_index"] = tensor_index
-        if group["master_weights"] and p.dtype in LOW_PRECISION:
-            state["master_param"] = p.detach().to(torch.float32).clone()
+        _add_magma_state(state, p, group, tensor_index)
 
     def load_state_dict(self, state_dict: dict) -> None:
-        """Load state, keeping moments, scores and master weights in float32 on the param's device.
+        """Load a Magma or ``torch.optim.AdamW`` checkpoint; a failed load changes nothing.
 
-        torch.optim casts floating-point state to the parameter's dtype; that would round the
-        float32 moments of a bfloat16 parameter, so the loaded values are put back afterwards.
+        Everything is checked before anything is installed.  Groups that lack Magma's keys (an
+        AdamW checkpoint) keep this optimizer's values for them; state without a score or tensor
+        index gets them as on a first step.  Moments, scores and master weights stay float32 on
+        the parameter's device (torch.optim would cast them to a bfloat16 parameter's dtype),
+        and a ``step`` saved as a Python number becomes a float32 tensor.
         """
-        saved = state_dict["state"]
-        super().load_state_dict(state_dict)
-        self._plans.clear()
-        saved_ids = [i for group in state_dict["param_groups"] for i in group["params"]]
+        saved_groups = state_dict["param_groups"]
+        if len(saved_groups) != len(self.param_groups):
+            raise ValueError(
+                f"loaded state dict has {len(saved_groups)} parameter groups, this optimizer has "
+                f"{len(self.param_groups)}"
+            )
+        groups = []
+        for i, (current, saved) in enumerate(zip(self.param_groups, saved_groups)):
+            if len(saved["params"]) != len(current["params"]):
+                raise ValueError(
+                    f"loaded parameter group {i} has {len(saved['params'])} parameters, this "
+                    f"optimizer's has {len(current['params'])}"
+                )
+            for key in UNSUPPORTED_TORCH_OPTIONS:
+                if saved.get(key):
+                    raise ValueError(f"loaded parameter group {i} sets {key}=True, which Magma does not support")
+            group = {**{k: v for k, v in current.items() if k != "params"}, **saved}
+            _check_group(group, where=f"loaded parameter group {i}: ")
+            if group["fused"]:
+                _check_fused_params(current["params"])
+            groups.append(group)
+        saved_state = state_dict["state"]
         params = [p for group in self.param_groups for p in group["params"]]
-        for param_id, p in zip(saved_ids, params):
-            if param_id not in saved:
-                continue
-            for key, value in saved[param_id].items():
-                if key == "step" or key in FLOAT32_STATE:
-                    self.state[p][key] = value.to(dtype=torch.float32, device=p.device).clone()
-        for group in self.param_groups:
-            _check_group(group)
+        saved_ids = [i for group in saved_groups for i in group["params"]]
+        loaded = {}
+        for position, (param_id, p) in enumerate(zip(saved_ids, params)):
+            if param_id in saved_state:
+                group = groups[_group_of(self.param_groups, position)]
+                loaded[param_id] = _loaded_state(saved_state[param_id], p, group, position)
+        missing = [(param_id, position) for position, param_id in enumerate(saved_ids)
+                   if param_id in loaded and "magma_tensor_index" not in loaded[param_id]]
+        held = {s["magma_tensor_index"] for s in loaded.values() if "magma_tensor_index" in s}
+        indices = _fresh_indices([position for _, position in missing], held, len(params))
+        for (param_id, position), index in zip(missing, indices):
+            group = groups[_group_of(self.param_groups, position)]
+            _add_magma_state(loaded[param_id], params[position], group, index)
+        super().load_state_dict({"state": loaded, "param_groups": groups})
+        self._reset_caches()
+        for param_id, p in zip(saved_ids, params):  # torch.optim cast these to p's dtype
+            if param_id in loaded:
+                self.state[p].update(loaded[param_id])
 
     # ------------------------------------------------------------------ the step
 
@@ -169,29 +227,33 @@ class Magma(Optimizer):
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
         # Check every group before touching anything, so that an error changes nothing.
+        for group in self.param_groups:
+            self._check_options(group)
         work = [self._params_with_grad(group) for group in self.param_groups]
-        active = [(group, params, self._plan_key(group, params))
+        active = [(group, params, _plan_key(group, params))
                   for group, params in zip(self.param_groups, work) if params]
         for group, params, key in active:
             if key not in self._plans:
                 self._check_layouts(group, params)
-        indices = None
-        group_states = []
-        for group, params, _ in active:
-            states = [self.state[p] for p in params]
-            new = [p for p, state in zip(params, states) if not state]
-            if new and indices is None:
-                indices = self._tensor_indices()
-            for p in new:
-                self._init_state(p, group, indices[id(p)])
-            group_states.append(states)
-        for (group, params, key), states in zip(active, group_states):
-            plans = self._plan(key, group, params)
-            for plan in plans:
-                if len(plans) > 1:
-                    states = [self.state[p] for p in plan.params]
-                self._step_device(group, plan, states, grad_scale, found_inf)
+        new = [p for _, params, _ in active for p in params if not self.state[p]]
+        if new:
+            indices = self._new_tensor_indices(new)
+            for group, params, _ in active:
+                for p in params:
+                    if not self.state[p]:
+                        self._init_state(p, group, indices[id(p)])
+        for group, params, key in active:
+            hyper = _hyper(group)
+            for device_plan in self._plan(key, group, params):
+                states = [self.state[p] for p in device_plan.params]
+                functional.magma(device_plan.plan, _tensors(device_plan, states), hyper, grad_scale, found_inf)
         return loss
+
+    def _check_options(self, group: dict) -> None:
+        """Validate a group's hyperparameters when they differ from those last checked."""
+        if self._checked_options.get(id(group)) != options_key(group):
+            _check_group(group)
+            self._checked_options[id(group)] = options_key(group)
 
     def _params_with_grad(self, group: dict) -> list[torch.Tensor]:
         params = []
@@ -206,24 +268,17 @@ class Magma(Optimizer):
             _check_fused_params(params)
         return params
 
-    @staticmethod
-    def _plan_key(group: dict, params: list[torch.Tensor]) -> tuple:
-        return (id(group), group["block"], group["fused"], tuple(map(id, params)))
-
     def _check_layouts(self, group: dict, params: list[torch.Tensor]) -> None:
-        """Grads on their params' devices; block unchanged for parameters that have state."""
+        """Grads on their params' devices; state shaped like its parameter; block unchanged."""
         for p in params:
             if p.grad.device != p.device:
                 raise ValueError(f"grad on {p.grad.device} but param on {p.device}")
             state = self.state[p]
-            if not state:
-                continue
-            blocks = layout_for(tuple(p.shape), group["block"]).num_blocks
-            if state["magma_score"].numel() != blocks:
-                raise ValueError(
-                    f"block={group['block']!r} gives {blocks} blocks for a parameter whose "
-                    f"magma_score has {state['magma_score'].numel()}: block cannot change mid-run"
-                )
+            if state:
+                _check_state_fits(state, p, group, f"parameter {self._position(p)}")
+
+    def _position(self, p: torch.Tensor) -> int:
+        return self._tensor_indices()[id(p)]
 
     def _plan(self, key: tuple, group: dict, params: list[torch.Tensor]) -> list[_DevicePlan]:
         """What does not change from step to step for these parameters: cached under ``key``."""
@@ -239,53 +294,127 @@ class Magma(Optimizer):
         layouts = [layout_for(tuple(p.shape), group["block"]) for p in params]
         indices = [self.state[p]["magma_tensor_index"] for p in params]
         masters = [self.state[p].get("master_param") is not None for p in params]
-        if _use_fused(group["fused"], params):
-            return _DevicePlan(device, params, layouts, indices, fused_plan(params, masters, layouts, indices))
-        return _DevicePlan(device, params, layouts, indices, None)
-
-    def _step_device(self, group, plan: _DevicePlan, states: list[dict], grad_scale, found_inf) -> None:
-        tensors = GroupTensors(
-            params=plan.params,
-            grads=[p.grad for p in plan.params],
-            exp_avgs=[s["exp_avg"] for s in states],
-            exp_avg_sqs=[s["exp_avg_sq"] for s in states],
-            scores=[s["magma_score"] for s in states],
-            steps=[s["step"] for s in states],
-            master_params=[s.get("master_param") for s in states],
-            layouts=plan.layouts,
-            tensor_indices=plan.tensor_indices,
-        )
-        hyper = Hyper(
-            lr=group["lr"], beta1=group["betas"][0], beta2=group["betas"][1], eps=group["eps"],
-            weight_decay=group["weight_decay"], base=group["base"],
-            mask=group["mask"] if group["magma"] else "none", keep_prob=group["keep_prob"],
-            tau=group["tau"], score_ema=group["score_ema"], seed=group["seed"],
-        )
-        if grad_scale is not None:
-            grad_scale = grad_scale.to(plan.device, non_blocking=True)
-        if found_inf is not None:
-            found_inf = found_inf.to(plan.device, non_blocking=True)
-        if plan.fused is not None:
-            fused_run(plan.fused, tensors, hyper, grad_scale, found_inf)
-        else:
-            magma_step(tensors, hyper, self._block_index(plan), grad_scale, found_inf)
-
-    def _block_index(self, plan: _DevicePlan) -> BlockIndex:
-        if plan.block_index is None:
-            plan.block_index = build_block_index(plan.layouts, plan.tensor_indices, plan.device)
-        return plan.block_index
+        if group["fused"] is None and device.type == "cuda" and not functional.extension_loaded():
+            _warn_no_extension()
+        plan = functional.plan_step(device, params, masters, layouts, indices, group["fused"])
+        return _DevicePlan(params, plan)
 
 
 @dataclass
 class _DevicePlan:
-    """The parts of a group's step on one device that stay the same from step to step."""
+    """A group's parameters on one device and the plan of their step."""
 
-    device: torch.device
     params: list[torch.Tensor]
-    layouts: list
-    tensor_indices: list[int]
-    fused: FusedPlan | None
-    block_index: BlockIndex | None = None
+    plan: functional.StepPlan
+
+
+def _plan_key(group: dict, params: list[torch.Tensor]) -> tuple:
+    return (id(group), group["block"], group["fused"], tuple(map(id, params)))
+
+
+def _tensors(device_plan: _DevicePlan, states: list[dict]) -> GroupTensors:
+    params = device_plan.params
+    return GroupTensors(
+        params=params,
+        grads=[p.grad for p in params],
+        exp_avgs=[s["exp_avg"] for s in states],
+        exp_avg_sqs=[s["exp_avg_sq"] for s in states],
+        scores=[s["magma_score"] for s in states],
+        steps=[s["step"] for s in states],
+        master_params=[s.get("master_param") for s in states],
+        layouts=device_plan.plan.layouts,
+        tensor_indices=device_plan.plan.tensor_indices,
+    )
+
+
+def _hyper(group: dict) -> Hyper:
+    return Hyper(
+        lr=group["lr"], beta1=group["betas"][0], beta2=group["betas"][1], eps=group["eps"],
+        weight_decay=group["weight_decay"], base=group["base"],
+        mask=group["mask"] if group["magma"] else "none", keep_prob=group["keep_prob"],
+        tau=group["tau"], score_ema=group["score_ema"], seed=group["seed"],
+    )
+
+
+def _split_names(items: list) -> tuple[list, list[str] | None]:
+    """``(name, tensor)`` pairs -> (tensors, names), as torch.optim accepts them; else (items, None)."""
+    named = [isinstance(item, tuple) for item in items]
+    if not any(named):
+        return items, None
+    if not all(named) or any(len(item) != 2 or not isinstance(item[0], str) for item in items):
+        raise TypeError("params must be all tensors or all (name, tensor) pairs")
+    return [item[1] for item in items], [item[0] for item in items]
+
+
+def _fresh_indices(positions: list[int], held: set[int], count: int) -> list[int]:
+    """Each new parameter's position as its tensor index, unless that index is held; a held one
+    gives way to the next index above every index in use and every position (``count``)."""
+    fresh = max(max(held, default=-1) + 1, count)
+    indices = []
+    for index in positions:
+        if index in held:
+            index, fresh = fresh, fresh + 1
+        held.add(index)
+        indices.append(index)
+    return indices
+
+
+def _group_of(param_groups: list[dict], position: int) -> int:
+    for i, group in enumerate(param_groups):
+        if position < len(group["params"]):
+            return i
+        position -= len(group["params"])
+    raise IndexError(position)
+
+
+def _add_magma_state(state: dict, p: torch.Tensor, group: dict, tensor_index: int) -> None:
+    """The score (0.5 per block), tensor index and master copy a new parameter's state gets."""
+    blocks = layout_for(tuple(p.shape), group["block"]).num_blocks
+    state["magma_score"] = torch.full((blocks,), 0.5, dtype=torch.float32, device=p.device)
+    state["magma_tensor_index"] = tensor_index
+    if group["master_weights"] and p.dtype in LOW_PRECISION and "master_param" not in state:
+        state["master_param"] = p.detach().to(torch.float32).clone()
+
+
+def _loaded_state(saved: dict, p: torch.Tensor, group: dict, position: int) -> dict:
+    """A saved entry as this optimizer keeps it (float32 on p's device), checked against p."""
+    state = {}
+    for key, value in saved.items():
+        if key in FLOAT32_STATE:
+            if not isinstance(value, torch.Tensor):
+                value = torch.tensor(value) if key == "step" else value
+            if not isinstance(value, torch.Tensor):
+                raise TypeError(f"loaded state of parameter {position}: {key} must be a tensor")
+            value = value.to(dtype=torch.float32, device=p.device).clone()
+        elif key == "magma_tensor_index":
+            value = int(value)
+        state[key] = value
+    for key in ("step", "exp_avg", "exp_avg_sq"):
+        if key not in state:
+            raise ValueError(f"loaded state of parameter {position} has no {key!r}")
+    _check_state_fits(state, p, group, f"loaded state of parameter {position}")
+    return state
+
+
+def _check_state_fits(state: dict, p: torch.Tensor, group: dict, where: str) -> None:
+    """State tensors shaped like the parameter, and a score with one entry per block."""
+    for key in ("exp_avg", "exp_avg_sq", "master_param"):
+        value = state.get(key)
+        if value is not None and value.shape != p.shape:
+            raise ValueError(
+                f"{where}: {key} has shape {tuple(value.shape)} but the parameter has shape "
+                f"{tuple(p.shape)}"
+            )
+    if state.get("step") is not None and state["step"].numel() != 1:
+        raise ValueError(f"{where}: step must hold one number, got shape {tuple(state['step'].shape)}")
+    score = state.get("magma_score")
+    if score is not None:
+        blocks = layout_for(tuple(p.shape), group["block"]).num_blocks
+        if score.numel() != blocks:
+            raise ValueError(
+                f"{where}: block={group['block']!r} gives {blocks} blocks but magma_score has "
+                f"{score.numel()}: block cannot change mid-run"
+            )
 
 
 def _raise_bad_grad(p: torch.Tensor, grad: torch.Tensor) -> None:
@@ -296,26 +425,27 @@ def _raise_bad_grad(p: torch.Tensor, grad: torch.Tensor) -> None:
     raise ValueError(f"grad shape {tuple(grad.shape)} does not match param shape {tuple(p.shape)}")
 
 
-def _check_group(group: dict) -> None:
-    check_group_options(group)
-    if group["fused"] not in (None, True, False):
-        raise TypeError(f"fused must be None, True or False, got {group['fused']!r}")
-    for name in ("master_weights", "capturable"):
-        if not isinstance(group[name], bool):
-            raise TypeError(f"{name} must be a bool, got {type(group[name]).__name__}")
-    if group["fused"] and not _ops.has_cuda_extension():
+def _check_group(group: dict, where: str = "") -> None:
+    try:
+        check_group_options(group)
+        if group["fused"] not in (None, True, False):
+            raise TypeError(f"fused must be None, True or False, got {group['fused']!r}")
+        for name in ("master_weights", "capturable"):
+            if not isinstance(group[name], bool):
+                raise TypeError(f"{name} must be a bool, got {type(group[name]).__name__}")
+    except (TypeError, ValueError) as error:
+        if not where:
+            raise
+        raise type(error)(f"{where}{error}") from None
+    if group["fused"] and not functional.extension_loaded():
         raise RuntimeError(
-            "fused=True needs magma_ext's CUDA extension, which is not loaded "
-            f"({_ops.load_error()}); reinstall with a CUDA-enabled torch and nvcc, or use fused=None"
+            f"{where}fused=True needs magma_ext's CUDA extension, which is not loaded "
+            f"({functional.extension_error()}); reinstall with a CUDA-enabled torch and nvcc, or use fused=None"
         )
 
 
-def _fusable(p: torch.Tensor) -> bool:
-    return p.is_cuda and p.dtype in _ops.FUSED_DTYPES and p.is_contiguous()
-
-
 def _check_fused_params(params) -> None:
-    bad = [p for p in params if not _fusable(p)]
+    bad = [p for p in params if not functional.fusable(p)]
     if bad:
         raise RuntimeError(
             "fused=True requires every parameter to be a contiguous CUDA tensor of dtype float32, "
@@ -324,10 +454,17 @@ def _check_fused_params(params) -> None:
         )
 
 
-def _use_fused(fused, params) -> bool:
-    if fused is False or not _ops.has_cuda_extension():
-        return False
-    return all(_fusable(p) for p in params)
+def _warn_no_extension() -> None:
+    global _warned_no_extension
+    if not _warned_no_extension:
+        _warned_no_extension = True
+        warnings.warn(
+            "Magma got CUDA parameters but runs its PyTorch path, about 4x slower than the fused "
+            f"CUDA step: {functional.extension_error()}. Build the extension with "
+            "`pip install --no-build-isolation .` under a CUDA build of torch with nvcc "
+            "(see README.md, 'Building with CUDA'), or pass fused=False to silence this.",
+            stacklevel=4,
+        )
 
 
 def _by_device(params):

@@ -8,7 +8,11 @@ import torch
 
 from .layout import check_block_option
 from .philox import check_seed
-from .reference import BASES, MASKS
+from .types import BASES, MASKS
+
+# The keys check_group_options reads: a group is checked again when one of them changes.
+OPTION_KEYS = ("lr", "betas", "eps", "weight_decay", "base", "mask", "keep_prob", "tau",
+               "score_ema", "block", "seed", "magma", "fused", "master_weights", "capturable")
 
 
 def _number(name: str, value) -> float:
@@ -31,7 +35,7 @@ def _check_lr(lr) -> None:
     if isinstance(lr, torch.Tensor):
         if lr.numel() != 1 or not lr.is_floating_point():
             raise ValueError(f"Invalid lr: a tensor lr must be a one-element float tensor, got {lr.shape}")
-        return  # a tensor's value is not inspected: that would synchronise with the device
+        lr = lr.item()  # once per new lr tensor (see options_key), as torch.optim checks it
     _in_range("lr", lr, 0.0, float("inf"))
 
 
@@ -56,8 +60,17 @@ def _check_bool(name: str, value) -> None:
         raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
 
 
+def options_key(group: dict) -> tuple:
+    """A cheap fingerprint of a group's hyperparameters (tensors by identity, so no sync)."""
+    return tuple(id(value) if isinstance(value, torch.Tensor) else value
+                 for value in map(group.get, OPTION_KEYS))
+
+
 def check_group_options(group: dict) -> None:
-    """Raise ValueError/TypeError naming the first invalid hyperparameter of a param group."""
+    """Raise ValueError/TypeError naming the first invalid hyperparameter of a param group.
+
+    ``group["seed"]`` is normalised to a Python int (a numpy integer is accepted).
+    """
     _check_lr(group["lr"])
     _check_betas(group["betas"])
     _in_range("eps", group["eps"], 0.0, float("inf"))
@@ -70,5 +83,5 @@ def check_group_options(group: dict) -> None:
     _in_range("tau", group["tau"], 0.0, float("inf"), low_open=True, high_open=True)
     _in_range("score_ema", group["score_ema"], 0.0, 1.0)
     check_block_option(group["block"])
-    check_seed(group["seed"])
+    group["seed"] = check_seed(group["seed"])
     _check_bool("magma", group["magma"])

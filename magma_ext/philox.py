@@ -12,6 +12,7 @@ device; the 32x32 -> 64-bit products are split into 16-bit halves to stay inside
 from __future__ import annotations
 
 import math
+import operator
 
 import torch
 
@@ -52,10 +53,15 @@ def philox4x32_10(counter: tuple[torch.Tensor, ...], seed: int) -> tuple[torch.T
     return c0, c1, c2, c3
 
 
-def check_seed(seed: int) -> int:
-    """Return ``seed`` if it is a valid unsigned 64-bit key, else raise."""
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise TypeError(f"seed must be an int, got {type(seed).__name__}")
+def check_seed(seed) -> int:
+    """``seed`` as a Python int if it is a valid unsigned 64-bit key (anything ``operator.index``
+    takes, such as a numpy integer), else raise."""
+    if isinstance(seed, bool):
+        raise TypeError("seed must be an int, got bool")
+    try:
+        seed = operator.index(seed)
+    except TypeError:
+        raise TypeError(f"seed must be an int, got {type(seed).__name__}") from None
     if not 0 <= seed < 2**64:
         raise ValueError(f"Invalid seed: {seed} (expected 0 <= seed < 2**64)")
     return seed
@@ -68,7 +74,7 @@ def philox_first_word(
 
     All three tensors are int64 and broadcast together; the result is int64 in ``[0, 2**32)``.
     """
-    check_seed(seed)
+    seed = check_seed(seed)
     step = step.to(torch.int64)
     counter = (
         step & MASK32,
@@ -102,7 +108,7 @@ def curand_words(seed: int, subsequence: int, offset: int, n: int) -> list[int]:
     subsequence << 64; the first ``offset % 4`` words of that block are skipped).  For tests and
     tools; masks use :func:`philox_first_word`.
     """
-    check_seed(seed)
+    seed = check_seed(seed)
     counter = ((subsequence % 2**64) << 64) + offset // 4
     skip = offset % 4
     words: list[int] = []

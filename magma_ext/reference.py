@@ -1,9 +1,16 @@
 """The Magma step in plain PyTorch: the readable statement of docs/ALGORITHM.md.
 
-:func:`magma_step` takes the tensor lists of one parameter group on one device and performs one
-step with foreach ops, with no host-device synchronisation.  It computes every new value first
-and commits them at the end, so a skipped step (``found_inf``) leaves everything untouched.
-The CUDA kernels are tested against this function.
+A step is two halves, so that a sharded run can add the partial sums of blocks split across
+ranks between them (docs/ALGORITHM.md section 3):
+
+- :func:`moments_and_sums` computes the new moments, the direction and, for mask "magma", each
+  block's sums ``<m, g>, ||m||^2, ||g||^2`` (``block_sums``, shape (blocks, 3), rows in list
+  order); it writes nothing.
+- :func:`finalize_and_apply` forms the scores from ``block_sums``, draws the masks and commits
+  every new value at once, so a skipped step (``found_inf``) leaves everything untouched.
+
+:func:`magma_step` is the two back to back.  All of it runs with foreach ops and no
+host-device synchronisation.  The CUDA kernels are tested against these functions.
 """
 
 from __future__ import annotations
@@ -13,46 +20,8 @@ from dataclasses import dataclass
 import torch
 
 from .layout import BlockLayout
-from .philox import keep_threshold, philox_first_word
-
-BASES = ("adam", "rmsprop", "laprop")
-MASKS = ("magma", "skip", "none")
-
-
-@dataclass
-class Hyper:
-    """Hyperparameters of one step of one parameter group."""
-
-    lr: float | torch.Tensor
-    beta1: float
-    beta2: float
-    eps: float
-    weight_decay: float
-    base: str
-    mask: str
-    keep_prob: float
-    tau: float
-    score_ema: float
-    seed: int
-
-
-@dataclass
-class GroupTensors:
-    """The lists one step works on: entry ``i`` of every list belongs to parameter ``i``.
-
-    ``master_params[i]`` is the float32 master copy or None; ``layouts[i]`` says how the
-    parameter is cut into blocks and ``tensor_indices[i]`` is its frozen tensor index.
-    """
-
-    params: list[torch.Tensor]
-    grads: list[torch.Tensor]
-    exp_avgs: list[torch.Tensor]
-    exp_avg_sqs: list[torch.Tensor]
-    scores: list[torch.Tensor]
-    steps: list[torch.Tensor]
-    master_params: list[torch.Tensor | None]
-    layouts: list[BlockLayout]
-    tensor_indices: list[int]
+from .philox import keep_mask
+from .types import GroupTensors, Hyper
 
 
 @dataclass
@@ -85,16 +54,28 @@ def build_block_index(layouts: list[BlockLayout], tensor_indices: list[int], dev
     )
 
 
+@dataclass
+class Moments:
+    """The first half of a step: new values not yet written, and the blocks' partial sums."""
+
+    steps: list[torch.Tensor]
+    grads: list[torch.Tensor]  # float32, unscaled
+    exp_avgs: list[torch.Tensor]
+    exp_avg_sqs: list[torch.Tensor]
+    directions: list[torch.Tensor]  # D_t, without lr and weight decay
+    block_sums: torch.Tensor  # (blocks, 3) for mask "magma", else (0, 3)
+
+
 def _flat(tensors: list[torch.Tensor]) -> torch.Tensor:
     return torch.cat([t.reshape(-1) for t in tensors])
 
 
 def block_sums(products: list[list[torch.Tensor]], index: BlockIndex) -> torch.Tensor:
-    """Sum each list of per-element products over every block: shape (len(products), blocks)."""
+    """Sum each list of per-element products over every block: shape (blocks, len(products))."""
     data = torch.stack([_flat(p) for p in products], dim=1)
     if data.shape[0] == 0:
-        return data.new_zeros((len(products), 0))
-    return torch.segment_reduce(data, "sum", lengths=index.lengths, axis=0).T
+        return data.new_zeros((0, len(products)))
+    return torch.segment_reduce(data, "sum", lengths=index.lengths, axis=0)
 
 
 def alignment(dot: torch.Tensor, m_sq: torch.Tensor, g_sq: torch.Tensor) -> torch.Tensor:
@@ -104,22 +85,24 @@ def alignment(dot: torch.Tensor, m_sq: torch.Tensor, g_sq: torch.Tensor) -> torc
     return torch.where(defined, cosine, torch.zeros_like(cosine))
 
 
+def updated_scores(old: torch.Tensor, sums: torch.Tensor, hyper: Hyper) -> torch.Tensor:
+    """Score EMA of every block (section 1.2); a block whose sums are not all finite keeps its score."""
+    dot, m_sq, g_sq = sums.unbind(dim=1)
+    instant = torch.sigmoid(alignment(dot, m_sq, g_sq) / hyper.tau)
+    new = hyper.score_ema * old + (1 - hyper.score_ema) * instant
+    return torch.where(torch.isfinite(sums).all(dim=1), new, old)
+
+
 def _per_element(per_block: torch.Tensor, index: BlockIndex, like: list[torch.Tensor]):
     """Spread a per-block value over the elements of its block, shaped like ``like``."""
     flat = torch.repeat_interleave(per_block, index.lengths)
     return [piece.view(t.shape) for piece, t in zip(flat.split(index.numels), like)]
 
 
-def magma_step(
-    tensors: GroupTensors,
-    hyper: Hyper,
-    index: BlockIndex,
-    grad_scale: torch.Tensor | None = None,
-    found_inf: torch.Tensor | None = None,
-) -> None:
-    """One Magma step (docs/ALGORITHM.md section 1) over one group's tensors, in place."""
-    if not tensors.params:
-        return
+def moments_and_sums(
+    tensors: GroupTensors, hyper: Hyper, index: BlockIndex, grad_scale: torch.Tensor | None = None
+) -> Moments:
+    """First half of a step: dense moments and direction (section 2), and the blocks' sums."""
     h = hyper
     grads = [g.to(torch.float32) for g in tensors.grads]
     if grad_scale is not None:
@@ -128,7 +111,6 @@ def magma_step(
     bias1 = torch._foreach_add(torch._foreach_neg(torch._foreach_pow(h.beta1, steps)), 1)
     bias2 = torch._foreach_add(torch._foreach_neg(torch._foreach_pow(h.beta2, steps)), 1)
 
-    # 1. Dense moments and the direction D (section 2).
     exp_avg_sqs = torch._foreach_mul(tensors.exp_avg_sqs, h.beta2)
     torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1 - h.beta2)
     denoms = torch._foreach_sqrt(torch._foreach_div(exp_avg_sqs, bias2))
@@ -142,33 +124,43 @@ def magma_step(
         numerators = torch._foreach_div(exp_avgs, bias1) if h.base == "adam" else grads
         directions = torch._foreach_div(numerators, denoms)
 
-    # 2.-3. Alignment score and mask, per block.
+    if h.mask == "magma":
+        products = [
+            torch._foreach_mul(exp_avgs, grads),
+            torch._foreach_mul(exp_avgs, exp_avgs),
+            torch._foreach_mul(grads, grads),
+        ]
+        sums = block_sums(products, index)
+    else:
+        sums = torch.zeros((0, 3), dtype=torch.float32, device=grads[0].device)
+    return Moments(steps, grads, exp_avgs, exp_avg_sqs, directions, sums)
+
+
+def finalize_and_apply(
+    tensors: GroupTensors,
+    hyper: Hyper,
+    index: BlockIndex,
+    moments: Moments,
+    found_inf: torch.Tensor | None = None,
+) -> None:
+    """Second half of a step: scores from ``moments.block_sums``, masks, update; commits all."""
+    h = hyper
+    directions = moments.directions
     scores = list(tensors.scores)
     keep = None
-    if h.mask == "magma":
-        sums = block_sums(
-            [
-                torch._foreach_mul(exp_avgs, grads),
-                torch._foreach_mul(exp_avgs, exp_avgs),
-                torch._foreach_mul(grads, grads),
-            ],
-            index,
-        )
-        instant = torch.sigmoid(alignment(*sums) / h.tau)
-        new_scores = h.score_ema * _flat(tensors.scores) + (1 - h.score_ema) * instant
-        scores = list(new_scores.split(index.blocks_per_tensor))
     if h.mask != "none":
-        block_steps = torch.repeat_interleave(torch.stack(steps).to(torch.int64), index.block_counts)
-        words = philox_first_word(h.seed, index.tensor_index, index.block_index, block_steps)
-        keep_block = words < keep_threshold(h.keep_prob)
+        block_steps = torch.repeat_interleave(torch.stack(moments.steps).to(torch.int64), index.block_counts)
+        keep_block = keep_mask(h.seed, index.tensor_index, index.block_index, block_steps, h.keep_prob)
         if h.mask == "magma":
+            new_scores = updated_scores(_flat(tensors.scores), moments.block_sums, h)
+            scores = list(new_scores.split(index.blocks_per_tensor))
             scale_block = torch.where(keep_block, new_scores, torch.zeros_like(new_scores))
         else:
             scale_block = keep_block.to(torch.float32) / h.keep_prob
         keep = _per_element(keep_block, index, tensors.params)
         scales = _per_element(scale_block, index, tensors.params)
 
-    # 4.-5. Masked, modulated update with decoupled weight decay.
+    # Sections 1.4-1.5: masked, modulated update with decoupled weight decay.
     thetas = [
         m if m is not None else p.to(torch.float64 if p.dtype == torch.float64 else torch.float32)
         for p, m in zip(tensors.params, tensors.master_params)
@@ -181,10 +173,23 @@ def magma_step(
     if keep is not None:
         new_thetas = [torch.where(k, new, old) for k, new, old in zip(keep, new_thetas, thetas)]
 
-    _commit(tensors, steps, exp_avgs, exp_avg_sqs, scores, new_thetas, found_inf)
+    _commit(tensors, moments, scores, new_thetas, found_inf)
 
 
-def _commit(tensors, steps, exp_avgs, exp_avg_sqs, scores, thetas, found_inf) -> None:
+def magma_step(
+    tensors: GroupTensors,
+    hyper: Hyper,
+    index: BlockIndex,
+    grad_scale: torch.Tensor | None = None,
+    found_inf: torch.Tensor | None = None,
+) -> None:
+    """One Magma step (docs/ALGORITHM.md section 1) over one group's tensors, in place."""
+    if tensors.params:
+        moments = moments_and_sums(tensors, hyper, index, grad_scale)
+        finalize_and_apply(tensors, hyper, index, moments, found_inf)
+
+
+def _commit(tensors: GroupTensors, moments: Moments, scores, thetas, found_inf) -> None:
     """Write the new values into the optimizer's tensors, or keep the old ones if found_inf."""
 
     def put(targets, values):
@@ -192,9 +197,9 @@ def _commit(tensors, steps, exp_avgs, exp_avg_sqs, scores, thetas, found_inf) ->
             values = [torch.where(found_inf > 0, old, new.to(old.dtype)) for old, new in zip(targets, values)]
         torch._foreach_copy_(targets, values)
 
-    put(tensors.steps, steps)
-    put(tensors.exp_avgs, exp_avgs)
-    put(tensors.exp_avg_sqs, exp_avg_sqs)
+    put(tensors.steps, moments.steps)
+    put(tensors.exp_avgs, moments.exp_avgs)
+    put(tensors.exp_avg_sqs, moments.exp_avg_sqs)
     put(tensors.scores, scores)
     masters = [(m, t) for m, t in zip(tensors.master_params, thetas) if m is not None]
     if masters:

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import float64_magma as oracle
-from conftest import assert_bitwise_equal, assert_scaled_close, assert_snapshots_equal, snapshot
+from helpers import assert_bitwise_equal, assert_scaled_close, assert_snapshots_equal, snapshot
 from magma_ext import Magma
 
 ODD_SHAPES = [(5, 7), (13,), (3, 4, 5), (1,)]

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import float64_magma as oracle
-from conftest import assert_scaled_close
+from helpers import assert_scaled_close
 from magma_ext import Magma
 
 SHAPES = [(5, 7), (13,), (3, 4, 5), (1,), (0,), (2, 1, 3)]

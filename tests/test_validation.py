@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import assert_snapshots_equal, snapshot
+from helpers import assert_snapshots_equal, snapshot
 from magma_ext import Magma
 
 
