@@ -1,0 +1,101 @@
+"""Builds the optimizer that a :class:`~.definition.Recipe` names, for one model."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from magma_ext import Magma, has_cuda_extension, param_groups
+from magma_ext.demo.train import BETAS
+
+try:  # TODO(decay_groups): drop the fallback once magma_ext.decay_groups has landed
+    from magma_ext import decay_groups
+except ImportError:  # until magma_ext.decay_groups lands
+    from magma_ext.demo.train import decay_split as decay_groups
+
+from .definition import WEIGHT_DECAY, Recipe
+
+
+class MuonWithAdamW(torch.optim.Optimizer):
+    """``torch.optim.Muon`` for the hidden 2-D matrices and AdamW for every other parameter,
+    as one optimizer.
+
+    Its ``param_groups`` are the inner optimizers' own group dicts, so an LR scheduler that
+    scales this optimizer's groups scales both inner optimizers (each from its own base lr).
+    """
+
+    def __init__(self, muon_params: list[torch.Tensor], adamw_groups: list[dict], *, lr: float,
+                 adamw_lr: float, weight_decay: float, adamw_fused: bool | None):
+        self.muon = torch.optim.Muon(muon_params, lr=lr, weight_decay=weight_decay)
+        self.adamw = torch.optim.AdamW(adamw_groups, lr=adamw_lr, betas=BETAS, fused=adamw_fused)
+        self.optimizers = (self.muon, self.adamw)
+        super().__init__(self.muon.param_groups + self.adamw.param_groups, {})
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for optimizer in self.optimizers:
+            optimizer.step()
+        return loss
+
+
+def muon_split(model: nn.Module) -> tuple[list[torch.Tensor], list[dict]]:
+    """(Muon's parameters, AdamW's groups): Muon takes the 2-D weights of the hidden
+    ``nn.Linear`` layers; the embedding, the LM head and the norms go to AdamW with the
+    demo's decay rule."""
+    head = getattr(model, "lm_head", None)
+    hidden = [m.weight for m in model.modules()
+              if isinstance(m, nn.Linear) and m is not head and m.weight.ndim == 2]
+    hidden_ids = {id(p) for p in hidden}
+    adamw_groups = []
+    for group in decay_groups(model, WEIGHT_DECAY):
+        rest = [p for p in group["params"] if id(p) not in hidden_ids]
+        if rest:
+            adamw_groups.append({**group, "params": rest})
+    return hidden, adamw_groups
+
+
+def magma_fused_flag(device: torch.device) -> bool | None:
+    """``fused=True`` on CUDA when the extension is built (fail rather than fall back
+    silently), else None: the reference path."""
+    return True if device.type == "cuda" and has_cuda_extension() else None
+
+
+def runs_magma_fused(recipe: Recipe, device: torch.device) -> bool:
+    """Whether this recipe's step takes magma_ext's fused CUDA path on ``device`` (records' ``magma_fused``)."""
+    return bool(recipe.uses_magma and magma_fused_flag(device))
+
+
+def _torch_fused(device: torch.device) -> bool | None:
+    return True if device.type == "cuda" else None
+
+
+def build_adamw(model, lr, seed, device):
+    return torch.optim.AdamW(decay_groups(model, WEIGHT_DECAY), lr=lr, betas=BETAS, fused=_torch_fused(device))
+
+
+def build_magma(model, lr, seed, device, *, base: str, mask: str, keep_prob: float):
+    return Magma(param_groups(model, weight_decay=WEIGHT_DECAY), lr=lr, betas=BETAS, base=base,
+                 mask=mask, keep_prob=keep_prob, seed=seed, fused=magma_fused_flag(device))
+
+
+def build_muon(model, lr, seed, device, *, adamw_lr_ratio: float):
+    if not hasattr(torch.optim, "Muon"):
+        raise RuntimeError(f"torch {torch.__version__} has no torch.optim.Muon")
+    hidden, adamw_groups = muon_split(model)
+    return MuonWithAdamW(hidden, adamw_groups, lr=lr, adamw_lr=lr * adamw_lr_ratio,
+                         weight_decay=WEIGHT_DECAY, adamw_fused=_torch_fused(device))
+
+
+BUILDERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
+    "adamw": build_adamw, "magma": build_magma, "muon": build_muon}
+
+
+def build(recipe: Recipe, model: nn.Module, lr: float, seed: int, device: torch.device) -> torch.optim.Optimizer:
+    """The recipe's optimizer over ``model``'s parameters."""
+    return BUILDERS[recipe.builder](model, lr, seed, device, **recipe.options)

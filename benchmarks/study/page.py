@@ -1,0 +1,283 @@
+"""The Markdown page of the study, as text: set-up, results, cost, the check of the paper's
+claim, the runs and their provenance.
+
+Optimizer names, their order, the fused paths, the recipe text and the claim come from
+:mod:`.definition`; the numbers from the records. Nothing here knows a particular optimizer.
+"""
+
+from __future__ import annotations
+
+import math
+import shlex
+
+from . import definition
+from .definition import optimizer_rank, spelled
+from .records import Study, merged_meta, now_utc
+from .summary import STABLE_WITHIN, CellSummary, Summary, mean, ppl, seeds_run
+
+RUNNER = "benchmarks/convergence.py"
+REPORTER = "benchmarks/plot_convergence.py"
+# The figures of :mod:`.plots` by name, with the text that stands for them.
+FIGURES = {"val_curves": "validation loss at the best learning rate",
+           "ppl_vs_lr": "final validation perplexity against learning rate"}
+
+
+def uses_magma(name: str) -> bool:
+    recipe = definition.OPTIMIZERS.get(name)
+    return bool(recipe and recipe.uses_magma)
+
+
+def fused_label(record: dict) -> str:
+    """The "fused" column of the throughput table: which fused path the step took."""
+    recipe = definition.OPTIMIZERS.get(record["optimizer"])
+    if recipe is None or recipe.fused == "magma_ext":
+        if record["magma_fused"]:
+            return "magma_ext fused"
+        return "no (reference path)" if recipe else "n/a"
+    if recipe.fused == "torch":
+        return "torch fused" if record["env"]["device"].startswith("cuda") else "no (CPU)"
+    return f"n/a ({recipe.fused_note})" if recipe.fused_note else "n/a"
+
+
+# ---------------------------------------------------------------------------- results
+
+
+def fmt_ppl(cell: CellSummary) -> str:
+    if not math.isfinite(cell.mean_ppl):
+        bad = sum(not math.isfinite(p) for p in cell.ppls)
+        return f"diverged ({bad}/{len(cell.ppls)} seeds)"
+    if len(cell.ppls) == 1:
+        return f"{cell.mean_ppl:.4f} (1 seed)"
+    return f"{cell.mean_ppl:.4f} [{cell.low:.4f}, {cell.high:.4f}] ({len(cell.ppls)} seeds)"
+
+
+def results_table(summary: Summary) -> list[str]:
+    lines = ["| size | optimizer | best lr | final val ppl: mean [min, max] | wall s / run | peak MiB |",
+             "|---|---|---:|---|---:|---:|"]
+    for size, cells in summary.items():
+        for name, cell in cells.items():
+            walls = [r["wall_s"] for r in cell.best_runs if r.get("wall_s") is not None]
+            peaks = [r["peak_mem_bytes"] for r in cell.best_runs if r.get("peak_mem_bytes")]
+            edge = f" ({cell.edge} of grid)" if cell.edge else ""
+            lines.append(f"| {size} | {name} | {cell.best_lr:g}{edge} | {fmt_ppl(cell)} | "
+                         f"{mean(walls):.1f} | {f'{max(peaks) / 2**20:,.0f}' if peaks else 'n/a'} |")
+    return lines
+
+
+def sweep_table(summary: Summary, runs: list[dict]) -> list[str]:
+    """Every learning rate of every cell: mean final perplexity over the seeds that ran there."""
+    lines = ["| size | optimizer | learning rate: mean final val ppl (seeds) |", "|---|---|---|"]
+    for size, cells in summary.items():
+        for name, cell in cells.items():
+            parts = []
+            for lr in cell.lrs:
+                here = [r for r in runs if r["size"] == size and r["optimizer"] == name and r["lr"] == lr]
+                m = mean(ppl(r) for r in here)
+                value = f"{m:.4f}" if math.isfinite(m) else "diverged"
+                parts.append(f"{lr:g}: {'**' + value + '**' if lr == cell.best_lr else value} ({len(here)})")
+            lines.append(f"| {size} | {name} | {'; '.join(parts)} |")
+    return lines
+
+
+def throughput_table(rows: list[dict]) -> list[str]:
+    if not rows:
+        return ["No throughput records were given (`--mode throughput`).", ""]
+    lines = []
+    reference = definition.REFERENCE
+    for size in sorted({r["size"] for r in rows}):
+        here = sorted((r for r in rows if r["size"] == size), key=lambda r: optimizer_rank(r["optimizer"]))
+        base = next((r for r in here if r["optimizer"] == reference), None)
+        first = here[0]
+        lines += [f"Model {size} ({first['num_parameters'] / 1e6:.1f}M parameters), batch {first['batch_size']} x "
+                  f"{first['seq_len']} tokens, {first['dtype']}, {first['env']['device_name']}, "
+                  f"{first['warmup_steps']} warm-up steps then the median of {first['repeats']} windows of "
+                  f"{first['timed_steps']} steps (optimizer step: median over all timed steps, "
+                  f"{first['opt_step_timer']}); {first['date']}.", "",
+                  f"| optimizer | fused | tokens/s | vs {reference} | step ms | optimizer step ms | vs {reference} "
+                  "| state MiB | peak MiB |",
+                  "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+        for r in here:
+            speed = f"{r['tokens_per_s'] / base['tokens_per_s']:.3f}x" if base else "n/a"
+            opt = f"{r['opt_step_ms_median'] / base['opt_step_ms_median']:.2f}x" if base else "n/a"
+            peak = f"{r['peak_mem_bytes'] / 2**20:,.0f}" if r["peak_mem_bytes"] else "n/a"
+            lines.append(f"| {r['optimizer']} | {fused_label(r)} | {r['tokens_per_s']:,.0f} | {speed} | "
+                         f"{r['step_ms']:.2f} | {r['opt_step_ms_median']:.3f} | {opt} | "
+                         f"{r['state_bytes'] / 2**20:,.1f} | {peak} |")
+        lines.append("")
+    return lines
+
+
+# ---------------------------------------------------------------------------- the paper's claim
+
+
+def _relation_line(a: CellSummary, b: CellSummary) -> tuple[bool, str]:
+    """Whether "a < b" holds, and the line that says so."""
+    holds = a.mean_ppl < b.mean_ppl
+    if not (math.isfinite(a.mean_ppl) and math.isfinite(b.mean_ppl)):
+        detail = "a side diverged"
+    elif len(a.ppls) > 1 and len(b.ppls) > 1:
+        separated = a.high < b.low if holds else b.high < a.low
+        detail = "separated" if separated else "seed ranges overlap"
+    else:
+        detail = "one seed on at least one side"
+    return holds, (f"- {a.optimizer} < {b.optimizer}: {'holds' if holds else 'does not hold'} "
+                   f"({a.mean_ppl:.4f} vs {b.mean_ppl:.4f}; {detail}).")
+
+
+def _stable_ranges(cells: dict[str, CellSummary]) -> list[str]:
+    ranges = []
+    for name, c in cells.items():
+        near = c.near_best(STABLE_WITHIN)
+        if math.isfinite(c.mean_ppl) and len(c.lrs) > 1:
+            ranges.append(f"{name} {len(near)} of {len(c.lrs)} ({near[0]:g} to {near[-1]:g})" if len(near) > 1
+                          else f"{name} 1 of {len(c.lrs)} ({near[0]:g})")
+    return ranges
+
+
+def ordering_statement(summary: Summary) -> list[str]:
+    """A plain comparison of the measured ordering of best perplexities with the paper's."""
+    paper = definition.PAPER
+    relations = paper.relations
+    lines = [f"The paper reports the ordering {paper.ordering} (lower validation perplexity first). "
+             f"Below, each of the {spelled(len(relations))} pairwise relations it implies is checked against "
+             "this study's best mean final validation perplexity per optimizer; \"separated\" means the seed "
+             "ranges do not overlap (only possible where both sides have at least two seeds).", ""]
+    verdicts = {}
+    for size, cells in summary.items():
+        finite = sorted((c.mean_ppl, name) for name, c in cells.items())
+        order = " < ".join(f"{name} ({p:.4f})" if math.isfinite(p) else f"{name} (diverged)" for p, name in finite)
+        lines.append(f"**{size}.** Measured order: {order}.")
+        held, checked = 0, 0
+        for a, b in relations:
+            if a not in cells or b not in cells:
+                lines.append(f"- {a} < {b}: not checked ({a if a not in cells else b} was not run).")
+                continue
+            holds, line = _relation_line(cells[a], cells[b])
+            checked += 1
+            held += holds
+            lines.append(line)
+        verdicts[size] = (held, checked)
+        edges = [f"{name} ({c.edge})" for name, c in cells.items() if c.edge]
+        if edges:
+            lines.append(f"- Best learning rate at an end of its grid: {', '.join(edges)}; the optimum of these "
+                         "may lie outside the grid, so their best perplexity may be overstated.")
+        ranges = _stable_ranges(cells)
+        if ranges:
+            lines.append(f"- Stable range ({paper.stable_range}): learning rates within {STABLE_WITHIN:.0%} of each "
+                         "optimizer's best perplexity (over the seeds every learning rate ran): "
+                         f"{'; '.join(ranges)}. A range that reaches an end of its grid may continue beyond it.")
+        lines.append("")
+    full = [s for s, (h, c) in verdicts.items() if c == len(relations) and h == c]
+    partial = [f"{s}: {h} of {c} checked relations hold"
+               + (f", {len(relations) - c} not checked" if c < len(relations) else "")
+               for s, (h, c) in verdicts.items() if s not in full]
+    if full:
+        lines.append(f"The paper's ordering holds in full at: {', '.join(full)}.")
+    if partial:
+        lines.append(f"The paper's ordering is not reproduced in full ({'; '.join(partial)}).")
+    return lines + ["", paper.not_reproduced]
+
+
+# ---------------------------------------------------------------------------- set-up and provenance
+
+
+def setup_lines(study: Study) -> list[str]:
+    meta = next((m for m in study.metas if m.get("mode") == "sweep"), {})
+    lines = []
+    sizes = merged_meta(study.metas, "sizes")
+    if sizes:
+        lines += ["| size | parameters | dim x layers x heads | steps x batch x seq | tokens per run | seeds run |",
+                  "|---|---:|---|---|---:|---|"]
+        params = {r["size"]: r.get("num_parameters") for r in study.runs if r.get("num_parameters")}
+        for name, s in sizes.items():
+            count = f"{params[name] / 1e6:.2f}M" if name in params else "n/a"
+            lines.append(f"| {name} | {count} | {s['dim']} x {s['n_layers']} x {s['n_heads']} | "
+                         f"{s['steps']} x {s['batch_size']} x {s['seq_len']} | {s['tokens'] / 1e6:.2f}M | "
+                         f"{seeds_run(study.runs, name)} |")
+        lines.append("")
+    data = meta.get("data")
+    if data:
+        hashes = sorted({m["data"]["val_sha1"] for m in study.metas if m.get("data")})
+        lines.append(f"Data: {data['source']}, capped at {data['max_bytes']:,} bytes: {data['train_bytes']:,} "
+                     f"training bytes, the last {data['val_bytes']:,} bytes of the fixed-order stream for "
+                     f"validation (SHA-1 {', '.join(hashes)}"
+                     f"{'; WARNING: the inputs used different validation splits' if len(hashes) > 1 else ''}).")
+    optimizers = merged_meta(study.metas, "optimizers")
+    if optimizers:
+        lines += ["", "| optimizer | implementation | learning rates run (sweep), per size |", "|---|---|---|"]
+        for name, o in optimizers.items():
+            grids = []
+            for size in sorted({r["size"] for r in study.runs if r["optimizer"] == name}):
+                lrs = sorted({r["lr"] for r in study.runs
+                              if r["optimizer"] == name and r["size"] == size and r["stage"] == "sweep"})
+                grids.append(f"{size}: {', '.join(f'{lr:g}' for lr in lrs)}")
+            lines.append(f"| {name} | {o['description']} | {'; '.join(grids) or 'not run'} |")
+        lines += ["", definition.SHARED_RECIPE.format(betas=tuple(meta["betas"]), weight_decay=meta["weight_decay"])]
+    fused = {r["magma_fused"] for r in study.runs if uses_magma(r["optimizer"])}
+    if fused:
+        lines.append("")
+        lines.append("Magma-based optimizers ran on " + (
+            "magma_ext's fused CUDA path." if fused == {True} else
+            "the PyTorch reference path (no CUDA extension or no GPU)." if fused == {False} else
+            "a mix of the fused CUDA path and the reference path."))
+    return lines
+
+
+def provenance_lines(study: Study, argv: list[str]) -> list[str]:
+    commands = sorted({m["command"] for m in study.metas if m.get("command")}
+                      | {r["command"] for r in study.runs + study.throughput if r.get("command")})
+    devices = sorted({r["env"]["device_name"] for r in study.runs + study.throughput if r.get("env")})
+    dates = sorted({r["date"] for r in study.runs + study.throughput if r.get("date")})
+    envs = sorted({(r["env"]["torch"], r["env"]["python"], r["env"].get("git_commit") or "unknown")
+                   for r in study.runs + study.throughput if r.get("env")})
+    lines = ["Commands that produced the records:", "", "```"] + commands + [
+        f"python {REPORTER} " + " ".join(shlex.quote(a) for a in argv), "```", ""]
+    lines.append(f"Device: {', '.join(devices) or 'unknown'}. Runs dated {dates[0]} to {dates[-1]}."
+                 if dates else "No dated runs.")
+    lines.append("Software: " + "; ".join(f"torch {t}, Python {p}, commit {c}" for t, p, c in envs) + ".")
+    lines.append(f"Page generated {now_utc()}.")
+    return lines
+
+
+def run_status_lines(study: Study) -> list[str]:
+    ok = sum(r["status"] == "ok" for r in study.runs)
+    lines = [f"{len(study.runs)} runs: {ok} finished, "
+             f"{sum(r['status'] == 'diverged' for r in study.runs)} diverged, "
+             f"{sum(r['status'] == 'error' for r in study.runs)} failed; {len(study.skipped)} skipped."]
+    for r in sorted(study.runs, key=lambda r: r["id"]):
+        if r["status"] != "ok":
+            lines.append(f"- {r['id']}: {r['status']}: {r['error']}")
+    for s in study.skipped:
+        lines.append(f"- {s['id']}: skipped: {s['reason']}")
+    return lines
+
+
+def shard_note(study: Study) -> str:
+    shards = sorted({(m["shard"], m["num_shards"]) for m in study.metas if m.get("mode") == "sweep"})
+    if not shards:
+        return ""
+    return f"; this study ran as shard(s) {', '.join(f'{i}/{n}' for i, n in shards)}"
+
+
+# ---------------------------------------------------------------------------- the page
+
+
+def build_page(study: Study, summary: Summary, argv: list[str], figures: dict[str, str] | None = None) -> str:
+    """The page; ``figures`` maps a name of :data:`FIGURES` to the link of its image."""
+    lines = [f"# {definition.title()}", "",
+             f"Generated by `{REPORTER}` from the JSON records of `{RUNNER}`; edit neither the numbers nor "
+             "the statements by hand.", "",
+             "## Setup", ""] + setup_lines(study) + ["", definition.DESIGN.format(shard_note=shard_note(study)), ""]
+    if summary:
+        lines += ["## Results", ""] + results_table(summary) + [
+            "", "Every learning rate (bold: the best):", ""] + sweep_table(summary, study.runs) + [""]
+        for name, link in (figures or {}).items():
+            lines += [f"![{FIGURES[name]}]({link})", ""]
+    else:
+        lines += ["## Results", "", "No run records were given.", ""]
+    lines += ["## End-to-end cost", ""] + throughput_table(study.throughput)
+    lines += ["## What was and was not reproduced", ""] + (
+        ordering_statement(summary) if summary else ["Nothing to compare: no run records."])
+    lines += ["", "## Runs", ""] + run_status_lines(study)
+    lines += ["", "## Provenance", ""] + provenance_lines(study, argv) + [""]
+    return "\n".join(lines)

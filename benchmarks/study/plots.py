@@ -1,0 +1,111 @@
+"""The report's two figures (matplotlib, imported only when a figure is drawn)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from .definition import OPTIMIZERS
+from .summary import Summary, mean, ppl
+
+
+def _pyplot():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def color(name: str) -> str | None:
+    """The recipe's colour; matplotlib's next one for an optimizer the definition lacks."""
+    recipe = OPTIMIZERS.get(name)
+    return recipe.color if recipe else None
+
+
+def mean_curve(runs: list[dict], key: str) -> tuple[list[float], list[float]]:
+    """The mean over runs of a [step, loss] curve, on the steps that every run has."""
+    curves = [dict(r[key]) for r in runs if r["status"] == "ok" and r.get(key)]
+    if not curves:
+        return [], []
+    steps = sorted(set.intersection(*(set(c) for c in curves)))
+    return steps, [mean(c[s] for c in curves) for s in steps]
+
+
+def plot_val_curves(summary: Summary, path: Path) -> None:
+    """Per size: validation loss at each optimizer's best lr (mean over seeds), the whole run
+    and the second half of it."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(len(summary), 2, figsize=(12, 4.2 * len(summary)), squeeze=False)
+    for row, (size, cells) in enumerate(summary.items()):
+        tail_values = []
+        for name, cell in cells.items():
+            steps, losses = mean_curve(cell.best_runs, "val_loss")
+            if not steps:
+                continue
+            tokens_per_step = cell.best_runs[0]["batch_size"] * cell.best_runs[0]["seq_len"]
+            x = [s * tokens_per_step / 1e6 for s in steps]
+            label = f"{name} (lr {cell.best_lr:g}, {len(cell.best_runs)} seed{'s' * (len(cell.best_runs) > 1)})"
+            for ax in axes[row]:
+                ax.plot(x, losses, marker="o", markersize=3, color=color(name), label=label)
+            half = [(xi, li) for xi, li in zip(x, losses) if xi >= x[-1] / 2]
+            tail_values += [li for _, li in half]
+            axes[row][1].set_xlim(left=half[0][0])
+        if tail_values:
+            lo, hi = min(tail_values), max(tail_values)
+            pad = 0.05 * (hi - lo) + 1e-3
+            axes[row][1].set_ylim(lo - pad, hi + pad)
+        for ax, title in zip(axes[row], ("whole run", "second half")):
+            ax.set_title(f"{size}: validation loss at the best lr, {title}", fontsize=10)
+            ax.set_xlabel("training tokens (M)")
+            ax.set_ylabel("val loss (nats per byte)")
+            ax.grid(alpha=0.3)
+        axes[row][0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_ppl_vs_lr(summary: Summary, runs: list[dict], path: Path) -> None:
+    """Per size: final validation perplexity against learning rate (log x), the mean over seeds
+    as a line and each seed as a dot; diverged runs as crosses on the top edge."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(summary), figsize=(6.5 * len(summary), 4.5), squeeze=False)
+    for ax, (size, cells) in zip(axes[0], summary.items()):
+        finite = [ppl(r) for r in runs if r["size"] == size and math.isfinite(ppl(r))]
+        if not finite:
+            continue
+        best = min(finite)
+        top = min(max(finite), best * 2.5) * 1.01
+        for name in cells:
+            cell_runs = [r for r in runs if r["size"] == size and r["optimizer"] == name]
+            lrs = sorted({r["lr"] for r in cell_runs})
+            means = [mean(ppl(r) for r in cell_runs if r["lr"] == lr) for lr in lrs]
+            c = color(name)
+            ax.plot([lr for lr, m in zip(lrs, means) if math.isfinite(m)], [m for m in means if math.isfinite(m)],
+                    marker="o", color=c, label=name)
+            for r in cell_runs:
+                if ppl(r) <= top:
+                    ax.plot(r["lr"], ppl(r), ".", color=c, alpha=0.5)
+                else:  # off the scale: marked on the top edge, a cross where it diverged
+                    ax.plot(r["lr"], top, "x" if math.isinf(ppl(r)) else "^", color=c, markersize=8,
+                            clip_on=False)
+        ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(plt.NullFormatter())  # minor labels collide on short ranges
+        ax.set_ylim(best * 0.98, top)
+        ax.set_xlabel("peak learning rate")
+        ax.set_ylabel("final validation perplexity (per byte)")
+        ax.set_title(f"{size}: final val perplexity vs lr (top edge: ^ above the axis, x diverged)", fontsize=9)
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def draw(summary: Summary, runs: list[dict], plots_dir: Path) -> dict[str, Path]:
+    """Both figures into ``plots_dir``: name -> file."""
+    plots_dir.mkdir(parents=True, exist_ok=True)
+    files = {"val_curves": plots_dir / "val_curves.png", "ppl_vs_lr": plots_dir / "ppl_vs_lr.png"}
+    plot_val_curves(summary, files["val_curves"])
+    plot_ppl_vs_lr(summary, runs, files["ppl_vs_lr"])
+    return files

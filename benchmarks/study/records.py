@@ -1,0 +1,184 @@
+"""The records of the study: the JSON that the runner writes and the report reads.
+
+Every file holds one JSON object whose ``"kind"`` says what it is:
+
+``"bundle"`` (``--bundle``): everything one invocation wrote, rewritten after every record::
+
+    {"kind": "bundle", "meta": META, "runs": [RUN, ...], "throughput": [THROUGHPUT, ...],
+     "skipped": [{"id": RUN_ID, "reason": "..."}, ...]}
+
+``"meta"`` (``--out``, beside the per-run files): ``{"kind": "meta", "meta": META}``.
+
+``"run"``: one training run, also one file per run under ``--out``. ``id`` is :func:`run_id`;
+``size``, ``optimizer``, ``lr``, ``seed``, ``stage`` ("sweep" or "best_lr"), the budget
+(``steps``, ``batch_size``, ``seq_len``, ``tokens``, ``eval_every``, ``eval_batches``, ``model``,
+``dtype``), ``optimizer_description``, ``magma_fused``, ``status`` ("ok", "diverged" or
+"error"), ``error``, ``wall_s``; a finished run adds ``final_train_loss``, ``final_val_loss``,
+``final_val_ppl``, ``ms_per_step``, ``tokens_per_s``, ``peak_mem_bytes``, ``num_parameters`` and
+the curves ``train_loss`` / ``val_loss`` (``[step, loss]`` pairs, :func:`curve`); then
+``command``, ``date``, ``env`` and ``data`` of its invocation.
+
+``"throughput"``: one optimizer's step timing of ``--mode throughput`` (size, optimizer,
+tokens_per_s, step_ms, opt_step_ms_median, state_bytes, peak_mem_bytes, ...).
+
+META: ``command``, ``date`` (:func:`now_utc`), ``mode`` ("sweep" or "throughput"), ``quick``,
+``env``, ``data``; a sweep adds ``shard``, ``num_shards``, ``time_budget_s``, ``sizes``,
+``optimizers`` (name -> lrs, description), ``weight_decay``, ``betas``,
+``muon_adamw_lr_ratio``, ``planned_runs`` and ``resumed_from``.
+
+Several invocations make one study: :func:`load_study` merges any mix of bundles, per-run files
+and folders of them, one record per run id, and :func:`merged_meta` merges their set-ups.
+Nothing here imports torch.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+SECTIONS = ("runs", "throughput", "skipped")
+
+
+def run_id(size: str, optimizer: str, lr: float | None, seed: int) -> str:
+    """A run's id; ``lr`` None ("best") names a best-lr run before its learning rate is known."""
+    return f"{size}__{optimizer}__lr{'best' if lr is None else f'{lr:g}'}__seed{seed}"
+
+
+def throughput_filename(size: str, optimizer: str) -> str:
+    return f"throughput__{size}__{optimizer}.json"
+
+
+def meta_filename(meta: dict) -> str:
+    shard = f"shard{meta['shard']}of{meta['num_shards']}" if meta["mode"] == "sweep" else meta["mode"]
+    return f"meta__{shard}.json"
+
+
+def now_utc() -> str:
+    return datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+
+
+def curve(points) -> list[list[float]]:
+    """``[step, loss]`` pairs as stored: integer steps, losses to five decimals."""
+    return [[int(step), round(float(loss), 5)] for step, loss in points]
+
+
+# ---------------------------------------------------------------------------- writing
+
+
+def write_json(path: Path, obj) -> None:
+    """Write through a temporary file, so a reader never sees half a file."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, separators=(",", ":")))
+    os.replace(tmp, path)
+
+
+class RecordWriter:
+    """Writes each record to ``out_dir`` (if any) and rewrites the one ``bundle`` file after
+    every record, so a run killed midway still leaves everything finished so far."""
+
+    def __init__(self, out_dir: Path | None, bundle: Path | None, meta: dict):
+        self.out_dir, self.bundle = out_dir, bundle
+        self.contents = {"kind": "bundle", "meta": meta, **{section: [] for section in SECTIONS}}
+        for path in (out_dir, bundle.parent if bundle else None):
+            if path is not None:
+                path.mkdir(parents=True, exist_ok=True)
+        if out_dir is not None:  # the set-up the report describes, beside the per-run files
+            write_json(out_dir / meta_filename(meta), {"kind": "meta", "meta": meta})
+        self.flush()
+
+    def add(self, section: str, record: dict, filename: str | None = None) -> None:
+        self.contents[section].append(record)
+        if self.out_dir is not None and filename:
+            write_json(self.out_dir / filename, record)
+        self.flush()
+
+    def flush(self) -> None:
+        if self.bundle is not None:
+            write_json(self.bundle, self.contents)
+
+
+# ---------------------------------------------------------------------------- reading
+
+
+def load_finished(paths: list[Path]) -> list[dict]:
+    """The finished ("ok") run records of earlier bundles, for --resume."""
+    records = []
+    for path in paths:
+        records += [r for r in json.loads(path.read_text())["runs"] if r["status"] == "ok"]
+    return records
+
+
+@dataclass
+class Study:
+    """Everything the inputs hold, runs de-duplicated by id."""
+
+    runs: list[dict] = field(default_factory=list)
+    throughput: list[dict] = field(default_factory=list)
+    metas: list[dict] = field(default_factory=list)
+    skipped: list[dict] = field(default_factory=list)
+
+
+def json_files(paths: list[str]) -> list[Path]:
+    files = []
+    for raw in paths:
+        path = Path(raw)
+        if path.is_dir():
+            files += sorted(p for p in path.rglob("*.json") if p.is_file())
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise FileNotFoundError(f"no such file or folder: {path}")
+    return files
+
+
+def load_study(paths: list[str]) -> Study:
+    """Bundles, single records and folders of them (searched recursively) as one study. A run
+    found twice (in a folder and in a bundle) counts once, a finished copy over a failed one;
+    a skipped run that another input finished is no longer skipped."""
+    runs, throughput, study = {}, {}, Study()
+    for path in json_files(paths):
+        try:
+            obj = json.loads(path.read_text())
+        except (OSError, ValueError) as exc:
+            print(f"warning: skipping {path}: {exc}", file=sys.stderr)
+            continue
+        kind = obj.get("kind") if isinstance(obj, dict) else None
+        if kind == "bundle":
+            study.metas.append(obj.get("meta", {}))
+            study.skipped += obj.get("skipped", [])
+            records = obj.get("runs", []) + obj.get("throughput", [])
+        elif kind == "meta":
+            study.metas.append(obj["meta"])
+            records = []
+        elif kind in ("run", "throughput"):
+            records = [obj]
+        else:
+            continue  # not a record of this study
+        for r in records:
+            if r["kind"] == "run":
+                if r["id"] not in runs or (runs[r["id"]]["status"] != "ok" and r["status"] == "ok"):
+                    runs[r["id"]] = r
+            else:
+                throughput[(r["size"], r["optimizer"], r.get("date"))] = r
+    study.runs = list(runs.values())
+    study.throughput = list(throughput.values())
+    done = set(runs)
+    study.skipped = [s for s in study.skipped if s["id"] not in done]
+    return study
+
+
+def sweep_metas(metas: list[dict]) -> list[dict]:
+    """The set-ups of the sweep invocations, in date order."""
+    return sorted((m for m in metas if m.get("mode") == "sweep"), key=lambda m: m.get("date", ""))
+
+
+def merged_meta(metas: list[dict], key: str) -> dict:
+    """``meta[key]`` of every sweep invocation, merged in date order (a later one wins)."""
+    merged: dict = {}
+    for m in sweep_metas(metas):
+        merged.update(m.get(key) or {})
+    return merged

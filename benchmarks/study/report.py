@@ -1,0 +1,34 @@
+"""Report of the convergence study: plots and a Markdown page from the run records.
+
+The inputs are JSON files (single records or the bundles of ``--bundle``) and folders (searched
+recursively), merged by :func:`.records.load_study`. The page goes to one file, the plots beside
+it in a folder named after the page unless told otherwise.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .page import build_page
+from .plots import draw
+from .records import Study, load_study
+from .summary import summarize
+
+
+def link(path: Path, page: Path) -> str:
+    """``path`` as the page should link it: relative when it lies under the page's folder."""
+    here = page.parent.resolve()
+    target = path.resolve()
+    return target.relative_to(here).as_posix() if target.is_relative_to(here) else target.as_posix()
+
+
+def write_report(inputs: list[str], page: Path, plots_dir: Path, argv: list[str]) -> Study:
+    """Load ``inputs``, draw the plots into ``plots_dir`` and write the page; ``argv`` is the
+    report's command line, for the page's provenance."""
+    study = load_study(inputs)
+    summary = summarize(study.runs) if study.runs else {}
+    plots_dir.mkdir(parents=True, exist_ok=True)
+    figures = {name: link(path, page) for name, path in draw(summary, study.runs, plots_dir).items()} if summary else {}
+    page.parent.mkdir(parents=True, exist_ok=True)
+    page.write_text(build_page(study, summary, argv, figures))
+    return study

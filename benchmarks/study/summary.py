@@ -1,0 +1,103 @@
+"""What the run records say: each cell's best learning rate, the range of learning rates near
+it, and the seed ranges there.
+
+The best learning rate of a (size, optimizer) cell is the one with the lowest mean final
+validation perplexity over the seeds that every learning rate of the cell ran (seed 0 alone
+where only the best learning rate got a second seed); the summary then gives the mean and the
+range over all seeds at that learning rate. A diverged run counts as infinite perplexity.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from .definition import optimizer_rank
+
+# Learning rates within this fraction of a cell's best perplexity make its stable range.
+STABLE_WITHIN = 0.10
+
+
+def ppl(run: dict) -> float:
+    return run["final_val_ppl"] if run["status"] == "ok" else math.inf
+
+
+def mean(values) -> float:
+    values = list(values)
+    return sum(values) / len(values) if values else math.nan
+
+
+@dataclass
+class CellSummary:
+    """One (size, optimizer) cell: its best learning rate and the runs there."""
+
+    size: str
+    optimizer: str
+    lrs: list[float]
+    best_lr: float
+    best_runs: list[dict]
+    selection_seeds: list[int]
+    edge: str | None  # "lowest" / "highest" when the best lr is at the end of the grid
+    scores: dict[float, float] = field(default_factory=dict)  # lr -> the perplexity it was judged by
+
+    def near_best(self, within: float) -> list[float]:
+        """The learning rates whose perplexity is within ``within`` (relative) of the best one."""
+        return [lr for lr in self.lrs if self.scores.get(lr, math.inf) <= self.scores[self.best_lr] * (1 + within)]
+
+    @property
+    def ppls(self) -> list[float]:
+        return [ppl(r) for r in self.best_runs]
+
+    @property
+    def mean_ppl(self) -> float:
+        return mean(self.ppls)
+
+    @property
+    def low(self) -> float:
+        return min(self.ppls)
+
+    @property
+    def high(self) -> float:
+        return max(self.ppls)
+
+
+Summary = dict[str, dict[str, CellSummary]]
+
+
+def summarize(runs: list[dict]) -> Summary:
+    """size -> optimizer -> summary, sizes by parameter count, optimizers in the definition's order."""
+    cells: dict[tuple[str, str], list[dict]] = {}
+    for r in runs:
+        cells.setdefault((r["size"], r["optimizer"]), []).append(r)
+    out: Summary = {}
+    for (size, optimizer), cell_runs in cells.items():
+        by_lr: dict[float, dict[int, dict]] = {}
+        for r in cell_runs:
+            by_lr.setdefault(r["lr"], {})[r["seed"]] = r
+        common = set.intersection(*(set(seeds) for seeds in by_lr.values()))
+        if not common:  # no seed ran at every lr: judge each lr by all of its seeds
+            score = {lr: mean(ppl(r) for r in seeds.values()) for lr, seeds in by_lr.items()}
+        else:
+            score = {lr: mean(ppl(seeds[s]) for s in common) for lr, seeds in by_lr.items()}
+        lrs = sorted(by_lr)
+        best = min(lrs, key=lambda lr: score[lr])
+        edge = None
+        if len(lrs) > 1 and math.isfinite(score[best]):
+            edge = "lowest" if best == lrs[0] else "highest" if best == lrs[-1] else None
+        out.setdefault(size, {})[optimizer] = CellSummary(
+            size, optimizer, lrs, best, [by_lr[best][s] for s in sorted(by_lr[best])], sorted(common), edge,
+            {lr: score[lr] for lr in lrs})
+    params = {r["size"]: r["num_parameters"] for r in runs if r.get("num_parameters")}
+    sizes = sorted(out, key=lambda s: (params.get(s, 0), s))
+    return {s: {o: out[s][o] for o in sorted(out[s], key=optimizer_rank)} for s in sizes}
+
+
+def seeds_run(runs: list[dict], size: str) -> str:
+    """Which seeds ran for a size, from the records: at every lr, and at the best lr only."""
+    sweep = [r for r in runs if r["size"] == size and r["stage"] == "sweep"]
+    cells = {(r["optimizer"], r["lr"]) for r in sweep}
+    every = sorted(seed for seed in {r["seed"] for r in sweep}
+                   if all(any(r["seed"] == seed and (r["optimizer"], r["lr"]) == c for r in sweep) for c in cells))
+    best = sorted({r["seed"] for r in runs if r["size"] == size and r["stage"] == "best_lr"})
+    text = f"{every} at every lr"
+    return text + (f"; {best} at the best lr of seed {every[0] if every else 0}" if best else "")
