@@ -2,8 +2,9 @@
 //
 // One CTA owns one block: it draws the block's mask first (the mask does not depend on the
 // data), loads gradient and moments into registers, writes the new moments, reduces the
-// block's sums, updates the score and, only if the block is kept, reads and writes its
-// weights.  Traffic: 20 B/param for float32 plus 8 B/param for kept blocks.
+// block's sums (and writes them to the block's row of block_sums when the split step asks for
+// them), updates the score and, only if the block is kept, reads and writes its weights.
+// Traffic: 20 B/param for float32 plus 8 B/param for kept blocks.
 #pragma once
 
 #include <cstdint>
@@ -21,11 +22,13 @@ struct BlockConfig {
   static constexpr int64_t kCapacity = static_cast<int64_t>(THREADS) * ELEMS;
 };
 
+// block_sums: nullptr, or the split step's buffer (TensorArgs::sum_row) for the block's sums.
 template <typename P, typename G, int THREADS, int ELEMS>
 __global__ void __launch_bounds__(THREADS)
-block_kernel(const __grid_constant__ TensorArgs a, const StepHyper h) {
+block_kernel(const __grid_constant__ TensorArgs a, const StepHyper h, float* block_sums) {
+  static_assert(THREADS % 32 == 0 && THREADS / 32 <= kSum3MaxWarps, "block_sum3 takes up to 32 whole warps");
   if (step_skipped(h)) return;
-  __shared__ float shared[96];
+  __shared__ float scratch[kSum3Scratch];
   __shared__ float shared_scale;
   const int64_t unit = blockIdx.x;
   const int t = find_tensor(a.work_start, a.count, unit);
@@ -68,8 +71,9 @@ block_kernel(const __grid_constant__ TensorArgs a, const StepHyper h) {
       g_sq += g[k] * g[k];
     }
   }
-  const float3 total = block_sum3(dot, m_sq, g_sq, shared);
+  const float3 total = block_sum3(dot, m_sq, g_sq, scratch);
   if (threadIdx.x == 0) {
+    if (block_sums != nullptr) store_sums(block_sums, a.sum_row[t] + j, total);
     shared_scale = new_score(h, old_score, total.x, total.y, total.z);
     *score = shared_scale;
   }

@@ -1,16 +1,22 @@
 // The chunked passes.  A work item is at most kChunk elements of one block of one tensor.
 //
-//   moments_kernel   every item: dense moments; then by mode
-//                      kNone:  apply the update (the dense base optimizer, one pass),
-//                      kSkip:  apply it scaled by 1/keep_prob if the block is kept (one pass),
-//                      kMagma: write the item's sums <m,g>, |m|^2, |g|^2 (deterministic).
-//   finalize_kernel  kMagma, every block: add its items' sums in a fixed order into the flat
-//                    block-sum buffer, then score EMA, mask draw and the scale of the block
-//                    (kMaskedBlock for a masked block).
-//   apply_kernel     kMagma, every item of a kept block: read weights and moments, write weights.
-//                    A fixed grid of resident CTAs strides over the items and steps over those
-//                    of masked blocks, whose weights are never touched: launching one CTA per
-//                    item would spend most of a low keep_prob step starting CTAs that do nothing.
+//   one_pass_kernel      masks "none" and "skip", every item: the whole step in one pass, dense
+//                        moments and the update ("skip": scaled by 1/keep_prob, kept blocks only).
+//   moments_sums_kernel  mask "magma", first pass, every item: dense moments, and the item's
+//                        sums <m,g>, |m|^2, |g|^2 (deterministic) into the item-sum buffer.
+//   finalize_kernel      mask "magma", every block, in up to two parts:
+//                          sums:  add its items' sums in a fixed order into the block's row of a
+//                                 block-sum buffer (or, without item sums, read that row: the
+//                                 caller may have all-reduced it across ranks);
+//                          score: score EMA, mask draw and the scale of the block (kMaskedBlock
+//                                 for a masked block).
+//                        The whole step runs both parts in one launch; the split step
+//                        (moments_partials, finalize_apply) runs one in each op.
+//   apply_kernel         mask "magma", second pass, every item of a kept block: read weights and
+//                        moments, write weights.  A fixed grid of resident CTAs strides over the
+//                        items and steps over those of masked blocks, whose weights are never
+//                        touched: launching one CTA per item would spend most of a low keep_prob
+//                        step starting CTAs that do nothing.
 #pragma once
 
 #include <cstdint>
@@ -22,7 +28,11 @@
 namespace magma {
 
 constexpr int kChunkThreads = 512;
+constexpr int kFinalizeThreads = 256;
 constexpr int kILP = 4;
+static_assert(kChunkThreads % 32 == 0 && kChunkThreads / 32 <= kSum3MaxWarps &&
+                  kFinalizeThreads % 32 == 0 && kFinalizeThreads / 32 <= kSum3MaxWarps,
+              "block_sum3 takes up to 32 whole warps");
 
 // The scale finalize_kernel writes for a masked block (a score is never negative).
 constexpr float kMaskedBlock = -1.f;
@@ -82,9 +92,11 @@ __device__ __forceinline__ void store_ilp(T* p, int64_t i, int64_t stride, int64
   }
 }
 
-// Elements [begin, end) of one item, kILP per thread per iteration.  VEC: consecutive elements
-// with vector accesses (the range must be a whole number of vectors); else strided elements.
-template <int MODE, bool VEC, typename P, typename G>
+// Elements [begin, end) of one item, kILP per thread per iteration: new moments, then with SUMS
+// the alignment sums added to `sums`, and with `apply` the update (scaled by `scale`).  VEC:
+// consecutive elements with vector accesses (the range must be a whole number of vectors); else
+// strided elements.
+template <bool SUMS, bool VEC, typename P, typename G>
 __device__ __forceinline__ void moments_range(const TensorPtrs<P, G>& t, const StepHyper& h,
                                               const Coeffs& c, int64_t begin, int64_t end,
                                               bool apply, float scale, float3& sums) {
@@ -103,7 +115,7 @@ __device__ __forceinline__ void moments_range(const TensorPtrs<P, G>& t, const S
     for (int k = 0; k < kILP; ++k) {
       g[k] = unscale_grad(g[k], h);
       const float direction = update_moments(h, c, g[k], m[k], v[k]);
-      if (MODE == kMagma && (VEC || i + k * stride < end)) {
+      if (SUMS && (VEC || i + k * stride < end)) {
         sums.x += m[k] * g[k];
         sums.y += m[k] * m[k];
         sums.z += g[k] * g[k];
@@ -133,46 +145,59 @@ __device__ __forceinline__ void for_item(const TensorPtrs<P, G>& t, const Span& 
   }
 }
 
-template <typename P, typename G, int MODE>
+// Masks "none" and "skip": one CTA per item does the whole step of its elements.
+template <typename P, typename G, int MASK>
 __global__ void __launch_bounds__(kChunkThreads)
-moments_kernel(const __grid_constant__ TensorArgs a, const StepHyper h, float* item_sums) {
+one_pass_kernel(const __grid_constant__ TensorArgs a, const StepHyper h) {
+  static_assert(MASK == kNone || MASK == kSkip, "mask \"magma\" takes moments_sums_kernel");
   if (step_skipped(h)) return;
   const int64_t item = blockIdx.x;
   const int t = find_tensor(a.work_start, a.count, item);
   const Span s = item_span(a.piece[t], item - a.work_start[t]);
   const Coeffs c = coeffs_for(h, a.step[t]);
-  bool apply = MODE == kNone;
+  bool apply = true;
   float scale = 1.f;
-  if (MODE == kSkip) {
+  if (MASK == kSkip) {
     apply = keep_block(h.seed, a.tensor_index[t], a.first_block[t] + s.block, c.step, h.keep_threshold);
     scale = h.inv_keep_prob;
   }
   const TensorPtrs<P, G> ptrs(a, t);
-  float3 sums = make_float3(0.f, 0.f, 0.f);
+  float3 unused = make_float3(0.f, 0.f, 0.f);
   for_item(ptrs, s, [&](auto vec, int64_t begin, int64_t end) {
-    moments_range<MODE, decltype(vec)::value>(ptrs, h, c, begin, end, apply, scale, sums);
+    moments_range<false, decltype(vec)::value>(ptrs, h, c, begin, end, apply, scale, unused);
   });
-  if (MODE == kMagma) {
-    __shared__ float shared[96];
-    const float3 total = block_sum3(sums.x, sums.y, sums.z, shared);
-    if (threadIdx.x == 0) {
-      item_sums[3 * item] = total.x;
-      item_sums[3 * item + 1] = total.y;
-      item_sums[3 * item + 2] = total.z;
-    }
-  }
 }
 
-// One CTA per block.  With item_sums == nullptr the block sums are already in block_sums
-// (e.g. after an all-reduce across ranks); otherwise they are added up from the items first.
-__global__ void __launch_bounds__(256)
+// Mask "magma", first pass: one CTA per item writes the item's moments and its three sums.
+template <typename P, typename G>
+__global__ void __launch_bounds__(kChunkThreads)
+moments_sums_kernel(const __grid_constant__ TensorArgs a, const StepHyper h, float* item_sums) {
+  if (step_skipped(h)) return;
+  __shared__ float scratch[kSum3Scratch];
+  const int64_t item = blockIdx.x;
+  const int t = find_tensor(a.work_start, a.count, item);
+  const Span s = item_span(a.piece[t], item - a.work_start[t]);
+  const Coeffs c = coeffs_for(h, a.step[t]);
+  const TensorPtrs<P, G> ptrs(a, t);
+  float3 sums = make_float3(0.f, 0.f, 0.f);
+  for_item(ptrs, s, [&](auto vec, int64_t begin, int64_t end) {
+    moments_range<true, decltype(vec)::value>(ptrs, h, c, begin, end, false, 1.f, sums);
+  });
+  const float3 total = block_sum3(sums.x, sums.y, sums.z, scratch);
+  if (threadIdx.x == 0) store_sums(item_sums, item, total);
+}
+
+// One CTA per block (launch_finalize in launch.h says what each mode does).  The block's row
+// of block_sums is sum_row[t] + j; its entry of block_scale is block_start[t] + j.
+__global__ void __launch_bounds__(kFinalizeThreads)
 finalize_kernel(const __grid_constant__ TensorArgs a, const StepHyper h, const float* item_sums,
                 float* block_sums, float* block_scale) {
   if (step_skipped(h)) return;
-  __shared__ float shared[96];
+  __shared__ float scratch[kSum3Scratch];
   const int64_t b = blockIdx.x;
   const int t = find_tensor(a.block_start, a.count, b);
   const int64_t j = b - a.block_start[t];
+  const int64_t row = a.sum_row[t] + j;
   float3 total;
   if (item_sums != nullptr) {
     const Piece& p = a.piece[t];
@@ -184,23 +209,18 @@ finalize_kernel(const __grid_constant__ TensorArgs a, const StepHyper h, const f
       sums.y += item_sums[3 * (first + k) + 1];
       sums.z += item_sums[3 * (first + k) + 2];
     }
-    total = block_sum3(sums.x, sums.y, sums.z, shared);
-    if (threadIdx.x == 0) {
-      block_sums[3 * b] = total.x;
-      block_sums[3 * b + 1] = total.y;
-      block_sums[3 * b + 2] = total.z;
-    }
-  } else {
-    total = make_float3(block_sums[3 * b], block_sums[3 * b + 1], block_sums[3 * b + 2]);
+    total = block_sum3(sums.x, sums.y, sums.z, scratch);
+    if (threadIdx.x == 0) store_sums(block_sums, row, total);
+  } else if (threadIdx.x == 0) {
+    total = load_sums(block_sums, row);
   }
-  if (threadIdx.x == 0) {
-    float* score = a.score[t] + j;
-    const float updated = new_score(h, *score, total.x, total.y, total.z);
-    *score = updated;
-    const bool kept = keep_block(h.seed, a.tensor_index[t], a.first_block[t] + j,
-                                 step_count(a.step[t]), h.keep_threshold);
-    block_scale[b] = kept ? updated : kMaskedBlock;
-  }
+  if (block_scale == nullptr || threadIdx.x != 0) return;
+  float* score = a.score[t] + j;
+  const float updated = new_score(h, *score, total.x, total.y, total.z);
+  *score = updated;
+  const bool kept = keep_block(h.seed, a.tensor_index[t], a.first_block[t] + j,
+                               step_count(a.step[t]), h.keep_threshold);
+  block_scale[b] = kept ? updated : kMaskedBlock;
 }
 
 template <bool VEC, typename P, typename G>

@@ -22,25 +22,33 @@ static unsigned apply_grid(int64_t units) {
   return static_cast<unsigned>(units < resident ? units : resident);
 }
 
-void launch_moments(at::ScalarType param, at::ScalarType grad, int mask, const TensorArgs& args,
-                    const StepHyper& hyper, float* item_sums, cudaStream_t stream) {
+void launch_one_pass(at::ScalarType param, at::ScalarType grad, Mask mask, const TensorArgs& args,
+                     const StepHyper& hyper, cudaStream_t stream) {
   const unsigned grid = grid_of(args.work_start[args.count]);
   dispatch_param_grad(param, grad, [&](auto p, auto g) {
     using P = typename decltype(p)::type;
     using G = typename decltype(g)::type;
-    switch (mask) {
-      case kMagma: moments_kernel<P, G, kMagma><<<grid, kChunkThreads, 0, stream>>>(args, hyper, item_sums); break;
-      case kSkip: moments_kernel<P, G, kSkip><<<grid, kChunkThreads, 0, stream>>>(args, hyper, item_sums); break;
-      default: moments_kernel<P, G, kNone><<<grid, kChunkThreads, 0, stream>>>(args, hyper, item_sums); break;
-    }
+    if (mask == kSkip) one_pass_kernel<P, G, kSkip><<<grid, kChunkThreads, 0, stream>>>(args, hyper);
+    else one_pass_kernel<P, G, kNone><<<grid, kChunkThreads, 0, stream>>>(args, hyper);
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+void launch_moments_sums(at::ScalarType param, at::ScalarType grad, const TensorArgs& args,
+                         const StepHyper& hyper, float* item_sums, cudaStream_t stream) {
+  const unsigned grid = grid_of(args.work_start[args.count]);
+  dispatch_param_grad(param, grad, [&](auto p, auto g) {
+    using P = typename decltype(p)::type;
+    using G = typename decltype(g)::type;
+    moments_sums_kernel<P, G><<<grid, kChunkThreads, 0, stream>>>(args, hyper, item_sums);
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 void launch_finalize(const TensorArgs& args, const StepHyper& hyper, const float* item_sums,
                      float* block_sums, float* block_scale, cudaStream_t stream) {
-  finalize_kernel<<<grid_of(args.block_start[args.count]), 256, 0, stream>>>(args, hyper, item_sums,
-                                                                              block_sums, block_scale);
+  finalize_kernel<<<grid_of(args.block_start[args.count]), kFinalizeThreads, 0, stream>>>(
+      args, hyper, item_sums, block_sums, block_scale);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

@@ -1,5 +1,8 @@
-// Per-element math of the Magma step (docs/ALGORITHM.md sections 1, 2, 5), shared by every kernel.
-// The order of operations follows magma_ext/reference.py so that both round alike.
+// Device code shared by every kernel: the per-element math of the Magma step
+// (docs/ALGORITHM.md sections 1, 2, 5), the score, the CTA-wide sum of the alignment sums and
+// the lookup of a work unit's tensor.  The math follows magma_ext/reference.py's order of
+// operations; nvcc contracts some of it into fused multiply-adds, so the two agree to within
+// a few float32 roundings, not bit for bit (tests/cuda_helpers.py states the tolerances).
 #pragma once
 
 #include <cuda_bf16.h>
@@ -21,7 +24,7 @@ template <> __device__ __forceinline__ float from_float<float>(float x) { return
 template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
 template <> __device__ __forceinline__ __half from_float<__half>(float x) { return __float2half_rn(x); }
 
-// Per-tensor constants of a step: bias corrections from the tensor's step count.
+// Per-tensor constants of a step: bias corrections from the tensor's step count, and the lr.
 struct Coeffs {
   float bias1, bias2, lr;
   uint64_t step;
@@ -104,9 +107,12 @@ __device__ __forceinline__ float new_score(const StepHyper& h, float old_score, 
   return h.score_ema * old_score + (1.f - h.score_ema) * instant;
 }
 
-// Deterministic sum of three values over a CTA; the result is valid in thread 0.
-// `shared` holds 3 * 32 floats.
-__device__ __forceinline__ float3 block_sum3(float a, float b, float c, float* shared) {
+// block_sum3's shared-memory scratch: three floats per warp of a CTA of up to 1024 threads.
+constexpr int kSum3MaxWarps = 32;
+constexpr int kSum3Scratch = 3 * kSum3MaxWarps;
+
+// Deterministic sum of three values over a CTA of whole warps; the result is valid in thread 0.
+__device__ __forceinline__ float3 block_sum3(float a, float b, float c, float (&shared)[kSum3Scratch]) {
   for (int offset = 16; offset > 0; offset >>= 1) {
     a += __shfl_xor_sync(0xffffffffu, a, offset);
     b += __shfl_xor_sync(0xffffffffu, b, offset);
@@ -131,6 +137,17 @@ __device__ __forceinline__ float3 block_sum3(float a, float b, float c, float* s
     }
   }
   return sum;
+}
+
+// Row `row` of a block-sum buffer: <m, g>, ||m||^2, ||g||^2 of one block.
+__device__ __forceinline__ void store_sums(float* block_sums, int64_t row, float3 sums) {
+  block_sums[3 * row] = sums.x;
+  block_sums[3 * row + 1] = sums.y;
+  block_sums[3 * row + 2] = sums.z;
+}
+
+__device__ __forceinline__ float3 load_sums(const float* block_sums, int64_t row) {
+  return make_float3(block_sums[3 * row], block_sums[3 * row + 1], block_sums[3 * row + 2]);
 }
 
 // The tensor of a launch that work unit `unit` belongs to.

@@ -3,18 +3,21 @@
 // NOTE: [tensor lists in kernel parameters]
 // Like multi-tensor-apply in PyTorch and apex, the addresses of a launch's tensors travel in
 // the kernel's parameter block, so a launch needs no host-to-device copy and can be captured
-// in a CUDA graph.  Volta and later take up to 32 KB of parameters (CUDA 12.1+), which lets
-// one launch cover kMaxTensors tensors.  Each CTA finds its tensor by binary search over the
-// prefix sums of work units (`work_start`).
+// in a CUDA graph.  Volta and later take up to 32,764 bytes of parameters (CUDA 12.1+), which
+// lets one launch cover kMaxTensors tensors: sizeof(TensorArgs) is 28,696 bytes, and with
+// StepHyper (80 bytes) and at most three pointers a kernel's parameters are 28,800 bytes
+// (checked below).  Each CTA finds its tensor by binary search over the prefix sums of its
+// work units (`work_start`, or `block_start` for one CTA per block).
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 
 #include "work_layout.h"
 
 namespace magma {
 
-constexpr int kMaxTensors = 256;  // 27 KB of kernel parameters
+constexpr int kMaxTensors = 256;
 
 enum Base : int { kAdam = 0, kRmsprop = 1, kLaprop = 2 };
 enum Mask : int { kMagma = 0, kSkip = 1, kNone = 2 };
@@ -41,11 +44,27 @@ struct TensorArgs {
   float* score[kMaxTensors];
   const float* step[kMaxTensors];
   Piece piece[kMaxTensors];
-  int64_t first_block[kMaxTensors];  // global index of the piece's first block
+  // Row of the block-sum buffer that holds the piece's first block (its other blocks follow).
+  // The split step's buffer has one row per block of the whole tensor list, so this is the
+  // piece's row in the list, not in the launch; the whole step's own per-launch buffer uses
+  // block_start.
+  int64_t sum_row[kMaxTensors];
+  // Global index of the piece's first block, < 2**32 (the host checks that every block index
+  // of a piece fits the 32 bits of the Philox subsequence).
+  uint32_t first_block[kMaxTensors];
   uint32_t tensor_index[kMaxTensors];
   int64_t work_start[kMaxTensors + 1];   // prefix sums of work units (items or blocks)
   int64_t block_start[kMaxTensors + 1];  // prefix sums of blocks
   int count;
 };
+
+// CUDA's limit on the parameters of one kernel (Volta and later, CUDA 12.1 and later).
+constexpr size_t kMaxKernelParamBytes = 32764;
+// The most any kernel passes beside TensorArgs and StepHyper: three pointers (finalize_kernel).
+constexpr size_t kMaxExtraKernelParamBytes = 3 * sizeof(void*);
+static_assert(sizeof(TensorArgs) == 28696 && sizeof(StepHyper) == 80,
+              "update the sizes in NOTE: [tensor lists in kernel parameters]");
+static_assert(sizeof(TensorArgs) + sizeof(StepHyper) + kMaxExtraKernelParamBytes <= kMaxKernelParamBytes,
+              "a launch's kernel parameters must fit CUDA's limit: lower kMaxTensors");
 
 }  // namespace magma
