@@ -1,0 +1,255 @@
+"""Pieces: telling Magma that a tensor is part of a larger, logical one (docs/ALGORITHM.md section 3).
+
+Magma's masks and scores belong to blocks of *logical* tensors: a block's Bernoulli draw is
+keyed by the logical tensor's index and the block's index inside it (section 4), and its score
+is formed from the sums of <m, g>, ||m||^2 and ||g||^2 over the *whole* block. An engine that
+hands the optimizer slices of parameters instead of the parameters themselves (Megatron's
+distributed optimizer, ZeRO-style sharding done by hand) declares what each slice is::
+
+    from magma_ext.pieces import declare_piece
+
+    # this rank owns elements [start, start + shard.numel()) of parameter number 7 (shape
+    # (4096, 1024)); the other slices of it live on the ranks of the data-parallel group
+    declare_piece(shard, index=7, offset=start, shape=(4096, 1024), group=dp_group)
+    optimizer = Magma([shard, ...])
+
+* ``index`` is the logical tensor's *tensor index*: the same number on every rank and under
+  every sharding, so that every rank draws the same mask for a block and a resumed run with
+  another layout draws the same masks as well. Use each parameter's position in the
+  unsharded model's parameter list (what a single-process ``Magma(model.parameters())``
+  would use).
+* ``offset`` is where the piece starts in the flattened (row-major) logical tensor; the piece
+  holds its ``numel()`` elements from there, in order. Its own shape does not matter.
+* ``shape`` is the logical tensor's shape: ``block="row"`` and ``block="tensor"`` are taken from
+  it, not from the piece.
+* ``group`` is the process group whose ranks hold the other pieces of the logical tensor; the
+  block sums of blocks split between ranks are all-reduced over it (one collective per group
+  and step, see ``magma_ext.distributed``). ``None`` means that there are no other pieces:
+  the piece must then be the whole tensor. Several pieces of one logical tensor may also live
+  on one rank, as long as they do not overlap.
+
+The declaration is stored on the tensor object (``tensor._magma_piece``), so it travels with
+the tensor into any optimizer built later from it, including one built from a subset of the
+parameters by a wrapper. :func:`number_parameters` uses that for
+``torch.distributed.optim.ZeroRedundancyOptimizer``, whose per-rank inner optimizer sees only
+its rank's parameters: numbering the whole parameters first keeps their single-process
+tensor indices, hence the single-process masks::
+
+    number_parameters(model.parameters())
+    optimizer = ZeroRedundancyOptimizer(model.parameters(), optimizer_class=Magma, ...)
+
+Declarations are checked here, locally, as far as one process can (types, ranges); whether the
+pieces of all ranks fit together is checked collectively when the optimizer first steps.
+
+A ``torch.distributed.tensor.DTensor`` describes its own sharding: the only declaration it
+accepts is its tensor index (``offset=0``, ``shape`` its global shape, ``group=None``), which
+is what :func:`number_parameters` gives it.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+
+from .layout import MAX_TENSOR_INDEX
+
+try:  # torch.distributed may be missing from a build (it is present in every official wheel)
+    from torch.distributed import ProcessGroup
+except ImportError:  # pragma: no cover - a torch built without distributed support
+    ProcessGroup = None
+
+PIECE_ATTRIBUTE = "_magma_piece"
+
+__all__ = ["Piece", "declare_piece", "piece_of", "number_parameters", "PIECE_ATTRIBUTE"]
+
+
+def _as_int(value, name: str) -> int:
+    """``value`` as an int; bool and non-integral types are a TypeError naming ``name``."""
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be an int, got bool")
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}") from None
+
+
+def _as_shape(shape) -> tuple[int, ...]:
+    if isinstance(shape, (str, bytes)) or not isinstance(shape, Iterable):
+        raise TypeError(f"shape must be a tuple of ints, got {type(shape).__name__}")
+    sizes = tuple(_as_int(size, "shape") for size in shape)
+    if any(size < 0 for size in sizes):
+        raise ValueError(f"shape must have non-negative sizes, got {sizes}")
+    return sizes
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    numel = 1
+    for size in shape:
+        numel *= size
+    return numel
+
+
+def _is_dtensor(tensor) -> bool:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover - a torch built without distributed support
+        return False
+    return isinstance(tensor, DTensor)
+
+
+@dataclass(frozen=True)
+class Piece:
+    """A tensor that is elements ``[offset, offset + numel)`` of flattened logical tensor ``index``.
+
+    Args:
+        index: the logical tensor's tensor index, ``0 <= index < 2**32``; the same on every
+            rank and under every sharding (it keys the mask generator).
+        offset: the piece's first element in the flattened (row-major) logical tensor, >= 0.
+        shape: the logical tensor's shape (a tuple of sizes >= 0; a list or torch.Size is
+            converted).
+        group: the ``torch.distributed.ProcessGroup`` whose ranks hold the other pieces of the
+            logical tensor, or ``None`` when there are none (the piece is the whole tensor).
+
+    The piece's own size is the tensor's: a ``Piece`` alone does not know it, see
+    :func:`declare_piece`, which checks that the piece fits its logical tensor.
+    """
+
+    index: int
+    offset: int
+    shape: tuple[int, ...]
+    group: ProcessGroup | None = None
+
+    def __post_init__(self):
+        index = _as_int(self.index, "index")
+        if not 0 <= index < MAX_TENSOR_INDEX:
+            raise ValueError(f"index must be in [0, 2**32), got {index}")
+        offset = _as_int(self.offset, "offset")
+        if offset < 0:
+            raise ValueError(f"offset must be >= 0, got {offset}")
+        if self.group is not None and (ProcessGroup is None or not isinstance(self.group, ProcessGroup)):
+            raise TypeError(
+                "group must be a torch.distributed.ProcessGroup or None, got "
+                f"{type(self.group).__name__} (a rank outside a group gets no ProcessGroup for it)"
+            )
+        object.__setattr__(self, "index", index)
+        object.__setattr__(self, "offset", offset)
+        object.__setattr__(self, "shape", _as_shape(self.shape))
+
+    @property
+    def logical_numel(self) -> int:
+        """Elements of the logical tensor."""
+        return _numel(self.shape)
+
+    def __copy__(self) -> Piece:
+        return self
+
+    def __deepcopy__(self, memo) -> Piece:
+        # Immutable, and a process group is a handle of this process that cannot be copied:
+        # a deep copy of a declared tensor shares its Piece. (Pickling one with a group fails,
+        # as pickling the group does.)
+        return self
+
+
+def declare_piece(tensor: torch.Tensor, *, index: int, offset: int, shape, group=None) -> torch.Tensor:
+    """Declare ``tensor`` to be elements ``[offset, offset + tensor.numel())`` of logical tensor ``index``.
+
+    Attaches a :class:`Piece` to the tensor object (replacing an earlier declaration) and
+    returns the tensor. Declare before the optimizer's first step: a parameter's tensor index
+    and layout are frozen in its state then.
+
+    Raises:
+        TypeError: ``tensor`` is not a tensor, an argument has the wrong type, or ``group`` is
+            not a ProcessGroup (or None), or a DTensor is given an offset or group.
+        ValueError: ``index`` outside [0, 2**32), a negative ``offset`` or size in ``shape``,
+            a piece reaching past the end of its logical tensor, or ``group=None`` with a piece
+            that is not the whole tensor.
+    """
+    if not isinstance(tensor, torch.Tensor):
+        raise TypeError(f"tensor must be a torch.Tensor, got {type(tensor).__name__}")
+    piece = Piece(index=index, offset=offset, shape=shape, group=group)
+    numel = tensor.numel()
+    logical = piece.logical_numel
+    if _is_dtensor(tensor) and (piece.offset != 0 or piece.group is not None):
+        raise TypeError(
+            "a DTensor describes its own sharding: declare only its tensor index "
+            "(offset=0, shape=its global shape, group=None)"
+        )
+    if piece.offset + numel > logical:
+        raise ValueError(
+            f"offset: a piece of {numel} elements at offset {piece.offset} reaches element "
+            f"{piece.offset + numel}, past the end of its logical tensor of shape {piece.shape} "
+            f"({logical} elements)"
+        )
+    if piece.group is None and (piece.offset != 0 or numel != logical):
+        raise ValueError(
+            f"group=None declares the whole tensor, but this piece holds [{piece.offset}, "
+            f"{piece.offset + numel}) of {logical} elements; pass the process group that holds "
+            "the other pieces"
+        )
+    setattr(tensor, PIECE_ATTRIBUTE, piece)
+    return tensor
+
+
+def piece_of(tensor: torch.Tensor) -> Piece | None:
+    """The :class:`Piece` declared for ``tensor``, or ``None`` (a whole tensor, numbered by position)."""
+    if not isinstance(tensor, torch.Tensor):
+        raise TypeError(f"tensor must be a torch.Tensor, got {type(tensor).__name__}")
+    piece = getattr(tensor, PIECE_ATTRIBUTE, None)
+    return piece if isinstance(piece, Piece) else None
+
+
+def number_parameters(params) -> None:
+    """Declare each parameter a whole piece of itself, with tensor index = its position.
+
+    ``params`` is what an optimizer takes: an iterable of tensors, or of parameter-group dicts
+    (positions then count over the groups in order, as the optimizer counts them). Afterwards
+    an optimizer built from any subset of these parameters (``ZeroRedundancyOptimizer``'s
+    per-rank optimizer) gives each one the tensor index it has in the full list, so every
+    rank draws the single-process masks.
+
+    Raises:
+        TypeError: ``params`` is a set (no order), or holds something that is not a tensor.
+        ValueError: a parameter appears twice, or was already declared a piece of a larger
+            tensor (a ``group`` is set): numbering it as whole would lose that.
+    """
+    tensors = []
+    for entry in _ordered(params, "params"):
+        if isinstance(entry, dict):
+            if "params" not in entry:
+                raise ValueError("a parameter group must have a 'params' entry")
+            members = entry["params"]
+            tensors += [members] if isinstance(members, torch.Tensor) else list(_ordered(members, "a group's params"))
+        else:
+            tensors.append(entry)
+    seen = set()
+    for position, tensor in enumerate(tensors):
+        if not isinstance(tensor, torch.Tensor):
+            raise TypeError(f"params must contain tensors, got {type(tensor).__name__} at position {position}")
+        if id(tensor) in seen:
+            raise ValueError(f"the parameter at position {position} appears more than once in params")
+        seen.add(id(tensor))
+        earlier = piece_of(tensor)
+        if earlier is not None and earlier.group is not None:
+            raise ValueError(
+                f"the parameter at position {position} is declared a piece of tensor index "
+                f"{earlier.index} (offset {earlier.offset}, shape {earlier.shape}) held with a "
+                "process group; number_parameters is for whole parameters"
+            )
+    for position, tensor in enumerate(tensors):
+        # a DTensor's shape is its global shape, so this declares its index only
+        declare_piece(tensor, index=position, offset=0, shape=tuple(tensor.shape))
+
+
+def _ordered(params, what: str):
+    if isinstance(params, torch.Tensor):
+        return [params]
+    if isinstance(params, (set, frozenset)):
+        raise TypeError(f"{what} must be an ordered iterable of tensors, not a set")
+    if isinstance(params, dict):
+        return [params]
+    if not isinstance(params, Iterable):
+        raise TypeError(f"{what} must be an iterable of tensors, got {type(params).__name__}")
+    return params

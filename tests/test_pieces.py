@@ -1,0 +1,305 @@
+"""Pieces of logical tensors, in one process: declarations and the shared-block layout.
+
+The collective parts (BlockSumExchange, pieces with process groups, DTensors) are tested on
+several ranks in test_distributed_exchange.py; ``random_cuts`` and ``brute_force_layout`` here
+are shared with it.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import random
+
+import pytest
+import torch
+
+from magma_ext.distributed import PieceDescriptor, shared_block_layout
+from magma_ext.layout import BlockLayout
+from magma_ext.pieces import PIECE_ATTRIBUTE, Piece, declare_piece, number_parameters, piece_of
+
+# ---------------------------------------------------------------- random cuts and the brute force
+
+BLOCK_CHOICES = (1, 7, 300, "whole")
+
+
+def random_shape(rng: random.Random) -> tuple[int, ...]:
+    return rng.choice([
+        (0,), (1,), (rng.randint(2, 40),), (rng.randint(1, 700),), (3, 0),
+        (rng.randint(1, 30), rng.randint(1, 30)), (2, rng.randint(1, 5), rng.randint(1, 9)),
+    ])
+
+
+def random_cuts(rng: random.Random, holders: list[list[int]], *, first_index: int = 0,
+                gaps: bool = True) -> list[tuple[int, list[tuple[int, PieceDescriptor]]]]:
+    """For each entry of ``holders`` (the ranks that may hold pieces of one logical tensor), a
+    random logical tensor cut at random offsets into pieces (empty, one-element and several per
+    rank included), some pieces left out when ``gaps``: ``[(index, [(rank, descriptor), ...])]``."""
+    out = []
+    for k, ranks in enumerate(holders):
+        index = first_index + k
+        shape = random_shape(rng)
+        numel = 1
+        for size in shape:
+            numel *= size
+        block = rng.choice(BLOCK_CHOICES)
+        block_size = max(numel, 1) if block == "whole" else block
+        cuts = sorted(rng.randint(0, numel) for _ in range(rng.randint(0, 2 * len(ranks) + 2)))
+        if numel and rng.random() < 0.3:  # a one-element piece
+            start = rng.randrange(numel)
+            cuts = sorted(cuts + [start, start + 1])
+        bounds = [0] + cuts + [numel]
+        pieces = []
+        for start, end in zip(bounds, bounds[1:]):
+            if gaps and end > start and rng.random() < 0.1:
+                continue
+            d = PieceDescriptor(index, start, end - start, shape, block_size, f"t{index}")
+            pieces.append((rng.choice(ranks), d))
+        out.append((index, pieces))
+    return out
+
+
+def by_rank(cuts, world_size: int, rng: random.Random) -> list[list[PieceDescriptor]]:
+    """Each rank's descriptors, in a random order of its own."""
+    lists = [[] for _ in range(world_size)]
+    for _, pieces in cuts:
+        for rank, d in pieces:
+            lists[rank].append(d)
+    for descriptors in lists:
+        rng.shuffle(descriptors)
+    return lists
+
+
+def brute_force_layout(descriptors_by_rank):
+    """Element by element: which (rank, row) touches each block; shared = two or more."""
+    touched = {}
+    num_rows = []
+    for rank, descriptors in enumerate(descriptors_by_rank):
+        row = 0
+        for d in descriptors:
+            layout = BlockLayout(d.numel, d.block_size, d.offset, d.logical_numel)
+            for element in range(d.offset, d.offset + d.numel):
+                block = element // d.block_size
+                touched.setdefault((d.index, block), set()).add((rank, row + block - layout.first_block))
+            row += layout.num_blocks
+        num_rows.append(row)
+    blocks = sorted(key for key, holders in touched.items() if len(holders) >= 2)
+    pairs = [sorted((row, p) for p, key in enumerate(blocks) for r, row in touched[key] if r == rank)
+             for rank in range(len(descriptors_by_rank))]
+    return dict(
+        blocks=tuple(blocks),
+        holders=tuple(len({r for r, _ in touched[key]}) for key in blocks),
+        rows=tuple(tuple(row for row, _ in p) for p in pairs),
+        positions=tuple(tuple(pos for _, pos in p) for p in pairs),
+        num_rows=tuple(num_rows),
+    )
+
+
+# ---------------------------------------------------------------- Piece and declare_piece
+
+def test_piece_normalizes_and_is_frozen():
+    piece = Piece(index=3, offset=5, shape=torch.Size([4, 5]))
+    assert piece.shape == (4, 5) and type(piece.shape) is tuple
+    assert piece.logical_numel == 20 and piece.group is None
+    assert Piece(3, 5, [4, 5]) == piece and hash(Piece(3, 5, [4, 5])) == hash(piece)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        piece.offset = 0
+    tensor = declare_piece(torch.zeros(20), index=3, offset=0, shape=(4, 5))
+    assert piece_of(copy.deepcopy(tensor)) is piece_of(tensor)  # immutable: shared by copies
+
+
+PIECE_ERRORS = [
+    (dict(index=-1, offset=0, shape=(2,)), ValueError, r"index must be in \[0, 2\*\*32\), got -1"),
+    (dict(index=2**32, offset=0, shape=(2,)), ValueError, r"index must be in \[0, 2\*\*32\)"),
+    (dict(index=True, offset=0, shape=(2,)), TypeError, r"index must be an int, got bool"),
+    (dict(index=1.0, offset=0, shape=(2,)), TypeError, r"index must be an int, got float"),
+    (dict(index=0, offset=-1, shape=(2,)), ValueError, r"offset must be >= 0, got -1"),
+    (dict(index=0, offset="0", shape=(2,)), TypeError, r"offset must be an int, got str"),
+    (dict(index=0, offset=0, shape=(2, -1)), ValueError, r"shape must have non-negative sizes"),
+    (dict(index=0, offset=0, shape=2), TypeError, r"shape must be a tuple of ints, got int"),
+    (dict(index=0, offset=0, shape="22"), TypeError, r"shape must be a tuple of ints, got str"),
+    (dict(index=0, offset=0, shape=(2.0,)), TypeError, r"shape must be an int, got float"),
+    (dict(index=0, offset=0, shape=(2,), group=-100), TypeError,
+     r"group must be a torch.distributed.ProcessGroup or None, got int"),
+    (dict(index=0, offset=0, shape=(2,), group="world"), TypeError, r"group must be .*got str"),
+]
+
+
+@pytest.mark.parametrize("kwargs, error, pattern", PIECE_ERRORS)
+def test_piece_and_declare_piece_reject(kwargs, error, pattern):
+    with pytest.raises(error, match=pattern):
+        Piece(**kwargs)
+    tensor = torch.zeros(2)
+    with pytest.raises(error, match=pattern):
+        declare_piece(tensor, **kwargs)
+    assert piece_of(tensor) is None  # nothing attached by a failed declaration
+
+
+DECLARE_ERRORS = [
+    (torch.zeros(5), dict(index=0, offset=16, shape=(4, 5)), ValueError,
+     r"offset: a piece of 5 elements at offset 16 reaches element 21, past the end of its logical "
+     r"tensor of shape \(4, 5\) \(20 elements\)"),
+    (torch.zeros(5), dict(index=0, offset=0, shape=(4, 5)), ValueError,
+     r"group=None declares the whole tensor, but this piece holds \[0, 5\) of 20 elements"),
+    (torch.zeros(2, 10), dict(index=0, offset=1, shape=(20,)), ValueError,
+     r"reaches element 21, past the end"),
+    (torch.zeros(0), dict(index=0, offset=21, shape=(20,)), ValueError, r"reaches element 21"),
+    ([0.0] * 4, dict(index=0, offset=0, shape=(4,)), TypeError, r"tensor must be a torch.Tensor, got list"),
+]
+
+
+@pytest.mark.parametrize("tensor, kwargs, error, pattern", DECLARE_ERRORS)
+def test_declare_piece_rejects_pieces_that_do_not_fit(tensor, kwargs, error, pattern):
+    with pytest.raises(error, match=pattern):
+        declare_piece(tensor, **kwargs)
+
+
+def test_declare_piece_attaches_and_replaces():
+    param = torch.nn.Parameter(torch.zeros(4, 5))
+    assert piece_of(param) is None
+    assert declare_piece(param, index=7, offset=0, shape=[20]) is param
+    assert piece_of(param) == Piece(7, 0, (20,)) == getattr(param, PIECE_ATTRIBUTE)
+    declare_piece(param, index=8, offset=0, shape=(4, 5))
+    assert piece_of(param) == Piece(8, 0, (4, 5))
+    # an empty piece anywhere inside its logical tensor (its end included) is valid only with a
+    # group; as a whole tensor an empty piece is the empty tensor
+    declare_piece(torch.zeros(0), index=1, offset=0, shape=(0, 3))
+    with pytest.raises(TypeError, match="tensor must be a torch.Tensor"):
+        piece_of("x")
+    # a view is another tensor object: the declaration does not travel to it
+    assert piece_of(param.view(-1)) is None
+
+
+def test_number_parameters_uses_positions_over_groups():
+    params = [torch.nn.Parameter(torch.zeros(n)) for n in (3, 0, 1, 4, 2)]
+    number_parameters([{"params": params[:2]}, {"params": params[2], "lr": 1.0}, {"params": params[3:]}])
+    assert [piece_of(p) for p in params] == [Piece(i, 0, tuple(p.shape)) for i, p in enumerate(params)]
+    model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.Linear(2, 1, bias=False))
+    number_parameters(model.parameters())  # a generator
+    assert [piece_of(p).index for p in model.parameters()] == [0, 1, 2]
+    assert piece_of(model[1].weight) == Piece(2, 0, (1, 2))
+    # a subset of the parameters (a ZeroRedundancyOptimizer rank's share) keeps the indices
+    subset = list(model.parameters())[1:]
+    assert [piece_of(p).index for p in subset] == [1, 2]
+
+
+@pytest.mark.parametrize("params, error, pattern", [
+    ({torch.zeros(1)}, TypeError, r"params must be an ordered iterable of tensors, not a set"),
+    ([torch.zeros(1), 3], TypeError, r"params must contain tensors, got int at position 1"),
+    ([{"lr": 1.0}], ValueError, r"a parameter group must have a 'params' entry"),
+    ([{"params": {torch.zeros(1)}}], TypeError, r"a group's params must be an ordered iterable"),
+    (5, TypeError, r"params must be an iterable of tensors, got int"),
+])
+def test_number_parameters_rejects(params, error, pattern):
+    with pytest.raises(error, match=pattern):
+        number_parameters(params)
+
+
+def test_number_parameters_rejects_duplicates_before_declaring():
+    a, b = torch.zeros(2), torch.zeros(3)
+    with pytest.raises(ValueError, match=r"the parameter at position 2 appears more than once"):
+        number_parameters([a, b, a])
+    assert piece_of(a) is None and piece_of(b) is None
+
+
+def test_descriptor_of_piece():
+    piece = Piece(4, 30, (10, 6))
+    assert PieceDescriptor.of(piece, 12, "row", name="w") == PieceDescriptor(4, 30, 12, (10, 6), 6, "w", "tensor")
+    assert PieceDescriptor.of(piece, 12, "tensor").block_size == 60
+    assert PieceDescriptor.of(piece, 12, 7, kind="dtensor").block_size == 7
+    d = PieceDescriptor(0, 5, 10, (100,), 4)
+    layout = BlockLayout(10, 4, 5, 100)
+    assert (d.first_block, d.num_blocks) == (layout.first_block, layout.num_blocks) == (1, 3)
+    assert PieceDescriptor(0, 5, 0, (100,), 4).num_blocks == 0
+
+
+# ---------------------------------------------------------------- the shared-block layout
+
+def D(index, offset, numel, shape, block_size, name="p", kind="tensor"):
+    return PieceDescriptor(index, offset, numel, shape, block_size, name, kind)
+
+
+LAYOUT_ERRORS = [
+    # overlaps: on one rank, across ranks
+    ([[D(0, 0, 10, (20,), 3, "a"), D(0, 9, 2, (20,), 3, "b")]], ValueError,
+     r"^pieces of tensor index 0 overlap: 'a' holds \[0, 10\) on rank 0 and 'b' holds \[9, 11\) on rank 0$"),
+    ([[D(0, 0, 10, (20,), 3, "a")], [], [D(0, 5, 10, (20,), 3, "c")]], ValueError,
+     r"^pieces of tensor index 0 overlap: 'a' holds \[0, 10\) on rank 0 and 'c' holds \[5, 15\) on rank 2$"),
+    # a range outside the logical tensor
+    ([[D(1, 15, 6, (4, 5), 3, "w")]], ValueError,
+     r"^piece 'w' \(tensor index 1\): holds \[15, 21\), outside its logical tensor of shape \(4, 5\) "
+     r"\(20 elements\) \(on rank 0\)$"),
+    # disagreements between ranks
+    ([[D(2, 0, 10, (4, 5), 5, "x")], [D(2, 10, 10, (20,), 5, "y")]], ValueError,
+     r"^tensor index 2 has logical shape \(4, 5\) in 'x' on rank 0 but \(20,\) in 'y' on rank 1$"),
+    ([[D(2, 0, 10, (20,), 5, "x")], [D(2, 10, 10, (20,), 4, "x")]], ValueError,
+     r"^tensor index 2 has block size 5 in 'x' on rank 0 but 4 in 'x' on rank 1$"),
+    ([[D(3, 0, 10, (20,), 5, "x", "dtensor")], [D(3, 10, 10, (20,), 5, "x")]], ValueError,
+     r"^tensor index 3 has kind 'dtensor' in 'x' on rank 0 but 'tensor' in 'x' on rank 1; "
+     r"give one logical tensor one way$"),
+    # the RNG's fields
+    ([[D(0, 0, 1, (2**33,), 1, "big")]], ValueError,
+     r"^piece 'big' \(tensor index 0\): a tensor of 8589934592 elements in blocks of 1 has more "
+     r"than 2\*\*32 blocks; use a larger block \(on rank 0\)$"),
+    ([[D(2**32, 0, 1, (1,), 1, "i")]], ValueError, r"the tensor index must be an int in \[0, 2\*\*32\)"),
+    # malformed descriptors
+    ([[D(0, -1, 1, (2,), 1)]], ValueError, r"offset and numel must be ints >= 0, got -1 and 1"),
+    ([[D(0, 0, 1, (2,), 0)]], ValueError, r"block_size must be an int >= 1, got 0"),
+    ([[D(0, 0, 1, [2], 1)]], ValueError, r"the logical shape must be a tuple of ints >= 0, got \[2\]"),
+    ([[D(0, 0, 1, (2,), 1, name=None)]], ValueError, r"name and kind must be strings"),
+    ([[(0, 0, 1, (2,), 1)]], ValueError, r"rank 0 sent a tuple, not a PieceDescriptor"),
+]
+
+
+@pytest.mark.parametrize("descriptors, error, pattern", LAYOUT_ERRORS)
+def test_shared_block_layout_rejects(descriptors, error, pattern):
+    with pytest.raises(error, match=pattern):
+        shared_block_layout(descriptors)
+
+
+def test_shared_block_layout_names_ranks_and_allows_2_to_32_blocks():
+    with pytest.raises(ValueError, match=r"on rank 5 and .* on rank 9"):
+        shared_block_layout([[D(0, 0, 3, (9,), 2, "a")], [D(0, 2, 3, (9,), 2, "b")]], ranks=[5, 9])
+    layout = shared_block_layout([[D(0, 2**32 - 1, 1, (2**32,), 1)]])  # exactly 2**32 blocks
+    assert layout.blocks == () and layout.num_rows == (1,)
+
+
+def test_shared_block_layout_by_hand():
+    # tensor 0: 10 elements in blocks of 4 -> blocks [0,4) [4,8) [8,10)
+    #   rank 0 holds [0, 5) and [9, 10); rank 1 holds [5, 9); rank 2 nothing of it
+    # tensor 1: 6 elements, one block ("tensor"), cut over ranks 0, 1, 2; tensor 2 whole on rank 2
+    layout = shared_block_layout([
+        [D(0, 0, 5, (10,), 4), D(1, 0, 2, (6,), 6), D(0, 9, 1, (10,), 4)],
+        [D(1, 2, 1, (6,), 6), D(0, 5, 4, (10,), 4), D(1, 3, 0, (6,), 6)],
+        [D(2, 0, 3, (3,), 1), D(1, 3, 3, (6,), 6)],
+    ])
+    assert layout.blocks == ((0, 1), (0, 2), (1, 0))
+    assert layout.holders == (2, 2, 3)
+    assert layout.num_rows == (4, 3, 4)
+    assert layout.rows == ((1, 2, 3), (0, 1, 2), (3,))
+    assert layout.positions == ((0, 2, 1), (2, 0, 1), (2,))
+    assert layout.cross_rank
+    # the same pieces on one rank: every block still needs adding up, but no collective
+    alone = shared_block_layout([[d for rank in [
+        [D(0, 0, 5, (10,), 4), D(0, 9, 1, (10,), 4)], [D(0, 5, 4, (10,), 4)]] for d in rank]])
+    assert alone.blocks == ((0, 1), (0, 2)) and alone.holders == (1, 1) and not alone.cross_rank
+    assert alone.rows == ((1, 2, 3, 4),) and alone.positions == ((0, 1, 0, 1),)
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3, 5])
+def test_shared_block_layout_matches_brute_force(world_size):
+    rng = random.Random(world_size)
+    for case in range(40):
+        holders = [rng.sample(range(world_size), rng.randint(1, world_size))
+                   for _ in range(rng.randint(1, 5))]
+        descriptors = by_rank(random_cuts(rng, holders), world_size, rng)
+        layout = shared_block_layout(descriptors)
+        assert dataclasses.asdict(layout) == brute_force_layout(descriptors), (world_size, case)
+        assert layout.cross_rank == any(h >= 2 for h in layout.holders)
+
+
+def test_shared_block_layout_is_independent_of_tensor_sizes():
+    # a 2**31-element tensor in blocks of 3, cut in two: the layout never walks its blocks
+    n = 2**31
+    layout = shared_block_layout([[D(0, 0, n // 2 + 1, (n,), 3)], [D(0, n // 2 + 1, n // 2 - 1, (n,), 3)]])
+    assert layout.blocks == ((0, (n // 2) // 3),) and layout.rows == ((layout.num_rows[0] - 1,), (0,))
