@@ -2,7 +2,7 @@
 
 from ._ops import has_cuda_extension
 from .optimizer import Magma
-from .param_groups import param_groups
+from .param_groups import decay_groups, param_groups
 
-__all__ = ["Magma", "param_groups", "has_cuda_extension"]
+__all__ = ["Magma", "decay_groups", "param_groups", "has_cuda_extension"]
 __version__ = "0.1.0"

@@ -1,4 +1,9 @@
-"""magma_ext.param_groups: which parameters are masked and decayed."""
+"""magma_ext.param_groups / decay_groups / split_parameters: which parameters are masked and decayed.
+
+The rule (issue 9, after the paper's Table A1): attention and MLP weights are masked and decayed;
+the output layer and other non-Linear weights are decayed but not masked; embeddings, norms and
+1-D parameters are neither.
+"""
 
 from __future__ import annotations
 
@@ -6,8 +11,14 @@ import pytest
 import torch
 from torch import nn
 
-from magma_ext import Magma, param_groups
+from magma_ext import Magma, decay_groups, param_groups
+from magma_ext.demo.model import Llama, LlamaConfig
+from magma_ext.param_groups import HEAD_NAMES, split_parameters
 
+
+# ---------------------------------------------------------------------------------------------
+# Helpers (local to this module on purpose: nothing is imported from conftest)
+# ---------------------------------------------------------------------------------------------
 
 class CustomNorm(nn.Module):
     """A norm the helper cannot know by type: only its class name says "Norm"."""
@@ -43,65 +54,317 @@ class TinyLM(nn.Module):
         return self.head(self.custom(self.norm_out(x)))
 
 
+class Named(nn.Module):
+    """Submodules given as (attribute name, module) pairs, registered in that order."""
+
+    def __init__(self, *children):
+        super().__init__()
+        for name, module in children:
+            self.add_module(name, module)
+
+
 def _names(model, params):
     by_id = {id(p): name for name, p in model.named_parameters()}
-    return {by_id[id(p)] for p in params}
+    return [by_id[id(p)] for p in params]
 
 
-EXPECTED_MASKED = {"up.weight", "down.weight", "conv.weight", "head.weight"}
-EXPECTED_UNMASKED = {"embed.weight", "norm_in.weight", "norm_in.bias", "up.bias", "conv.bias",
-                     "norm_out.weight", "custom.weight"}
+def _split_names(model, **kwargs):
+    """(masked, unmasked_decayed, plain) as sets of parameter names."""
+    return tuple(set(_names(model, params)) for params in split_parameters(model, **kwargs))
 
 
-def _split(groups):
-    masked = [g for g in groups if g.get("magma", True) is not False]
-    unmasked = [g for g in groups if g.get("magma", True) is False]
-    return masked, unmasked
+def _by_kind(model, groups):
+    """Names per kind of param_groups group: masked, unmasked but decayed, plain."""
+    out = {"masked": [], "unmasked_decayed": [], "plain": []}
+    for g in groups:
+        if g.get("magma", True) is not False:
+            kind = "masked"
+        else:
+            kind = "unmasked_decayed" if g["weight_decay"] != 0.0 else "plain"
+        out[kind] += _names(model, g["params"])
+    return out
+
+
+def _llama(dim=32, n_layers=2, n_heads=2, vocab_size=256):
+    torch.manual_seed(0)
+    return Llama(LlamaConfig(vocab_size=vocab_size, dim=dim, n_layers=n_layers, n_heads=n_heads,
+                             max_seq_len=16))
+
+
+def _llama_expected(n_layers):
+    masked = {f"blocks.{i}.{w}.weight" for i in range(n_layers)
+              for w in ("attn.wq", "attn.wk", "attn.wv", "attn.wo", "mlp.w1", "mlp.w2", "mlp.w3")}
+    plain = {"embed.weight", "norm.weight"} | {f"blocks.{i}.{n}.weight" for i in range(n_layers)
+                                              for n in ("attn_norm", "mlp_norm")}
+    return masked, {"lm_head.weight"}, plain
+
+
+# ---------------------------------------------------------------------------------------------
+# The rule on the demo's Llama
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dim", [32, 96, 256],
+                         ids=["dim32", "dim96-mlp-width-is-vocab", "dim256-attention-width-is-vocab"])
+def test_llama_split(dim):
+    """Attention and MLP projections masked, LM head decayed only, embedding and norms plain;
+    also when a hidden width equals the byte vocabulary (256), which must not make a hidden
+    layer look like the output layer."""
+    model = _llama(dim=dim, n_heads=4)
+    assert _split_names(model) == _llama_expected(2)
+
+
+def test_llama_param_groups_layout():
+    model = _llama()
+    groups = param_groups(model, weight_decay=0.1, lr=3e-4)
+    masked, unmasked_decayed, plain = _llama_expected(2)
+    assert [set(names) for names in _by_kind(model, groups).values()] == [masked, unmasked_decayed, plain]
+    assert [(g["weight_decay"], g.get("magma", True), g["lr"]) for g in groups] == [
+        (0.1, True, 3e-4), (0.1, False, 3e-4), (0.0, False, 3e-4)]
+
+
+@pytest.mark.parametrize("make", [_llama,
+                                  lambda: Named(("stem", nn.Conv1d(4, 4, 3)), ("proj", nn.Linear(4, 4)))],
+                         ids=["llama", "unmasked-weight-first"])
+def test_lists_follow_model_order(make):
+    model = make()
+    order = [name for name, _ in model.named_parameters()]
+    for params in split_parameters(model):
+        names = _names(model, params)
+        assert names == sorted(names, key=order.index)
+    for group in decay_groups(model, 0.1):
+        names = _names(model, group["params"])
+        assert names == sorted(names, key=order.index)
+
+
+# ---------------------------------------------------------------------------------------------
+# The rule on other layouts
+# ---------------------------------------------------------------------------------------------
+
+EXPECTED_MASKED = {"up.weight", "down.weight"}
+EXPECTED_UNMASKED_DECAYED = {"conv.weight", "head.weight"}  # not a Linear; the output layer
+EXPECTED_PLAIN = {"embed.weight", "norm_in.weight", "norm_in.bias", "up.bias", "conv.bias",
+                  "norm_out.weight", "custom.weight"}
 
 
 @pytest.mark.parametrize("weight_decay", [0.0, 0.1])
 def test_membership_and_options(weight_decay):
     model = TinyLM()
     groups = param_groups(model, weight_decay=weight_decay)
-    masked, unmasked = _split(groups)
-    assert _names(model, [p for g in masked for p in g["params"]]) == EXPECTED_MASKED
-    assert _names(model, [p for g in unmasked for p in g["params"]]) == EXPECTED_UNMASKED
+    masked = [g for g in groups if g.get("magma", True) is not False]
+    unmasked = [g for g in groups if g.get("magma", True) is False]
+    assert {n for g in masked for n in _names(model, g["params"])} == EXPECTED_MASKED
+    assert ({n for g in unmasked for n in _names(model, g["params"])}
+            == EXPECTED_UNMASKED_DECAYED | EXPECTED_PLAIN)
     assert all(g["weight_decay"] == weight_decay for g in masked)
-    assert all(g["weight_decay"] == 0.0 for g in unmasked)
+    assert _split_names(model) == (EXPECTED_MASKED, EXPECTED_UNMASKED_DECAYED, EXPECTED_PLAIN)
+    decays = {n: g["weight_decay"] for g in groups for n in _names(model, g["params"])}
+    assert {n for n, wd in decays.items() if n in EXPECTED_UNMASKED_DECAYED} == EXPECTED_UNMASKED_DECAYED
+    assert all(decays[n] == weight_decay for n in EXPECTED_UNMASKED_DECAYED)
+    assert all(decays[n] == 0.0 for n in EXPECTED_PLAIN)
 
 
 @pytest.mark.parametrize("tie", [False, True], ids=["untied", "tied-embedding"])
 def test_every_trainable_parameter_exactly_once(tie):
     model = TinyLM(tie=tie)
-    listed = [p for g in param_groups(model, weight_decay=0.1) for p in g["params"]]
     trainable = [p for p in model.parameters() if p.requires_grad]
-    assert len(listed) == len({id(p) for p in listed})
-    assert {id(p) for p in listed} == {id(p) for p in trainable}
+    for listed in ([p for g in param_groups(model, weight_decay=0.1) for p in g["params"]],
+                   [p for g in decay_groups(model, 0.1) for p in g["params"]],
+                   [p for params in split_parameters(model) for p in params]):
+        assert len(listed) == len({id(p) for p in listed})
+        assert {id(p) for p in listed} == {id(p) for p in trainable}
 
+
+def test_tied_head_is_the_embedding():
+    """A head tied to the embedding is one tensor, plain (an embedding). Being tied also makes
+    it the output layer, so a later hidden layer as wide as the vocabulary stays masked."""
+    embed = nn.Embedding(12, 8)
+    unembed = nn.Linear(8, 12, bias=False)
+    unembed.weight = embed.weight
+    model = Named(("embed", embed), ("unembed", unembed),
+                  ("up", nn.Linear(8, 12, bias=False)), ("down", nn.Linear(12, 8, bias=False)))
+    assert _split_names(model) == ({"up.weight", "down.weight"}, set(), {"embed.weight"})
+
+
+@pytest.mark.parametrize("head_name", sorted(HEAD_NAMES))
+def test_head_name_rule(head_name):
+    """A Linear called like a head is the output layer, whatever its width; no embedding needed."""
+    model = Named(("body", nn.Linear(6, 6, bias=False)), (head_name, nn.Linear(6, 3, bias=False)))
+    assert _split_names(model) == ({"body.weight"}, {f"{head_name}.weight"}, set())
+
+
+def test_head_name_is_the_attribute_name_only():
+    """Only the Linear's own attribute name counts: the dense layer inside a module called
+    ``output`` (BERT's ``attention.output.dense``) is a hidden layer; so is ``heads``."""
+    output = Named(("dense", nn.Linear(6, 6, bias=False)))
+    model = Named(("output", output), ("heads", nn.Linear(6, 6, bias=False)),
+                  ("lm_head", nn.Linear(6, 9, bias=False)))
+    assert _split_names(model) == ({"output.dense.weight", "heads.weight"}, {"lm_head.weight"}, set())
+
+
+def test_head_name_under_an_alias():
+    """A Linear registered twice counts as the head if either of its names is a head name."""
+    proj = nn.Linear(6, 6, bias=False)
+    model = Named(("proj", proj), ("hidden", nn.Linear(6, 6, bias=False)), ("output", proj))
+    assert _split_names(model) == ({"hidden.weight"}, {"proj.weight"}, set())
+
+
+def test_vocab_size_rule():
+    """Without a tie or a head name, the last Linear that projects onto an embedding's
+    vocabulary is the output layer; an earlier layer of that width is a hidden layer."""
+    model = Named(("tok", nn.Embedding(12, 8)), ("wide", nn.Linear(8, 12, bias=False)),
+                  ("narrow", nn.Linear(12, 8, bias=False)), ("unembed", nn.Linear(8, 12, bias=False)))
+    assert _split_names(model) == ({"wide.weight", "narrow.weight"}, {"unembed.weight"}, {"tok.weight"})
+
+
+def test_vocab_size_rule_needs_an_embedding():
+    model = Named(("a", nn.Linear(8, 12, bias=False)), ("b", nn.Linear(12, 12, bias=False)))
+    assert _split_names(model) == ({"a.weight", "b.weight"}, set(), set())
+
+
+def test_vocab_size_rule_is_a_fallback():
+    """When a head name identifies the output layer, a later vocabulary-wide Linear stays masked."""
+    model = Named(("tok", nn.Embedding(12, 8)), ("lm_head", nn.Linear(8, 12, bias=False)),
+                  ("aux", nn.Linear(8, 12, bias=False)))
+    assert _split_names(model) == ({"aux.weight"}, {"lm_head.weight"}, {"tok.weight"})
+
+
+def test_multihead_attention_weights_are_masked():
+    """nn.MultiheadAttention holds its input projections directly; they are attention weights."""
+    layer = nn.TransformerEncoderLayer(d_model=8, nhead=2, dim_feedforward=16)
+    masked, unmasked_decayed, plain = _split_names(layer)
+    assert masked == {"self_attn.in_proj_weight", "self_attn.out_proj.weight", "linear1.weight",
+                      "linear2.weight"}
+    assert unmasked_decayed == set()
+    assert plain == {"self_attn.in_proj_bias", "self_attn.out_proj.bias", "linear1.bias", "linear2.bias",
+                     "norm1.weight", "norm1.bias", "norm2.weight", "norm2.bias"}
+
+    separate = nn.MultiheadAttention(8, 2, kdim=6, vdim=5, bias=False)
+    assert _split_names(separate) == (
+        {"q_proj_weight", "k_proj_weight", "v_proj_weight", "out_proj.weight"}, set(), set())
+
+
+def test_frozen_parameters_are_left_out():
+    model = _llama()
+    model.lm_head.requires_grad_(False)
+    model.embed.requires_grad_(False)
+    masked, unmasked_decayed, plain = _llama_expected(2)
+    assert _split_names(model) == (masked, set(), plain - {"embed.weight"})
+
+
+# ---------------------------------------------------------------------------------------------
+# The override
+# ---------------------------------------------------------------------------------------------
+
+def test_masked_predicate_replaces_the_rule():
+    model = _llama()
+    masked, unmasked_decayed, plain = _llama_expected(2)
+    decayed = masked | unmasked_decayed
+    calls = []
+
+    def first_block_and_head(name, param):
+        calls.append((name, param))
+        return name.startswith("blocks.0.") or name == "lm_head.weight"
+
+    chosen = {n for n in decayed if n.startswith("blocks.0.")} | {"lm_head.weight"}
+    groups = param_groups(model, weight_decay=0.1, masked=first_block_and_head)
+    by_kind = _by_kind(model, groups)
+    assert set(by_kind["masked"]) == chosen
+    assert set(by_kind["unmasked_decayed"]) == decayed - chosen
+    assert set(by_kind["plain"]) == plain
+    # Asked once about each decayed parameter, by its name, with the tensor itself.
+    params = dict(model.named_parameters())
+    assert sorted(name for name, _ in calls) == sorted(decayed)
+    assert all(param is params[name] for name, param in calls)
+
+
+def test_masked_predicate_cannot_mask_plain_parameters():
+    """Masking "everything" masks every decayed weight (the paper's all-layers ablation);
+    embeddings and norms stay plain and undecayed."""
+    model = _llama()
+    masked, unmasked_decayed, plain = _llama_expected(2)
+    assert _split_names(model, masked=lambda name, param: True) == (masked | unmasked_decayed, set(), plain)
+    assert _split_names(model, masked=lambda name, param: False) == (set(), masked | unmasked_decayed, plain)
+
+
+@pytest.mark.parametrize("bad", ["lm_head", 1, ["blocks.0"], True])
+def test_bad_masked_raises_type_error(bad):
+    model = _llama()
+    with pytest.raises(TypeError, match="masked"):
+        param_groups(model, weight_decay=0.1, masked=bad)
+    with pytest.raises(TypeError, match="masked"):
+        split_parameters(model, masked=bad)
+
+
+# ---------------------------------------------------------------------------------------------
+# decay_groups: the AdamW view of the same split
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("make", [_llama, TinyLM, lambda: TinyLM(tie=True),
+                                  lambda: nn.TransformerEncoderLayer(8, 2, 16)],
+                         ids=["llama", "tinylm", "tinylm-tied", "transformer-layer"])
+def test_decay_groups_agree_with_param_groups(make):
+    model = make()
+    groups = decay_groups(model, 0.1, lr=1e-3)
+    assert [g["weight_decay"] for g in groups] == [0.1, 0.0]
+    assert all(g["lr"] == 1e-3 and "magma" not in g for g in groups)
+    decayed, plain = ({id(p) for p in g["params"]} for g in groups)
+    for masked_rule in (None, lambda name, param: "w1" in name):
+        magma = param_groups(model, weight_decay=0.1, masked=masked_rule)
+        assert {id(p) for g in magma if g["weight_decay"] == 0.1 for p in g["params"]} == decayed
+        assert {id(p) for g in magma if g["weight_decay"] == 0.0 for p in g["params"]} == plain
+    masked, unmasked_decayed, plain_list = split_parameters(model)
+    assert decayed == {id(p) for p in masked + unmasked_decayed}
+    assert plain == {id(p) for p in plain_list}
+
+
+def test_decay_groups_on_llama():
+    model = _llama()
+    masked, unmasked_decayed, plain = _llama_expected(2)
+    decayed_group, plain_group = decay_groups(model, 0.1)
+    assert set(_names(model, decayed_group["params"])) == masked | unmasked_decayed
+    assert set(_names(model, plain_group["params"])) == plain
+
+
+def test_empty_groups_are_omitted():
+    only_matrices = Named(("a", nn.Linear(4, 4, bias=False)))
+    assert [len(g["params"]) for g in param_groups(only_matrices)] == [1]
+    assert [g["weight_decay"] for g in decay_groups(only_matrices, 0.1)] == [0.1]
+    only_norms = Named(("norm", nn.LayerNorm(4)))
+    assert [(len(g["params"]), g["magma"]) for g in param_groups(only_norms)] == [(2, False)]
+    assert [g["weight_decay"] for g in decay_groups(only_norms, 0.1)] == [0.0]
+
+
+# ---------------------------------------------------------------------------------------------
+# The groups in use
+# ---------------------------------------------------------------------------------------------
 
 def test_default_weight_decay_is_zero():
     assert all(g["weight_decay"] == 0.0 for g in param_groups(TinyLM()))
 
 
 def test_groups_train_with_magma():
-    """The groups plug into Magma; unmasked params all move (mask "none"), nothing is NaN."""
+    """The groups plug into Magma; unmasked params (head, conv, embeddings, norms, biases) all
+    move at every step (mask "none"), masked ones keep a moving score, nothing is NaN."""
     torch.manual_seed(0)
     model = TinyLM()
     groups = param_groups(model, weight_decay=0.1)
     optimizer = Magma(groups, lr=0.01, keep_prob=0.5, block="row")
-    unmasked = [p for g in _split(groups)[1] for p in g["params"]]
-    before = [p.detach().clone() for p in unmasked]
+    unmasked = [p for g in groups if g.get("magma", True) is False for p in g["params"]]
+    assert set(_names(model, unmasked)) == EXPECTED_UNMASKED_DECAYED | EXPECTED_PLAIN
     tokens = torch.randint(0, 11, (2, 5))
+    checked = []
     for _ in range(3):
+        before = [p.detach().clone() for p in unmasked]
         optimizer.zero_grad()
         model(tokens).logsumexp(-1).mean().backward()
         optimizer.step()
-    checked = 0
-    for p, old in zip(unmasked, before):
-        if p.grad is not None and bool((p.grad != 0).all()):  # embedding rows of unseen tokens get 0
-            assert bool((p.detach() != old).all())
-            checked += 1
-    assert checked >= 4
+        for name, p, old in zip(_names(model, unmasked), unmasked, before):
+            if p.grad is not None and bool((p.grad != 0).all()):  # embedding rows of unseen tokens get 0
+                assert bool((p.detach() != old).all()), name
+                checked.append(name)
+    assert len(checked) >= 3 * 6
+    assert checked.count("head.weight") == checked.count("conv.weight") == 3
     assert all(torch.isfinite(p).all() for p in model.parameters())
-    assert all(bool((optimizer.state[p]["magma_score"] == 0.5).all())
-               for p in unmasked if optimizer.state[p])
+    assert all(bool((optimizer.state[p]["magma_score"] == 0.5).all()) for p in unmasked if optimizer.state[p])
+    masked = [p for g in groups if g.get("magma", True) is not False for p in g["params"]]
+    assert all(not bool((optimizer.state[p]["magma_score"] == 0.5).all()) for p in masked)

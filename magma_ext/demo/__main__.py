@@ -1,13 +1,17 @@
 """``python -m magma_ext.demo``: train the same small Llama with AdamW and with Magma.
 
-Both runs share the seed (so the init), the data order, the token budget and the learning
-rate schedule; only the optimizer differs. The run prints progress, then a table of final
-losses and speed, and writes ``loss_curves.png`` and ``curves.json`` to ``--out``.
+Both runs share the seed (so the init), the data order, the token budget and the shape of
+the learning-rate schedule; only the optimizer and its peak learning rate differ. Each
+optimizer has its own default peak rate, the best of its grid in the convergence study
+(``ADAMW_LR`` and ``MAGMA_LR`` in :mod:`magma_ext.demo.train` say which run). The run prints
+progress, then a table of final losses, learning rates and speed, and writes
+``loss_curves.png`` and ``curves.json`` to ``--out``.
 
 The defaults (0.9M parameters, 0.8M tokens per run) finish in about three minutes on two
 CPU cores; scale up on a GPU with e.g.
 ``--steps 2000 --batch-size 64 --seq-len 512 --dim 512 --layers 8 --heads 8 --dtype bfloat16
---max-bytes 40000000``.
+--max-bytes 40000000`` (at 50M parameters the study's best rates were lower: add
+``--adamw-lr 5e-4 --magma-lr 1e-3`` to use those).
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ import torch
 
 from . import data as data_lib
 from .model import LlamaConfig
-from .train import BETAS, adamw_factory, magma_factory, train
+from .train import ADAMW_LR, BETAS, MAGMA_LR, adamw_factory, magma_factory, train
 
 _THREAD_ENV_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
 
@@ -42,8 +46,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dim", type=int, default=128, help="model width")
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate of AdamW")
-    p.add_argument("--magma-lr", type=float, default=None, help="peak learning rate of Magma (default: --lr)")
+    p.add_argument("--adamw-lr", type=float, default=None,
+                   help=f"peak learning rate of AdamW (default: --lr, else {ADAMW_LR:g})")
+    p.add_argument("--magma-lr", type=float, default=None,
+                   help=f"peak learning rate of Magma (default: --lr, else {MAGMA_LR:g})")
+    p.add_argument("--lr", type=float, default=None,
+                   help="peak learning rate of both optimizers, unless --adamw-lr / --magma-lr say otherwise")
     p.add_argument("--weight-decay", type=float, default=0.1, help="decay of matrices (both optimizers)")
     p.add_argument("--keep-prob", type=float, default=0.5, help="Magma's probability of keeping a block")
     p.add_argument("--warmup", type=int, default=None, help="warmup steps (default: steps // 10)")
@@ -55,8 +63,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-bytes", type=int, default=data_lib.DEFAULT_MAX_BYTES, help="corpus size cap")
     p.add_argument("--out", default="demo_out", help="folder for loss_curves.png and curves.json")
     args = p.parse_args(argv)
-    if args.magma_lr is None:
-        args.magma_lr = args.lr
+    for name, default in (("adamw_lr", ADAMW_LR), ("magma_lr", MAGMA_LR)):
+        if getattr(args, name) is None:
+            setattr(args, name, default if args.lr is None else args.lr)
     for name in ("steps", "batch_size", "seq_len", "eval_every", "eval_batches"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
@@ -71,11 +80,11 @@ def configure_threads(device: torch.device) -> None:
 
 
 def format_table(results: dict[str, dict]) -> str:
-    """The final comparison as a Markdown table."""
-    header = "| optimizer | final train loss | final val loss | val perplexity | ms/step |"
-    rows = [header, "|---|---:|---:|---:|---:|"]
+    """The final comparison as a Markdown table; ``peak_lr`` of each run is its peak learning rate."""
+    header = "| optimizer | peak lr | final train loss | final val loss | val perplexity | ms/step |"
+    rows = [header, "|---|---:|---:|---:|---:|---:|"]
     for name, r in results.items():
-        rows.append(f"| {name} | {r['final_train_loss']:.4f} | {r['final_val_loss']:.4f} "
+        rows.append(f"| {name} | {r['peak_lr']:g} | {r['final_train_loss']:.4f} | {r['final_val_loss']:.4f} "
                     f"| {r['final_val_ppl']:.3f} | {r['ms_per_step']:.1f} |")
     return "\n".join(rows)
 
@@ -133,20 +142,23 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
     print(f"model: dim {args.dim}, {args.layers} layers, {args.heads} heads, seq {args.seq_len}; "
           f"device {device}, {args.dtype}, {torch.get_num_threads()} CPU threads")
     print(f"budget: {args.steps} steps x {args.batch_size * args.seq_len:,} tokens, "
-          f"lr {args.lr:g} (Magma {args.magma_lr:g}), keep_prob {args.keep_prob}, seed {args.seed}",
+          f"peak lr AdamW {args.adamw_lr:g}, Magma {args.magma_lr:g}; keep_prob {args.keep_prob}, "
+          f"seed {args.seed}",
           flush=True)
 
     optimizers = {
-        "AdamW": adamw_factory(args.lr, args.weight_decay),
-        "Magma": magma_factory(args.magma_lr, args.weight_decay, keep_prob=args.keep_prob, seed=args.seed),
+        "AdamW": (args.adamw_lr, adamw_factory(args.adamw_lr, args.weight_decay)),
+        "Magma": (args.magma_lr, magma_factory(args.magma_lr, args.weight_decay,
+                                               keep_prob=args.keep_prob, seed=args.seed)),
     }
     results = {}
-    for name, factory in optimizers.items():
-        results[name] = train(model_cfg, factory, train_data, val_data,
-                              steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len,
-                              warmup_steps=args.warmup, eval_every=args.eval_every,
-                              eval_batches=args.eval_batches, seed=args.seed, device=device,
-                              dtype=args.dtype, name=name)
+    for name, (lr, factory) in optimizers.items():
+        run = train(model_cfg, factory, train_data, val_data,
+                    steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len,
+                    warmup_steps=args.warmup, eval_every=args.eval_every,
+                    eval_batches=args.eval_batches, seed=args.seed, device=device,
+                    dtype=args.dtype, name=name)
+        results[name] = {"peak_lr": lr, **run}
 
     print()
     print(format_table(results))
@@ -154,7 +166,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
         memory = f", peak CUDA memory {r['peak_mem_bytes'] / 2**20:,.0f} MiB" if r["peak_mem_bytes"] else ""
         print(f"{name}: {r['wall_s']:.1f} s wall, {r['tokens_per_s']:,.0f} tokens/s{memory}")
     title = (f"Llama {args.dim}d x {args.layers}L, {args.steps} steps x {args.batch_size}x{args.seq_len} "
-             f"bytes, lr {args.lr:g}/{args.magma_lr:g}, {device.type}")
+             f"bytes, peak lr AdamW {args.adamw_lr:g} / Magma {args.magma_lr:g}, {device.type}")
     png_path, json_path = out_dir / "loss_curves.png", out_dir / "curves.json"
     plot_curves(results, png_path, title)
     config = dict(vars(args))

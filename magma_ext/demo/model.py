@@ -2,8 +2,9 @@
 
 Pre-norm blocks of RMSNorm -> causal self-attention with rotary position embeddings ->
 RMSNorm -> SwiGLU MLP, a final RMSNorm and an untied LM head. No biases anywhere, so
-``magma_ext.param_groups`` sees exactly the layout of a real Llama: 2-D projection matrices
-(masked and decayed), an ``nn.Embedding`` and norm weights (neither).
+``magma_ext.param_groups`` sees exactly the layout of a real Llama: the attention and MLP
+projection matrices (masked and decayed), the LM head (decayed, not masked), an
+``nn.Embedding`` and norm weights (neither).
 """
 
 from __future__ import annotations

@@ -18,6 +18,8 @@ from contextlib import nullcontext
 import torch
 from torch import nn
 
+from .. import Magma, decay_groups, param_groups
+
 from . import data as data_lib
 from .model import Llama, LlamaConfig
 
@@ -27,30 +29,31 @@ OptimizerFactory = Callable[[nn.Module], torch.optim.Optimizer]
 BETAS = (0.9, 0.95)
 
 
-def decay_split(model: nn.Module, weight_decay: float) -> list[dict]:
-    """AdamW parameter groups with the same decay rule as ``magma_ext.param_groups``:
-    2-D+ weights of non-embedding modules decayed; embeddings, norms and 1-D params not."""
-    decayed, plain = [], []
-    for module in model.modules():
-        no_decay_module = isinstance(module, nn.Embedding) or "Norm" in type(module).__name__
-        for param in module.parameters(recurse=False):
-            (plain if no_decay_module or param.ndim < 2 else decayed).append(param)
-    return [{"params": decayed, "weight_decay": weight_decay},
-            {"params": plain, "weight_decay": 0.0}]
+# Default peak learning rates, one per optimizer: Magma writes about a quarter of the dense
+# update on average (a block is kept with probability 0.5 and scaled by a score near 0.5), so
+# sharing AdamW's rate would handicap it. The values are the best of each optimizer's grid at
+# the smallest size of the convergence study (benchmarks/results/convergence.md, "10M" row of
+# its Results table; records in benchmarks/results/convergence/conv_10m*_h100_2026-11-23.json:
+# AdamW 1e-3, mean final val ppl 3.4330 over 2 seeds; Magma-Adam 2e-3, 3.4919), the size
+# closest to the demo's default 0.9M-parameter model. At 50M the best were 5e-4 and 1e-3.
+# (That study's Magma runs also masked the LM head, as param_groups did before issue 9.)
+ADAMW_LR = 1e-3
+MAGMA_LR = 2e-3
 
 
-def adamw_factory(lr: float, weight_decay: float = 0.1) -> OptimizerFactory:
-    """``torch.optim.AdamW`` over :func:`decay_split` groups."""
+def adamw_factory(lr: float = ADAMW_LR, weight_decay: float = 0.1) -> OptimizerFactory:
+    """``torch.optim.AdamW`` over ``magma_ext.decay_groups``: it decays exactly what
+    ``magma_ext.param_groups`` decays for Magma."""
     def make(model: nn.Module) -> torch.optim.Optimizer:
-        return torch.optim.AdamW(decay_split(model, weight_decay), lr=lr, betas=BETAS)
+        return torch.optim.AdamW(decay_groups(model, weight_decay), lr=lr, betas=BETAS)
     return make
 
 
-def magma_factory(lr: float, weight_decay: float = 0.1, **magma_kwargs) -> OptimizerFactory:
-    """``magma_ext.Magma`` (default base="adam", mask="magma") over ``param_groups``;
+def magma_factory(lr: float = MAGMA_LR, weight_decay: float = 0.1, **magma_kwargs) -> OptimizerFactory:
+    """``magma_ext.Magma`` (default base="adam", mask="magma") over ``magma_ext.param_groups``
+    (attention and MLP weights masked; LM head, embedding and norms not);
     ``magma_kwargs`` (keep_prob, seed, ...) go to the constructor."""
     def make(model: nn.Module) -> torch.optim.Optimizer:
-        from magma_ext import Magma, param_groups
         return Magma(param_groups(model, weight_decay=weight_decay), lr=lr, betas=BETAS, **magma_kwargs)
     return make
 
