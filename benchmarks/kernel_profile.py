@@ -32,7 +32,7 @@ import step_bench as sb  # noqa: E402
 from magma_ext.philox import keep_mask  # noqa: E402
 
 CASES = [c for c in sb.FLOAT32_CASES if c.name != "Magma skip keep 0.5"]
-KERNELS = ("moments_kernel", "finalize_kernel", "apply_kernel", "block_kernel")
+KERNELS = ("one_pass_kernel", "moments_sums_kernel", "finalize_kernel", "apply_kernel", "block_kernel")
 
 
 def kernel_kind(name: str) -> str:
@@ -66,11 +66,11 @@ def pass_bytes(case: sb.Case, kind: str, shapes, kept: float) -> float | None:
     if case.kind == "adamw":
         return numel * 28 if kind == "other" else None
     if mask == "none":
-        return numel * 28 if kind == "moments_kernel" else None
+        return numel * 28 if kind == "one_pass_kernel" else None
     kinds = [sb.pass_kind(case, shape) for shape in shapes]
     one = sum(math.prod(s) for s, k in zip(shapes, kinds) if k == "1-pass")
     two = numel - one
-    if kind == "moments_kernel":
+    if kind == "moments_sums_kernel":
         return two * 20
     if kind == "apply_kernel":
         return two * kept * 16  # reads both moments and the weights, writes the weights

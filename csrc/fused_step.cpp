@@ -37,6 +37,7 @@
 #include <string>
 #include <vector>
 
+#include "check_message.h"
 #include "keep_threshold.h"
 #include "launch.h"
 
@@ -65,14 +66,14 @@ Base parse_base(const char* op, std::string_view base) {
   if (base == "adam") return kAdam;
   if (base == "rmsprop") return kRmsprop;
   if (base == "laprop") return kLaprop;
-  TORCH_CHECK(false, op, ": base must be 'adam', 'rmsprop' or 'laprop', got '", std::string(base), "'");
+  MAGMA_CHECK(false, op, ": base must be 'adam', 'rmsprop' or 'laprop', got '", std::string(base), "'");
 }
 
 Mask parse_mask(const char* op, std::string_view mask) {
   if (mask == "magma") return kMagma;
   if (mask == "skip") return kSkip;
   if (mask == "none") return kNone;
-  TORCH_CHECK(false, op, ": mask must be 'magma', 'skip' or 'none', got '", std::string(mask), "'");
+  MAGMA_CHECK(false, op, ": mask must be 'magma', 'skip' or 'none', got '", std::string(mask), "'");
 }
 
 struct Inputs {
@@ -82,49 +83,49 @@ struct Inputs {
 
 void check_inputs(const char* op, const Inputs& in, double keep_prob) {
   const size_t n = in.params.size();
-  TORCH_CHECK(in.grads.size() == n && in.exp_avgs.size() == n && in.exp_avg_sqs.size() == n &&
+  MAGMA_CHECK(in.grads.size() == n && in.exp_avgs.size() == n && in.exp_avg_sqs.size() == n &&
                   in.scores.size() == n && in.steps.size() == n && in.tensor_indices.size() == n &&
                   in.block_sizes.size() == n && in.offsets.size() == n && in.logical_numels.size() == n,
               op, ": params, grads, exp_avgs, exp_avg_sqs, scores, steps, "
               "tensor_indices, block_sizes, offsets and logical_numels must have the same length");
-  TORCH_CHECK(in.master_params.empty() || in.master_params.size() == n,
+  MAGMA_CHECK(in.master_params.empty() || in.master_params.size() == n,
               op, ": master_params must be empty or as long as params");
-  TORCH_CHECK(keep_prob >= 0.0 && keep_prob <= 1.0, op, ": keep_prob must be in [0, 1], got ", keep_prob);
+  MAGMA_CHECK(keep_prob >= 0.0 && keep_prob <= 1.0, op, ": keep_prob must be in [0, 1], got ", keep_prob);
   if (n == 0) return;
   const auto device = in.params[0].device();
   const auto param_dtype = in.params[0].scalar_type();
   const auto grad_dtype = in.grads[0].scalar_type();
   auto check_state = [&](const at::Tensor& t, const char* name, size_t i, int64_t numel) {
-    TORCH_CHECK(t.device() == device, op, ": ", name, "[", i, "] is on ", t.device(),
+    MAGMA_CHECK(t.device() == device, op, ": ", name, "[", i, "] is on ", t.device(),
                 ", params[0] on ", device);
-    TORCH_CHECK(t.scalar_type() == at::kFloat, op, ": ", name, "[", i, "] must be float32, got ",
+    MAGMA_CHECK(t.scalar_type() == at::kFloat, op, ": ", name, "[", i, "] must be float32, got ",
                 t.scalar_type());
-    TORCH_CHECK(t.is_contiguous(), op, ": ", name, "[", i, "] must be contiguous");
-    TORCH_CHECK(t.numel() == numel, op, ": ", name, "[", i, "] has ", t.numel(),
+    MAGMA_CHECK(t.is_contiguous(), op, ": ", name, "[", i, "] must be contiguous");
+    MAGMA_CHECK(t.numel() == numel, op, ": ", name, "[", i, "] has ", t.numel(),
                 " elements, expected ", numel);
   };
   for (size_t i = 0; i < n; ++i) {
     const at::Tensor& p = in.params[i];
     const at::Tensor& g = in.grads[i];
-    TORCH_CHECK(p.is_cuda() && p.device() == device, op, ": params[", i, "] is on ", p.device(),
+    MAGMA_CHECK(p.is_cuda() && p.device() == device, op, ": params[", i, "] is on ", p.device(),
                 ", params[0] on ", device, " (a CUDA device)");
-    TORCH_CHECK(p.scalar_type() == param_dtype, op, ": params must share one dtype");
-    TORCH_CHECK(p.is_contiguous(), op, ": params[", i, "] must be contiguous");
-    TORCH_CHECK(g.device() == device && g.is_contiguous() && g.numel() == p.numel(),
+    MAGMA_CHECK(p.scalar_type() == param_dtype, op, ": params must share one dtype");
+    MAGMA_CHECK(p.is_contiguous(), op, ": params[", i, "] must be contiguous");
+    MAGMA_CHECK(g.device() == device && g.is_contiguous() && g.numel() == p.numel(),
                 op, ": grads[", i, "] must be a contiguous tensor like params[", i, "]");
-    TORCH_CHECK(g.scalar_type() == grad_dtype, op, ": grads must share one dtype");
+    MAGMA_CHECK(g.scalar_type() == grad_dtype, op, ": grads must share one dtype");
     check_state(in.exp_avgs[i], "exp_avgs", i, p.numel());
     check_state(in.exp_avg_sqs[i], "exp_avg_sqs", i, p.numel());
     check_state(in.steps[i], "steps", i, 1);
     if (!in.master_params.empty()) check_state(in.master_params[i], "master_params", i, p.numel());
-    TORCH_CHECK(in.block_sizes[i] >= 1, op, ": block_sizes[", i, "] must be >= 1");
-    TORCH_CHECK(in.offsets[i] >= 0 && in.offsets[i] + p.numel() <= in.logical_numels[i],
+    MAGMA_CHECK(in.block_sizes[i] >= 1, op, ": block_sizes[", i, "] must be >= 1");
+    MAGMA_CHECK(in.offsets[i] >= 0 && in.offsets[i] + p.numel() <= in.logical_numels[i],
                 op, ": piece ", i, " lies outside its logical tensor");
-    TORCH_CHECK(in.tensor_indices[i] >= 0 && in.tensor_indices[i] <= int64_t{UINT32_MAX},
+    MAGMA_CHECK(in.tensor_indices[i] >= 0 && in.tensor_indices[i] <= int64_t{UINT32_MAX},
                 op, ": tensor_indices[", i, "] must fit in 32 bits");
     const Piece piece = make_piece(p.numel(), in.block_sizes[i], in.offsets[i]);
     check_state(in.scores[i], "scores", i, num_blocks(piece));
-    TORCH_CHECK(in.offsets[i] / in.block_sizes[i] + num_blocks(piece) <= (int64_t{1} << 32),
+    MAGMA_CHECK(in.offsets[i] / in.block_sizes[i] + num_blocks(piece) <= (int64_t{1} << 32),
                 op, ": tensor ", i, " has more than 2**32 blocks");
   }
 }
@@ -132,7 +133,7 @@ void check_inputs(const char* op, const Inputs& in, double keep_prob) {
 void check_scalar(const char* op, const std::optional<at::Tensor>& t, const char* name,
                   const at::Device& device) {
   if (!t) return;
-  TORCH_CHECK(t->device() == device && t->scalar_type() == at::kFloat && t->numel() == 1,
+  MAGMA_CHECK(t->device() == device && t->scalar_type() == at::kFloat && t->numel() == 1,
               op, ": ", name, " must be a one-element float32 tensor on ", device);
 }
 
@@ -141,7 +142,7 @@ void check_block_sums(const char* op, const Inputs& in, const at::Tensor& block_
   int64_t rows = 0;
   for (const at::Tensor& score : in.scores) rows += score.numel();
   const bool on_device = in.params.empty() || block_sums.device() == in.params[0].device();
-  TORCH_CHECK(block_sums.dim() == 2 && block_sums.size(0) == rows && block_sums.size(1) == 3 &&
+  MAGMA_CHECK(block_sums.dim() == 2 && block_sums.size(0) == rows && block_sums.size(1) == 3 &&
                   block_sums.scalar_type() == at::kFloat && block_sums.is_contiguous() && on_device,
               op, ": block_sums must be a contiguous float32 tensor of shape (", rows,
               ", 3) (one row per block of scores) on the params' device, got shape ",
@@ -173,7 +174,7 @@ class Packer {
   // the op's block_sums.
   template <typename Flush>
   void add(const char* op, size_t i, const Piece& piece, int64_t units, int64_t sum_row, Flush&& flush) {
-    TORCH_CHECK(units <= INT_MAX, op, ": tensor ", i, " needs ", units,
+    MAGMA_CHECK(units <= INT_MAX, op, ": tensor ", i, " needs ", units,
                 " work units, more than one launch takes; use a larger block");
     if (args_.count == kMaxTensors || args_.work_start[args_.count] + units > INT_MAX ||
         (args_.count > 0 && elems_ + piece.numel > max_elems_)) {

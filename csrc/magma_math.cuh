@@ -100,8 +100,10 @@ __device__ __forceinline__ void store_theta(P* param, float* master, int64_t i, 
 }
 
 // New score of a block from its sums <m, g>, ||m||^2, ||g||^2 (section 1.2).
+// A block whose sums are not all finite keeps its score (docs/ALGORITHM.md section 7).
 __device__ __forceinline__ float new_score(const StepHyper& h, float old_score, float dot,
                                            float m_sq, float g_sq) {
+  if (!(isfinite(dot) && isfinite(m_sq) && isfinite(g_sq))) return old_score;
   const float cosine = (m_sq > 0.f && g_sq > 0.f) ? dot / (sqrtf(m_sq) * sqrtf(g_sq)) : 0.f;
   const float instant = 1.f / (1.f + expf(-(cosine / h.tau)));
   return h.score_ema * old_score + (1.f - h.score_ema) * instant;

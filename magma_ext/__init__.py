@@ -3,6 +3,10 @@
 from ._ops import has_cuda_extension
 from .optimizer import Magma
 from .param_groups import decay_groups, param_groups
+from .pieces import Piece, declare_piece, number_parameters, piece_of
 
-__all__ = ["Magma", "decay_groups", "param_groups", "has_cuda_extension"]
+__all__ = [
+    "Magma", "decay_groups", "param_groups", "has_cuda_extension",
+    "Piece", "declare_piece", "number_parameters", "piece_of",
+]
 __version__ = "0.1.0"

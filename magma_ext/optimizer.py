@@ -7,6 +7,7 @@ CUDA ops or the PyTorch reference.  See docs/ALGORITHM.md for the algorithm and 
 
 from __future__ import annotations
 
+import inspect
 import warnings
 from collections import defaultdict
 from dataclasses import dataclass
@@ -14,9 +15,11 @@ from dataclasses import dataclass
 import torch
 from torch.optim import Optimizer
 
-from . import functional
-from .layout import MAX_TENSOR_INDEX, layout_for
+from . import functional, shards
+from .distributed import BlockSumExchange, PieceDescriptor
+from .layout import MAX_TENSOR_INDEX, BlockLayout, layout_for
 from .options import check_group_options, options_key
+from .pieces import Piece, piece_of
 from .types import GroupTensors, Hyper
 
 LOW_PRECISION = (torch.bfloat16, torch.float16)
@@ -96,6 +99,7 @@ class Magma(Optimizer):
         _check_group(defaults)
         self._reset_caches()
         super().__init__(params, defaults)
+        _refuse_unnumbered_zero(self.param_groups)
 
     def _reset_caches(self) -> None:
         self._plans: dict = {}
@@ -147,18 +151,19 @@ class Magma(Optimizer):
         such a parameter takes the next index above all in use, so no index is ever reused."""
         positions = self._tensor_indices()
         held = {state["magma_tensor_index"] for state in self.state.values() if "magma_tensor_index" in state}
+        held |= {piece.index for group in self.param_groups for piece in map(piece_of, group["params"]) if piece}
         indices = _fresh_indices([positions[id(p)] for p in new_params], held, len(positions))
         return {id(p): index for p, index in zip(new_params, indices)}
 
-    def _init_state(self, p: torch.Tensor, group: dict, tensor_index: int) -> None:
+    def _init_state(self, p: torch.Tensor, group: dict, tensor_index: int, view: shards.ParamView,
+                    layout: BlockLayout) -> None:
         if tensor_index >= MAX_TENSOR_INDEX:
             raise ValueError(f"tensor index {tensor_index} does not fit the 32-bit RNG field")
         state = self.state[p]
-        as_float = dict(dtype=torch.float32, device=p.device)
-        state["step"] = torch.zeros((), **as_float)
-        state["exp_avg"] = torch.zeros(p.shape, **as_float)
-        state["exp_avg_sq"] = torch.zeros(p.shape, **as_float)
-        _add_magma_state(state, p, group, tensor_index)
+        state["step"] = torch.zeros((), dtype=torch.float32, device=view.local.device)
+        state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.contiguous_format)
+        state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.contiguous_format)
+        _add_magma_state(state, p, group, tensor_index, view, layout)
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Load a Magma or ``torch.optim.AdamW`` checkpoint; a failed load changes nothing.
@@ -236,17 +241,22 @@ class Magma(Optimizer):
             if key not in self._plans:
                 self._check_layouts(group, params)
         new = [p for _, params, _ in active for p in params if not self.state[p]]
-        if new:
-            indices = self._new_tensor_indices(new)
-            for group, params, _ in active:
-                for p in params:
+        indices = self._new_tensor_indices(new) if new else {}
+        # Plans first: a sharded group's plan exchanges its pieces with the other ranks, and
+        # every rank raises the same error there before any state exists.
+        plans = [self._plan(key, group, params, indices) for group, params, key in active]
+        for (group, params, _), device_plans in zip(active, plans):
+            for device_plan in device_plans:
+                for p, view, layout in zip(device_plan.params, device_plan.views, device_plan.plan.layouts):
                     if not self.state[p]:
-                        self._init_state(p, group, indices[id(p)])
-        for group, params, key in active:
+                        self._init_state(p, group, device_plan.index_of(p), view, layout)
+        for (group, _, _), device_plans in zip(active, plans):
             hyper = _hyper(group)
-            for device_plan in self._plan(key, group, params):
+            for device_plan in device_plans:
                 states = [self.state[p] for p in device_plan.params]
-                functional.magma(device_plan.plan, _tensors(device_plan, states), hyper, grad_scale, found_inf)
+                reduce = device_plan.exchange.reduce_ if device_plan.exchange is not None else None
+                functional.magma(device_plan.plan, _tensors(device_plan, states), hyper, grad_scale,
+                                 found_inf, reduce)
         return loss
 
     def _check_options(self, group: dict) -> None:
@@ -280,49 +290,88 @@ class Magma(Optimizer):
     def _position(self, p: torch.Tensor) -> int:
         return self._tensor_indices()[id(p)]
 
-    def _plan(self, key: tuple, group: dict, params: list[torch.Tensor]) -> list[_DevicePlan]:
+    def _plan(self, key: tuple, group: dict, params: list[torch.Tensor], new_indices: dict) -> list[_DevicePlan]:
         """What does not change from step to step for these parameters: cached under ``key``."""
         plans = self._plans.get(key)
         if plans is None:
             if len(self._plans) >= _CACHE_LIMIT:
                 self._plans.clear()
-            plans = [self._plan_device(group, device, members) for device, members in _by_device(params).items()]
+            plans = [self._plan_device(group, device, members, new_indices)
+                     for device, members in _by_device(params).items()]
             self._plans[key] = plans
         return plans
 
-    def _plan_device(self, group: dict, device, params: list[torch.Tensor]) -> _DevicePlan:
-        layouts = [layout_for(tuple(p.shape), group["block"]) for p in params]
-        indices = [self.state[p]["magma_tensor_index"] for p in params]
-        masters = [self.state[p].get("master_param") is not None for p in params]
+    def _plan_device(self, group: dict, device, params: list[torch.Tensor], new_indices: dict) -> _DevicePlan:
+        names = self._names()
+        positional = [self.state[p]["magma_tensor_index"] if self.state[p] else new_indices[id(p)] for p in params]
+        views = [shards.view_of(p, index, group["block"], names.get(id(p), f"#{index}"))
+                 for p, index in zip(params, positional)]
+        layouts = [view.layout(group["block"]) for view in views]
+        indices = [index if view.piece is None else view.piece.index for view, index in zip(views, positional)]
+        masters = [("master_param" in self.state[p]) if self.state[p] else _wants_master(p, group) for p in params]
         if group["fused"] is None and device.type == "cuda" and not functional.extension_loaded():
             _warn_no_extension()
-        plan = functional.plan_step(device, params, masters, layouts, indices, group["fused"])
-        return _DevicePlan(params, plan)
+        exchange = None
+        if _scored(group) and any(view.piece is not None and view.piece.group is not None for view in views):
+            descriptors = [
+                (PieceDescriptor.of(view.piece or Piece(index, 0, tuple(view.local.shape)), view.local.numel(),
+                                    group["block"], name=names.get(id(p), f"#{index}"), kind=view.kind),
+                 view.piece.group if view.piece is not None else None)
+                for p, view, index in zip(params, views, indices)
+            ]
+            exchange = BlockSumExchange.build(descriptors, device)
+        plan = functional.plan_step(device, [view.local for view in views], masters, layouts, indices, group["fused"])
+        return _DevicePlan(params, views, plan, exchange)
+
+    def _names(self) -> dict[int, str]:
+        """Parameter names by id, from ``param_names`` where the groups have them, else positions."""
+        names, position = {}, 0
+        for group in self.param_groups:
+            labels = group.get("param_names") or [None] * len(group["params"])
+            for p, label in zip(group["params"], labels):
+                names[id(p)] = repr(label) if label is not None else f"#{position}"
+                position += 1
+        return names
 
 
 @dataclass
 class _DevicePlan:
-    """A group's parameters on one device and the plan of their step."""
+    """A group's parameters on one device, how the step sees them, and the plan of their step."""
 
     params: list[torch.Tensor]
+    views: list[shards.ParamView]
     plan: functional.StepPlan
+    exchange: BlockSumExchange | None  # completes the sums of blocks split across ranks
+
+    def index_of(self, p: torch.Tensor) -> int:
+        return self.plan.tensor_indices[next(i for i, q in enumerate(self.params) if q is p)]
+
+
+def _scored(group: dict) -> bool:
+    """Whether the group's step forms scores (and so needs whole-block sums)."""
+    return group["magma"] and group["mask"] == "magma"
+
+
+def _wants_master(p: torch.Tensor, group: dict) -> bool:
+    return group["master_weights"] and p.dtype in LOW_PRECISION
 
 
 def _plan_key(group: dict, params: list[torch.Tensor]) -> tuple:
-    return (id(group), group["block"], group["fused"], tuple(map(id, params)))
+    return (id(group), group["block"], group["fused"], _scored(group), tuple(map(id, params)))
 
 
 def _tensors(device_plan: _DevicePlan, states: list[dict]) -> GroupTensors:
-    params = device_plan.params
+    """The lists of the step: the local pieces of parameters, grads and state."""
+    layouts = device_plan.plan.layouts
     return GroupTensors(
-        params=params,
-        grads=[p.grad for p in params],
-        exp_avgs=[s["exp_avg"] for s in states],
-        exp_avg_sqs=[s["exp_avg_sq"] for s in states],
-        scores=[s["magma_score"] for s in states],
+        params=[view.local for view in device_plan.views],
+        grads=[shards.local(p.grad) for p in device_plan.params],
+        exp_avgs=[shards.local(s["exp_avg"]) for s in states],
+        exp_avg_sqs=[shards.local(s["exp_avg_sq"]) for s in states],
+        scores=[shards.local_score(s["magma_score"], layout) for s, layout in zip(states, layouts)],
         steps=[s["step"] for s in states],
-        master_params=[s.get("master_param") for s in states],
-        layouts=device_plan.plan.layouts,
+        master_params=[shards.local(s["master_param"]) if "master_param" in s else None for s in states],
+        layouts=layouts,
         tensor_indices=device_plan.plan.tensor_indices,
     )
 
@@ -367,12 +416,15 @@ def _group_of(param_groups: list[dict], position: int) -> int:
     raise IndexError(position)
 
 
-def _add_magma_state(state: dict, p: torch.Tensor, group: dict, tensor_index: int) -> None:
+def _add_magma_state(state: dict, p: torch.Tensor, group: dict, tensor_index: int,
+                     view: shards.ParamView | None = None, layout: BlockLayout | None = None) -> None:
     """The score (0.5 per block), tensor index and master copy a new parameter's state gets."""
-    blocks = layout_for(tuple(p.shape), group["block"]).num_blocks
-    state["magma_score"] = torch.full((blocks,), 0.5, dtype=torch.float32, device=p.device)
+    if view is None:
+        view = shards.view_of(p, tensor_index, group["block"], f"#{tensor_index}")
+        layout = view.layout(group["block"])
+    state["magma_score"] = shards.new_score(p, view, layout, group["block"])
     state["magma_tensor_index"] = tensor_index
-    if group["master_weights"] and p.dtype in LOW_PRECISION and "master_param" not in state:
+    if _wants_master(p, group) and "master_param" not in state:
         state["master_param"] = p.detach().to(torch.float32).clone()
 
 
@@ -409,12 +461,20 @@ def _check_state_fits(state: dict, p: torch.Tensor, group: dict, where: str) -> 
         raise ValueError(f"{where}: step must hold one number, got shape {tuple(state['step'].shape)}")
     score = state.get("magma_score")
     if score is not None:
-        blocks = layout_for(tuple(p.shape), group["block"]).num_blocks
+        blocks = _score_blocks(p, group, score)
         if score.numel() != blocks:
             raise ValueError(
                 f"{where}: block={group['block']!r} gives {blocks} blocks but magma_score has "
                 f"{score.numel()}: block cannot change mid-run"
             )
+
+
+def _score_blocks(p: torch.Tensor, group: dict, score: torch.Tensor) -> int:
+    """Entries a parameter's score must have: its logical tensor's blocks, or the local piece's
+    blocks where the score is a plain tensor of a piece."""
+    if shards.is_dtensor(score) or (not shards.is_dtensor(p) and piece_of(p) is None):
+        return layout_for(tuple(p.shape), group["block"]).num_blocks
+    return shards.view_of(p, 0, group["block"], "").layout(group["block"]).num_blocks
 
 
 def _raise_bad_grad(p: torch.Tensor, grad: torch.Tensor) -> None:
@@ -451,6 +511,26 @@ def _check_fused_params(params) -> None:
             "fused=True requires every parameter to be a contiguous CUDA tensor of dtype float32, "
             f"bfloat16 or float16; got {bad[0].dtype} on {bad[0].device}"
             f"{'' if bad[0].is_contiguous() else ' (not contiguous)'}"
+        )
+
+
+def _refuse_unnumbered_zero(param_groups: list[dict]) -> None:
+    """ZeroRedundancyOptimizer builds one Magma per rank from that rank's share of the
+    parameters; numbered by position in that share, they would draw other masks than one
+    process does.  Refuse that unless the parameters carry their indices (number_parameters)."""
+    frame = inspect.currentframe()
+    for _ in range(6):
+        frame = frame.f_back if frame is not None else None
+        owner = frame.f_locals.get("self") if frame is not None else None
+        if type(owner).__name__ == "ZeroRedundancyOptimizer" and type(owner).__module__.startswith("torch.distributed"):
+            break
+    else:
+        return
+    if any(piece_of(p) is None for group in param_groups for p in group["params"]):
+        raise ValueError(
+            "ZeroRedundancyOptimizer(optimizer_class=Magma) gives each rank's Magma a subset of the "
+            "parameters, which it would number from 0 and so draw different masks than one process; "
+            "call magma_ext.number_parameters(params) on the same params before building it"
         )
 
 

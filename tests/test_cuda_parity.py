@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from cuda_helpers import (
-    SHAPES, assert_same_state, changed_blocks, feed_same_grads, params_of, requires_gpu, twins,
+    SHAPES, STATE_TOL, assert_same_state, changed_blocks, feed_same_grads, params_of, requires_gpu, twins,
 )
 
 pytestmark = requires_gpu
@@ -193,3 +193,24 @@ def test_mixed_devices_and_non_contiguous_params_fall_back():
         __import__("magma_ext").Magma([strided], fused=True)
     with pytest.raises(RuntimeError, match="CUDA"):
         __import__("magma_ext").Magma([cpu_param], fused=True)
+
+
+@pytest.mark.parametrize("block", ["tensor", 300], ids=str)
+@pytest.mark.parametrize("bad", [float("inf"), float("nan")], ids=["inf", "nan"])
+@requires_gpu
+def test_non_finite_grad_keeps_the_score_on_both_paths(bad, block):
+    # One bad element without a scaler: both paths keep the block's score (docs/ALGORITHM.md
+    # section 7), and poison the same elements.
+    fused, reference = twins([(33, 257), (8193,)], block=block, lr=1e-2, keep_prob=1.0, seed=3)
+    for step in range(4):
+        feed_same_grads(fused, reference, step)
+        if step == 1:
+            for p in params_of(fused) + params_of(reference):
+                p.grad[(0,) * p.grad.dim()] = bad
+        fused.step()
+        reference.step()
+    for p, q in zip(params_of(fused), params_of(reference)):
+        assert torch.isfinite(fused.state[p]["magma_score"]).all()
+        torch.testing.assert_close(fused.state[p]["magma_score"], reference.state[q]["magma_score"], **STATE_TOL)
+        assert torch.equal(torch.isfinite(p), torch.isfinite(q))
+        assert (~torch.isfinite(p)).sum() <= 1

@@ -7,13 +7,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from magma_ext import Magma, has_cuda_extension, param_groups
+from magma_ext import Magma, decay_groups, has_cuda_extension, param_groups
 from magma_ext.demo.train import BETAS
-
-try:  # TODO(decay_groups): drop the fallback once magma_ext.decay_groups has landed
-    from magma_ext import decay_groups
-except ImportError:  # until magma_ext.decay_groups lands
-    from magma_ext.demo.train import decay_split as decay_groups
 
 from .definition import WEIGHT_DECAY, Recipe
 

@@ -1,0 +1,133 @@
+"""How the optimizer sees a parameter that is, or holds, a piece of a larger logical tensor.
+
+Three kinds of parameter reach :class:`magma_ext.Magma`:
+
+- a plain tensor: a whole logical tensor, numbered by its position (docs/ALGORITHM.md section 3);
+- a tensor declared with :func:`magma_ext.pieces.declare_piece` (or numbered by
+  :func:`~magma_ext.pieces.number_parameters`): elements ``[offset, offset + numel)`` of logical
+  tensor ``index``, the other pieces on the ranks of the piece's process group;
+- a ``DTensor`` (FSDP2's ``fully_shard``): its global shape is the logical shape, ``to_local()``
+  is the piece, and ``Shard(0)`` on one mesh dimension (the other dimensions ``Replicate()``,
+  as HSDP has them) says where the piece starts and which ranks hold the others.
+
+:func:`view_of` turns each into a :class:`ParamView`: the local tensor the kernels work on and
+its :class:`~magma_ext.pieces.Piece` (None for a whole tensor numbered by position).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .layout import BlockLayout, block_size_for, layout_for
+from .pieces import Piece, piece_of
+
+try:
+    from torch.distributed.tensor import DTensor, Replicate, Shard
+except ImportError:  # pragma: no cover - a torch built without distributed support
+    DTensor = Replicate = Shard = None
+
+
+def is_dtensor(tensor) -> bool:
+    return DTensor is not None and isinstance(tensor, DTensor)
+
+
+def local(tensor):
+    """The tensor a kernel reads and writes: a DTensor's local shard, else the tensor itself."""
+    return tensor.to_local() if is_dtensor(tensor) else tensor
+
+
+@dataclass(frozen=True)
+class ParamView:
+    """A parameter as the step sees it."""
+
+    local: torch.Tensor  # what the kernels read and write
+    piece: Piece | None  # None: a whole tensor, numbered by position
+    kind: str  # "tensor" (plain or declared) or "dtensor"
+
+    def layout(self, block) -> BlockLayout:
+        """Its blocks under the ``block`` option: those of its logical tensor it overlaps."""
+        if self.piece is None:
+            return layout_for(tuple(self.local.shape), block)
+        return BlockLayout(
+            numel=self.local.numel(), block_size=block_size_for(self.piece.shape, block),
+            offset=self.piece.offset, logical_numel=self.piece.logical_numel,
+        )
+
+
+def view_of(p: torch.Tensor, position_index: int, block, name: str) -> ParamView:
+    """The :class:`ParamView` of parameter ``p`` whose positional tensor index is ``position_index``.
+
+    Raises ValueError, naming the parameter, for a DTensor placement the step cannot honour.
+    """
+    declared = piece_of(p)
+    if not is_dtensor(p):
+        return ParamView(p, declared, "tensor")
+    index = declared.index if declared is not None else position_index
+    return ParamView(p.to_local(), dtensor_piece(p, index, block, name), "dtensor")
+
+
+def dtensor_piece(p, index: int, block, name: str) -> Piece:
+    """The piece of its global tensor that a DTensor's local shard is."""
+    shard_dims = []
+    for mesh_dim, placement in enumerate(p.placements):
+        if isinstance(placement, Shard) and type(placement) is Shard and placement.dim == 0:
+            shard_dims.append(mesh_dim)
+        elif not isinstance(placement, Replicate):
+            raise ValueError(
+                f"parameter {name}: placement {placement} on mesh dimension {mesh_dim} is not "
+                "supported: Magma takes DTensors sharded Shard(0) on one mesh dimension and "
+                "Replicate() on the others (FSDP2's fully_shard and HSDP)"
+                + ("; Shard(d) with d > 0 would cut blocks into non-contiguous pieces"
+                   if isinstance(placement, Shard) else "")
+            )
+    if len(shard_dims) > 1:
+        raise ValueError(f"parameter {name}: Shard(0) on {len(shard_dims)} mesh dimensions; Magma takes one")
+    shape = tuple(p.shape)
+    if not shard_dims:
+        return Piece(index=index, offset=0, shape=shape)
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    _, global_offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
+    offset = global_offset[0] * math.prod(shape[1:]) if shape else 0
+    return Piece(index=index, offset=offset, shape=shape, group=p.device_mesh.get_group(shard_dims[0]))
+
+
+def new_score(p: torch.Tensor, view: ParamView, layout: BlockLayout, block) -> torch.Tensor:
+    """A fresh score (0.5 per block) shaped so that checkpoint tools can reshard it.
+
+    A DTensor's score is a DTensor too, over the logical tensor's blocks: ``Replicate()`` when
+    every piece sees the one block of the tensor, the parameter's own placements when blocks
+    are rows (its ``Shard(0)`` then cuts the rows' scores as it cuts the rows).  Other blocks of
+    a DTensor keep a plain tensor of the local blocks (see :func:`checkpointable`).
+    """
+    device = view.local.device
+    if view.kind != "dtensor":
+        return torch.full((layout.num_blocks,), 0.5, dtype=torch.float32, device=device)
+    logical_blocks = layout_for(tuple(p.shape), block).num_blocks
+    if _one_block(p, block):
+        placements = [Replicate()] * p.device_mesh.ndim
+        values = torch.full((logical_blocks,), 0.5, dtype=torch.float32, device=device)
+        return DTensor.from_local(values, p.device_mesh, placements, run_check=False)
+    if block == "row":
+        values = torch.full((layout.num_blocks,), 0.5, dtype=torch.float32, device=device)
+        return DTensor.from_local(values, p.device_mesh, p.placements, shape=torch.Size([logical_blocks]),
+                                  stride=(1,), run_check=False)
+    return torch.full((layout.num_blocks,), 0.5, dtype=torch.float32, device=device)
+
+
+def _one_block(p, block) -> bool:
+    return block == "tensor" or (block == "row" and p.dim() < 2)
+
+
+def local_score(score: torch.Tensor, layout: BlockLayout) -> torch.Tensor:
+    """The entries of a score that the local piece's blocks use, as a plain tensor."""
+    values = local(score)
+    return values if values.numel() == layout.num_blocks else values[:layout.num_blocks]
+
+
+def checkpointable(p: torch.Tensor, block) -> bool:
+    """Whether a DTensor parameter's score can be saved and resharded by checkpoint tools."""
+    return not is_dtensor(p) or _one_block(p, block) or block == "row"

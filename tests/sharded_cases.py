@@ -1,0 +1,233 @@
+"""Scenarios of sharded Magma runs, shared by the multi-process CPU tests and the 2-GPU check.
+
+Each ``*_body`` runs on one rank (``torch.distributed`` already initialized) and returns plain
+tensors on the CPU; :func:`single_process_run` is the run they must equal.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import torch
+import torch.distributed as dist
+
+from magma_ext import Magma
+from magma_ext.pieces import declare_piece, number_parameters
+from magma_ext.types import BASES, MASKS
+
+# Odd shapes: a one-element tensor, an empty one, rows that pieces cut in the middle.
+SHAPES = [(5, 7), (13,), (3, 4, 5), (1,), (0, 3), (6, 6)]
+BLOCKS = ["tensor", "row", 7]
+COMBOS = list(itertools.product(BASES, MASKS, BLOCKS))
+OPTIONS = dict(lr=0.03, weight_decay=0.1, keep_prob=0.5, seed=11)
+
+
+def initial_params(shapes=SHAPES, seed=0, device="cpu"):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(s, generator=gen).to(device) for s in shapes]
+
+
+def grads_at(step, shapes=SHAPES, device="cpu"):
+    gen = torch.Generator().manual_seed(1000 + step)
+    return [torch.randn(s, generator=gen).to(device) for s in shapes]
+
+
+def single_process_run(combo, steps, shapes=SHAPES, fused=False, device="cpu"):
+    """Per step, every parameter after the step, and the final state: the sharded runs' oracle."""
+    base, mask, block = combo
+    params = [torch.nn.Parameter(t) for t in initial_params(shapes, device=device)]
+    optimizer = Magma(params, base=base, mask=mask, block=block, fused=fused, **OPTIONS)
+    history = []
+    for step in range(steps):
+        for p, g in zip(params, grads_at(step, shapes, device)):
+            p.grad = g
+        optimizer.step()
+        history.append([p.detach().cpu().clone() for p in params])
+    final = [{k: v.cpu().clone() for k, v in optimizer.state[p].items() if isinstance(v, torch.Tensor)}
+             for p in params]
+    return history, final
+
+
+def flat_cuts(shapes, world_size):
+    """Where each rank's range of the concatenated parameters starts and ends, ignoring tensor
+    boundaries: odd offsets, a one-element range and an empty one when there are 4 ranks."""
+    total = sum(torch.Size(s).numel() for s in shapes)
+    if world_size == 2:
+        return [0, 71, total]
+    if world_size == 4:
+        return [0, 37, 38, 38, total]
+    return [round(total * r / world_size) for r in range(world_size + 1)]
+
+
+def flat_shard_body(rank, world_size, combos, steps, fused=False, device="cpu"):
+    """ZeRO-style: each rank holds a range of the flattened parameters, declared as pieces."""
+    cuts = flat_cuts(SHAPES, world_size)
+    out = {}
+    for combo in combos:
+        base, mask, block = combo
+        pieces, ranges, start = [], [], 0
+        for index, tensor in enumerate(initial_params(device=device)):
+            n = tensor.numel()
+            lo = min(max(cuts[rank], start), start + n) - start
+            hi = min(max(cuts[rank + 1], start), start + n) - start
+            piece = torch.nn.Parameter(tensor.reshape(-1)[lo:hi].clone())
+            declare_piece(piece, index=index, offset=lo, shape=tensor.shape, group=dist.group.WORLD)
+            pieces.append(piece)
+            ranges.append((lo, hi))
+            start += n
+        optimizer = Magma(pieces, base=base, mask=mask, block=block, fused=fused, **OPTIONS)
+        history = []
+        for step in range(steps):
+            for piece, grad, (lo, hi) in zip(pieces, grads_at(step, device=device), ranges):
+                piece.grad = grad.reshape(-1)[lo:hi].clone()
+            optimizer.step()
+            history.append([piece.detach().cpu().clone() for piece in pieces])
+        final = [{k: v.cpu().clone() for k, v in optimizer.state[p].items() if isinstance(v, torch.Tensor)}
+                 for p in pieces]
+        out[combo] = (ranges, history, final)
+    return out
+
+
+def zero_redundancy_body(rank, world_size, steps, number_first):
+    """torch's ZeroRedundancyOptimizer around Magma: each rank steps a subset of whole tensors."""
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+
+    params = [torch.nn.Parameter(t) for t in initial_params()]
+    if number_first:
+        number_parameters(params)
+    optimizer = ZeroRedundancyOptimizer(params, optimizer_class=Magma, **OPTIONS)
+    history = []
+    for step in range(steps):
+        for p, g in zip(params, grads_at(step)):
+            p.grad = g
+        optimizer.step()
+        history.append([p.detach().clone() for p in params])
+    return history
+
+
+# ---------------------------------------------------------------- models: DDP and FSDP2
+
+def mlp(seed=0, device="cpu"):
+    """Odd widths: over 4 ranks a (3, 5) weight and a (3,) bias leave one rank an empty shard."""
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(
+        torch.nn.Linear(7, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3), torch.nn.Tanh(),
+        torch.nn.Linear(3, 9, bias=False),
+    ).to(device)
+
+
+def batch(step, device="cpu"):
+    gen = torch.Generator().manual_seed(5000 + step)
+    return torch.randn(8, 7, generator=gen).to(device), torch.randn(8, 9, generator=gen).to(device)
+
+
+def _loss(model, step, rank, world_size, device):
+    inputs, targets = batch(step, device)
+    rows = slice(rank * 8 // world_size, (rank + 1) * 8 // world_size)
+    return torch.nn.functional.mse_loss(model(inputs[rows]), targets[rows])
+
+
+def single_process_model_run(combo, steps, fused=False, device="cpu"):
+    """The model trained by one process on the whole batch: what DDP and FSDP2 must equal."""
+    base, mask, block = combo
+    model = mlp(device=device)
+    optimizer = Magma(model.parameters(), base=base, mask=mask, block=block, fused=fused, **OPTIONS)
+    history = []
+    for step in range(steps):
+        _loss(model, step, 0, 1, device).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        history.append([p.detach().cpu().clone() for p in model.parameters()])
+    return history
+
+
+def ddp_body(rank, world_size, combos, steps):
+    from torch.nn.parallel import DistributedDataParallel
+
+    out = {}
+    for combo in combos:
+        base, mask, block = combo
+        model = DistributedDataParallel(mlp())
+        optimizer = Magma(model.parameters(), base=base, mask=mask, block=block, **OPTIONS)
+        history = []
+        for step in range(steps):
+            _loss(model, step, rank, world_size, "cpu").backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            history.append([p.detach().clone() for p in model.parameters()])
+        out[combo] = history
+    return out
+
+
+def _mesh(world_size, hsdp, device_type):
+    from torch.distributed.device_mesh import init_device_mesh
+
+    if hsdp:
+        return init_device_mesh(device_type, (2, world_size // 2), mesh_dim_names=("replicate", "shard"))
+    return init_device_mesh(device_type, (world_size,))
+
+
+def fsdp_model(mesh, device="cpu"):
+    from torch.distributed.fsdp import fully_shard
+
+    model = mlp(device=device)
+    for layer in model:
+        if isinstance(layer, torch.nn.Linear):
+            fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
+def _fsdp_steps(model, optimizer, first, steps, rank, world_size, device):
+    history = []
+    for step in range(first, first + steps):
+        _loss(model, step, rank, world_size, device).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        history.append([p.full_tensor().cpu().clone() for p in model.parameters()])
+    return history
+
+
+def fsdp_body(rank, world_size, combos, steps, hsdp=False, fused=False, device="cpu"):
+    """FSDP2 (fully_shard, Shard(0)) or HSDP ((Replicate(), Shard(0)) on a 2-D mesh)."""
+    mesh = _mesh(world_size, hsdp, torch.device(device).type)
+    out = {}
+    for combo in combos:
+        base, mask, block = combo
+        model = fsdp_model(mesh, device)
+        optimizer = Magma(model.parameters(), base=base, mask=mask, block=block, fused=fused, **OPTIONS)
+        out[combo] = _fsdp_steps(model, optimizer, 0, steps, rank, world_size, device)
+    return out
+
+
+def _checkpoint_state(model, optimizer):
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+    return {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, optimizer)}
+
+
+def dcp_save_body(rank, world_size, combo, steps, path):
+    """FSDP2 on ``world_size`` ranks for ``steps`` steps, then a DCP checkpoint in ``path``."""
+    import torch.distributed.checkpoint as dcp
+
+    base, mask, block = combo
+    model = fsdp_model(_mesh(world_size, False, "cpu"))
+    optimizer = Magma(model.parameters(), base=base, mask=mask, block=block, **OPTIONS)
+    history = _fsdp_steps(model, optimizer, 0, steps, rank, world_size, "cpu")
+    dcp.save(_checkpoint_state(model, optimizer), checkpoint_id=path)
+    return history
+
+
+def dcp_resume_body(rank, world_size, combo, first, steps, path):
+    """A fresh FSDP2 run on ``world_size`` ranks that loads ``path`` and goes on from step ``first``."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+
+    base, mask, block = combo
+    model = fsdp_model(_mesh(world_size, False, "cpu"))
+    optimizer = Magma(model.parameters(), base=base, mask=mask, block=block, **OPTIONS)
+    state = _checkpoint_state(model, optimizer)
+    dcp.load(state, checkpoint_id=path)
+    set_model_state_dict(model, state["model"])
+    set_optimizer_state_dict(model, optimizer, state["optim"])
+    return _fsdp_steps(model, optimizer, first, steps, rank, world_size, "cpu")

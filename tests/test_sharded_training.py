@@ -1,0 +1,118 @@
+"""Sharded Magma on several processes (gloo, CPU) against one process: same masks, same numbers.
+
+Every sharded run here must give, at every step, the parameters a single process gives (the
+masks then agree too: a kept block moves by about lr, a masked one not at all); the only
+difference allowed is the order in which the partial sums of a split block are added, which
+moves a score by a few float32 ulps (NOTE: [float32 tolerances against float64] in helpers.py
+bounds that far below RTOL).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import sharded_cases as cases
+from distributed_helpers import RankError, run_ranks
+from helpers import assert_scaled_close
+
+STEPS = 20
+
+
+def _assert_same_history(actual, expected, what):
+    assert len(actual) == len(expected)
+    for step, (got, want) in enumerate(zip(actual, expected)):
+        for i, (a, e) in enumerate(zip(got, want)):
+            assert_scaled_close(a, e, f"{what}: step {step + 1}, parameter {i}")
+    previous = None
+    for step, (got, want) in enumerate(zip(actual, expected)):  # the same elements moved
+        if previous is not None:
+            for (a, e), (pa, pe) in zip(zip(got, want), previous):
+                assert torch.equal(a != pa, e != pe), f"{what}: step {step + 1}: different blocks moved"
+        previous = list(zip(got, want))
+
+
+def _assemble(rank_results, combo):
+    """Each step's whole parameters from every rank's pieces, and each piece's final state."""
+    steps = len(rank_results[0][combo][1])
+    history = []
+    for step in range(steps):
+        tensors = []
+        for index, shape in enumerate(cases.SHAPES):
+            flat = torch.empty(torch.Size(shape).numel())
+            for result in rank_results:
+                ranges, rank_history, _ = result[combo]
+                lo, hi = ranges[index]
+                flat[lo:hi] = rank_history[step][index]
+            tensors.append(flat.view(shape))
+        history.append(tensors)
+    return history
+
+
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_flat_shards_follow_the_single_process_run(world_size):
+    results = run_ranks(world_size, cases.flat_shard_body, world_size, cases.COMBOS, STEPS)
+    for combo in cases.COMBOS:
+        expected, final = cases.single_process_run(combo, STEPS)
+        _assert_same_history(_assemble(results, combo), expected, f"{combo}, {world_size} ranks")
+        for result in results:  # moments and the scores of every block a piece touches
+            ranges, _, states = result[combo]
+            for index, ((lo, hi), state) in enumerate(zip(ranges, states)):
+                whole = final[index]
+                for key in ("exp_avg", "exp_avg_sq"):
+                    assert_scaled_close(state[key], whole[key].reshape(-1)[lo:hi], f"{combo} {key} {index}")
+                if hi > lo:
+                    size = _block_size(cases.SHAPES[index], combo[2])
+                    blocks = slice(lo // size, (hi - 1) // size + 1)
+                    assert_scaled_close(state["magma_score"], whole["magma_score"][blocks], f"{combo} score {index}")
+
+
+def _block_size(shape, block):
+    from magma_ext.layout import block_size_for
+
+    return block_size_for(tuple(shape), block)
+
+
+def test_ddp_follows_the_single_process_run():
+    combos = [("adam", "magma", "tensor"), ("laprop", "skip", "row"), ("rmsprop", "magma", 7)]
+    results = run_ranks(2, cases.ddp_body, 2, combos, STEPS)
+    for combo in combos:
+        expected = cases.single_process_model_run(combo, STEPS)
+        for result in results:
+            _assert_same_history(result[combo], expected, f"DDP {combo}")
+
+
+@pytest.mark.parametrize("world_size,hsdp,combos", [
+    pytest.param(2, False, cases.COMBOS, id="fsdp2-2-ranks-every-combo"),
+    pytest.param(4, False, [("adam", "magma", b) for b in cases.BLOCKS] + [("laprop", "skip", "row")],
+                 id="fsdp2-4-ranks-empty-shards"),
+    pytest.param(4, True, [("adam", "magma", "tensor"), ("rmsprop", "magma", "row")], id="hsdp-2x2"),
+])
+def test_fsdp2_follows_the_single_process_run(world_size, hsdp, combos):
+    results = run_ranks(world_size, cases.fsdp_body, world_size, combos, STEPS, hsdp)
+    for combo in combos:
+        expected = cases.single_process_model_run(combo, STEPS)
+        _assert_same_history(results[0][combo], expected, f"FSDP2 {world_size} ranks {combo}")
+
+
+@pytest.mark.parametrize("resume_world_size", [1, 4])
+@pytest.mark.parametrize("block", ["tensor", "row"])
+def test_dcp_checkpoint_of_2_ranks_resumes_on_another_count(tmp_path, block, resume_world_size):
+    combo, first, rest = ("adam", "magma", block), 6, 6
+    expected = cases.single_process_model_run(combo, first + rest)
+    saved = run_ranks(2, cases.dcp_save_body, 2, combo, first, str(tmp_path))
+    _assert_same_history(saved[0], expected[:first], "before the checkpoint")
+    resumed = run_ranks(resume_world_size, cases.dcp_resume_body, resume_world_size, combo, first, rest, str(tmp_path))
+    _assert_same_history(resumed[0], expected[first:], f"resumed on {resume_world_size} ranks")
+
+
+def test_zero_redundancy_optimizer_with_numbered_parameters():
+    history = run_ranks(2, cases.zero_redundancy_body, 2, STEPS, True)
+    expected, _ = cases.single_process_run(("adam", "magma", "tensor"), STEPS)
+    for result in history:
+        _assert_same_history(result, expected, "ZeroRedundancyOptimizer")
+
+
+def test_zero_redundancy_optimizer_without_numbering_is_refused_on_every_rank():
+    with pytest.raises((ValueError, RankError), match="number_parameters"):
+        run_ranks(2, cases.zero_redundancy_body, 2, 1, False)
