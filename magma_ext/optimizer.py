@@ -343,6 +343,9 @@ class _DevicePlan:
     plan: functional.StepPlan
     exchange: BlockSumExchange | None  # completes the sums of blocks split across ranks
 
+    def __post_init__(self):
+        self.has_dtensors = any(view.kind == "dtensor" for view in self.views)
+
     def index_of(self, p: torch.Tensor) -> int:
         return self.plan.tensor_indices[next(i for i, q in enumerate(self.params) if q is p)]
 
@@ -363,9 +366,22 @@ def _plan_key(group: dict, params: list[torch.Tensor]) -> tuple:
 def _tensors(device_plan: _DevicePlan, states: list[dict]) -> GroupTensors:
     """The lists of the step: the local pieces of parameters, grads and state."""
     layouts = device_plan.plan.layouts
+    params = device_plan.params
+    if not device_plan.has_dtensors:  # the common case, kept free of per-tensor calls
+        return GroupTensors(
+            params=params,
+            grads=[p.grad for p in params],
+            exp_avgs=[s["exp_avg"] for s in states],
+            exp_avg_sqs=[s["exp_avg_sq"] for s in states],
+            scores=[s["magma_score"] for s in states],
+            steps=[s["step"] for s in states],
+            master_params=[s.get("master_param") for s in states],
+            layouts=layouts,
+            tensor_indices=device_plan.plan.tensor_indices,
+        )
     return GroupTensors(
-        params=[view.local for view in device_plan.views],
-        grads=[shards.local(p.grad) for p in device_plan.params],
+        params=[shards.local(p) for p in params],
+        grads=[shards.local(p.grad) for p in params],
         exp_avgs=[shards.local(s["exp_avg"]) for s in states],
         exp_avg_sqs=[shards.local(s["exp_avg_sq"]) for s in states],
         scores=[shards.local_score(s["magma_score"], layout) for s, layout in zip(states, layouts)],

@@ -35,15 +35,23 @@ def is_dtensor(tensor) -> bool:
 
 
 def local(tensor):
-    """The tensor a kernel reads and writes: a DTensor's local shard, else the tensor itself."""
-    return tensor.to_local() if is_dtensor(tensor) else tensor
+    """The tensor a kernel reads and writes: a DTensor's local shard, else the tensor itself.
+
+    Read every step (never cached): a checkpoint load may give a DTensor a new local tensor.
+    ``_local_tensor`` is what ``to_local()`` returns a view of, without its autograd node,
+    which costs microseconds per parameter.
+    """
+    if not is_dtensor(tensor):
+        return tensor
+    shard = getattr(tensor, "_local_tensor", None)
+    return shard if isinstance(shard, torch.Tensor) else tensor.to_local()
 
 
 @dataclass(frozen=True)
 class ParamView:
     """A parameter as the step sees it."""
 
-    local: torch.Tensor  # what the kernels read and write
+    local: torch.Tensor  # the local tensor when planned (its size, device, dtype); steps read local(p)
     piece: Piece | None  # None: a whole tensor, numbered by position
     kind: str  # "tensor" (plain or declared) or "dtensor"
 
@@ -66,7 +74,7 @@ def view_of(p: torch.Tensor, position_index: int, block, name: str) -> ParamView
     if not is_dtensor(p):
         return ParamView(p, declared, "tensor")
     index = declared.index if declared is not None else position_index
-    return ParamView(p.to_local(), dtensor_piece(p, index, block, name), "dtensor")
+    return ParamView(local(p), dtensor_piece(p, index, block, name), "dtensor")
 
 
 def dtensor_piece(p, index: int, block, name: str) -> Piece:

@@ -59,8 +59,14 @@ def flat_cuts(shapes, world_size):
     return [round(total * r / world_size) for r in range(world_size + 1)]
 
 
+def _use_device(rank, device):
+    if device == "cuda":
+        torch.cuda.set_device(rank)
+
+
 def flat_shard_body(rank, world_size, combos, steps, fused=False, device="cpu"):
     """ZeRO-style: each rank holds a range of the flattened parameters, declared as pieces."""
+    _use_device(rank, device)
     cuts = flat_cuts(SHAPES, world_size)
     out = {}
     for combo in combos:
@@ -190,6 +196,7 @@ def _fsdp_steps(model, optimizer, first, steps, rank, world_size, device):
 
 def fsdp_body(rank, world_size, combos, steps, hsdp=False, fused=False, device="cpu"):
     """FSDP2 (fully_shard, Shard(0)) or HSDP ((Replicate(), Shard(0)) on a 2-D mesh)."""
+    _use_device(rank, device)
     mesh = _mesh(world_size, hsdp, torch.device(device).type)
     out = {}
     for combo in combos:
@@ -231,3 +238,102 @@ def dcp_resume_body(rank, world_size, combo, first, steps, path):
     set_model_state_dict(model, state["model"])
     set_optimizer_state_dict(model, optimizer, state["optim"])
     return _fsdp_steps(model, optimizer, first, steps, rank, world_size, "cpu")
+
+
+# ---------------------------------------------------------------- helpers of the comparisons
+
+def assemble(rank_results, combo):
+    """Each step's whole parameters from every rank's pieces of :func:`flat_shard_body`."""
+    steps = len(rank_results[0][combo][1])
+    history = []
+    for step in range(steps):
+        tensors = []
+        for index, shape in enumerate(SHAPES):
+            flat = torch.empty(torch.Size(shape).numel())
+            for result in rank_results:
+                ranges, rank_history, _ = result[combo]
+                lo, hi = ranges[index]
+                flat[lo:hi] = rank_history[step][index]
+            tensors.append(flat.view(shape))
+        history.append(tensors)
+    return history
+
+
+def moved(history):
+    """Per step after the first, per parameter: which elements changed on that step."""
+    return [[a != b for a, b in zip(now, before)] for before, now in zip(history, history[1:])]
+
+
+# ---------------------------------------------------------------- the demo's Llama under FSDP2
+
+LLAMA_BATCH, LLAMA_SEQ = 8, 64
+
+
+def demo_llama(device):
+    from magma_ext.demo import Llama, LlamaConfig
+
+    torch.manual_seed(0)
+    return Llama(LlamaConfig(dim=128, n_layers=2, n_heads=4, max_seq_len=LLAMA_SEQ)).to(device)
+
+
+def llama_tokens(step, device):
+    gen = torch.Generator().manual_seed(7000 + step)
+    data = torch.randint(0, 256, (LLAMA_BATCH, LLAMA_SEQ + 1), generator=gen).to(device)
+    return data[:, :-1], data[:, 1:]
+
+
+def _llama_optimizer(model, fused):
+    from magma_ext import param_groups
+
+    return Magma(param_groups(model, weight_decay=0.1), lr=2e-3, keep_prob=0.5, seed=3, fused=fused)
+
+
+def llama_single_gpu_run(steps, world_size):
+    """The demo Llama on one GPU, each batch as ``world_size`` micro-batches whose gradients add
+    up to what FSDP2's reduce-scatter averages (halving is exact, so the gradients agree)."""
+    model = demo_llama("cuda")
+    optimizer = _llama_optimizer(model, True)
+    losses, history = [], []
+    for step in range(steps):
+        inputs, targets = llama_tokens(step, "cuda")
+        total = 0.0
+        for part in range(world_size):
+            rows = slice(part * LLAMA_BATCH // world_size, (part + 1) * LLAMA_BATCH // world_size)
+            loss = model(inputs[rows], targets[rows])
+            (loss / world_size).backward()
+            total += loss.item() / world_size
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(total)
+        history.append([p.detach().cpu().clone() for p in model.parameters()])
+    return losses, history
+
+
+def llama_fsdp_body(rank, world_size, steps):
+    """The demo Llama under FSDP2 on ``world_size`` GPUs with fused Magma."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    torch.cuda.set_device(rank)
+    mesh = init_device_mesh("cuda", (world_size,))
+    model = demo_llama("cuda")
+    for block in model.blocks:
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    optimizer = _llama_optimizer(model, True)
+    losses, history = [], []
+    rows = slice(rank * LLAMA_BATCH // world_size, (rank + 1) * LLAMA_BATCH // world_size)
+    for step in range(steps):
+        inputs, targets = llama_tokens(step, "cuda")
+        loss = model(inputs[rows], targets[rows])
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        mean = loss.detach().clone()
+        dist.all_reduce(mean)
+        losses.append(mean.item() / world_size)
+        history.append([p.full_tensor().cpu().clone() for p in model.parameters()])
+    exchanges = [plan.exchange for plans in optimizer._plans.values() for plan in plans if plan.exchange]
+    traffic = dict(collectives=sum(e.collectives_per_step for e in exchanges),
+                   bytes=sum(e.bytes_per_step for e in exchanges))
+    return losses, (history if rank == 0 else None), traffic

@@ -24,29 +24,9 @@ def _assert_same_history(actual, expected, what):
     for step, (got, want) in enumerate(zip(actual, expected)):
         for i, (a, e) in enumerate(zip(got, want)):
             assert_scaled_close(a, e, f"{what}: step {step + 1}, parameter {i}")
-    previous = None
-    for step, (got, want) in enumerate(zip(actual, expected)):  # the same elements moved
-        if previous is not None:
-            for (a, e), (pa, pe) in zip(zip(got, want), previous):
-                assert torch.equal(a != pa, e != pe), f"{what}: step {step + 1}: different blocks moved"
-        previous = list(zip(got, want))
-
-
-def _assemble(rank_results, combo):
-    """Each step's whole parameters from every rank's pieces, and each piece's final state."""
-    steps = len(rank_results[0][combo][1])
-    history = []
-    for step in range(steps):
-        tensors = []
-        for index, shape in enumerate(cases.SHAPES):
-            flat = torch.empty(torch.Size(shape).numel())
-            for result in rank_results:
-                ranges, rank_history, _ = result[combo]
-                lo, hi = ranges[index]
-                flat[lo:hi] = rank_history[step][index]
-            tensors.append(flat.view(shape))
-        history.append(tensors)
-    return history
+    for step, (got, want) in enumerate(zip(cases.moved(actual), cases.moved(expected)), start=2):
+        for i, (a, e) in enumerate(zip(got, want)):  # the same elements moved: the same masks
+            assert torch.equal(a, e), f"{what}: step {step}, parameter {i}: different blocks moved"
 
 
 @pytest.mark.parametrize("world_size", [2, 4])
@@ -54,7 +34,7 @@ def test_flat_shards_follow_the_single_process_run(world_size):
     results = run_ranks(world_size, cases.flat_shard_body, world_size, cases.COMBOS, STEPS)
     for combo in cases.COMBOS:
         expected, final = cases.single_process_run(combo, STEPS)
-        _assert_same_history(_assemble(results, combo), expected, f"{combo}, {world_size} ranks")
+        _assert_same_history(cases.assemble(results, combo), expected, f"{combo}, {world_size} ranks")
         for result in results:  # moments and the scores of every block a piece touches
             ranges, _, states = result[combo]
             for index, ((lo, hi), state) in enumerate(zip(ranges, states)):

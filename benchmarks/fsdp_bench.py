@@ -1,0 +1,196 @@
+"""Magma against torch.optim.AdamW(fused=True) on the same FSDP2 model, several GPUs, one run.
+
+Usage (from the repository root, on a machine with N GPUs; keep NVLink multicast off)::
+
+    NCCL_NVLS_ENABLE=0 python benchmarks/fsdp_bench.py --gpus 2 --out benchmarks/results/fsdp_....md
+
+The model is the demo's Llama scaled to Llama-1B shapes (vocab 32000, dim 2048, 22 layers,
+MLP 5632: 1.26 B float32 parameters), wrapped with ``fully_shard`` per block and at the root,
+its forward under bfloat16 autocast.  For each optimizer the same model (same weights, same
+batches) takes warm-up steps, then timed training steps: CUDA events around the whole step
+(forward, backward, optimizer) and around ``optimizer.step()`` alone; medians over the timed
+steps of rank 0 (every rank runs the same work).  The score all-reduce of Magma's sharded
+blocks (``BlockSumExchange.reduce_``) is timed alone on a buffer of its size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from magma_ext import Magma  # noqa: E402
+from magma_ext.demo import Llama, LlamaConfig  # noqa: E402
+
+CASES = [
+    ("AdamW(fused=True)", None),
+    ("Magma keep 0.5, tensor blocks", dict(keep_prob=0.5, block="tensor")),
+    ("Magma keep 0.1, tensor blocks", dict(keep_prob=0.1, block="tensor")),
+    ("Magma keep 0.5, row blocks", dict(keep_prob=0.5, block="row")),
+]
+LR = 1e-4
+
+
+def _timed(fn) -> float:
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end)
+
+
+def _model(args, mesh):
+    from torch.distributed.fsdp import fully_shard
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=32000, dim=2048, n_layers=args.layers, n_heads=16, mlp_hidden=5632,
+                         max_seq_len=args.seq)
+    with torch.device("cuda"):
+        model = Llama(config)
+    for block in model.blocks:
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
+def _optimizer(model, options):
+    if options is None:
+        return torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.01, fused=True)
+    return Magma(model.parameters(), lr=LR, weight_decay=0.01, fused=True, **options)
+
+
+def _exchanges(optimizer):
+    plans = getattr(optimizer, "_plans", {})
+    return [plan.exchange for device_plans in plans.values() for plan in device_plans if plan.exchange]
+
+
+def _run_case(model, options, args, rank, world):
+    optimizer = _optimizer(model, options)
+    generator = torch.Generator(device="cuda").manual_seed(1234 + rank)
+    step_ms, opt_ms = [], []
+
+    def train_step():
+        tokens = torch.randint(0, 32000, (args.batch, args.seq + 1), device="cuda", generator=generator)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model(tokens[:, :-1], tokens[:, 1:])
+        loss.backward()
+        opt_ms.append(_timed(optimizer.step))
+        optimizer.zero_grad(set_to_none=True)
+
+    for _ in range(args.warmup):
+        train_step()
+    opt_ms.clear()
+    for _ in range(args.steps):
+        step_ms.append(_timed(train_step))
+    result = dict(step_ms=float(np.median(step_ms)), opt_ms=float(np.median(opt_ms)),
+                  tokens_per_s=world * args.batch * args.seq / (float(np.median(step_ms)) * 1e-3))
+    exchanges = _exchanges(optimizer)
+    if exchanges:
+        buffers = [torch.zeros((e.num_rows, 3), device="cuda") for e in exchanges]
+
+        def reduce_all():
+            for exchange, buffer in zip(exchanges, buffers):
+                exchange.reduce_(buffer)
+
+        for _ in range(5):
+            reduce_all()
+        result.update(
+            reduce_us=float(np.median([_timed(reduce_all) for _ in range(50)])) * 1e3,
+            reduce_bytes=sum(e.bytes_per_step for e in exchanges),
+            collectives=sum(e.collectives_per_step for e in exchanges),
+        )
+    result["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    del optimizer
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    return result
+
+
+def _rank_main(rank, world, port, args, queue):
+    from torch.distributed.device_mesh import init_device_mesh
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.cuda.set_device(rank)
+    dist.init_process_group("nccl", rank=rank, world_size=world)
+    try:
+        mesh = init_device_mesh("cuda", (world,))
+        model = _model(args, mesh)
+        params = sum(p.numel() for p in model.parameters())
+        results = {name: _run_case(model, options, args, rank, world) for name, options in CASES}
+        if rank == 0:
+            queue.put((params, results))
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _table(params, results, args, world) -> str:
+    base = results[CASES[0][0]]
+    lines = [
+        "# Magma vs AdamW(fused=True) under FSDP2",
+        "",
+        f"- device: {world} x {torch.cuda.get_device_name(0)}; torch {torch.__version__}; "
+        f"date {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC",
+        f"- model: demo Llama at Llama-1B shapes, {params / 1e9:.2f} B float32 parameters, "
+        f"{args.layers} layers, fully_shard per block and at the root (Shard(0)), bf16 autocast",
+        f"- batch {args.batch} x {args.seq} tokens per rank; {args.warmup} warm-up and {args.steps} timed "
+        "steps per optimizer; medians of rank 0; lr 1e-4, weight decay 0.01, all parameters masked",
+        f"- command: `python benchmarks/fsdp_bench.py {' '.join(sys.argv[1:])}`",
+        "",
+        "| optimizer | optimizer step ms | vs AdamW | whole step ms | tokens/s | vs AdamW "
+        "| score all-reduce: collectives, bytes, µs, % of optimizer step | peak GiB |",
+        "|---|---:|---:|---:|---:|---:|---|---:|",
+    ]
+    for name, _ in CASES:
+        r = results[name]
+        reduce = "—"
+        if "reduce_us" in r:
+            reduce = (f"{r['collectives']}, {r['reduce_bytes']:,} B, {r['reduce_us']:.1f} µs, "
+                      f"{100 * r['reduce_us'] / 1e3 / r['opt_ms']:.2f}%")
+        lines.append(
+            f"| {name} | {r['opt_ms']:.3f} | {r['opt_ms'] / base['opt_ms']:.3f} | {r['step_ms']:.1f} | "
+            f"{r['tokens_per_s']:,.0f} | {r['tokens_per_s'] / base['tokens_per_s']:.3f} | {reduce} | "
+            f"{r['peak_gib']:.1f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--gpus", type=int, default=torch.cuda.device_count())
+    parser.add_argument("--layers", type=int, default=22)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--seq", type=int, default=1024)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
+    context = torch.multiprocessing.get_context("spawn")
+    queue = context.Queue()
+    torch.multiprocessing.start_processes(_rank_main, args=(args.gpus, _free_port(), args, queue),
+                                          nprocs=args.gpus, start_method="spawn", join=True)
+    params, results = queue.get()
+    text = _table(params, results, args, args.gpus)
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text)
+
+
+if __name__ == "__main__":
+    main()
