@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import os
 import socket
+import time
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
@@ -74,13 +75,23 @@ def _exchanges(optimizer):
     return [plan.exchange for device_plans in plans.values() for plan in device_plans if plan.exchange]
 
 
-def _train_step(model, optimizer, args, generator, opt_ms):
+def _train_step(model, optimizer, args, generator, opt_ms, host_ms=None):
     tokens = torch.randint(0, 32000, (args.batch, args.seq + 1), device="cuda", generator=generator)
     with torch.autocast("cuda", dtype=torch.bfloat16):
         loss = model(tokens[:, :-1], tokens[:, 1:])
     loss.backward()
-    opt_ms.append(_timed(optimizer.step))
+    host = []
+    opt_ms.append(_timed(lambda: host.append(_host_ms(optimizer.step))))
+    if host_ms is not None:
+        host_ms.extend(host)
     optimizer.zero_grad(set_to_none=True)
+
+
+def _host_ms(fn) -> float:
+    """Milliseconds the host spends in ``fn`` (launching its work, which runs on asynchronously)."""
+    start = time.perf_counter()
+    fn()
+    return (time.perf_counter() - start) * 1e3
 
 
 def _measure(model, args, rank, world):
@@ -89,6 +100,7 @@ def _measure(model, args, rank, world):
     generator = torch.Generator(device="cuda").manual_seed(1234 + rank)
     step_ms = {name: [] for name in optimizers}
     opt_ms = {name: [] for name in optimizers}
+    host_ms = {name: [] for name in optimizers}
     for name, optimizer in optimizers.items():  # state, plans and the exchanges' handshakes
         for _ in range(args.warmup):
             _train_step(model, optimizer, args, generator, [])
@@ -96,11 +108,14 @@ def _measure(model, args, rank, world):
         for name, optimizer in optimizers.items():
             _train_step(model, optimizer, args, generator, [])  # first step after a switch: untimed
             for _ in range(args.steps):
-                step_ms[name].append(_timed(lambda: _train_step(model, optimizer, args, generator, opt_ms[name])))
+                step_ms[name].append(_timed(
+                    lambda: _train_step(model, optimizer, args, generator, opt_ms[name], host_ms[name])))
     results = {}
     for name, optimizer in optimizers.items():
         median_step = float(np.median(step_ms[name]))
         results[name] = dict(step_ms=median_step, opt_ms=float(np.median(opt_ms[name])),
+                             opt_spread=(float(np.min(opt_ms[name])), float(np.max(opt_ms[name]))),
+                             host_ms=float(np.median(host_ms[name])),
                              tokens_per_s=world * args.batch * args.seq / (median_step * 1e-3))
         results[name].update(_exchange_cost(model, optimizer, args, generator))
     results["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
@@ -177,9 +192,9 @@ def _table(params, results, args, world) -> str:
         "lr 1e-4, weight decay 0.01, all parameters masked",
         f"- command: `python benchmarks/fsdp_bench.py {' '.join(sys.argv[1:])}`",
         "",
-        "| optimizer | optimizer step ms | vs AdamW | whole step ms | tokens/s | vs AdamW "
+        "| optimizer | optimizer step ms (min-max) | vs AdamW | host ms | whole step ms | tokens/s | vs AdamW "
         "| score all-reduce: collectives, bytes | alone µs | in the step µs (% of optimizer step) |",
-        "|---|---:|---:|---:|---:|---:|---|---:|---:|",
+        "|---|---:|---:|---:|---:|---:|---:|---|---:|---:|",
     ]
     for name, _ in CASES:
         r = results[name]
@@ -188,13 +203,15 @@ def _table(params, results, args, world) -> str:
             reduce = (f"{r['collectives']}, {r['reduce_bytes']:,} B | {r['reduce_us']:.1f} | "
                       f"{r['in_step_us']:.1f} ({100 * r['in_step_us'] / 1e3 / r['opt_ms']:.2f}%)")
         lines.append(
-            f"| {name} | {r['opt_ms']:.3f} | {r['opt_ms'] / base['opt_ms']:.3f} | {r['step_ms']:.1f} | "
+            f"| {name} | {r['opt_ms']:.3f} ({r['opt_spread'][0]:.2f}-{r['opt_spread'][1]:.2f}) | "
+            f"{r['opt_ms'] / base['opt_ms']:.3f} | {r['host_ms']:.2f} | {r['step_ms']:.1f} | "
             f"{r['tokens_per_s']:,.0f} | {r['tokens_per_s'] / base['tokens_per_s']:.3f} | {reduce} |"
         )
     lines += [
         "",
         f"Peak GPU memory of rank 0 with all four optimizers' state held at once: {results['peak_gib']:.1f} GiB.",
-        "Optimizer step: CUDA events around `optimizer.step()` after each timed step's backward. Whole step: "
+        "Optimizer step: CUDA events around `optimizer.step()` after each timed step's backward (a step with a "
+        "collective also waits there for the other rank); host ms: the host's time inside `step()`. Whole step: "
         f"events around forward, backward and optimizer step; {args.rounds} rounds of {args.steps} steps per "
         "optimizer, interleaved. Score all-reduce alone: `BlockSumExchange.reduce_` on an idle GPU, median of "
         "50; in the step: median optimizer step with it minus median without it (same kernels otherwise).",

@@ -264,6 +264,7 @@ class _GroupPlan:
     layers: list[tuple[torch.Tensor, torch.Tensor]]  # (local rows, positions), positions unique per layer
     rows: torch.Tensor  # every local row of a shared block ...
     positions: torch.Tensor  # ... and its buffer row
+    direct: bool = False  # every row of block_sums is shared, in buffer order: all-reduce it in place
 
 
 class BlockSumExchange:
@@ -373,7 +374,7 @@ class BlockSumExchange:
             layouts.append((ranks, layout))
             local = [start for start, k in zip(row_starts, keys) if k == key]
             sizes = [d.num_blocks for d, k in zip(descriptors, keys) if k == key]
-            plan = _plan(by_key[key], ranks, layout, ranks.index(me), local, sizes, device)
+            plan = _plan(by_key[key], ranks, layout, ranks.index(me), local, sizes, device, row)
             if plan is not None:
                 plans.append(plan)
         return cls(row, device, plans, layouts)
@@ -395,6 +396,10 @@ class BlockSumExchange:
             raise ValueError(f"block_sums is on {block_sums.device}, the exchange was built for {self.device}")
         width = block_sums.shape[1]
         for plan in self._plans:
+            if plan.direct and plan.collective and block_sums.is_contiguous():
+                # FSDP2's tensor blocks: every block is shared, in order; no copies needed
+                dist.all_reduce(block_sums, op=dist.ReduceOp.SUM, group=plan.group)
+                continue
             size = len(plan.layout.blocks)
             if len(plan.layers) == 1:
                 rows, positions = plan.layers[0]
@@ -415,7 +420,7 @@ class BlockSumExchange:
 
 
 def _plan(group, ranks, layout: SharedLayout, me: int, local_starts: list[int], sizes: list[int],
-          device) -> _GroupPlan | None:
+          device, num_rows: int) -> _GroupPlan | None:
     """Index tensors for this rank, its group-local rows translated to rows of ``block_sums``."""
     starts, group_starts, row = [], [], 0
     for start, size in zip(local_starts, sizes):
@@ -437,10 +442,13 @@ def _plan(group, ranks, layout: SharedLayout, me: int, local_starts: list[int], 
         layers.append((torch.tensor([r for r, _ in pairs], **as_index),
                        torch.tensor([p for _, p in pairs], **as_index)))
     pairs = sorted((r, p) for p, rows in by_position.items() for r in rows)
+    identity = list(range(num_rows))
+    direct = (depth == 1 and len(layout.blocks) == num_rows and [r for r, _ in pairs] == identity
+              and [p for _, p in pairs] == identity)
     return _GroupPlan(
         group=group, ranks=ranks, layout=layout, collective=layout.cross_rank, layers=layers,
         rows=torch.tensor([r for r, _ in pairs], **as_index),
-        positions=torch.tensor([p for _, p in pairs], **as_index),
+        positions=torch.tensor([p for _, p in pairs], **as_index), direct=direct,
     )
 
 

@@ -379,14 +379,15 @@ def _tensors(device_plan: _DevicePlan, states: list[dict]) -> GroupTensors:
             layouts=layouts,
             tensor_indices=device_plan.plan.tensor_indices,
         )
+    masters = [s.get("master_param") for s in states]
     return GroupTensors(
-        params=[shards.local(p) for p in params],
-        grads=[shards.local(p.grad) for p in params],
-        exp_avgs=[shards.local(s["exp_avg"]) for s in states],
-        exp_avg_sqs=[shards.local(s["exp_avg_sq"]) for s in states],
+        params=shards.locals_of(params),
+        grads=shards.locals_of([p.grad for p in params]),
+        exp_avgs=shards.locals_of([s["exp_avg"] for s in states]),
+        exp_avg_sqs=shards.locals_of([s["exp_avg_sq"] for s in states]),
         scores=[shards.local_score(s["magma_score"], layout) for s, layout in zip(states, layouts)],
         steps=[s["step"] for s in states],
-        master_params=[shards.local(s["master_param"]) if "master_param" in s else None for s in states],
+        master_params=[None if m is None else shards.local(m) for m in masters],
         layouts=layouts,
         tensor_indices=device_plan.plan.tensor_indices,
     )

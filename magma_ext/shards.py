@@ -47,6 +47,13 @@ def local(tensor):
     return shard if isinstance(shard, torch.Tensor) else tensor.to_local()
 
 
+def locals_of(tensors) -> list:
+    """:func:`local` of every tensor of a list, in one pass (the step's hot path)."""
+    if DTensor is None:
+        return list(tensors)
+    return [t._local_tensor if type(t) is DTensor else local(t) for t in tensors]
+
+
 @dataclass(frozen=True)
 class ParamView:
     """A parameter as the step sees it."""
