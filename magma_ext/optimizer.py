@@ -165,6 +165,24 @@ class Magma(Optimizer):
         state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.contiguous_format)
         _add_magma_state(state, p, group, tensor_index, view, layout)
 
+    def state_dict(self) -> dict:
+        """torch.optim's state dict, Magma's state included (docs/ALGORITHM.md section 5).
+
+        Raises NotImplementedError for DTensor parameters sharded under ``block=N``: their scores
+        are per-rank tensors of the blocks each rank overlaps, which
+        ``torch.distributed.checkpoint`` cannot reshard (use ``block="tensor"`` or ``"row"``).
+        """
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p in self.state and not shards.checkpointable(p, group["block"]):
+                    raise NotImplementedError(
+                        f"Magma cannot checkpoint the scores of DTensor parameter {self._names()[id(p)]} "
+                        f"sharded under block={group['block']!r}: each rank holds the scores of the "
+                        "blocks its shard overlaps, which torch.distributed.checkpoint cannot reshard; "
+                        "use block='tensor' or block='row' with FSDP2"
+                    )
+        return super().state_dict()
+
     def load_state_dict(self, state_dict: dict) -> None:
         """Load a Magma or ``torch.optim.AdamW`` checkpoint; a failed load changes nothing.
 
@@ -257,6 +275,8 @@ class Magma(Optimizer):
                 reduce = device_plan.exchange.reduce_ if device_plan.exchange is not None else None
                 functional.magma(device_plan.plan, _tensors(device_plan, states), hyper, grad_scale,
                                  found_inf, reduce)
+                for position, group_of_shard, source in device_plan.score_broadcasts:
+                    shards.broadcast_score(states[position]["magma_score"], group_of_shard, source)
         return loss
 
     def _check_options(self, group: dict) -> None:
@@ -311,7 +331,10 @@ class Magma(Optimizer):
         masters = [("master_param" in self.state[p]) if self.state[p] else _wants_master(p, group) for p in params]
         if group["fused"] is None and device.type == "cuda" and not functional.extension_loaded():
             _warn_no_extension()
-        exchange = None
+        exchange, broadcasts = None, []
+        if _scored(group):
+            broadcasts = [(i, *source) for i, (p, view) in enumerate(zip(params, views))
+                          if (source := shards.empty_shard_score_source(p, view, group["block"])) is not None]
         if _scored(group) and any(view.piece is not None and view.piece.group is not None for view in views):
             descriptors = [
                 (PieceDescriptor.of(view.piece or Piece(index, 0, tuple(view.local.shape)), view.local.numel(),
@@ -321,7 +344,7 @@ class Magma(Optimizer):
             ]
             exchange = BlockSumExchange.build(descriptors, device)
         plan = functional.plan_step(device, [view.local for view in views], masters, layouts, indices, group["fused"])
-        return _DevicePlan(params, views, plan, exchange)
+        return _DevicePlan(params, views, plan, exchange, broadcasts)
 
     def _names(self) -> dict[int, str]:
         """Parameter names by id, from ``param_names`` where the groups have them, else positions."""
@@ -342,6 +365,9 @@ class _DevicePlan:
     views: list[shards.ParamView]
     plan: functional.StepPlan
     exchange: BlockSumExchange | None  # completes the sums of blocks split across ranks
+    # (position, process group, source rank) of replicated scores that a rank with an empty
+    # shard cannot update itself: the shard group's first rank sends them after the step
+    score_broadcasts: list[tuple[int, object, int]]
 
     def __post_init__(self):
         self.has_dtensors = any(view.kind == "dtensor" for view in self.views)

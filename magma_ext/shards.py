@@ -92,7 +92,7 @@ def dtensor_piece(p, index: int, block, name: str) -> Piece:
             shard_dims.append(mesh_dim)
         elif not isinstance(placement, Replicate):
             raise ValueError(
-                f"parameter {name}: placement {placement} on mesh dimension {mesh_dim} is not "
+                f"parameter {name}: placement {placement!r} on mesh dimension {mesh_dim} is not "
                 "supported: Magma takes DTensors sharded Shard(0) on one mesh dimension and "
                 "Replicate() on the others (FSDP2's fully_shard and HSDP)"
                 + ("; Shard(d) with d > 0 would cut blocks into non-contiguous pieces"
@@ -144,5 +144,38 @@ def local_score(score: torch.Tensor, layout: BlockLayout) -> torch.Tensor:
 
 
 def checkpointable(p: torch.Tensor, block) -> bool:
-    """Whether a DTensor parameter's score can be saved and resharded by checkpoint tools."""
-    return not is_dtensor(p) or _one_block(p, block) or block == "row"
+    """Whether a parameter's score is a tensor that checkpoint tools save and reshard correctly:
+    not the plain local score of a sharded DTensor under ``block=N`` (each rank's holds other
+    blocks, and DCP would take one rank's copy for all)."""
+    if not is_dtensor(p) or _one_block(p, block) or block == "row":
+        return True
+    return all(isinstance(placement, Replicate) for placement in p.placements)
+
+
+def empty_shard_score_source(p, view: ParamView, block) -> tuple[object, int] | None:
+    """(process group, global source rank) when ``p``'s score is one replicated entry and some
+    rank of its shard group holds an empty shard, else None.
+
+    Such a rank has no row for the block, so it cannot form the score; every rank knows which
+    parameters these are (shards follow ``torch.chunk``), so all join one broadcast from the
+    group's first rank, whose shard starts the tensor and is never empty.
+    """
+    if view.kind != "dtensor" or view.piece is None or view.piece.group is None or not _one_block(p, block):
+        return None
+    import torch.distributed as dist
+
+    group = view.piece.group
+    rows, ranks = p.shape[0], dist.get_world_size(group)
+    if rows == 0:
+        return None
+    chunk = -(-rows // ranks)
+    if -(-rows // chunk) == ranks:
+        return None
+    return group, dist.get_global_rank(group, 0)
+
+
+def broadcast_score(score: torch.Tensor, group, source: int) -> None:
+    """Give every rank of ``group`` the replicated score that rank ``source`` formed."""
+    import torch.distributed as dist
+
+    dist.broadcast(local(score), src=source, group=group)

@@ -203,8 +203,19 @@ def fsdp_body(rank, world_size, combos, steps, hsdp=False, fused=False, device="
         base, mask, block = combo
         model = fsdp_model(mesh, device)
         optimizer = Magma(model.parameters(), base=base, mask=mask, block=block, fused=fused, **OPTIONS)
-        out[combo] = _fsdp_steps(model, optimizer, 0, steps, rank, world_size, device)
+        history = _fsdp_steps(model, optimizer, 0, steps, rank, world_size, device)
+        out[combo] = history, replicated_scores(optimizer)
     return out
+
+
+def replicated_scores(optimizer):
+    """The local copies of every replicated (one-block) score: equal on every rank, or a
+    checkpoint could save a stale one."""
+    from torch.distributed.tensor import DTensor, Replicate
+
+    scores = [state["magma_score"] for state in optimizer.state.values()]
+    return [s.to_local().cpu() for s in scores
+            if isinstance(s, DTensor) and all(isinstance(pl, Replicate) for pl in s.placements)]
 
 
 def _checkpoint_state(model, optimizer):
@@ -337,3 +348,55 @@ def llama_fsdp_body(rank, world_size, steps):
     traffic = dict(collectives=sum(e.collectives_per_step for e in exchanges),
                    bytes=sum(e.bytes_per_step for e in exchanges))
     return losses, (history if rank == 0 else None), traffic
+
+
+def dcp_block_n_body(rank, world_size):
+    """FSDP2 with block=N: a checkpoint must refuse, not save one rank's scores for all."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    model = fsdp_model(_mesh(world_size, False, "cpu"))
+    optimizer = Magma(model.parameters(), block=7, **OPTIONS)
+    _fsdp_steps(model, optimizer, 0, 1, rank, world_size, "cpu")
+    try:
+        get_optimizer_state_dict(model, optimizer)
+    except NotImplementedError as error:
+        return str(error)
+    return None
+
+
+def bad_piece_body(rank, world_size, case):
+    """Pieces that cannot be honoured: every rank must raise, naming the piece, with no state made."""
+    params = [torch.nn.Parameter(torch.randn(4, 5)), torch.nn.Parameter(torch.randn(3))]
+    group = dist.group.WORLD
+    if case == "overlap":  # rank 1 claims elements rank 0 holds
+        declare_piece(params[0], index=0, offset=0 if rank == 0 else 10, shape=(8, 5), group=group)
+    elif case == "shape":  # the ranks disagree on the logical shape
+        declare_piece(params[0], index=0, offset=20 * rank, shape=(8, 5) if rank == 0 else (40,), group=group)
+    elif case == "kind":  # one logical index claimed by two different tensors on one rank
+        declare_piece(params[0], index=0, offset=20 * rank, shape=(8, 5), group=group)
+        declare_piece(params[1], index=0, offset=40 * rank, shape=(80,), group=group)
+    optimizer = Magma(params, **OPTIONS)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    before = [p.detach().clone() for p in params]
+    try:
+        optimizer.step()
+    except (ValueError, TypeError) as error:
+        unchanged = all(torch.equal(a, p) for a, p in zip(before, params)) and not any(optimizer.state.values())
+        return type(error).__name__, str(error), unchanged
+    return None
+
+
+def shard_dim_1_body(rank, world_size, block):
+    """A DTensor sharded along dim 1: its pieces are not contiguous ranges, so Magma refuses it."""
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    mesh = _mesh(world_size, False, "cpu")
+    param = torch.nn.Parameter(distribute_tensor(torch.randn(4, 6), mesh, [Shard(1)]))
+    optimizer = Magma([("encoder.weight", param)], block=block, **OPTIONS)
+    param.grad = distribute_tensor(torch.randn(4, 6), mesh, [Shard(1)])
+    try:
+        optimizer.step()
+    except ValueError as error:
+        return str(error), not any(optimizer.state.values())
+    return None

@@ -9,6 +9,8 @@ bounds that far below RTOL).
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -72,7 +74,10 @@ def test_fsdp2_follows_the_single_process_run(world_size, hsdp, combos):
     results = run_ranks(world_size, cases.fsdp_body, world_size, combos, STEPS, hsdp)
     for combo in combos:
         expected = cases.single_process_model_run(combo, STEPS)
-        _assert_same_history(results[0][combo], expected, f"FSDP2 {world_size} ranks {combo}")
+        history, scores = results[0][combo]
+        _assert_same_history(history, expected, f"FSDP2 {world_size} ranks {combo}")
+        for rank, result in enumerate(results[1:], start=1):  # empty shards included
+            assert all(torch.equal(a, b) for a, b in zip(result[combo][1], scores)), f"rank {rank}: {combo}"
 
 
 @pytest.mark.parametrize("resume_world_size", [1, 4])
@@ -96,3 +101,30 @@ def test_zero_redundancy_optimizer_with_numbered_parameters():
 def test_zero_redundancy_optimizer_without_numbering_is_refused_on_every_rank():
     with pytest.raises((ValueError, RankError), match="number_parameters"):
         run_ranks(2, cases.zero_redundancy_body, 2, 1, False)
+
+
+def test_dcp_refuses_block_n_scores_of_sharded_dtensors():
+    messages = run_ranks(2, cases.dcp_block_n_body, 2)
+    assert all(m is not None and "block=7" in m and "cannot checkpoint" in m for m in messages), messages
+
+
+@pytest.mark.parametrize("case,match", [
+    pytest.param("overlap", "overlap", id="overlapping-pieces"),
+    pytest.param("shape", "logical shape", id="shapes-disagree"),
+    pytest.param("kind", "tensor index 0", id="one-index-two-tensors"),
+])
+def test_bad_pieces_raise_on_every_rank_and_change_nothing(case, match):
+    results = run_ranks(2, cases.bad_piece_body, 2, case)
+    for rank, result in enumerate(results):
+        assert result is not None, f"rank {rank} did not raise"
+        kind, message, unchanged = result
+        assert kind == "ValueError" and re.search(match, message), (rank, message)
+        assert unchanged, f"rank {rank}: state or parameters changed"
+    assert results[0][1] == results[1][1]  # the same message everywhere
+
+
+@pytest.mark.parametrize("block", ["tensor", 7])
+def test_dtensor_sharded_along_dim_1_is_refused_naming_it(block):
+    for message, unchanged in run_ranks(2, cases.shard_dim_1_body, 2, block):
+        assert "'encoder.weight'" in message and "Shard(dim=1)" in message, message
+        assert unchanged
