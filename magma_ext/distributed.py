@@ -60,7 +60,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .layout import MAX_BLOCK_INDEX, MAX_TENSOR_INDEX, block_size_for
+from .layout import MAX_BLOCK_INDEX, MAX_TENSOR_INDEX, block_size_for, numel_of, piece_blocks
 from .pieces import Piece, ProcessGroup
 
 __all__ = ["PieceDescriptor", "SharedLayout", "shared_block_layout", "BlockSumExchange"]
@@ -104,21 +104,16 @@ class PieceDescriptor:
 
     @property
     def logical_numel(self) -> int:
-        numel = 1
-        for size in self.shape:
-            numel *= size
-        return numel
+        return numel_of(self.shape)
 
     @property
     def first_block(self) -> int:
-        return self.offset // self.block_size
+        return piece_blocks(self.offset, self.numel, self.block_size)[0]
 
     @property
     def num_blocks(self) -> int:
         """Blocks overlapping the piece: its rows in ``block_sums``."""
-        if self.numel == 0:
-            return 0
-        return (self.offset + self.numel - 1) // self.block_size - self.first_block + 1
+        return piece_blocks(self.offset, self.numel, self.block_size)[1]
 
     def label(self) -> str:
         return f"piece {self.name!r} (tensor index {self.index!r})"

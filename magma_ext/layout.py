@@ -26,11 +26,26 @@ def check_block_option(block) -> None:
         raise ValueError(f"Invalid block: {block} (expected an int >= 1)")
 
 
-def block_size_for(shape: tuple[int, ...], block) -> int:
-    """Elements per block of a whole tensor of ``shape`` under the ``block`` option."""
+def numel_of(shape: tuple[int, ...]) -> int:
+    """Elements of a tensor of ``shape``."""
     numel = 1
     for size in shape:
         numel *= size
+    return numel
+
+
+def piece_blocks(offset: int, numel: int, block_size: int) -> tuple[int, int]:
+    """(index of the first block, number of blocks) that elements [offset, offset + numel) of a
+    logical tensor overlap, in blocks of ``block_size``; an empty piece overlaps none."""
+    first = offset // block_size
+    if numel == 0:
+        return first, 0
+    return first, (offset + numel - 1) // block_size - first + 1
+
+
+def block_size_for(shape: tuple[int, ...], block) -> int:
+    """Elements per block of a whole tensor of ``shape`` under the ``block`` option."""
+    numel = numel_of(shape)
     if block == "tensor":
         return max(numel, 1)
     if block == "row":
@@ -74,14 +89,12 @@ class BlockLayout:
     @property
     def first_block(self) -> int:
         """Global index (inside the logical tensor) of this piece's first block."""
-        return self.offset // self.block_size
+        return piece_blocks(self.offset, self.numel, self.block_size)[0]
 
     @property
     def num_blocks(self) -> int:
         """Blocks overlapping this piece (0 for an empty piece)."""
-        if self.numel == 0:
-            return 0
-        return (self.offset + self.numel - 1) // self.block_size - self.first_block + 1
+        return piece_blocks(self.offset, self.numel, self.block_size)[1]
 
     @property
     def head(self) -> int:
@@ -99,7 +112,4 @@ class BlockLayout:
 
 def layout_for(shape: tuple[int, ...], block) -> BlockLayout:
     """Layout of a whole tensor (offset 0)."""
-    numel = 1
-    for size in shape:
-        numel *= size
-    return BlockLayout(numel=numel, block_size=block_size_for(shape, block))
+    return BlockLayout(numel=numel_of(shape), block_size=block_size_for(shape, block))

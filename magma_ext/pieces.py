@@ -54,7 +54,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .layout import MAX_TENSOR_INDEX
+from .layout import MAX_TENSOR_INDEX, numel_of
 
 try:  # torch.distributed may be missing from a build (it is present in every official wheel)
     from torch.distributed import ProcessGroup
@@ -83,13 +83,6 @@ def _as_shape(shape) -> tuple[int, ...]:
     if any(size < 0 for size in sizes):
         raise ValueError(f"shape must have non-negative sizes, got {sizes}")
     return sizes
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    numel = 1
-    for size in shape:
-        numel *= size
-    return numel
 
 
 def _is_dtensor(tensor) -> bool:
@@ -141,7 +134,7 @@ class Piece:
     @property
     def logical_numel(self) -> int:
         """Elements of the logical tensor."""
-        return _numel(self.shape)
+        return numel_of(self.shape)
 
     def __copy__(self) -> Piece:
         return self
