@@ -265,9 +265,11 @@ class Magma(Optimizer):
         plans = [self._plan(key, group, params, indices) for group, params, key in active]
         for (group, params, _), device_plans in zip(active, plans):
             for device_plan in device_plans:
-                for p, view, layout in zip(device_plan.params, device_plan.views, device_plan.plan.layouts):
+                plan = device_plan.plan
+                for p, view, layout, index in zip(device_plan.params, device_plan.views, plan.layouts,
+                                                  plan.tensor_indices):
                     if not self.state[p]:
-                        self._init_state(p, group, device_plan.index_of(p), view, layout)
+                        self._init_state(p, group, index, view, layout)
         for (group, _, _), device_plans in zip(active, plans):
             hyper = _hyper(group)
             for device_plan in device_plans:
@@ -300,15 +302,14 @@ class Magma(Optimizer):
 
     def _check_layouts(self, group: dict, params: list[torch.Tensor]) -> None:
         """Grads on their params' devices; state shaped like its parameter; block unchanged."""
+        names = None
         for p in params:
             if p.grad.device != p.device:
                 raise ValueError(f"grad on {p.grad.device} but param on {p.device}")
             state = self.state[p]
             if state:
-                _check_state_fits(state, p, group, f"parameter {self._position(p)}")
-
-    def _position(self, p: torch.Tensor) -> int:
-        return self._tensor_indices()[id(p)]
+                names = names or self._names()
+                _check_state_fits(state, p, group, f"parameter {names[id(p)]}")
 
     def _plan(self, key: tuple, group: dict, params: list[torch.Tensor], new_indices: dict) -> list[_DevicePlan]:
         """What does not change from step to step for these parameters: cached under ``key``."""
@@ -371,9 +372,6 @@ class _DevicePlan:
 
     def __post_init__(self):
         self.has_dtensors = any(view.kind == "dtensor" for view in self.views)
-
-    def index_of(self, p: torch.Tensor) -> int:
-        return self.plan.tensor_indices[next(i for i, q in enumerate(self.params) if q is p)]
 
 
 def _scored(group: dict) -> bool:
