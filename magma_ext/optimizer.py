@@ -65,6 +65,13 @@ class Magma(Optimizer):
         capturable: accepted for torch.optim API parity and otherwise unused: the step counter
             always lives on the parameter's device and no path synchronises with the host, so
             every step can be captured in a CUDA graph.
+        process_group: for engines that hand Magma pieces of tensors (``declare_piece``) and may
+            leave a rank with no piece of a parameter group (a ZeRO-style optimizer, say): the
+            process group whose ranks all step every masked group together. Every such group's
+            block sums are then exchanged over it on every rank, an empty one included, so no rank
+            waits for one that had nothing to send. Not saved in ``state_dict()``, and not kept
+            by a copy or pickle of the optimizer (process groups are not picklable): set
+            ``optimizer.process_group`` again there.
 
     Hyperparameters written into ``param_groups`` after construction are checked before the
     next step that uses them.
@@ -90,6 +97,7 @@ class Magma(Optimizer):
         fused: bool | None = None,
         master_weights: bool = False,
         capturable: bool = False,
+        process_group=None,
     ):
         defaults = dict(
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, base=base, mask=mask,
@@ -97,6 +105,7 @@ class Magma(Optimizer):
             magma=True, fused=fused, master_weights=master_weights, capturable=capturable,
         )
         _check_group(defaults)
+        self.process_group = process_group
         self._reset_caches()
         super().__init__(params, defaults)
         _refuse_unnumbered_zero(self.param_groups)
@@ -108,6 +117,7 @@ class Magma(Optimizer):
     def __setstate__(self, state: dict) -> None:
         """Restore a pickled or deep-copied optimizer; its caches are rebuilt on the next step."""
         super().__setstate__(state)
+        self.process_group = None
         self._reset_caches()
 
     # ------------------------------------------------------------------ groups and state
@@ -260,19 +270,30 @@ class Magma(Optimizer):
                 self._check_layouts(group, params)
         new = [p for _, params, _ in active for p in params if not self.state[p]]
         indices = self._new_tensor_indices(new) if new else {}
-        # Plans first: a sharded group's plan exchanges its pieces with the other ranks, and
-        # every rank raises the same error there before any state exists.
-        plans = [self._plan(key, group, params, indices) for group, params, key in active]
-        for (group, params, _), device_plans in zip(active, plans):
-            for device_plan in device_plans:
+        # Plans first, group by group in order: a sharded group's plan exchanges its pieces with
+        # the other ranks (every rank raises the same error there, before any state exists), and
+        # collectives must come in the same order on every rank.
+        keys = {id(group): key for group, _, key in active}
+        plans = {}
+        for group, params in zip(self.param_groups, work):
+            if params:
+                plans[id(group)] = self._plan(keys[id(group)], group, params, indices)
+            elif self.process_group is not None and _scored(group):
+                plans[id(group)] = self._empty_exchange(group)
+        for group, params, _ in active:
+            for device_plan in plans[id(group)]:
                 plan = device_plan.plan
                 for p, view, layout, index in zip(device_plan.params, device_plan.views, plan.layouts,
                                                   plan.tensor_indices):
                     if not self.state[p]:
                         self._init_state(p, group, index, view, layout)
-        for (group, _, _), device_plans in zip(active, plans):
-            hyper = _hyper(group)
-            for device_plan in device_plans:
+        for group in self.param_groups:
+            step_plans = plans.get(id(group))
+            if isinstance(step_plans, BlockSumExchange):  # no piece here; the others still add up
+                step_plans.reduce_(torch.zeros((0, 3), dtype=torch.float32, device=step_plans.device))
+                continue
+            hyper = _hyper(group) if step_plans else None
+            for device_plan in step_plans or ():
                 states = [self.state[p] for p in device_plan.params]
                 reduce = device_plan.exchange.reduce_ if device_plan.exchange is not None else None
                 functional.magma(device_plan.plan, _tensors(device_plan, states), hyper, grad_scale,
@@ -336,16 +357,32 @@ class Magma(Optimizer):
         if _scored(group):
             broadcasts = [(i, *source) for i, (p, view) in enumerate(zip(params, views))
                           if (source := shards.empty_shard_score_source(p, view, group["block"])) is not None]
-        if _scored(group) and any(view.piece is not None and view.piece.group is not None for view in views):
+        sharded = any(view.piece is not None and view.piece.group is not None for view in views)
+        if _scored(group) and (sharded or self.process_group is not None):
             descriptors = [
                 (PieceDescriptor.of(view.piece or Piece(index, 0, tuple(view.local.shape)), view.local.numel(),
                                     group["block"], name=names.get(id(p), f"#{index}"), kind=view.kind),
                  view.piece.group if view.piece is not None else None)
                 for p, view, index in zip(params, views, indices)
             ]
-            exchange = BlockSumExchange.build(descriptors, device)
+            exchange = BlockSumExchange.build(descriptors, device, groups=_groups(self.process_group))
         plan = functional.plan_step(device, [view.local for view in views], masters, layouts, indices, group["fused"])
         return _DevicePlan(params, views, plan, exchange, broadcasts)
+
+    def _empty_exchange(self, group: dict) -> BlockSumExchange:
+        """The exchange a rank with no piece of ``group`` joins (collective when first built)."""
+        key = (id(group), "empty", id(self.process_group))
+        if key not in self._plans:
+            self._plans[key] = BlockSumExchange.build([], self._exchange_device(), groups=[self.process_group])
+        return self._plans[key]
+
+    def _exchange_device(self) -> torch.device:
+        """Where an empty rank's block sums live: its CUDA device under NCCL, else the CPU."""
+        import torch.distributed as dist
+
+        if dist.get_backend(self.process_group) == "nccl":
+            return torch.device("cuda", torch.cuda.current_device())
+        return torch.device("cpu")
 
     def _names(self) -> dict[int, str]:
         """Parameter names by id, from ``param_names`` where the groups have them, else positions."""
@@ -372,6 +409,10 @@ class _DevicePlan:
 
     def __post_init__(self):
         self.has_dtensors = any(view.kind == "dtensor" for view in self.views)
+
+
+def _groups(process_group) -> list:
+    return [] if process_group is None else [process_group]
 
 
 def _scored(group: dict) -> bool:
