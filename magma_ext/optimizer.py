@@ -178,20 +178,23 @@ class Magma(Optimizer):
     def state_dict(self) -> dict:
         """torch.optim's state dict, Magma's state included (docs/ALGORITHM.md section 5).
 
-        Raises NotImplementedError for DTensor parameters sharded under ``block=N``: their scores
-        are per-rank tensors of the blocks each rank overlaps, which
-        ``torch.distributed.checkpoint`` cannot reshard (use ``block="tensor"`` or ``"row"``).
+        Under ``block=N`` a DTensor parameter's score is a per-rank tensor of the blocks its shard
+        overlaps; the state dict holds the scores of all its blocks instead, as a ``Replicate()``
+        DTensor, so that ``torch.distributed.checkpoint`` reshards it.  That takes one
+        all-reduce per such parameter over its shard group: call it on every rank, as DCP does.
         """
+        packed = super().state_dict()
+        position = 0
         for group in self.param_groups:
             for p in group["params"]:
-                if p in self.state and not shards.checkpointable(p, group["block"]):
-                    raise NotImplementedError(
-                        f"Magma cannot checkpoint the scores of DTensor parameter {self._names()[id(p)]} "
-                        f"sharded under block={group['block']!r}: each rank holds the scores of the "
-                        "blocks its shard overlaps, which torch.distributed.checkpoint cannot reshard; "
-                        "use block='tensor' or block='row' with FSDP2"
-                    )
-        return super().state_dict()
+                state = packed["state"].get(position)
+                if state is not None and "magma_score" in state and shards.has_local_block_scores(p, group["block"]):
+                    view = shards.view_of(p, 0, group["block"], "")
+                    full = shards.full_block_scores(p, view, view.layout(group["block"]), group["block"],
+                                                    state["magma_score"])
+                    packed["state"][position] = {**state, "magma_score": full}  # the live dict stays
+                position += 1
+        return packed
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Load a Magma or ``torch.optim.AdamW`` checkpoint; a failed load changes nothing.
@@ -523,6 +526,10 @@ def _loaded_state(saved: dict, p: torch.Tensor, group: dict, position: int) -> d
         elif key == "magma_tensor_index":
             value = int(value)
         state[key] = value
+    if "magma_score" in state and shards.has_local_block_scores(p, group["block"]):
+        layout = shards.view_of(p, 0, group["block"], "").layout(group["block"])
+        if state["magma_score"].numel() == layout_for(tuple(p.shape), group["block"]).num_blocks:
+            state["magma_score"] = shards.local_block_scores(state["magma_score"], layout)
     for key in ("step", "exp_avg", "exp_avg_sq"):
         if key not in state:
             raise ValueError(f"loaded state of parameter {position} has no {key!r}")

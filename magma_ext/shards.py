@@ -115,8 +115,9 @@ def new_score(p: torch.Tensor, view: ParamView, layout: BlockLayout, block) -> t
 
     A DTensor's score is a DTensor too, over the logical tensor's blocks: ``Replicate()`` when
     every piece sees the one block of the tensor, the parameter's own placements when blocks
-    are rows (its ``Shard(0)`` then cuts the rows' scores as it cuts the rows).  Other blocks of
-    a DTensor keep a plain tensor of the local blocks (see :func:`checkpointable`).
+    are rows (its ``Shard(0)`` then cuts the rows' scores as it cuts the rows).  Under
+    ``block=N`` a sharded DTensor keeps a plain tensor of the blocks its shard overlaps; its
+    checkpoints hold all the blocks' scores (:func:`full_block_scores`).
     """
     device = view.local.device
     if view.kind != "dtensor":
@@ -143,13 +144,40 @@ def local_score(score: torch.Tensor, layout: BlockLayout) -> torch.Tensor:
     return values if values.numel() == layout.num_blocks else values[:layout.num_blocks]
 
 
-def checkpointable(p: torch.Tensor, block) -> bool:
-    """Whether a parameter's score is a tensor that checkpoint tools save and reshard correctly:
-    not the plain local score of a sharded DTensor under ``block=N`` (each rank's holds other
-    blocks, and DCP would take one rank's copy for all)."""
+def has_local_block_scores(p: torch.Tensor, block) -> bool:
+    """Whether ``p``'s score is a plain per-rank tensor of the blocks its shard overlaps: a DTensor
+    sharded under ``block=N``, whose blocks straddle the shards' edges (see
+    :func:`full_block_scores`)."""
     if not is_dtensor(p) or _one_block(p, block) or block == "row":
-        return True
-    return all(isinstance(placement, Replicate) for placement in p.placements)
+        return False
+    return any(isinstance(placement, Shard) for placement in p.placements)
+
+
+def _owned(layout: BlockLayout) -> tuple[int, int]:
+    """The blocks whose first element this piece holds, as a range of logical block indices:
+    every block has exactly one such piece."""
+    size = layout.block_size
+    return -(-layout.offset // size), -(-(layout.offset + layout.numel) // size)
+
+
+def full_block_scores(p, view: ParamView, layout: BlockLayout, block, score: torch.Tensor):
+    """COLLECTIVE over the shard group: the scores of all the logical tensor's blocks, as a
+    ``Replicate()`` DTensor that checkpoint tools save once and reshard (each block's score is
+    taken from the piece holding the block's first element)."""
+    import torch.distributed as dist
+
+    logical_blocks = layout_for(tuple(p.shape), block).num_blocks
+    full = torch.zeros(logical_blocks, dtype=torch.float32, device=score.device)
+    lo, hi = _owned(layout)
+    if hi > lo:
+        full[lo:hi] = score[lo - layout.first_block:hi - layout.first_block]
+    dist.all_reduce(full, group=view.piece.group)
+    return DTensor.from_local(full, p.device_mesh, [Replicate()] * p.device_mesh.ndim, run_check=False)
+
+
+def local_block_scores(full: torch.Tensor, layout: BlockLayout) -> torch.Tensor:
+    """The entries of the blocks a piece overlaps, from the scores of all the logical tensor's blocks."""
+    return local(full)[layout.first_block:layout.first_block + layout.num_blocks].clone()
 
 
 def empty_shard_score_source(p, view: ParamView, block) -> tuple[object, int] | None:

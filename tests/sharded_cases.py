@@ -350,20 +350,6 @@ def llama_fsdp_body(rank, world_size, steps):
     return losses, (history if rank == 0 else None), traffic
 
 
-def dcp_block_n_body(rank, world_size):
-    """FSDP2 with block=N: a checkpoint must refuse, not save one rank's scores for all."""
-    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
-
-    model = fsdp_model(_mesh(world_size, False, "cpu"))
-    optimizer = Magma(model.parameters(), block=7, **OPTIONS)
-    _fsdp_steps(model, optimizer, 0, 1, rank, world_size, "cpu")
-    try:
-        get_optimizer_state_dict(model, optimizer)
-    except NotImplementedError as error:
-        return str(error)
-    return None
-
-
 def bad_piece_body(rank, world_size, case):
     """Pieces that cannot be honoured: every rank must raise, naming the piece, with no state made."""
     params = [torch.nn.Parameter(torch.randn(4, 5)), torch.nn.Parameter(torch.randn(3))]
