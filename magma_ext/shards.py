@@ -84,30 +84,48 @@ def view_of(p: torch.Tensor, position_index: int, block, name: str) -> ParamView
     return ParamView(local(p), dtensor_piece(p, index, block, name), "dtensor")
 
 
-def dtensor_piece(p, index: int, block, name: str) -> Piece:
-    """The piece of its global tensor that a DTensor's local shard is."""
-    shard_dims = []
+def _shard_placement(p, block, name: str) -> tuple[int, int] | None:
+    """(mesh dimension, tensor dimension) of a DTensor's one ``Shard`` placement, None if it has
+    none; raises ValueError, naming the parameter, for placements the step cannot honour."""
+    found = []
     for mesh_dim, placement in enumerate(p.placements):
-        if isinstance(placement, Shard) and type(placement) is Shard and placement.dim == 0:
-            shard_dims.append(mesh_dim)
+        if type(placement) is Shard:
+            found.append((mesh_dim, placement.dim))
         elif not isinstance(placement, Replicate):
             raise ValueError(
                 f"parameter {name}: placement {placement!r} on mesh dimension {mesh_dim} is not "
-                "supported: Magma takes DTensors sharded Shard(0) on one mesh dimension and "
+                "supported: Magma takes DTensors sharded Shard(d) on one mesh dimension and "
                 "Replicate() on the others (FSDP2's fully_shard and HSDP)"
-                + ("; Shard(d) with d > 0 would cut blocks into non-contiguous pieces"
-                   if isinstance(placement, Shard) else "")
             )
-    if len(shard_dims) > 1:
-        raise ValueError(f"parameter {name}: Shard(0) on {len(shard_dims)} mesh dimensions; Magma takes one")
+    if len(found) > 1:
+        raise ValueError(f"parameter {name}: Shard on {len(found)} mesh dimensions; Magma takes one")
+    if found and found[0][1] != 0 and not _one_block(p, block):
+        raise ValueError(
+            f"parameter {name}: placement Shard(dim={found[0][1]}) with block={block!r} is not supported: "
+            "it would cut each block into pieces that are not contiguous; shard along dim 0 or use "
+            "block='tensor'"
+        )
+    return found[0] if found else None
+
+
+def dtensor_piece(p, index: int, block, name: str) -> Piece:
+    """The piece of its global tensor that a DTensor's local shard is.
+
+    ``Shard(0)``: the local rows are one contiguous range of the flattened tensor.  ``Shard(d)``,
+    d > 0, is taken only with one block per tensor, whose sums do not depend on element order:
+    the piece is then the local range in the flattening with dimension d first.
+    """
+    placement = _shard_placement(p, block, name)
     shape = tuple(p.shape)
-    if not shard_dims:
+    if placement is None:
         return Piece(index=index, offset=0, shape=shape)
     from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
+    mesh_dim, dim = placement
     _, global_offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
-    offset = global_offset[0] * math.prod(shape[1:]) if shape else 0
-    return Piece(index=index, offset=offset, shape=shape, group=p.device_mesh.get_group(shard_dims[0]))
+    per_slice = math.prod(shape) // shape[dim] if shape[dim] else 0
+    return Piece(index=index, offset=global_offset[dim] * per_slice, shape=shape,
+                 group=p.device_mesh.get_group(mesh_dim))
 
 
 def new_score(p: torch.Tensor, view: ParamView, layout: BlockLayout, block) -> torch.Tensor:
@@ -193,11 +211,11 @@ def empty_shard_score_source(p, view: ParamView, block) -> tuple[object, int] | 
     import torch.distributed as dist
 
     group = view.piece.group
-    rows, ranks = p.shape[0], dist.get_world_size(group)
-    if rows == 0:
+    size, ranks = p.shape[_shard_placement(p, block, "")[1]], dist.get_world_size(group)
+    if size == 0:
         return None
-    chunk = -(-rows // ranks)
-    if -(-rows // chunk) == ranks:
+    chunk = -(-size // ranks)
+    if -(-size // chunk) == ranks:
         return None
     return group, dist.get_global_rank(group, 0)
 

@@ -373,60 +373,20 @@ def bad_piece_body(rank, world_size, case):
     return None
 
 
-def shard_dim_1_body(rank, world_size, block):
-    """A DTensor sharded along dim 1: its pieces are not contiguous ranges, so Magma refuses it."""
+def shard_dim_1_body(rank, world_size, block, steps):
+    """A (5, 6) DTensor sharded along dim 1 (3 + 3 columns; 2 + 2 + 2 + 0 on 4 ranks): Magma
+    takes it with one block per tensor and refuses it otherwise, naming it."""
     from torch.distributed.tensor import Shard, distribute_tensor
 
     mesh = _mesh(world_size, False, "cpu")
-    param = torch.nn.Parameter(distribute_tensor(torch.randn(4, 6), mesh, [Shard(1)]))
+    param = torch.nn.Parameter(distribute_tensor(initial_params([(5, 6)])[0], mesh, [Shard(1)]))
     optimizer = Magma([("encoder.weight", param)], block=block, **OPTIONS)
-    param.grad = distribute_tensor(torch.randn(4, 6), mesh, [Shard(1)])
-    try:
-        optimizer.step()
-    except ValueError as error:
-        return str(error), not any(optimizer.state.values())
-    return None
-
-
-def flat_shard_groups_body(rank, world_size, combo, steps):
-    """ZeRO-style pieces in two parameter groups, where a rank declares only the pieces it holds:
-    with 4 ranks, ranks 0 and 1 hold nothing of the second group and rank 2 nothing at all.
-    ``process_group`` makes every rank join every group's exchange."""
-    base, mask, block = combo
-    cuts = flat_cuts(SHAPES, world_size)
-    groups, ranges, history, start = [[], []], {}, [], 0
-    for index, tensor in enumerate(initial_params()):
-        n = tensor.numel()
-        lo = min(max(cuts[rank], start), start + n) - start
-        hi = min(max(cuts[rank + 1], start), start + n) - start
-        start += n
-        if hi > lo:
-            piece = torch.nn.Parameter(tensor.reshape(-1)[lo:hi].clone())
-            declare_piece(piece, index=index, offset=lo, shape=tensor.shape, group=dist.group.WORLD)
-            groups[index // 3].append((index, piece))
-            ranges[index] = (lo, hi)
-    optimizer = Magma([{"params": [p for _, p in g]} for g in groups], base=base, mask=mask, block=block,
-                      process_group=dist.group.WORLD, **OPTIONS)
-    for step in range(steps):
-        grads = grads_at(step)
-        for index, piece in groups[0] + groups[1]:
-            lo, hi = ranges[index]
-            piece.grad = grads[index].reshape(-1)[lo:hi].clone()
-        optimizer.step()
-        history.append({index: piece.detach().clone() for index, piece in groups[0] + groups[1]})
-    return ranges, history
-
-
-def single_process_groups_run(combo, steps):
-    """:func:`single_process_run` with the parameters in the two groups of :func:`flat_shard_groups_body`."""
-    base, mask, block = combo
-    params = [torch.nn.Parameter(t) for t in initial_params()]
-    optimizer = Magma([{"params": params[:3]}, {"params": params[3:]}], base=base, mask=mask, block=block,
-                      **OPTIONS)
     history = []
     for step in range(steps):
-        for p, g in zip(params, grads_at(step)):
-            p.grad = g
-        optimizer.step()
-        history.append([p.detach().clone() for p in params])
+        param.grad = distribute_tensor(grads_at(step, [(5, 6)])[0], mesh, [Shard(1)])
+        try:
+            optimizer.step()
+        except ValueError as error:
+            return str(error), not any(optimizer.state.values())
+        history.append([param.full_tensor().clone()])
     return history

@@ -118,23 +118,16 @@ def test_bad_pieces_raise_on_every_rank_and_change_nothing(case, match):
     assert results[0][1] == results[1][1]  # the same message everywhere
 
 
-@pytest.mark.parametrize("block", ["tensor", 7])
-def test_dtensor_sharded_along_dim_1_is_refused_naming_it(block):
-    for message, unchanged in run_ranks(2, cases.shard_dim_1_body, 2, block):
+@pytest.mark.parametrize("block", ["row", 7], ids=str)
+def test_dtensor_sharded_along_dim_1_with_blocks_smaller_than_the_tensor_is_refused(block):
+    for message, unchanged in run_ranks(2, cases.shard_dim_1_body, 2, block, 1):
         assert "'encoder.weight'" in message and "Shard(dim=1)" in message, message
         assert unchanged
 
 
-@pytest.mark.parametrize("combo", [("adam", "magma", "tensor"), ("laprop", "magma", 7)], ids=str)
-def test_ranks_without_pieces_of_a_group_join_its_exchange(combo):
-    results = run_ranks(4, cases.flat_shard_groups_body, 4, combo, STEPS)
-    expected = cases.single_process_groups_run(combo, STEPS)
-    assert not results[2][0], "rank 2 should hold nothing"
-    actual = []
-    for step in range(STEPS):
-        tensors = [torch.full((torch.Size(s).numel(),), float("nan")) for s in cases.SHAPES]
-        for ranges, history in results:
-            for index, (lo, hi) in ranges.items():
-                tensors[index][lo:hi] = history[step][index]
-        actual.append([t.view(s) for t, s in zip(tensors, cases.SHAPES)])
-    _assert_same_history(actual, expected, f"{combo}, ranks with empty groups")
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_dtensor_sharded_along_dim_1_with_tensor_blocks_follows_one_process(world_size):
+    results = run_ranks(world_size, cases.shard_dim_1_body, world_size, "tensor", STEPS)
+    expected, _ = cases.single_process_run(("adam", "magma", "tensor"), STEPS, shapes=[(5, 6)])
+    for result in results:
+        _assert_same_history(result, expected, f"Shard(1), {world_size} ranks")
