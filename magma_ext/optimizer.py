@@ -360,16 +360,18 @@ class Magma(Optimizer):
         if _scored(group):
             broadcasts = [(i, *source) for i, (p, view) in enumerate(zip(params, views))
                           if (source := shards.empty_shard_score_source(p, view, group["block"])) is not None]
+        plan = functional.plan_step(device, [view.local for view in views], masters, layouts, indices, group["fused"])
         sharded = any(view.piece is not None and view.piece.group is not None for view in views)
         if _scored(group) and (sharded or self.process_group is not None):
+            # in the order of block_sums' rows, which the fused path groups by parameter kind
             descriptors = [
-                (PieceDescriptor.of(view.piece or Piece(index, 0, tuple(view.local.shape)), view.local.numel(),
-                                    group["block"], name=names.get(id(p), f"#{index}"), kind=view.kind),
-                 view.piece.group if view.piece is not None else None)
-                for p, view, index in zip(params, views, indices)
+                (PieceDescriptor.of(views[i].piece or Piece(indices[i], 0, tuple(views[i].local.shape)),
+                                    views[i].local.numel(), group["block"],
+                                    name=names.get(id(params[i]), f"#{indices[i]}"), kind=views[i].kind),
+                 views[i].piece.group if views[i].piece is not None else None)
+                for i in plan.row_order
             ]
             exchange = BlockSumExchange.build(descriptors, device, groups=_groups(self.process_group))
-        plan = functional.plan_step(device, [view.local for view in views], masters, layouts, indices, group["fused"])
         return _DevicePlan(params, views, plan, exchange, broadcasts)
 
     def _empty_exchange(self, group: dict) -> BlockSumExchange:

@@ -131,3 +131,30 @@ def test_dtensor_sharded_along_dim_1_with_tensor_blocks_follows_one_process(worl
     expected, _ = cases.single_process_run(("adam", "magma", "tensor"), STEPS, shapes=[(5, 6)])
     for result in results:
         _assert_same_history(result, expected, f"Shard(1), {world_size} ranks")
+
+
+def test_exchange_rows_follow_the_fused_paths_order(monkeypatch):
+    """The fused path fills block_sums sub-list by sub-list (one per parameter dtype), so the
+    exchange must be told the pieces in that order, not in the group's."""
+    import torch.distributed as dist
+
+    from magma_ext import Magma, declare_piece, functional, optimizer as optimizer_module
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        dtypes = [torch.float32, torch.bfloat16, torch.float32]
+        params = [torch.nn.Parameter(torch.randn(6, dtype=dtype)) for dtype in dtypes]
+        for index, p in enumerate(params):
+            declare_piece(p, index=10 + index, offset=0, shape=(6,), group=dist.group.WORLD)
+        captured = []
+        monkeypatch.setattr(functional, "use_fused", lambda fused, params: True)  # plan as on a GPU
+        monkeypatch.setattr(optimizer_module.BlockSumExchange, "build",
+                            classmethod(lambda cls, pieces, device, groups=(): captured.append(pieces)))
+        optimizer = Magma(params)
+        for p in params:
+            p.grad = torch.randn_like(p)
+        device_plan = optimizer._plan(("key",), optimizer.param_groups[0], params, {id(p): 0 for p in params})[0]
+        assert device_plan.plan.row_order == [0, 2, 1]
+        assert [descriptor.index for descriptor, _ in captured[0]] == [10, 12, 11]
+    finally:
+        dist.destroy_process_group()
