@@ -59,7 +59,6 @@ class Moments:
     """The first half of a step: new values not yet written, and the blocks' partial sums."""
 
     steps: list[torch.Tensor]
-    grads: list[torch.Tensor]  # float32, unscaled
     exp_avgs: list[torch.Tensor]
     exp_avg_sqs: list[torch.Tensor]
     directions: list[torch.Tensor]  # D_t, without lr and weight decay
@@ -133,7 +132,7 @@ def moments_and_sums(
         sums = block_sums(products, index)
     else:
         sums = torch.zeros((0, 3), dtype=torch.float32, device=grads[0].device)
-    return Moments(steps, grads, exp_avgs, exp_avg_sqs, directions, sums)
+    return Moments(steps, exp_avgs, exp_avg_sqs, directions, sums)
 
 
 def finalize_and_apply(
