@@ -24,7 +24,8 @@ descriptors of every rank of a group, the *shared blocks* are the blocks that tw
 pieces overlap (on two ranks, or two pieces on one rank), sorted by (tensor index, block
 index); each rank maps its local rows to positions in a buffer of one row per shared block.
 Only a piece's first and last block can be shared (pieces do not overlap), so the layout costs
-O(pieces log pieces), whatever the tensors' sizes.
+O(pieces log pieces), whatever the tensors' sizes; pieces of column slices (``Piece.split``)
+share every block they overlap with the other slices and cost O(their blocks).
 
 **build** is collective over every process group that a piece names or that ``groups`` lists:
 every member rank of such a group must call it (with ``groups`` naming the groups it holds no
@@ -86,6 +87,10 @@ class PieceDescriptor:
         name: how errors name the piece (a parameter name, say); may differ between ranks.
         kind: how the piece was described ("tensor" for a declared piece, "dtensor" for a
             DTensor shard, ...): one tensor index must have one kind on every rank.
+        part, parts: the piece lies in column slice ``part`` of ``parts`` of its logical tensor
+            (see :class:`~magma_ext.pieces.Piece`); ``offset`` counts elements of that slice, and
+            blocks are numbered as in the logical tensor, so pieces of different slices share
+            blocks (their sums add up) but never overlap.
     """
 
     index: int
@@ -95,16 +100,25 @@ class PieceDescriptor:
     block_size: int
     name: str = ""
     kind: str = "tensor"
+    part: int = 0
+    parts: int = 1
 
     @classmethod
     def of(cls, piece: Piece, numel: int, block, *, name: str = "", kind: str = "tensor") -> PieceDescriptor:
         """The descriptor of a piece of ``numel`` elements under the ``block`` option."""
-        return cls(piece.index, piece.offset, numel, piece.shape, block_size_for(piece.shape, block),
-                   name, kind)
+        return cls(piece.index, piece.offset, numel, piece.shape, block_size_for(piece.slice_shape, block),
+                   name, kind, *piece.split)
 
     @property
     def logical_numel(self) -> int:
         return numel_of(self.shape)
+
+    @property
+    def slice_numel(self) -> int:
+        """Elements of the column slice the piece lies in (the logical tensor when not cut)."""
+        if not _is_int(self.parts) or self.parts <= 1 or len(self.shape) < 2:
+            return self.logical_numel
+        return self.logical_numel // self.parts
 
     @property
     def first_block(self) -> int:
@@ -137,10 +151,15 @@ class PieceDescriptor:
             return f"{label}: block_size must be an int >= 1, got {self.block_size!r}"
         if not (_is_int(self.offset) and _is_int(self.numel)) or self.offset < 0 or self.numel < 0:
             return f"{label}: offset and numel must be ints >= 0, got {self.offset!r} and {self.numel!r}"
-        logical = self.logical_numel
+        if not (_is_int(self.part) and _is_int(self.parts)) or not 0 <= self.part < self.parts or (
+                self.parts > 1 and (len(self.shape) < 2 or self.shape[1] % self.parts)):
+            return (f"{label}: column slice {self.part!r} of {self.parts!r} does not cut a logical tensor "
+                    f"of shape {self.shape} along dimension 1")
+        logical = self.slice_numel
         if self.offset + self.numel > logical:
-            return (f"{label}: holds [{self.offset}, {self.offset + self.numel}), outside its logical "
-                    f"tensor of shape {self.shape} ({logical} elements)")
+            where = "its logical tensor" if self.parts == 1 else f"column slice {self.part} of {self.parts}"
+            return (f"{label}: holds [{self.offset}, {self.offset + self.numel}), outside {where} "
+                    f"of shape {self.shape} ({logical} elements)")
         if -(-logical // self.block_size) > MAX_BLOCK_INDEX:
             return (f"{label}: a tensor of {logical} elements in blocks of {self.block_size} has "
                     "more than 2**32 blocks; use a larger block")
@@ -206,9 +225,9 @@ def shared_block_layout(descriptors_by_rank: Sequence[Sequence[PieceDescriptor]]
     for index in sorted(by_index):
         entries = by_index[index]
         _check_agreement(entries, ranks)
-        held = sorted((e for e in entries if e[1].numel), key=lambda e: (e[1].offset, e[0]))
+        held = sorted((e for e in entries if e[1].numel), key=lambda e: (e[1].part, e[1].offset, e[0]))
         for (ra, a, _), (rb, b, _) in zip(held, held[1:]):
-            if a.offset + a.numel > b.offset:
+            if a.part == b.part and a.offset + a.numel > b.offset:
                 raise ValueError(
                     f"pieces of tensor index {index} overlap: {a.name!r} holds [{a.offset}, "
                     f"{a.offset + a.numel}) on rank {ranks[ra]} and {b.name!r} holds [{b.offset}, "
@@ -216,9 +235,11 @@ def shared_block_layout(descriptors_by_rank: Sequence[Sequence[PieceDescriptor]]
                 )
         for r, d, row in held:
             first, last = d.first_block, d.first_block + d.num_blocks - 1
-            touched[(index, first)].append((r, row))
-            if last != first:
-                touched[(index, last)].append((r, row + last - first))
+            # pieces of one slice overlap each other's blocks only at their ends; pieces of
+            # different column slices can share every block (every row runs through each slice)
+            inner = range(first + 1, last) if d.parts > 1 else ()
+            for block in (first, *inner, *((last,) if last != first else ())):
+                touched[(index, block)].append((r, row + block - first))
     blocks = sorted(key for key, holders in touched.items() if len(holders) >= 2)
     rows = [[] for _ in ranks]
     for position, key in enumerate(blocks):
@@ -238,7 +259,8 @@ def shared_block_layout(descriptors_by_rank: Sequence[Sequence[PieceDescriptor]]
 def _check_agreement(entries, ranks) -> None:
     """Pieces of one tensor index agree on kind, logical shape and block size."""
     r0, d0, _ = entries[0]
-    for field, what in (("kind", "kind"), ("shape", "logical shape"), ("block_size", "block size")):
+    for field, what in (("kind", "kind"), ("shape", "logical shape"), ("block_size", "block size"),
+                        ("parts", "column slice count")):
         for r, d, _ in entries[1:]:
             if getattr(d, field) != getattr(d0, field):
                 hint = "; give one logical tensor one way" if field == "kind" else ""
@@ -455,7 +477,7 @@ def _local_problem(descriptors, keys, me) -> tuple[str, str] | None:
         return ("ValueError", str(error))
     first_group = {}
     for d, group in zip(descriptors, keys):
-        if group is None and (d.offset != 0 or d.numel != d.logical_numel):
+        if group is None and (d.offset != 0 or d.numel != d.logical_numel or d.parts != 1):
             return ("ValueError", f"{d.label()} on rank {me} holds [{d.offset}, {d.offset + d.numel}) "
                                   f"of {d.logical_numel} elements without a process group: a piece "
                                   "without one must be the whole tensor")

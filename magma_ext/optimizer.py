@@ -19,7 +19,7 @@ from . import functional, shards
 from .distributed import BlockSumExchange, PieceDescriptor
 from .layout import MAX_TENSOR_INDEX, BlockLayout, layout_for
 from .options import check_group_options, options_key
-from .pieces import Piece, piece_of
+from .pieces import Piece, ProcessGroup, piece_of
 from .types import GroupTensors, Hyper
 
 LOW_PRECISION = (torch.bfloat16, torch.float16)
@@ -67,11 +67,13 @@ class Magma(Optimizer):
             every step can be captured in a CUDA graph.
         process_group: for engines that hand Magma pieces of tensors (``declare_piece``) and may
             leave a rank with no piece of a parameter group (a ZeRO-style optimizer, say): the
-            process group whose ranks all step every masked group together. Every such group's
-            block sums are then exchanged over it on every rank, an empty one included, so no rank
-            waits for one that had nothing to send. Not saved in ``state_dict()``, and not kept
-            by a copy or pickle of the optimizer (process groups are not picklable): set
-            ``optimizer.process_group`` again there.
+            process group whose ranks all step every masked group together, or a list of such
+            groups (those the pieces name: Megatron's tensor-and-data-parallel group and its
+            data-parallel group, say). Every such group's block sums are then exchanged over
+            each of them on every rank, an empty one included, so no rank waits for one that had
+            nothing to send. Not saved in ``state_dict()``, and not kept by a copy or pickle of
+            the optimizer (process groups are not picklable): set ``optimizer.process_group``
+            again there.
 
     Hyperparameters written into ``param_groups`` after construction are checked before the
     next step that uses them.
@@ -105,6 +107,7 @@ class Magma(Optimizer):
             magma=True, fused=fused, master_weights=master_weights, capturable=capturable,
         )
         _check_group(defaults)
+        _check_process_groups(process_group)
         self.process_group = process_group
         self._reset_caches()
         super().__init__(params, defaults)
@@ -175,6 +178,25 @@ class Magma(Optimizer):
         state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.contiguous_format)
         _add_magma_state(state, p, group, tensor_index, view, layout)
 
+    @torch.no_grad()
+    def init_state(self) -> None:
+        """Create the state of every parameter that has none, as its first step would.
+
+        Local (no communication), so a wrapper may call it while it builds a checkpoint
+        template (Megatron-core's ``init_state_fn``). Pieces must be declared before.
+        """
+        new = [p for group in self.param_groups for p in group["params"] if not self.state[p]]
+        if not new:
+            return
+        indices = self._new_tensor_indices(new)
+        names = self._names()
+        for group in self.param_groups:
+            for p in group["params"]:
+                if id(p) in indices and not self.state[p]:
+                    view = shards.view_of(p, indices[id(p)], group["block"], names[id(p)])
+                    index = indices[id(p)] if view.piece is None else view.piece.index
+                    self._init_state(p, group, index, view, view.layout(group["block"]))
+
     def state_dict(self) -> dict:
         """torch.optim's state dict, Magma's state included (docs/ALGORITHM.md section 5).
 
@@ -203,7 +225,9 @@ class Magma(Optimizer):
         AdamW checkpoint) keep this optimizer's values for them; state without a score or tensor
         index gets them as on a first step.  Moments, scores and master weights stay float32 on
         the parameter's device (torch.optim would cast them to a bfloat16 parameter's dtype),
-        and a ``step`` saved as a Python number becomes a float32 tensor.
+        and a ``step`` saved as a Python number becomes a float32 tensor; state without a
+        ``step`` takes its group's ``"step"`` where the group has one (Megatron-core's distributed
+        optimizer saves the step there when Transformer Engine or apex is installed).
         """
         saved_groups = state_dict["param_groups"]
         if len(saved_groups) != len(self.param_groups):
@@ -233,13 +257,20 @@ class Magma(Optimizer):
         for position, (param_id, p) in enumerate(zip(saved_ids, params)):
             if param_id in saved_state:
                 group = groups[_group_of(self.param_groups, position)]
-                loaded[param_id] = _loaded_state(saved_state[param_id], p, group, position)
+                saved = saved_state[param_id]
+                if "step" not in saved and group.get("step") is not None:
+                    saved = {**saved, "step": group["step"]}
+                loaded[param_id] = _loaded_state(saved, p, group, position)
         missing = [(param_id, position) for position, param_id in enumerate(saved_ids)
                    if param_id in loaded and "magma_tensor_index" not in loaded[param_id]]
         held = {s["magma_tensor_index"] for s in loaded.values() if "magma_tensor_index" in s}
-        indices = _fresh_indices([position for _, position in missing], held, len(params))
-        for (param_id, position), index in zip(missing, indices):
+        held |= {piece.index for piece in map(piece_of, params) if piece is not None}
+        unnumbered = [position for _, position in missing if piece_of(params[position]) is None]
+        fresh = dict(zip(unnumbered, _fresh_indices(unnumbered, held, len(params))))
+        for param_id, position in missing:
             group = groups[_group_of(self.param_groups, position)]
+            piece = piece_of(params[position])
+            index = piece.index if piece is not None else fresh[position]
             _add_magma_state(loaded[param_id], params[position], group, index)
         super().load_state_dict({"state": loaded, "param_groups": groups})
         self._reset_caches()
@@ -378,14 +409,15 @@ class Magma(Optimizer):
         """The exchange a rank with no piece of ``group`` joins (collective when first built)."""
         key = (id(group), "empty", id(self.process_group))
         if key not in self._plans:
-            self._plans[key] = BlockSumExchange.build([], self._exchange_device(), groups=[self.process_group])
+            self._plans[key] = BlockSumExchange.build([], self._exchange_device(),
+                                                      groups=_groups(self.process_group))
         return self._plans[key]
 
     def _exchange_device(self) -> torch.device:
         """Where an empty rank's block sums live: its CUDA device under NCCL, else the CPU."""
         import torch.distributed as dist
 
-        if dist.get_backend(self.process_group) == "nccl":
+        if dist.get_backend(_groups(self.process_group)[0]) == "nccl":
             return torch.device("cuda", torch.cuda.current_device())
         return torch.device("cpu")
 
@@ -417,7 +449,22 @@ class _DevicePlan:
 
 
 def _groups(process_group) -> list:
-    return [] if process_group is None else [process_group]
+    """The ``process_group`` argument as a list of groups."""
+    if process_group is None:
+        return []
+    if isinstance(process_group, (list, tuple)):
+        return list(process_group)
+    return [process_group]
+
+
+def _check_process_groups(process_group) -> None:
+    groups = _groups(process_group)
+    if isinstance(process_group, (list, tuple)) and not groups:
+        raise ValueError("process_group: an empty list; pass None for no group")
+    for group in groups:
+        if ProcessGroup is None or not isinstance(group, ProcessGroup):
+            raise TypeError("process_group must be a torch.distributed.ProcessGroup, a list of them "
+                            f"or None, got {type(group).__name__}")
 
 
 def _scored(group: dict) -> bool:

@@ -27,6 +27,12 @@ distributed optimizer, ZeRO-style sharding done by hand) declares what each slic
   and step, see ``magma_ext.distributed``). ``None`` means that there are no other pieces:
   the piece must then be the whole tensor. Several pieces of one logical tensor may also live
   on one rank, as long as they do not overlap.
+* ``split=(part, parts)`` describes a tensor cut along dimension 1 into ``parts`` equal column
+  slices, as tensor parallelism cuts a row-parallel weight (Megatron's ``partition_dim=1``): the
+  piece lies in slice ``part``, and ``offset`` counts elements of that slice, flattened as a
+  tensor of shape ``(shape[0], shape[1] // parts, *shape[2:])``. Every slice holds part of every
+  row, so ``block="row"`` and ``block="tensor"`` blocks are those of the logical tensor, their
+  sums added over the slices; ``block=N`` is refused (its chunks would cut across slices).
 
 The declaration is stored on the tensor object (``tensor._magma_piece``), so it travels with
 the tensor into any optimizer built later from it, including one built from a subset of the
@@ -85,6 +91,21 @@ def _as_shape(shape) -> tuple[int, ...]:
     return sizes
 
 
+def _as_split(split, shape: tuple[int, ...]) -> tuple[int, int]:
+    values = tuple(split) if isinstance(split, Iterable) and not isinstance(split, (str, bytes)) else None
+    if values is None or len(values) != 2:
+        raise TypeError(f"split must be a (part, parts) pair of ints, got {split!r}")
+    part, parts = (_as_int(value, "split") for value in values)
+    if parts < 1 or not 0 <= part < parts:
+        raise ValueError(f"split must be (part, parts) with 0 <= part < parts, got {(part, parts)}")
+    if parts > 1 and (len(shape) < 2 or shape[1] % parts):
+        raise ValueError(
+            f"split: {parts} column slices need a logical shape of 2 or more dimensions whose "
+            f"dimension 1 they divide, got shape {shape}"
+        )
+    return part, parts
+
+
 def _is_dtensor(tensor) -> bool:
     try:
         from torch.distributed.tensor import DTensor
@@ -105,6 +126,9 @@ class Piece:
             converted).
         group: the ``torch.distributed.ProcessGroup`` whose ranks hold the other pieces of the
             logical tensor, or ``None`` when there are none (the piece is the whole tensor).
+        split: ``(part, parts)``: the piece lies in column slice ``part`` of ``parts`` (dimension
+            1 cut into equal slices) and ``offset`` counts elements of that slice; ``(0, 1)``,
+            the default, is no cut.
 
     The piece's own size is the tensor's: a ``Piece`` alone does not know it, see
     :func:`declare_piece`, which checks that the piece fits its logical tensor.
@@ -114,6 +138,7 @@ class Piece:
     offset: int
     shape: tuple[int, ...]
     group: ProcessGroup | None = None
+    split: tuple[int, int] = (0, 1)
 
     def __post_init__(self):
         index = _as_int(self.index, "index")
@@ -130,11 +155,29 @@ class Piece:
         object.__setattr__(self, "index", index)
         object.__setattr__(self, "offset", offset)
         object.__setattr__(self, "shape", _as_shape(self.shape))
+        object.__setattr__(self, "split", _as_split(self.split, self.shape))
 
     @property
     def logical_numel(self) -> int:
         """Elements of the logical tensor."""
         return numel_of(self.shape)
+
+    @property
+    def parts(self) -> int:
+        """Column slices the logical tensor is cut into (1: not cut)."""
+        return self.split[1]
+
+    @property
+    def slice_shape(self) -> tuple[int, ...]:
+        """Shape of the column slice the piece lies in (the logical shape when not cut)."""
+        if self.parts == 1:
+            return self.shape
+        return (self.shape[0], self.shape[1] // self.parts, *self.shape[2:])
+
+    @property
+    def slice_numel(self) -> int:
+        """Elements of the column slice the piece lies in: where ``offset`` counts."""
+        return numel_of(self.slice_shape)
 
     def __copy__(self) -> Piece:
         return self
@@ -146,8 +189,10 @@ class Piece:
         return self
 
 
-def declare_piece(tensor: torch.Tensor, *, index: int, offset: int, shape, group=None) -> torch.Tensor:
-    """Declare ``tensor`` to be elements ``[offset, offset + tensor.numel())`` of logical tensor ``index``.
+def declare_piece(tensor: torch.Tensor, *, index: int, offset: int, shape, group=None,
+                  split=(0, 1)) -> torch.Tensor:
+    """Declare ``tensor`` to be elements ``[offset, offset + tensor.numel())`` of logical tensor ``index``
+    (of its column slice ``split[0]`` of ``split[1]``, see :class:`Piece`).
 
     Attaches a :class:`Piece` to the tensor object (replacing an earlier declaration) and
     returns the tensor. Declare before the optimizer's first step: a parameter's tensor index
@@ -157,25 +202,29 @@ def declare_piece(tensor: torch.Tensor, *, index: int, offset: int, shape, group
         TypeError: ``tensor`` is not a tensor, an argument has the wrong type, or ``group`` is
             not a ProcessGroup (or None), or a DTensor is given an offset or group.
         ValueError: ``index`` outside [0, 2**32), a negative ``offset`` or size in ``shape``,
-            a piece reaching past the end of its logical tensor, or ``group=None`` with a piece
-            that is not the whole tensor.
+            a piece reaching past the end of its logical tensor (or column slice), ``group=None``
+            with a piece that is not the whole tensor, or a ``split`` whose part is out of range
+            or whose slice count does not divide ``shape[1]``.
     """
     if not isinstance(tensor, torch.Tensor):
         raise TypeError(f"tensor must be a torch.Tensor, got {type(tensor).__name__}")
-    piece = Piece(index=index, offset=offset, shape=shape, group=group)
+    piece = Piece(index=index, offset=offset, shape=shape, group=group, split=split)
     numel = tensor.numel()
-    logical = piece.logical_numel
-    if _is_dtensor(tensor) and (piece.offset != 0 or piece.group is not None):
+    logical = piece.slice_numel
+    if _is_dtensor(tensor) and (piece.offset != 0 or piece.group is not None or piece.parts != 1):
         raise TypeError(
             "a DTensor describes its own sharding: declare only its tensor index "
-            "(offset=0, shape=its global shape, group=None)"
+            "(offset=0, shape=its global shape, group=None, no split)"
         )
     if piece.offset + numel > logical:
+        where = "its logical tensor" if piece.parts == 1 else f"column slice {piece.split[0]} of {piece.parts}"
         raise ValueError(
             f"offset: a piece of {numel} elements at offset {piece.offset} reaches element "
-            f"{piece.offset + numel}, past the end of its logical tensor of shape {piece.shape} "
+            f"{piece.offset + numel}, past the end of {where} of shape {piece.slice_shape} "
             f"({logical} elements)"
         )
+    if piece.group is None and piece.parts != 1:
+        raise ValueError("split: a piece of a column slice needs the process group holding the other slices")
     if piece.group is None and (piece.offset != 0 or numel != logical):
         raise ValueError(
             f"group=None declares the whole tensor, but this piece holds [{piece.offset}, "

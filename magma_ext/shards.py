@@ -66,9 +66,15 @@ class ParamView:
         """Its blocks under the ``block`` option: those of its logical tensor it overlaps."""
         if self.piece is None:
             return layout_for(tuple(self.local.shape), block)
+        if self.piece.parts > 1 and not isinstance(block, str):
+            raise ValueError(
+                f"block={block!r}: tensor index {self.piece.index} is declared a piece of column slice "
+                f"{self.piece.split[0]} of {self.piece.parts} (a row-parallel weight), whose N-element "
+                "blocks would cut across the slices; use block='row' or block='tensor' for it"
+            )
         return BlockLayout(
-            numel=self.local.numel(), block_size=block_size_for(self.piece.shape, block),
-            offset=self.piece.offset, logical_numel=self.piece.logical_numel,
+            numel=self.local.numel(), block_size=block_size_for(self.piece.slice_shape, block),
+            offset=self.piece.offset, logical_numel=self.piece.slice_numel,
         )
 
 

@@ -1,0 +1,104 @@
+"""Carrying Magma's block scores through Megatron-core checkpoints.
+
+Megatron's wrappers checkpoint an inner optimizer's state as tensors shaped like each parameter
+(``Float16OptimizerWithFloat16Params``, ``FP32Optimizer``) or like each distributed-optimizer
+shard (``dp_reshardable``), and the ``fully_reshardable`` format keeps only ``exp_avg`` and
+``exp_avg_sq``. A score has one value per *block*, so it fits none of them. It travels instead as
+one plain entry of the optimizer's state dict, ``"magma_scores"``: for every logical tensor
+index, its block option and the scores of all its blocks, gathered from the ranks that hold
+them (every piece of a block holds the same score). Megatron saves plain entries once (its
+"common" state) and gives them back to every rank on load, so the scores resume on any data-
+or tensor-parallel layout that numbers the tensors alike (``magma_ext.megatron.layout``).
+
+No megatron-core import: tests run these on CPU.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..layout import piece_blocks
+from ..pieces import piece_of
+from ..shards import view_of
+
+SCORES_KEY = "magma_scores"
+MAGMA_STATE_KEYS = ("magma_score", "magma_tensor_index")
+
+__all__ = ["SCORES_KEY", "MAGMA_STATE_KEYS", "gather_block_scores", "install_block_scores",
+           "without_magma_state"]
+
+
+def _scored_pieces(magma):
+    """(parameter, its group, tensor index, first block, blocks of the logical tensor) of every
+    parameter whose state holds a score."""
+    for group in magma.param_groups:
+        for p in group["params"]:
+            state = magma.state.get(p)
+            if not state or "magma_score" not in state:
+                continue
+            index = state["magma_tensor_index"]
+            layout = view_of(p, index, group["block"], f"#{index}").layout(group["block"])
+            piece = piece_of(p)
+            whole = layout.logical_numel if piece is None else piece.slice_numel
+            yield p, group, index, layout.first_block, piece_blocks(0, whole, layout.block_size)[1]
+
+
+def gather_block_scores(magma, group=None) -> dict[int, dict]:
+    """COLLECTIVE over ``group`` (default: the world): ``{tensor index: {"block": option,
+    "scores": float32 CPU tensor of all its blocks}}``, the same on every rank."""
+    import torch.distributed as dist
+
+    local = []
+    for p, param_group, index, first, total in _scored_pieces(magma):
+        local.append((index, param_group["block"], total, first, magma.state[p]["magma_score"].detach().cpu()))
+    gathered = [local]
+    if dist.is_available() and dist.is_initialized():
+        gathered = [None] * dist.get_world_size(group)
+        dist.all_gather_object(gathered, local, group=group)
+    merged: dict[int, dict] = {}
+    for entries in gathered:
+        for index, block, total, first, scores in entries:
+            entry = merged.setdefault(index, {"block": block, "scores": torch.full((total,), float("nan"))})
+            if entry["block"] != block or entry["scores"].numel() != total:
+                raise ValueError(f"tensor index {index}: ranks disagree on its blocks ({entry['block']!r}, "
+                                 f"{entry['scores'].numel()} vs {block!r}, {total})")
+            entry["scores"][first:first + scores.numel()] = scores
+    for index, entry in merged.items():
+        if torch.isnan(entry["scores"]).any():
+            raise ValueError(f"tensor index {index}: some of its blocks are held by no rank")
+    return merged
+
+
+def install_block_scores(magma, saved: dict[int, dict]) -> list[int]:
+    """Copy the saved scores of each local piece's blocks into its state; returns the tensor
+    indices the checkpoint had no scores for (they keep the score they have: 0.5 when new).
+
+    Raises ValueError, changing nothing, when a tensor's block option or block count differs
+    from the checkpoint's.
+    """
+    plan, missing = [], []
+    for p, group, index, first, total in _scored_pieces(magma):
+        entry = saved.get(index)
+        if entry is None:
+            missing.append(index)
+            continue
+        if entry["block"] != group["block"] or entry["scores"].numel() != total:
+            raise ValueError(
+                f"tensor index {index}: the checkpoint's scores are for block={entry['block']!r} "
+                f"({entry['scores'].numel()} blocks), this optimizer has block={group['block']!r} "
+                f"({total} blocks): block cannot change mid-run"
+            )
+        score = magma.state[p]["magma_score"]
+        plan.append((score, entry["scores"][first:first + score.numel()]))
+    for score, values in plan:
+        score.copy_(values)
+    return sorted(set(missing))
+
+
+def without_magma_state(optimizer_state: dict) -> dict:
+    """A torch.optim state dict (``{"state": ..., "param_groups": ...}``) whose per-parameter
+    entries lack Magma's score and tensor index (new dicts: the optimizer's own are untouched)."""
+    state = {key: {k: v for k, v in entry.items() if k not in MAGMA_STATE_KEYS}
+             if isinstance(entry, dict) else entry
+             for key, entry in optimizer_state["state"].items()}
+    return {**optimizer_state, "state": state}
