@@ -1,0 +1,248 @@
+"""One small megatron-core GPT run with Magma, for tests/test_megatron_gpu.py (run under torchrun).
+
+    torchrun --nproc-per-node 2 tests/megatron_gpt_runs.py --tp 2 --steps 20 --out run.json
+
+Logs, per step, the mean loss over the data-parallel ranks and the *realised* masks: the blocks
+of every masked logical tensor whose float32 values changed in the step, gathered from all
+ranks. Every layout starts from the same logical weights (drawn per parameter name, then cut as
+Megatron cuts them) and reads the same global batch, split over data-parallel ranks.
+"""
+
+from __future__ import annotations
+
+import os
+
+for _name in ("NCCL_NVLS_ENABLE", "TORCH_SYMM_MEM_DISABLE_MULTICAST", "NVSHMEM_DISABLE_NVLS"):
+    os.environ.setdefault(_name, "0" if _name == "NCCL_NVLS_ENABLE" else "1")
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import zlib  # noqa: E402
+from functools import partial  # noqa: E402
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+from megatron.core import dist_checkpointing, parallel_state, tensor_parallel  # noqa: E402
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig  # noqa: E402
+from megatron.core.distributed import finalize_model_grads  # noqa: E402
+from megatron.core.models.gpt import GPTModel  # noqa: E402
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec  # noqa: E402
+from megatron.core.optimizer import OptimizerConfig  # noqa: E402
+from megatron.core.pipeline_parallel import get_forward_backward_func  # noqa: E402
+from megatron.core.transformer import TransformerConfig  # noqa: E402
+from megatron.core.transformer.module import Float16Module  # noqa: E402
+from megatron.core.transformer.transformer_block import TransformerBlockSubmodules  # noqa: E402
+
+from magma_ext.megatron import get_megatron_magma_optimizer, magma_optimizers  # noqa: E402
+from magma_ext.megatron.scores import gather_block_scores  # noqa: E402
+from magma_ext.shards import view_of  # noqa: E402
+
+VOCAB, SEQ, GLOBAL_BATCH = 256, 32, 8
+
+
+class SequenceParallelLayerNorm(torch.nn.LayerNorm):
+    """torch's LayerNorm marked for Megatron's sequence parallelism (grads all-reduced over TP),
+    as apex's FusedLayerNorm is; the local spec's own norm refuses sequence parallelism."""
+
+    def __init__(self, config, hidden_size, eps=1e-5, **unused):
+        super().__init__(hidden_size, eps=eps)
+        for p in self.parameters():
+            p.sequence_parallel = config.sequence_parallel
+
+
+def block_spec(num_layers: int) -> TransformerBlockSubmodules:
+    layer = get_gpt_layer_local_spec()
+    layer.submodules.input_layernorm = SequenceParallelLayerNorm
+    layer.submodules.pre_mlp_layernorm = SequenceParallelLayerNorm
+    return TransformerBlockSubmodules(layer_specs=[layer] * num_layers, layer_norm=SequenceParallelLayerNorm)
+
+
+def parse_args():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--tp", type=int, default=1)
+    parser.add_argument("--distributed-optimizer", action="store_true")
+    parser.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--first-step", type=int, default=0, help="steps already taken (with --load)")
+    parser.add_argument("--block", default="tensor")
+    parser.add_argument("--keep-prob", type=float, default=0.5)
+    parser.add_argument("--save", help="checkpoint directory, written after the last step")
+    parser.add_argument("--load", help="checkpoint directory to resume from")
+    parser.add_argument("--format", default="fully_reshardable", help="distrib_optim_sharding_type")
+    parser.add_argument("--overflow-at", type=int, default=-1, help="make this step's gradients inf")
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args()
+    args.block = int(args.block) if args.block.isdigit() else args.block
+    return args
+
+
+def setup(args):
+    local_rank = int(os.environ["LOCAL_RANK"])
+    torch.cuda.set_device(local_rank)
+    dist.init_process_group("nccl")
+    parallel_state.initialize_model_parallel(tensor_model_parallel_size=args.tp, pipeline_model_parallel_size=1)
+    tensor_parallel.model_parallel_cuda_manual_seed(1234)
+
+
+def logical_value(name: str, shape) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(zlib.crc32(name.encode()))
+    values = torch.randn(shape, generator=gen) * 0.02
+    return values + 1.0 if name.endswith("layernorm.weight") else values
+
+
+def set_logical_weights(model, tp_rank: int, tp_size: int) -> None:
+    """Every parameter from a draw of its logical tensor keyed by its name, then cut as Megatron
+    cuts it: the same model whatever the layout."""
+    for name, p in model.named_parameters():
+        dim = p.partition_dim if getattr(p, "tensor_model_parallel", False) else None
+        shape = list(p.shape)
+        if dim is not None:
+            shape[dim] *= tp_size
+        full = logical_value(name.replace("module.", ""), shape)
+        local = full if dim is None else full.chunk(tp_size, dim=dim)[tp_rank]
+        with torch.no_grad():
+            p.copy_(local.to(p.dtype))
+
+
+def build(args):
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
+    config = TransformerConfig(
+        num_layers=2, hidden_size=64, num_attention_heads=4, use_cpu_initialization=True,
+        hidden_dropout=0.0, attention_dropout=0.0, bf16=args.dtype == "bf16", fp16=args.dtype == "fp16",
+        params_dtype=dtype, pipeline_dtype=dtype, tensor_model_parallel_size=args.tp,
+        sequence_parallel=args.tp > 1,
+    )
+    gpt = GPTModel(config=config, transformer_layer_spec=block_spec(config.num_layers), vocab_size=VOCAB,
+                   max_sequence_length=SEQ).cuda()
+    model = Float16Module(config, gpt) if dtype != torch.float32 else gpt
+    set_logical_weights(model, parallel_state.get_tensor_model_parallel_rank(), args.tp)
+    ddp = DistributedDataParallel(
+        config=config, module=model,
+        ddp_config=DistributedDataParallelConfig(
+            grad_reduce_in_fp32=True, overlap_grad_reduce=False, overlap_param_gather=False,
+            use_distributed_optimizer=args.distributed_optimizer, bucket_size=20000),
+    )
+    opt_config = OptimizerConfig(
+        optimizer="adam", lr=3e-3, weight_decay=0.1, adam_beta1=0.9, adam_beta2=0.95, adam_eps=1e-8,
+        bf16=args.dtype == "bf16", fp16=args.dtype == "fp16", params_dtype=dtype, clip_grad=1.0,
+        use_distributed_optimizer=args.distributed_optimizer, initial_loss_scale=2.0**12,
+    )
+    optimizer = get_megatron_magma_optimizer(opt_config, [ddp], keep_prob=args.keep_prob, block=args.block, seed=7)
+    config.grad_scale_func = optimizer.scale_loss
+    config.finalize_model_grads_func = finalize_model_grads
+    return gpt, ddp, optimizer
+
+
+def batch(step: int):
+    """This data-parallel rank's share of the global batch of ``step`` (the same on every layout)."""
+    gen = torch.Generator().manual_seed(10_000 + step)
+    tokens = torch.randint(0, VOCAB, (GLOBAL_BATCH, SEQ + 1), generator=gen)
+    dp_rank = parallel_state.get_data_parallel_rank()
+    dp_size = parallel_state.get_data_parallel_world_size()
+    rows = tokens.chunk(dp_size)[dp_rank].cuda()
+    return rows[:, :-1].contiguous(), rows[:, 1:].contiguous()
+
+
+def forward_step(step, overflow, data_iterator, model):
+    inputs, labels = next(data_iterator)
+    positions = torch.arange(SEQ, device=inputs.device).unsqueeze(0).expand_as(inputs)
+    mask = torch.tril(torch.ones((1, 1, SEQ, SEQ), device=inputs.device)) < 0.5
+    output = model(inputs, positions, mask, labels=labels)
+
+    def loss_func(output_tensor):
+        loss = output_tensor.float().mean()
+        if overflow:
+            loss = loss * float("inf")
+        return loss, {"lm loss": loss.detach()}
+
+    return output, loss_func
+
+
+def masked_tensors(optimizer):
+    magma = magma_optimizers(optimizer)[0]
+    return magma, [p for g in magma.param_groups if g.get("optimizer") == "magma" for p in g["params"]]
+
+
+def realised_masks(magma, tensors, before) -> dict[int, list[int]]:
+    """Blocks of each masked logical tensor whose values changed, gathered from every rank."""
+    changed: dict[int, set[int]] = {}
+    for p, old in zip(tensors, before):
+        group = next(g for g in magma.param_groups if any(q is p for q in g["params"]))
+        state = magma.state[p]
+        layout = view_of(p, state["magma_tensor_index"], group["block"], "").layout(group["block"])
+        moved = (p.detach().reshape(-1) != old).cpu()
+        blocks, start = changed.setdefault(state["magma_tensor_index"], set()), 0
+        for k, length in enumerate(layout.lengths()):
+            if moved[start:start + length].any():
+                blocks.add(layout.first_block + k)
+            start += length
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, changed)
+    merged: dict[int, set[int]] = {}
+    for part in gathered:
+        for index, blocks in part.items():
+            merged.setdefault(index, set()).update(blocks)
+    return {str(index): sorted(blocks) for index, blocks in sorted(merged.items())}
+
+
+def everything(magma, model) -> list[torch.Tensor]:
+    tensors = [p.detach().clone() for p in model.parameters()]
+    for g in magma.param_groups:
+        for p in g["params"]:
+            tensors.append(p.detach().clone())
+            tensors += [v.detach().clone() for v in magma.state[p].values() if isinstance(v, torch.Tensor)]
+    return tensors
+
+
+def checkpoint_state(gpt, optimizer, fmt, is_loading):
+    model_sd = gpt.sharded_state_dict()
+    metadata = {"distrib_optim_sharding_type": fmt}
+    return {"model": model_sd,
+            "optimizer": optimizer.sharded_state_dict(model_sd, is_loading=is_loading, metadata=metadata)}
+
+
+def main():
+    args = parse_args()
+    setup(args)
+    gpt, ddp, optimizer = build(args)
+    if args.load:
+        loaded = dist_checkpointing.load(checkpoint_state(gpt, optimizer, args.format, True), args.load)
+        gpt.load_state_dict(loaded["model"])
+        optimizer.load_state_dict(loaded["optimizer"])
+    magma, tensors = masked_tensors(optimizer)
+    record = dict(losses=[], masks=[], ok=[], unchanged_when_skipped=[])
+    forward_backward = get_forward_backward_func()
+    for step in range(args.first_step, args.first_step + args.steps):
+        ddp.zero_grad_buffer()
+        optimizer.zero_grad()
+        overflow = step == args.overflow_at
+        losses = forward_backward(
+            forward_step_func=partial(forward_step, step, overflow), data_iterator=iter([batch(step)]),
+            model=[ddp], num_microbatches=1, seq_length=SEQ, micro_batch_size=GLOBAL_BATCH, forward_only=False)
+        before = [p.detach().reshape(-1).clone() for p in tensors]
+        snapshot = everything(magma, ddp) if overflow else None
+        ok, _, _ = optimizer.step()
+        if overflow:
+            same = all(torch.equal(a, b) for a, b in zip(snapshot, everything(magma, ddp)))
+            flag = torch.tensor([int(same)], device="cuda")
+            dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+            record["unchanged_when_skipped"].append(bool(flag.item()))
+        loss = torch.stack([item["lm loss"] for item in losses]).mean() if losses else torch.zeros((), device="cuda")
+        dist.all_reduce(loss, group=parallel_state.get_data_parallel_group())
+        record["losses"].append(loss.item() / parallel_state.get_data_parallel_world_size())
+        record["ok"].append(bool(ok))
+        record["masks"].append(realised_masks(magma, tensors, before))
+    record["scores"] = {str(i): e["scores"].tolist() for i, e in gather_block_scores(magma).items()}
+    if args.save:
+        os.makedirs(args.save, exist_ok=True)
+        dist.barrier()
+        dist_checkpointing.save(checkpoint_state(gpt, optimizer, args.format, False), args.save)
+    if dist.get_rank() == 0:
+        with open(args.out, "w") as f:
+            json.dump(record, f)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

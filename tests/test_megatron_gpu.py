@@ -1,0 +1,148 @@
+"""magma_ext.megatron end to end: megatron-core's GPTModel on 2 GPUs (NCCL) under every layout
+the integration supports, against one GPU. Needs megatron-core (>= 0.17) and 2 GPUs.
+
+The runs (tests/megatron_gpt_runs.py under torchrun) are launched together, in two waves (the
+resumed runs need the first wave's checkpoints), and each test checks some of them:
+
+- TP=2 (sequence parallel) vs TP=1, and DP=2 with the distributed optimizer vs DP=1, 20 steps
+  from the same weights: the realised masks (blocks that moved, per logical tensor, per step)
+  are identical and the losses agree within bf16 tolerance;
+- checkpoints in both distributed-optimizer formats, resumed on DP=2 and on DP=1, and a
+  Float16Optimizer (TP=2) checkpoint: the resumed steps repeat the uninterrupted ones;
+- fp16 with an overflow step: the step is skipped, nothing changes, and the masks of the steps
+  after it are those of a run without it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("megatron.core")
+if torch.cuda.device_count() < 2:
+    pytest.skip("needs 2 GPUs", allow_module_level=True)
+
+RUNNER = Path(__file__).with_name("megatron_gpt_runs.py")
+STEPS, HALF = 20, 10
+BF16_LOSS_TOLERANCE = 2e-2  # relative; bf16 activations, different reduction orders per layout
+
+# name: (processes, runner arguments)
+FIRST_WAVE = {
+    "tp1": (1, ["--tp", "1"]),
+    "tp2": (2, ["--tp", "2"]),
+    "tp1_row": (1, ["--tp", "1", "--block", "row"]),
+    "tp2_row": (2, ["--tp", "2", "--block", "row"]),
+    "dp1": (1, ["--distributed-optimizer"]),
+    "dp2": (2, ["--distributed-optimizer"]),
+    "dp2_row": (2, ["--distributed-optimizer", "--block", "row"]),
+    "dp1_row": (1, ["--distributed-optimizer", "--block", "row"]),
+    "tp2_distopt": (2, ["--tp", "2", "--distributed-optimizer", "--block", "row"]),
+    "fp32_tp2": (2, ["--tp", "2", "--dtype", "fp32"]),
+    "fp32_tp1": (1, ["--tp", "1", "--dtype", "fp32"]),
+    "dp2_half_full": (2, ["--distributed-optimizer", "--steps", str(HALF), "--format", "fully_reshardable"]),
+    "dp2_half_dpr": (2, ["--distributed-optimizer", "--steps", str(HALF), "--format", "dp_reshardable"]),
+    "tp2_half": (2, ["--tp", "2", "--steps", str(HALF)]),
+    "fp16": (2, ["--distributed-optimizer", "--dtype", "fp16"]),
+    "fp16_overflow": (2, ["--distributed-optimizer", "--dtype", "fp16", "--overflow-at", "5"]),
+}
+RESUMES = {  # name: (processes, checkpoint of, format, extra arguments)
+    "dp2_resume_full": (2, "dp2_half_full", "fully_reshardable", ["--distributed-optimizer"]),
+    "dp1_resume_full": (1, "dp2_half_full", "fully_reshardable", ["--distributed-optimizer"]),
+    "dp2_resume_dpr": (2, "dp2_half_dpr", "dp_reshardable", ["--distributed-optimizer"]),
+    "dp1_resume_dpr": (1, "dp2_half_dpr", "dp_reshardable", ["--distributed-optimizer"]),
+    "tp2_resume": (2, "tp2_half", "fully_reshardable", ["--tp", "2"]),
+}
+
+
+def _launch(name, processes, arguments, workdir: Path, port: int):
+    log = open(workdir / f"{name}.log", "w")
+    env = {**os.environ, "NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
+           "NVSHMEM_DISABLE_NVLS": "1", "CUDA_VISIBLE_DEVICES": "0,1" if processes == 2 else str(port % 2)}
+    command = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={processes}",
+               f"--master-port={port}", str(RUNNER), *arguments, "--out", str(workdir / f"{name}.json")]
+    return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+
+
+def _wave(runs: dict, workdir: Path, first_port: int) -> None:
+    launched = {name: _launch(name, processes, arguments, workdir, first_port + i)
+                for i, (name, (processes, arguments)) in enumerate(runs.items())}
+    for process in launched.values():
+        process.wait(timeout=900)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("megatron")
+    first = {}
+    for name, (processes, arguments) in FIRST_WAVE.items():
+        extra = ["--save", str(workdir / f"ckpt_{name}")] if "half" in name else []
+        first[name] = (processes, [*arguments, *extra, "--steps", str(STEPS)] if "--steps" not in arguments
+                       else [*arguments, *extra])
+    _wave(first, workdir, 29400)
+    second = {name: (processes, [*arguments, "--load", str(workdir / f"ckpt_{source}"), "--format", fmt,
+                                 "--first-step", str(HALF), "--steps", str(STEPS - HALF)])
+              for name, (processes, source, fmt, arguments) in RESUMES.items()}
+    _wave(second, workdir, 29500)
+
+    def result(name):
+        path = workdir / f"{name}.json"
+        if not path.exists():
+            pytest.fail(f"run {name} failed:\n" + (workdir / f"{name}.log").read_text()[-6000:])
+        return json.loads(path.read_text())
+
+    return result
+
+
+def _assert_same_masks(a, b, what):
+    assert len(a["masks"]) == len(b["masks"])
+    for step, (x, y) in enumerate(zip(a["masks"], b["masks"]), start=1):
+        assert x == y, f"{what}: realised masks differ at step {step}"
+
+
+def _assert_close_losses(a, b, what, tolerance=BF16_LOSS_TOLERANCE):
+    for step, (x, y) in enumerate(zip(a, b), start=1):
+        assert abs(x - y) <= tolerance * abs(y), f"{what}: step {step} loss {x} vs {y}"
+
+
+def _assert_close_scores(a, b, what, tolerance=1e-3):
+    assert a.keys() == b.keys()
+    for index in a:
+        assert torch.allclose(torch.tensor(a[index]), torch.tensor(b[index]), atol=tolerance), f"{what}: tensor {index}"
+
+
+@pytest.mark.parametrize("pair", [("tp2", "tp1"), ("tp2_row", "tp1_row"), ("dp2", "dp1"), ("dp2_row", "dp1_row"),
+                                  ("tp2_distopt", "tp1_row"), ("fp32_tp2", "fp32_tp1")])
+def test_layouts_realise_the_same_masks_and_losses(runs, pair):
+    a, b = runs(pair[0]), runs(pair[1])
+    assert all(a["ok"]) and all(b["ok"])
+    _assert_same_masks(a, b, f"{pair[0]} vs {pair[1]}")
+    _assert_close_losses(a["losses"], b["losses"], f"{pair[0]} vs {pair[1]}")
+    _assert_close_scores(a["scores"], b["scores"], f"{pair[0]} vs {pair[1]}")
+    kept = sum(len(blocks) for step in a["masks"] for blocks in step.values())
+    total = len(a["masks"]) * len(a["masks"][0]) if pair[0].endswith(("tp2", "dp2", "fp32_tp2")) else None
+    if total:  # tensor blocks at keep_prob 0.5: about half of them move
+        assert 0.3 < kept / total < 0.7, kept / total
+
+
+@pytest.mark.parametrize("resumed, whole", [("dp2_resume_full", "dp2"), ("dp1_resume_full", "dp2"),
+                                            ("dp2_resume_dpr", "dp2"), ("dp1_resume_dpr", "dp2"),
+                                            ("tp2_resume", "tp2")])
+def test_a_resumed_run_repeats_the_uninterrupted_one(runs, resumed, whole):
+    a, b = runs(resumed), runs(whole)
+    assert a["masks"] == b["masks"][HALF:], f"{resumed}: masks after the resume differ from {whole}'s"
+    _assert_close_losses(a["losses"], b["losses"][HALF:], resumed, tolerance=1e-2 if "dp1" in resumed else 1e-6)
+    _assert_close_scores(a["scores"], b["scores"], resumed, tolerance=1e-3 if "dp1" in resumed else 1e-6)
+
+
+def test_an_fp16_overflow_step_is_skipped_and_the_masks_stay_in_step(runs):
+    clean, skipped = runs("fp16"), runs("fp16_overflow")
+    assert skipped["ok"][5] is False and all(ok for i, ok in enumerate(skipped["ok"]) if i != 5)
+    assert skipped["unchanged_when_skipped"] == [True]
+    assert all(not blocks for blocks in skipped["masks"][5].values())
+    assert skipped["masks"][:5] + skipped["masks"][6:] == clean["masks"][:STEPS - 1]
