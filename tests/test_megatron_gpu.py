@@ -123,7 +123,8 @@ def test_layouts_realise_the_same_masks_and_losses(runs, pair):
     assert all(a["ok"]) and all(b["ok"])
     _assert_same_masks(a, b, f"{pair[0]} vs {pair[1]}")
     _assert_close_losses(a["losses"], b["losses"], f"{pair[0]} vs {pair[1]}")
-    _assert_close_scores(a["scores"], b["scores"], f"{pair[0]} vs {pair[1]}")
+    tolerance = 1e-4 if pair[0].startswith("fp32") else 5e-3  # scores from bf16 grads differ that much
+    _assert_close_scores(a["scores"], b["scores"], f"{pair[0]} vs {pair[1]}", tolerance)
     kept = sum(len(blocks) for step in a["masks"] for blocks in step.values())
     total = len(a["masks"]) * len(a["masks"][0]) if pair[0].endswith(("tp2", "dp2", "fp32_tp2")) else None
     if total:  # tensor blocks at keep_prob 0.5: about half of them move
