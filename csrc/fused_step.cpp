@@ -119,7 +119,7 @@ void check_inputs(const char* op, const Inputs& in, double keep_prob) {
     check_state(in.steps[i], "steps", i, 1);
     if (!in.master_params.empty()) check_state(in.master_params[i], "master_params", i, p.numel());
     MAGMA_CHECK(in.block_sizes[i] >= 1, op, ": block_sizes[", i, "] must be >= 1");
-    MAGMA_CHECK(in.offsets[i] >= 0 && in.offsets[i] + p.numel() <= in.logical_numels[i],
+    MAGMA_CHECK(in.offsets[i] >= 0 && in.offsets[i] + p.numel() <= std::abs(in.logical_numels[i]),
                 op, ": piece ", i, " lies outside its logical tensor");
     MAGMA_CHECK(in.tensor_indices[i] >= 0 && in.tensor_indices[i] <= int64_t{UINT32_MAX},
                 op, ": tensor_indices[", i, "] must fit in 32 bits");
@@ -151,7 +151,10 @@ void check_block_sums(const char* op, const Inputs& in, const at::Tensor& block_
 
 // The single-pass configuration that takes piece i of mask "magma" (its blocks lie wholly
 // inside it and hold at most kMaxSinglePassBlock elements), or -1: the piece takes two passes.
+// A negative logical_numels[i] marks a piece of a column slice, whose blocks run on through
+// the other slices: never whole here.
 int single_pass_config(const Inputs& in, size_t i) {
+  if (in.logical_numels[i] < 0) return -1;
   const int64_t block_size = in.block_sizes[i];
   const int64_t begin = in.offsets[i];
   const int64_t end = begin + in.params[i].numel();

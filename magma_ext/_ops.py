@@ -15,7 +15,9 @@ The three ops take the same leading arguments:
     step's count (the caller increments them before the step and subtracts ``found_inf`` after).
 ``tensor_indices, block_sizes, offsets, logical_numels``
     per piece: its logical tensor's index (< 2**32), block size, the piece's element offset in
-    its logical tensor and that tensor's size (docs/ALGORITHM.md section 3).
+    its logical tensor and that tensor's size (docs/ALGORITHM.md section 3); the size negated
+    for a piece of a column slice (``Piece.split``), whose blocks continue in the other slices
+    and so always take the two-pass route through ``block_sums``.
 ``lr, beta1, beta2, eps, weight_decay, base, mask, keep_prob, tau, score_ema, seed``
     the hyperparameters; ``lr`` is a float or a one-element tensor, ``base`` is "adam",
     "rmsprop" or "laprop", ``mask`` "magma", "skip" or "none", ``seed`` an int in [0, 2**64).

@@ -57,7 +57,9 @@ def fused_plan(params, has_master, layouts, tensor_indices) -> FusedPlan:
             members=members, has_master=master,
             block_sizes=[layouts[i].block_size for i in members],
             offsets=[layouts[i].offset for i in members],
-            logical_numels=[layouts[i].logical_numel for i in members],
+            # negative: a column slice's piece, whose blocks the kernels must never take as whole
+            logical_numels=[-layouts[i].logical_numel if layouts[i].sliced else layouts[i].logical_numel
+                            for i in members],
             tensor_indices=[tensor_indices[i] for i in members],
             first_row=row, rows=rows,
         ))

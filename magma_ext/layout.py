@@ -61,12 +61,16 @@ class BlockLayout:
 
     ``logical_numel`` is the logical tensor's size (the CUDA planner runs a piece of whole
     blocks, one starting on a block boundary and ending on one or at that size, in one pass).
+    ``sliced``: the piece lies in a column slice of its logical tensor (``Piece.split``), so
+    ``offset`` and ``logical_numel`` count elements of the slice and every block runs on through
+    the other slices: no block is ever whole in this piece.
     """
 
     numel: int
     block_size: int
     offset: int = 0
     logical_numel: int | None = None
+    sliced: bool = False
 
     def __post_init__(self):
         if self.block_size < 1:

@@ -74,7 +74,7 @@ class ParamView:
             )
         return BlockLayout(
             numel=self.local.numel(), block_size=block_size_for(self.piece.slice_shape, block),
-            offset=self.piece.offset, logical_numel=self.piece.slice_numel,
+            offset=self.piece.offset, logical_numel=self.piece.slice_numel, sliced=self.piece.parts > 1,
         )
 
 

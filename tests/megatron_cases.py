@@ -9,16 +9,22 @@ holds a range of its flattened TP-local tensor, cut at odd offsets.
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 import torch.distributed as dist
 
+from helpers import assert_scaled_close
 from magma_ext import Magma, declare_piece
 from magma_ext.megatron.layout import TensorParallelSlice, piece_arguments
 from magma_ext.megatron.scores import gather_block_scores, install_block_scores
+from magma_ext.types import BASES, MASKS
 
 # (logical shape, partition dim): column-parallel weight and bias, row-parallel weights, a norm
 TENSORS = [((8, 6), 0), ((8,), 0), ((6, 8), 1), ((6,), None), ((4, 10), 1), ((10, 3), 0)]
 OPTIONS = dict(lr=0.03, weight_decay=0.1, keep_prob=0.5, seed=5)
+STEPS = 12
+COMBOS = list(itertools.product(BASES, MASKS, ["tensor", "row"]))
 
 
 def logical_params(seed=0):
@@ -59,9 +65,12 @@ def single_process(combo, steps):
     return history, [optimizer.state[p]["magma_score"].clone() for p in params]
 
 
-def tp_dp_body(rank, world_size, tp_size, distributed_optimizer, combos, steps):
+def tp_dp_body(rank, world_size, tp_size, distributed_optimizer, combos, steps, device="cpu"):
     """One rank of a TP x DP run; returns, per combo, each held tensor's (index, TP rank, range)
-    with its values at every step, and the gathered scores."""
+    with its values at every step (on the CPU), and the gathered scores. On ``device="cuda"``
+    the fused kernels run (one GPU per rank)."""
+    if device == "cuda":
+        torch.cuda.set_device(rank)
     dp_size = world_size // tp_size
     tp_rank, dp_rank = rank % tp_size, rank // tp_size
     dp_groups = [dist.new_group([t + tp_size * d for d in range(dp_size)]) for t in range(tp_size)]
@@ -78,7 +87,7 @@ def tp_dp_body(rank, world_size, tp_size, distributed_optimizer, combos, steps):
         for index, (tensor, (_, dim)) in enumerate(zip(logical_params(), TENSORS)):
             local = tp_local(tensor, dim, tp_rank, tp_size)
             start, stop = dp_range(local.numel(), dp_rank, dp_size, index) if distributed_optimizer else (0, local.numel())
-            shard = torch.nn.Parameter(local.reshape(-1)[start:stop].clone())
+            shard = torch.nn.Parameter(local.reshape(-1)[start:stop].clone().to(device))
             tp = TensorParallelSlice(dim, tp_rank, tp_size)
             declare_piece(shard, **piece_arguments(index, tuple(local.shape), start, stop, tp,
                                                    split_group=split_group, replica_group=replica_group))
@@ -89,9 +98,9 @@ def tp_dp_body(rank, world_size, tp_size, distributed_optimizer, combos, steps):
         history = []
         for step in range(steps):
             for (index, dim, start, stop, shard), grad in zip(held, logical_grads(step)):
-                shard.grad = tp_local(grad, dim, tp_rank, tp_size).reshape(-1)[start:stop].clone()
+                shard.grad = tp_local(grad, dim, tp_rank, tp_size).reshape(-1)[start:stop].clone().to(device)
             optimizer.step()
-            history.append([h[-1].detach().clone() for h in held])
+            history.append([h[-1].detach().cpu().clone() for h in held])
         scores = gather_block_scores(optimizer)
         for p in optimizer.state:  # a round trip through install restores them exactly
             optimizer.state[p]["magma_score"].fill_(-1.0)
@@ -104,3 +113,27 @@ def tp_dp_body(rank, world_size, tp_size, distributed_optimizer, combos, steps):
 
 def expected_piece(logical: torch.Tensor, dim, tp_rank, tp_size, start, stop) -> torch.Tensor:
     return tp_local(logical, dim, tp_rank, tp_size).reshape(-1)[start:stop]
+
+
+def check_tp_dp_run(results, tp_size):
+    """Every rank's pieces at every step, and the scores, against one process."""
+    for combo in COMBOS:
+        history, final_scores = single_process(combo, STEPS)
+        for result in results:
+            run = result[combo]
+            for k, (index, dim, start, stop) in enumerate(run["held"]):
+                for step in range(STEPS):
+                    want = expected_piece(history[step][index], dim, run["tp_rank"], tp_size, start, stop)
+                    got = run["history"][step][k]
+                    assert_scaled_close(got, want, f"{combo}, tensor {index}, step {step + 1}")
+                    before = (expected_piece(history[step - 1][index], dim, run["tp_rank"], tp_size, start, stop)
+                              if step else expected_piece(logical_params()[index], dim, run["tp_rank"],
+                                                                 tp_size, start, stop))
+                    moved = run["history"][step - 1][k] != got if step else None
+                    if moved is not None:  # the same elements moved: the same masks
+                        assert torch.equal(moved, want != before), f"{combo}, tensor {index}, step {step + 1}"
+            for index, entry in run["scores"].items():
+                if combo[1] == "magma":
+                    assert_scaled_close(entry["scores"], final_scores[index], f"{combo}: scores of {index}")
+                assert torch.equal(run["reinstalled"][index]["scores"], entry["scores"])
+            assert run["missing"] == []

@@ -4,20 +4,14 @@ the scores carried through checkpoints."""
 
 from __future__ import annotations
 
-import itertools
-
 import pytest
 import torch
 
 import megatron_cases as cases
 from distributed_helpers import run_ranks
-from helpers import assert_scaled_close
 from magma_ext.megatron.layout import (
     TensorParallelSlice, is_paper_masked, logical_shape, piece_arguments, stable_name)
-from magma_ext.types import BASES, MASKS
 
-STEPS = 12
-COMBOS = list(itertools.product(BASES, MASKS, ["tensor", "row"]))
 GROUPS = dict(split_group="SPLIT", replica_group="REPLICA")
 
 
@@ -76,33 +70,11 @@ def test_the_paper_masks_attention_and_mlp_weights_only():
     assert stable_name("module.module.decoder.x") == "decoder.x"
 
 
-def _check_run(results, tp_size, distributed_optimizer):
-    for combo in COMBOS:
-        history, final_scores = cases.single_process(combo, STEPS)
-        for result in results:
-            run = result[combo]
-            for k, (index, dim, start, stop) in enumerate(run["held"]):
-                for step in range(STEPS):
-                    want = cases.expected_piece(history[step][index], dim, run["tp_rank"], tp_size, start, stop)
-                    got = run["history"][step][k]
-                    assert_scaled_close(got, want, f"{combo}, tensor {index}, step {step + 1}")
-                    before = (cases.expected_piece(history[step - 1][index], dim, run["tp_rank"], tp_size, start, stop)
-                              if step else cases.expected_piece(cases.logical_params()[index], dim, run["tp_rank"],
-                                                                 tp_size, start, stop))
-                    moved = run["history"][step - 1][k] != got if step else None
-                    if moved is not None:  # the same elements moved: the same masks
-                        assert torch.equal(moved, want != before), f"{combo}, tensor {index}, step {step + 1}"
-            for index, entry in run["scores"].items():
-                if combo[1] == "magma":
-                    assert_scaled_close(entry["scores"], final_scores[index], f"{combo}: scores of {index}")
-                assert torch.equal(run["reinstalled"][index]["scores"], entry["scores"])
-            assert run["missing"] == []
-
-
 @pytest.mark.parametrize("tp_size, world_size, distributed_optimizer", [(2, 2, False), (2, 4, True), (1, 3, True)])
 def test_tensor_and_data_parallel_pieces_follow_one_process(tp_size, world_size, distributed_optimizer):
-    results = run_ranks(world_size, cases.tp_dp_body, world_size, tp_size, distributed_optimizer, COMBOS, STEPS)
-    _check_run(results, tp_size, distributed_optimizer)
+    results = run_ranks(world_size, cases.tp_dp_body, world_size, tp_size, distributed_optimizer, cases.COMBOS,
+                        cases.STEPS)
+    cases.check_tp_dp_run(results, tp_size)
 
 
 def test_n_element_blocks_of_a_row_parallel_slice_are_refused():

@@ -11,6 +11,7 @@ import os
 import pytest
 import torch
 
+import megatron_cases
 import sharded_cases as cases
 from distributed_helpers import run_ranks
 from helpers import assert_scaled_close
@@ -56,3 +57,10 @@ def test_fsdp2_demo_llama_50_steps_follows_one_gpu():
     print(f"\nFSDP2 demo Llama, 2 GPUs vs 1, {LLAMA_STEPS} steps: max |param difference| {worst:.3g}, "
           f"final loss {losses[-1]:.6f} vs {expected_losses[-1]:.6f}; score all-reduce per step: "
           f"{traffic['collectives']} collective(s), {traffic['bytes']} bytes")
+
+
+def test_tensor_parallel_slices_with_fused_kernels_follow_one_process():
+    """Row-parallel weights are column slices whose blocks (rows, or the whole tensor) are never
+    whole on one rank: the fused step must add their sums over the slices like any split block."""
+    results = _nccl(megatron_cases.tp_dp_body, 2, 2, False, megatron_cases.COMBOS, megatron_cases.STEPS, "cuda")
+    megatron_cases.check_tp_dp_run(results, 2)

@@ -92,6 +92,10 @@ def get_megatron_magma_optimizer(
     tp_group, tp_dp_group = _tensor_parallel_groups(pg_collection)
     tp_size = torch.distributed.get_world_size(tp_group)
     magma_groups = _split_groups(param_groups, names, is_masked, config)
+    if not config.use_distributed_optimizer:
+        # every rank holds every parameter, so dropping empty groups keeps them alike on all
+        # ranks, and Megatron's Float16 checkpoints cannot merge an empty group's list
+        magma_groups = [group for group in magma_groups if group["params"]]
     _refuse_split_n_blocks(magma_groups, names, tp_size, magma_options)
 
     dp_group = groups["intra_dp_cp_group"]
@@ -305,11 +309,14 @@ class MagmaDistributedOptimizer(_CarriesMagmaScores, DistributedOptimizer):
         return tensors
 
     def _set_main_param_and_optimizer_states(self, model_param, tensors):
-        # Megatron copies every tensor of the live state from ``tensors``; the score is loaded
-        # from "magma_scores" and the step from the param groups, so hide what ``tensors`` lacks.
+        # Megatron copies every tensor of the live state from ``tensors``. The score comes from
+        # "magma_scores" and the step from the param groups (load_state_dict set it), so they
+        # are hidden: dp_reshardable's ``tensors["step"]`` is the step of the optimizer that
+        # built the loading template, not the checkpoint's.
         group_index, group_order = self.model_param_group_index_map[model_param]
         state = self.optimizer.state[self.optimizer.param_groups[group_index]["params"][group_order]]
-        hidden = {k: state.pop(k) for k in list(state) if isinstance(state[k], torch.Tensor) and k not in tensors}
+        hidden = {k: state.pop(k) for k in list(state)
+                  if isinstance(state[k], torch.Tensor) and (k not in tensors or k == "step")}
         try:
             super()._set_main_param_and_optimizer_states(model_param, tensors)
         finally:
