@@ -52,17 +52,18 @@ def dp_range(numel: int, dp_rank: int, dp_size: int, salt: int) -> tuple[int, in
     return cuts[dp_rank], cuts[dp_rank + 1]
 
 
-def single_process(combo, steps):
+def single_process(combo, steps, device="cpu"):
+    """The oracle: the logical tensors stepped by one process (on ``device``; CPU results)."""
     base, mask, block = combo
-    params = [torch.nn.Parameter(t) for t in logical_params()]
+    params = [torch.nn.Parameter(t.to(device)) for t in logical_params()]
     optimizer = Magma(params, base=base, mask=mask, block=block, **OPTIONS)
     history = []
     for step in range(steps):
         for p, g in zip(params, logical_grads(step)):
-            p.grad = g
+            p.grad = g.to(device)
         optimizer.step()
-        history.append([p.detach().clone() for p in params])
-    return history, [optimizer.state[p]["magma_score"].clone() for p in params]
+        history.append([p.detach().cpu().clone() for p in params])
+    return history, [optimizer.state[p]["magma_score"].cpu().clone() for p in params]
 
 
 def tp_dp_body(rank, world_size, tp_size, distributed_optimizer, combos, steps, device="cpu"):
@@ -115,10 +116,10 @@ def expected_piece(logical: torch.Tensor, dim, tp_rank, tp_size, start, stop) ->
     return tp_local(logical, dim, tp_rank, tp_size).reshape(-1)[start:stop]
 
 
-def check_tp_dp_run(results, tp_size):
-    """Every rank's pieces at every step, and the scores, against one process."""
+def check_tp_dp_run(results, tp_size, device="cpu"):
+    """Every rank's pieces at every step, and the scores, against one process on ``device``."""
     for combo in COMBOS:
-        history, final_scores = single_process(combo, STEPS)
+        history, final_scores = single_process(combo, STEPS, device)
         for result in results:
             run = result[combo]
             for k, (index, dim, start, stop) in enumerate(run["held"]):

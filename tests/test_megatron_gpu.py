@@ -45,6 +45,8 @@ FIRST_WAVE = {
     "tp2_distopt": (2, ["--tp", "2", "--distributed-optimizer", "--block", "row"]),
     "fp32_tp2": (2, ["--tp", "2", "--dtype", "fp32"]),
     "fp32_tp1": (1, ["--tp", "1", "--dtype", "fp32"]),
+    "fp32_tp2_row": (2, ["--tp", "2", "--dtype", "fp32", "--block", "row"]),
+    "fp32_tp1_row": (1, ["--tp", "1", "--dtype", "fp32", "--block", "row"]),
     "dp2_half_full": (2, ["--distributed-optimizer", "--steps", str(HALF), "--format", "fully_reshardable"]),
     "dp2_half_dpr": (2, ["--distributed-optimizer", "--steps", str(HALF), "--format", "dp_reshardable"]),
     "tp2_half": (2, ["--tp", "2", "--steps", str(HALF)]),
@@ -117,13 +119,16 @@ def _assert_close_scores(a, b, what, tolerance=1e-3):
 
 
 @pytest.mark.parametrize("pair", [("tp2", "tp1"), ("tp2_row", "tp1_row"), ("dp2", "dp1"), ("dp2_row", "dp1_row"),
-                                  ("tp2_distopt", "tp1_row"), ("fp32_tp2", "fp32_tp1")])
+                                  ("tp2_distopt", "tp1_row"), ("fp32_tp2", "fp32_tp1"),
+                                  ("fp32_tp2_row", "fp32_tp1_row")])
 def test_layouts_realise_the_same_masks_and_losses(runs, pair):
     a, b = runs(pair[0]), runs(pair[1])
     assert all(a["ok"]) and all(b["ok"])
     _assert_same_masks(a, b, f"{pair[0]} vs {pair[1]}")
     _assert_close_losses(a["losses"], b["losses"], f"{pair[0]} vs {pair[1]}")
-    tolerance = 1e-4 if pair[0].startswith("fp32") else 5e-3  # scores from bf16 grads differ that much
+    # float32 layouts agree to rounding; bf16 gradients differ between layouts (sequence-parallel
+    # reductions), and the score of a 64-element row follows them by up to about 1e-2
+    tolerance = 1e-4 if pair[0].startswith("fp32") else 2e-2
     _assert_close_scores(a["scores"], b["scores"], f"{pair[0]} vs {pair[1]}", tolerance)
     kept = sum(len(blocks) for step in a["masks"] for blocks in step.values())
     total = len(a["masks"]) * len(a["masks"][0]) if pair[0].endswith(("tp2", "dp2", "fp32_tp2")) else None

@@ -63,4 +63,4 @@ def test_tensor_parallel_slices_with_fused_kernels_follow_one_process():
     """Row-parallel weights are column slices whose blocks (rows, or the whole tensor) are never
     whole on one rank: the fused step must add their sums over the slices like any split block."""
     results = _nccl(megatron_cases.tp_dp_body, 2, 2, False, megatron_cases.COMBOS, megatron_cases.STEPS, "cuda")
-    megatron_cases.check_tp_dp_run(results, 2)
+    megatron_cases.check_tp_dp_run(results, 2, "cuda")
