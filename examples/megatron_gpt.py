@@ -9,12 +9,12 @@ One process per GPU under ``torchrun``; from the repository root::
 Needs Python >= 3.12, a CUDA build of torch, ``megatron-core==0.19.2`` and this package
 (``magma_ext``, with ``magma_ext.megatron``). Transformer Engine and apex are not used: the
 model is built from ``get_gpt_layer_local_spec()`` (Megatron-core's own modules) and Megatron
-falls back to ``torch.optim.AdamW`` for Adam. Sequence parallelism is on when ``--tp`` > 1
-only if the local spec's LayerNorm supports it (apex's ``FusedLayerNorm``); without apex the
-local spec uses ``torch.nn.LayerNorm``, which Megatron refuses under sequence parallelism, so
-it stays off and the run says so.
+falls back to ``torch.optim.AdamW`` for Adam. Sequence parallelism is on when ``--tp`` > 1,
+with torch LayerNorms marked for it (``SequenceParallelLayerNorm``: the local spec's own norm
+refuses it without apex).
 
-What it does, per optimizer (``--optimizer both``: Adam first, then Magma, in one process):
+What it does, per optimizer (``--optimizer both``: Adam first, then Magma, in one process;
+``--magma-first`` swaps them):
 
 - builds a ``GPTModel`` (learned positions, LayerNorm, GELU MLP, untied output layer, no
   dropout) over a 256-byte vocabulary, initialised on the CPU from ``--seed`` (so identically
@@ -82,7 +82,7 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.module import Float16Module
-from megatron.core.transformer.torch_norm import WrappedTorchNorm
+from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 
 VOCAB_SIZE = 256  # byte-level tokens
 LABELS = {"adam": "Adam", "magma": "Magma"}
@@ -122,6 +122,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.set_defaults(dtype="bf16")
     p.add_argument("--optimizer", choices=("magma", "adam", "both"), default="both",
                    help="both: Adam, then Magma, from the same initial weights and data order")
+    p.add_argument("--magma-first", action="store_true", help="with --optimizer both: run Magma first")
     p.add_argument("--keep-prob", type=float, default=0.5, help="Magma: probability of keeping a block")
     p.add_argument("--block", type=parse_block, default="tensor", help="Magma: tensor, row or N elements")
     p.add_argument("--seed", type=int, default=1234, help="weights, data order and Magma's masks")
@@ -180,13 +181,23 @@ class Parallel:
     sequence_parallel: bool
 
 
-def local_norm_supports_sequence_parallel() -> bool:
-    """Whether the local spec's LayerNorm can run sequence-parallel.
+class SequenceParallelLayerNorm(torch.nn.LayerNorm):
+    """torch's LayerNorm marked for Megatron's sequence parallelism, as apex's FusedLayerNorm
+    marks itself: its grads are all-reduced over tensor-parallel ranks by finalize_model_grads.
+    (The local spec's own torch norm refuses sequence parallelism.)"""
 
-    Without apex the local spec uses ``WrappedTorchNorm`` (torch.nn.LayerNorm), which asserts
-    ``not config.sequence_parallel`` when built; apex's ``FusedLayerNorm`` supports it.
-    """
-    return get_gpt_layer_local_spec().submodules.input_layernorm is not WrappedTorchNorm
+    def __init__(self, config, hidden_size, eps=1e-5, **unused):
+        super().__init__(hidden_size, eps=eps)
+        for param in self.parameters():
+            param.sequence_parallel = config.sequence_parallel
+
+
+def block_spec(num_layers: int) -> TransformerBlockSubmodules:
+    """The local spec's layers with norms that run sequence-parallel."""
+    layer = get_gpt_layer_local_spec()
+    layer.submodules.input_layernorm = SequenceParallelLayerNorm
+    layer.submodules.pre_mlp_layernorm = SequenceParallelLayerNorm
+    return TransformerBlockSubmodules(layer_specs=[layer] * num_layers, layer_norm=SequenceParallelLayerNorm)
 
 
 def setup_parallel(args: argparse.Namespace) -> Parallel:
@@ -197,7 +208,7 @@ def setup_parallel(args: argparse.Namespace) -> Parallel:
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=args.tp,
                                              pipeline_model_parallel_size=1)
     tensor_parallel.model_parallel_cuda_manual_seed(args.seed)
-    sequence_parallel = args.tp > 1 and local_norm_supports_sequence_parallel()
+    sequence_parallel = args.tp > 1
     if sequence_parallel and args.seq_len % args.tp:
         raise ValueError(f"sequence parallelism splits --seq-len {args.seq_len} over --tp {args.tp} ranks")
     return Parallel(
@@ -261,7 +272,7 @@ def seed_everything(seed: int) -> None:
 def build_model(config: TransformerConfig, args: argparse.Namespace) -> Float16Module:
     """GPTModel from the local spec on the GPU, cast to bf16/fp16 as Megatron's get_model does."""
     seed_everything(args.seed)
-    model = GPTModel(config=config, transformer_layer_spec=get_gpt_layer_local_spec(),
+    model = GPTModel(config=config, transformer_layer_spec=block_spec(args.layers),
                      vocab_size=VOCAB_SIZE, max_sequence_length=args.seq_len)
     for param in model.parameters():
         tensor_parallel.set_defaults_if_not_set_tensor_model_parallel_attributes(param)
@@ -654,13 +665,12 @@ def markdown_report(args: argparse.Namespace, ctx: Parallel, results: list[RunRe
 def main(argv: list[str] | None = None) -> list[RunResult]:
     args = parse_args(argv)
     ctx = setup_parallel(args)
-    if args.tp > 1 and not ctx.sequence_parallel:
-        print0(ctx, "note: sequence parallelism stays off: without apex the local spec's LayerNorm "
-                    "(torch.nn.LayerNorm via WrappedTorchNorm) does not support it")
     train_data, _ = load_corpus()
     print0(ctx, f"data: {len(train_data):,} training bytes of the demo corpus; tp {ctx.tp}, dp {ctx.dp}, "
                 f"{args.dtype}, distributed optimizer {'on' if args.distributed_optimizer else 'off'}")
     names = ["adam", "magma"] if args.optimizer == "both" else [args.optimizer]
+    if args.magma_first:
+        names.reverse()
 
     results, initial_state = [], None
     for name in names:

@@ -16,8 +16,10 @@ for _name in ("NCCL_NVLS_ENABLE", "TORCH_SYMM_MEM_DISABLE_MULTICAST", "NVSHMEM_D
     os.environ.setdefault(_name, "0" if _name == "NCCL_NVLS_ENABLE" else "1")
 
 import argparse  # noqa: E402
+import sys  # noqa: E402
 import json  # noqa: E402
 import zlib  # noqa: E402
+from pathlib import Path  # noqa: E402
 from functools import partial  # noqa: E402
 
 import torch  # noqa: E402
@@ -26,35 +28,19 @@ from megatron.core import dist_checkpointing, parallel_state, tensor_parallel  #
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig  # noqa: E402
 from megatron.core.distributed import finalize_model_grads  # noqa: E402
 from megatron.core.models.gpt import GPTModel  # noqa: E402
-from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec  # noqa: E402
 from megatron.core.optimizer import OptimizerConfig  # noqa: E402
 from megatron.core.pipeline_parallel import get_forward_backward_func  # noqa: E402
 from megatron.core.transformer import TransformerConfig  # noqa: E402
 from megatron.core.transformer.module import Float16Module  # noqa: E402
-from megatron.core.transformer.transformer_block import TransformerBlockSubmodules  # noqa: E402
 
 from magma_ext.megatron import get_megatron_magma_optimizer, magma_optimizers  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+from megatron_gpt import block_spec  # noqa: E402  (the example's sequence-parallel norms)
 from magma_ext.megatron.scores import gather_block_scores  # noqa: E402
 from magma_ext.shards import view_of  # noqa: E402
 
 VOCAB, SEQ, GLOBAL_BATCH = 256, 32, 8
-
-
-class SequenceParallelLayerNorm(torch.nn.LayerNorm):
-    """torch's LayerNorm marked for Megatron's sequence parallelism (grads all-reduced over TP),
-    as apex's FusedLayerNorm is; the local spec's own norm refuses sequence parallelism."""
-
-    def __init__(self, config, hidden_size, eps=1e-5, **unused):
-        super().__init__(hidden_size, eps=eps)
-        for p in self.parameters():
-            p.sequence_parallel = config.sequence_parallel
-
-
-def block_spec(num_layers: int) -> TransformerBlockSubmodules:
-    layer = get_gpt_layer_local_spec()
-    layer.submodules.input_layernorm = SequenceParallelLayerNorm
-    layer.submodules.pre_mlp_layernorm = SequenceParallelLayerNorm
-    return TransformerBlockSubmodules(layer_specs=[layer] * num_layers, layer_norm=SequenceParallelLayerNorm)
 
 
 def parse_args():
