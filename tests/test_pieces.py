@@ -122,6 +122,12 @@ PIECE_ERRORS = [
     (dict(index=0, offset=0, shape=(2,), group=-100), TypeError,
      r"group must be a torch.distributed.ProcessGroup or None, got int"),
     (dict(index=0, offset=0, shape=(2,), group="world"), TypeError, r"group must be .*got str"),
+    (dict(index=0, offset=0, shape=(2, 4), split=(2, 2)), ValueError, r"split must be \(part, parts\) with 0 <= part < parts"),
+    (dict(index=0, offset=0, shape=(2, 4), split=(0, 0)), ValueError, r"0 <= part < parts, got \(0, 0\)"),
+    (dict(index=0, offset=0, shape=(2, 5), split=(0, 2)), ValueError, r"2 column slices need .* dimension 1 they divide"),
+    (dict(index=0, offset=0, shape=(8,), split=(0, 2)), ValueError, r"2 or more dimensions"),
+    (dict(index=0, offset=0, shape=(2, 4), split=3), TypeError, r"split must be a \(part, parts\) pair"),
+    (dict(index=0, offset=0, shape=(2, 4), split=(0.0, 2)), TypeError, r"split must be an int, got float"),
 ]
 
 
@@ -145,6 +151,10 @@ DECLARE_ERRORS = [
      r"reaches element 21, past the end"),
     (torch.zeros(0), dict(index=0, offset=21, shape=(20,)), ValueError, r"reaches element 21"),
     ([0.0] * 4, dict(index=0, offset=0, shape=(4,)), TypeError, r"tensor must be a torch.Tensor, got list"),
+    (torch.zeros(5), dict(index=0, offset=5, shape=(3, 6), split=(1, 2)), ValueError,
+     r"reaches element 10, past the end of column slice 1 of 2 of shape \(3, 3\) \(9 elements\)"),
+    (torch.zeros(9), dict(index=0, offset=0, shape=(3, 6), split=(1, 2)), ValueError,
+     r"split: a piece of a column slice needs the process group"),
 ]
 
 
@@ -152,6 +162,13 @@ DECLARE_ERRORS = [
 def test_declare_piece_rejects_pieces_that_do_not_fit(tensor, kwargs, error, pattern):
     with pytest.raises(error, match=pattern):
         declare_piece(tensor, **kwargs)
+
+
+def test_a_column_slice_counts_offsets_in_its_slice():
+    piece = Piece(index=1, offset=3, shape=[6, 8], split=[1, 4])
+    assert piece.split == (1, 4) and piece.parts == 4
+    assert piece.slice_shape == (6, 2) and piece.slice_numel == 12 and piece.logical_numel == 48
+    assert Piece(index=1, offset=0, shape=(6, 8)).slice_shape == (6, 8)  # not cut
 
 
 def test_declare_piece_attaches_and_replaces():
@@ -215,8 +232,8 @@ def test_descriptor_of_piece():
 
 # ---------------------------------------------------------------- the shared-block layout
 
-def D(index, offset, numel, shape, block_size, name="p", kind="tensor"):
-    return PieceDescriptor(index, offset, numel, shape, block_size, name, kind)
+def D(index, offset, numel, shape, block_size, name="p", kind="tensor", part=0, parts=1):
+    return PieceDescriptor(index, offset, numel, shape, block_size, name, kind, part, parts)
 
 
 LAYOUT_ERRORS = [
@@ -303,3 +320,22 @@ def test_shared_block_layout_is_independent_of_tensor_sizes():
     n = 2**31
     layout = shared_block_layout([[D(0, 0, n // 2 + 1, (n,), 3)], [D(0, n // 2 + 1, n // 2 - 1, (n,), 3)]])
     assert layout.blocks == ((0, (n // 2) // 3),) and layout.rows == ((layout.num_rows[0] - 1,), (0,))
+
+
+def test_pieces_of_column_slices_share_every_row_they_cross():
+    # a (4, 6) tensor in 2 column slices of (4, 3), row blocks of 3 elements per slice:
+    # rank 0 holds slice 0 rows 0-3 (cut at element 5); rank 1 holds slice 1 whole
+    layout = shared_block_layout([
+        [D(0, 0, 5, (4, 6), 3, "a", part=0, parts=2), D(0, 5, 7, (4, 6), 3, "b", part=0, parts=2)],
+        [D(0, 0, 12, (4, 6), 3, "c", part=1, parts=2)],
+    ])
+    assert layout.blocks == ((0, 0), (0, 1), (0, 2), (0, 3))
+    assert layout.holders == (2, 2, 2, 2)
+    assert layout.rows == ((0, 1, 2, 3, 4), (0, 1, 2, 3))
+    assert layout.positions == ((0, 1, 1, 2, 3), (0, 1, 2, 3))
+    with pytest.raises(ValueError, match="column slice count 2 in 'a' on rank 0 but 1"):
+        shared_block_layout([[D(0, 0, 6, (4, 6), 3, "a", part=0, parts=2)], [D(0, 6, 3, (4, 6), 3, "b")]])
+    with pytest.raises(ValueError, match=r"pieces of tensor index 0 overlap"):
+        shared_block_layout([[D(0, 0, 6, (4, 6), 3, "a", part=1, parts=2)], [D(0, 3, 3, (4, 6), 3, "b", part=1, parts=2)]])
+    with pytest.raises(ValueError, match=r"outside column slice 1 of 2"):
+        shared_block_layout([[D(0, 10, 3, (4, 6), 3, "a", part=1, parts=2)]])

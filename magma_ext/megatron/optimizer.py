@@ -274,6 +274,7 @@ class _CarriesMagmaScores:
     """
 
     def state_dict(self, *args, **kwargs):
+        _record_steps_in_groups(self.optimizer)
         packed = super().state_dict(*args, **kwargs)
         inner = packed.get("optimizer", packed)
         if isinstance(inner, dict) and isinstance(inner.get("state"), dict):
@@ -297,6 +298,15 @@ class _CarriesMagmaScores:
                 f"the checkpoint holds no Magma scores for {len(missing)} tensors (tensor indices "
                 f"{missing[:8]}{'...' if len(missing) > 8 else ''}): a checkpoint of another optimizer? "
                 "They start from a score of 0.5", stacklevel=2)
+
+
+def _record_steps_in_groups(magma: Magma) -> None:
+    """Each group's step count as ``group["step"]``: where Megatron's distributed optimizer reads
+    it when Transformer Engine or apex is installed (Magma's load takes it back from there)."""
+    for group in magma.param_groups:
+        steps = {int(magma.state[p]["step"].item()) for p in group["params"] if "step" in magma.state.get(p, {})}
+        if len(steps) == 1:
+            group["step"] = steps.pop()
 
 
 class MagmaDistributedOptimizer(_CarriesMagmaScores, DistributedOptimizer):
