@@ -33,7 +33,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func  # noqa: E
 from megatron.core.transformer import TransformerConfig  # noqa: E402
 from megatron.core.transformer.module import Float16Module  # noqa: E402
 
-from magma_ext.megatron import get_megatron_magma_optimizer, magma_optimizers  # noqa: E402
+from magma_ext.megatron import get_megatron_magma_optimizer, magma_optimizers, param_sync_bytes  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 from megatron_gpt import block_spec  # noqa: E402  (the example's sequence-parallel norms)
@@ -56,6 +56,8 @@ def parse_args():
     parser.add_argument("--load", help="checkpoint directory to resume from")
     parser.add_argument("--format", default="fully_reshardable", help="distrib_optim_sharding_type")
     parser.add_argument("--overflow-at", type=int, default=-1, help="make this step's gradients inf")
+    parser.add_argument("--sparse-param-gather", action="store_true",
+                        help="gather only kept blocks, and check each step against a dense all-gather")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     args.block = int(args.block) if args.block.isdigit() else args.block
@@ -113,7 +115,8 @@ def build(args):
         bf16=args.dtype == "bf16", fp16=args.dtype == "fp16", params_dtype=dtype, clip_grad=1.0,
         use_distributed_optimizer=args.distributed_optimizer, initial_loss_scale=2.0**12,
     )
-    optimizer = get_megatron_magma_optimizer(opt_config, [ddp], keep_prob=args.keep_prob, block=args.block, seed=7)
+    optimizer = get_megatron_magma_optimizer(opt_config, [ddp], keep_prob=args.keep_prob, block=args.block, seed=7,
+                                             sparse_param_gather=args.sparse_param_gather)
     config.grad_scale_func = optimizer.scale_loss
     config.finalize_model_grads_func = finalize_model_grads
     return gpt, ddp, optimizer
@@ -171,6 +174,36 @@ def realised_masks(magma, tensors, before) -> dict[int, list[int]]:
     return {str(index): sorted(blocks) for index, blocks in sorted(merged.items())}
 
 
+def sparse_sync_is_dense(optimizer) -> bool:
+    """Every bucket holds, on every rank, exactly what a dense all-gather of the shards gives."""
+    gather = optimizer.chained_optimizers[0].sparse_gather
+    same = True
+    for bucket in gather.buckets:
+        shard = bucket.param_data.numel() // gather.size
+        dense = torch.empty_like(bucket.param_data)
+        local = bucket.param_data.view(-1)[gather.rank * shard:(gather.rank + 1) * shard].clone()
+        dist.all_gather_into_tensor(dense, local, group=gather.group)
+        bits = torch.int16 if dense.element_size() == 2 else torch.int32  # compare bits, not values
+        same &= torch.equal(dense.view(bits), bucket.param_data.view(bits))
+    flag = torch.tensor([int(same)], device="cuda")
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
+
+
+def shard_cuts_a_block(optimizer) -> bool:
+    """Whether some block of a masked tensor straddles a shard boundary."""
+    gather = optimizer.chained_optimizers[0].sparse_gather
+    for bucket in gather.buckets:
+        shard = bucket.param_data.numel() // gather.size
+        for t in bucket.tensors:
+            begin = t.start
+            for length in t.layout.lengths():
+                if begin // shard != (begin + length - 1) // shard:
+                    return True
+                begin += length
+    return False
+
+
 def everything(magma, model) -> list[torch.Tensor]:
     tensors = [p.detach().clone() for p in model.parameters()]
     for g in magma.param_groups:
@@ -196,7 +229,9 @@ def main():
         gpt.load_state_dict(loaded["model"])
         optimizer.load_state_dict(loaded["optimizer"])
     magma, tensors = masked_tensors(optimizer)
-    record = dict(losses=[], masks=[], ok=[], unchanged_when_skipped=[])
+    record = dict(losses=[], masks=[], ok=[], unchanged_when_skipped=[], sparse_is_dense=[], sync_bytes=[])
+    if args.sparse_param_gather:
+        record["shard_cuts_a_block"] = shard_cuts_a_block(optimizer)
     forward_backward = get_forward_backward_func()
     for step in range(args.first_step, args.first_step + args.steps):
         ddp.zero_grad_buffer()
@@ -218,6 +253,10 @@ def main():
         record["losses"].append(loss.item() / parallel_state.get_data_parallel_world_size())
         record["ok"].append(bool(ok))
         record["masks"].append(realised_masks(magma, tensors, before))
+        if args.sparse_param_gather:
+            record["sparse_is_dense"].append(sparse_sync_is_dense(optimizer))
+            traffic = param_sync_bytes(optimizer)
+            record["sync_bytes"].append([traffic.sent, traffic.received, traffic.dense_sent, traffic.dense_received])
     record["scores"] = {str(i): e["scores"].tolist() for i, e in gather_block_scores(magma).items()}
     if args.save:
         os.makedirs(args.save, exist_ok=True)

@@ -30,6 +30,7 @@ if torch.cuda.device_count() < 2:
 
 RUNNER = Path(__file__).with_name("megatron_gpt_runs.py")
 STEPS, HALF = 20, 10
+SPARSE_STEPS = 50
 BF16_LOSS_TOLERANCE = 2e-2  # relative; bf16 activations, different reduction orders per layout
 
 # name: (processes, runner arguments)
@@ -51,6 +52,9 @@ FIRST_WAVE = {
     "dp2_half_dpr": (2, ["--distributed-optimizer", "--steps", str(HALF), "--format", "dp_reshardable"]),
     "tp2_half": (2, ["--tp", "2", "--steps", str(HALF)]),
     "fp16": (2, ["--distributed-optimizer", "--dtype", "fp16"]),
+    **{f"sparse_{block}_{keep}": (2, ["--distributed-optimizer", "--sparse-param-gather", "--block", block,
+                                      "--keep-prob", keep, "--steps", str(SPARSE_STEPS)])
+       for block in ("tensor", "row", "7") for keep in ("0.1", "0.5", "0.9")},
     "fp16_overflow": (2, ["--distributed-optimizer", "--dtype", "fp16", "--overflow-at", "5"]),
 }
 RESUMES = {  # name: (processes, checkpoint of, format, extra arguments)
@@ -152,3 +156,17 @@ def test_an_fp16_overflow_step_is_skipped_and_the_masks_stay_in_step(runs):
     assert skipped["unchanged_when_skipped"] == [True]
     assert all(not blocks for blocks in skipped["masks"][5].values())
     assert skipped["masks"][:5] + skipped["masks"][6:] == clean["masks"][:STEPS - 1]
+
+
+@pytest.mark.parametrize("block", ["tensor", "row", "7"])
+@pytest.mark.parametrize("keep", ["0.1", "0.5", "0.9"])
+def test_the_sparse_param_gather_gives_every_rank_the_dense_gathers_parameters(runs, block, keep):
+    run = runs(f"sparse_{block}_{keep}")
+    assert run["shard_cuts_a_block"], "no block straddles a shard boundary: the case is not covered"
+    assert len(run["sparse_is_dense"]) == SPARSE_STEPS and all(run["sparse_is_dense"]), \
+        f"steps whose sparse gather differs from a dense one: {[i for i, ok in enumerate(run['sparse_is_dense']) if not ok]}"
+    sent = sum(s + r for s, r, _, _ in run["sync_bytes"])
+    dense = sum(ds + dr for _, _, ds, dr in run["sync_bytes"])
+    print(f"\nsparse gather, block {block}, keep_prob {keep}: {sent / dense:.3f} of the dense bytes over "
+          f"{SPARSE_STEPS} steps")
+    assert sent <= dense and (sent < dense or keep == "0.9")  # padded to the fullest shard: never more

@@ -26,11 +26,13 @@ from megatron.core.optimizer.grad_scaler import ConstantGradScaler, DynamicGradS
 from megatron.core.process_groups_config import ProcessGroupCollection
 
 from ..optimizer import Magma
-from ..pieces import declare_piece
+from ..pieces import Piece, declare_piece
+from ..shards import ParamView
 from .layout import TensorParallelSlice, is_paper_masked, piece_arguments, stable_name
 from .scores import SCORES_KEY, gather_block_scores, install_block_scores, without_magma_state
+from .sparse_gather import Bucket, BucketTensor, MaskRule, SparseGather, SyncBytes, layout_record
 
-__all__ = ["get_megatron_magma_optimizer", "magma_optimizers"]
+__all__ = ["get_megatron_magma_optimizer", "magma_optimizers", "param_sync_bytes", "param_layout_record"]
 
 MAGMA_GROUP = "magma"  # the "optimizer" key of masked groups, which keeps them apart from dense ones
 
@@ -43,6 +45,7 @@ def get_megatron_magma_optimizer(
     pg_collection=None,
     use_gloo_process_groups: bool = True,
     masked=None,
+    sparse_param_gather: bool = False,
     **magma_options,
 ) -> ChainedOptimizer:
     """Megatron-core's optimizer for ``model_chunks`` with Magma inside.
@@ -61,6 +64,10 @@ def get_megatron_magma_optimizer(
         masked: ``masked(name, param) -> bool`` chooses the masked parameters (name without
             ``module.`` prefixes); default: the attention and MLP weights, as the paper does.
             The others run the dense base optimizer (``"magma": False``).
+        sparse_param_gather: with the distributed optimizer, make its parameter all-gather
+            after each step move only the elements that changed (the kept blocks of masked
+            tensors and all of the others; ``magma_ext.megatron.sparse_gather``). Not with
+            ``overlap_param_gather``. Bytes moved: :func:`param_sync_bytes`.
         **magma_options: Magma's own keywords (``keep_prob``, ``block``, ``seed``, ``tau``,
             ``score_ema``, ``base``, ``mask``, ``fused``).
 
@@ -74,9 +81,11 @@ def get_megatron_magma_optimizer(
             parallelism, Megatron-FSDP, several distributed-optimizer instances, the
             precision-aware optimizer, CPU offloading, coupled weight decay,
             ``overlap_param_gather_with_optimizer_step``), ``block=N`` with a masked
-            row-parallel weight under tensor parallelism, or a bad Magma option.
+            row-parallel weight under tensor parallelism, ``sparse_param_gather`` without the
+            distributed optimizer or with ``overlap_param_gather``, or a bad Magma option.
     """
     _refuse_unsupported(config, model_chunks, magma_options)
+    _refuse_unsupported_sparse_gather(sparse_param_gather, config, model_chunks)
     if config_overrides is None:
         config_overrides = get_standard_config_overrides(config)
     groups = ProcessGroupCollection.setup_process_groups_for_optimizer(
@@ -112,11 +121,34 @@ def get_megatron_magma_optimizer(
     )
     wrapper = _wrap(inner, config, model_chunks, buffers, groups, tp_group)
     tp_rank = torch.distributed.get_rank(tp_group)
+    slices = {p: TensorParallelSlice(_partition_dim(p), tp_rank, tp_size) for p in names}
     for model_param, tensor, start, stop in _held_tensors(wrapper):
-        tp = TensorParallelSlice(_partition_dim(model_param), tp_rank, tp_size)
-        declare_piece(tensor, **piece_arguments(indices[model_param], tuple(model_param.shape), start, stop, tp,
-                                                split_group=split_group, replica_group=replica_group))
+        declare_piece(tensor, **piece_arguments(indices[model_param], tuple(model_param.shape), start, stop,
+                                                slices[model_param], split_group=split_group,
+                                                replica_group=replica_group))
+    if sparse_param_gather:
+        wrapper.enable_sparse_param_gather(indices, slices)
     return ChainedOptimizer([wrapper])
+
+
+def param_sync_bytes(optimizer) -> SyncBytes:
+    """Bytes this rank sent and received in the last step's parameter all-gather, and what a
+    dense gather moves, over the parts of a Megatron optimizer; zeros for parts without Magma's
+    distributed optimizer (host values: reading them does not synchronise)."""
+    total = SyncBytes()
+    for part in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if isinstance(part, MagmaDistributedOptimizer):
+            total += part.param_sync_bytes
+    return total
+
+
+def param_layout_record(optimizer) -> dict | None:
+    """The sparse gather's bucket layouts and mask rules as JSON-able data
+    (``magma_ext.megatron.sparse_gather.layout_record``), or None without a sparse gather."""
+    for part in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if isinstance(part, MagmaDistributedOptimizer) and part.sparse_gather is not None:
+            return layout_record(part.sparse_gather.buckets, part.mask_rules())
+    return None
 
 
 def magma_optimizers(optimizer) -> list[Magma]:
@@ -158,6 +190,19 @@ def _refuse_unsupported(config: OptimizerConfig, model_chunks: list, magma_optio
             raise TypeError(f"{key} comes from config (or the model), not from a keyword")
 
 
+def _refuse_unsupported_sparse_gather(sparse_param_gather: bool, config: OptimizerConfig, model_chunks: list) -> None:
+    if not isinstance(sparse_param_gather, bool):
+        raise TypeError(f"sparse_param_gather must be a bool, got {type(sparse_param_gather).__name__}")
+    if not sparse_param_gather:
+        return
+    if not config.use_distributed_optimizer:
+        raise ValueError("sparse_param_gather=True needs config.use_distributed_optimizer=True (without it "
+                         "there is no parameter all-gather)")
+    if getattr(getattr(model_chunks[0], "ddp_config", None), "overlap_param_gather", False):
+        raise ValueError("sparse_param_gather=True is not supported with ddp_config.overlap_param_gather=True "
+                         "(the gather of each bucket is launched from the forward pre-hooks)")
+
+
 def _tensor_parallel_groups(pg_collection):
     if pg_collection is not None and hasattr(pg_collection, "tp"):
         return pg_collection.tp, pg_collection.tp_dp_cp
@@ -175,7 +220,7 @@ def _split_groups(param_groups: list[dict], names: dict, is_masked, config: Opti
         dense = [p for p in group["params"] if not is_masked(names[p], p)]
         common = {**group, "weight_decay": config.weight_decay * group.get("wd_mult", 1.0)}
         split.append({**common, "params": chosen, "optimizer": MAGMA_GROUP})
-        split.append({**common, "params": dense, "magma": False})
+        split.append({**common, "params": dense, "magma": False, "block": "tensor"})  # unmasked: one block
     return split
 
 
@@ -300,6 +345,14 @@ class _CarriesMagmaScores:
                 "They start from a score of 0.5", stacklevel=2)
 
 
+def _steps_taken(magma: Magma) -> int:
+    """The step count of Magma's state (0 before the first step); one host read."""
+    for state in magma.state.values():
+        if "step" in state:
+            return int(state["step"].item())
+    return 0
+
+
 def _record_steps_in_groups(magma: Magma) -> None:
     """Each group's step count as ``group["step"]``: where Megatron's distributed optimizer reads
     it when Transformer Engine or apex is installed (Magma's load takes it back from there)."""
@@ -311,7 +364,68 @@ def _record_steps_in_groups(magma: Magma) -> None:
 
 class MagmaDistributedOptimizer(_CarriesMagmaScores, DistributedOptimizer):
     """Megatron's ``DistributedOptimizer`` around Magma; its per-shard state files hold
-    ``exp_avg``/``exp_avg_sq`` (and the fp32 main parameters) only."""
+    ``exp_avg``/``exp_avg_sq`` (and the fp32 main parameters) only. With
+    :meth:`enable_sparse_param_gather` its parameter all-gather moves only what changed."""
+
+    sparse_gather: SparseGather | None = None
+    steps_taken: int = 0  # inner steps taken, known on the host (Megatron skips on the host)
+
+    @property
+    def param_sync_bytes(self) -> SyncBytes:
+        """Bytes of the last parameter sync (see :func:`param_sync_bytes`)."""
+        return getattr(self, "_last_sync", SyncBytes())
+
+    def enable_sparse_param_gather(self, indices: dict, slices: dict) -> None:
+        """Gather only changed elements from now on; ``indices``/``slices``: each model
+        parameter's tensor index and tensor-parallel slice (as the pieces were declared)."""
+        buckets, groups = [], set()
+        for chunk in self.model_chunks:
+            for bucket_group in chunk.bucket_groups:
+                groups.add(bucket_group.intra_distributed_optimizer_instance_group)
+                for bucket in bucket_group.buckets:
+                    buckets.append(Bucket(bucket.param_data, [self._bucket_tensor(bucket, p, indices, slices)
+                                                              for p in bucket.params_list]))
+        if len(groups) > 1:
+            raise ValueError("sparse_param_gather: the buckets are gathered over several process groups")
+        group = groups.pop() if groups else self.data_parallel_group
+        self.sparse_gather = SparseGather(buckets, group, torch.distributed.get_rank(group),
+                                          torch.distributed.get_world_size(group))
+        self.steps_taken = _steps_taken(self.optimizer)
+
+    def _bucket_tensor(self, bucket, param, indices: dict, slices: dict) -> BucketTensor:
+        group_index = self.model_param_group_index_map[param][0]
+        block = self.optimizer.param_groups[group_index]["block"]
+        whole = piece_arguments(indices[param], tuple(param.shape), 0, param.numel(), slices[param],
+                                split_group=None, replica_group=None)
+        layout = ParamView(param, Piece(**whole), "tensor").layout(block)
+        return BucketTensor(start=bucket.param_to_index[param][0], index=indices[param], layout=layout,
+                            rule=group_index)
+
+    def mask_rules(self) -> dict[int, MaskRule]:
+        """Each parameter group's mask rule, from its current options."""
+        return {i: MaskRule.of_group(group) for i, group in enumerate(self.optimizer.param_groups)}
+
+    def step_with_ready_grads(self) -> bool:
+        self.steps_taken += 1  # called only for a step that runs (Megatron skips overflows before)
+        return super().step_with_ready_grads()
+
+    def start_param_sync_for_bucket_group_subset(self) -> None:
+        rules = self.mask_rules() if self.sparse_gather is not None else {}
+        if not any(rule.masked for rule in rules.values()):  # nothing masked: Megatron's own gather
+            super().start_param_sync_for_bucket_group_subset()
+            if self.sparse_gather is not None:
+                dense = self.sparse_gather.dense_bytes()
+                self._last_sync = SyncBytes(dense.dense_sent, dense.dense_received, dense.dense_sent,
+                                            dense.dense_received)
+            return
+        self._last_sync = self.sparse_gather.sync(rules, self.steps_taken)
+        for chunk in self.model_chunks:
+            for bucket_group in chunk.bucket_groups:
+                bucket_group.param_gather_dispatched = True
+
+    def load_state_dict(self, state_dict):
+        super().load_state_dict(state_dict)
+        self.steps_taken = _steps_taken(self.optimizer)
 
     def _get_main_param_and_optimizer_states(self, model_param):
         tensors = super()._get_main_param_and_optimizer_states(model_param)
