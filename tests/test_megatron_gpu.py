@@ -15,11 +15,7 @@ resumed runs need the first wave's checkpoints), and each test checks some of th
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
+from functools import partial
 
 import pytest
 import torch
@@ -28,9 +24,9 @@ pytest.importorskip("megatron.core")
 if torch.cuda.device_count() < 2:
     pytest.skip("needs 2 GPUs", allow_module_level=True)
 
-RUNNER = Path(__file__).with_name("megatron_gpt_runs.py")
+from megatron_launch import result, wave  # noqa: E402
+
 STEPS, HALF = 20, 10
-SPARSE_STEPS = 50
 BF16_LOSS_TOLERANCE = 2e-2  # relative; bf16 activations, different reduction orders per layout
 
 # name: (processes, runner arguments)
@@ -52,9 +48,6 @@ FIRST_WAVE = {
     "dp2_half_dpr": (2, ["--distributed-optimizer", "--steps", str(HALF), "--format", "dp_reshardable"]),
     "tp2_half": (2, ["--tp", "2", "--steps", str(HALF)]),
     "fp16": (2, ["--distributed-optimizer", "--dtype", "fp16"]),
-    **{f"sparse_{block}_{keep}": (2, ["--distributed-optimizer", "--sparse-param-gather", "--block", block,
-                                      "--keep-prob", keep, "--steps", str(SPARSE_STEPS)])
-       for block in ("tensor", "row", "7") for keep in ("0.1", "0.5", "0.9")},
     "fp16_overflow": (2, ["--distributed-optimizer", "--dtype", "fp16", "--overflow-at", "5"]),
 }
 RESUMES = {  # name: (processes, checkpoint of, format, extra arguments)
@@ -66,22 +59,6 @@ RESUMES = {  # name: (processes, checkpoint of, format, extra arguments)
 }
 
 
-def _launch(name, processes, arguments, workdir: Path, port: int):
-    log = open(workdir / f"{name}.log", "w")
-    env = {**os.environ, "NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
-           "NVSHMEM_DISABLE_NVLS": "1", "CUDA_VISIBLE_DEVICES": "0,1" if processes == 2 else str(port % 2)}
-    command = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={processes}",
-               f"--master-port={port}", str(RUNNER), *arguments, "--out", str(workdir / f"{name}.json")]
-    return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
-
-
-def _wave(runs: dict, workdir: Path, first_port: int) -> None:
-    launched = {name: _launch(name, processes, arguments, workdir, first_port + i)
-                for i, (name, (processes, arguments)) in enumerate(runs.items())}
-    for process in launched.values():
-        process.wait(timeout=900)
-
-
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("megatron")
@@ -90,19 +67,12 @@ def runs(tmp_path_factory):
         extra = ["--save", str(workdir / f"ckpt_{name}")] if "half" in name else []
         first[name] = (processes, [*arguments, *extra, "--steps", str(STEPS)] if "--steps" not in arguments
                        else [*arguments, *extra])
-    _wave(first, workdir, 29400)
+    wave(first, workdir, 29400)
     second = {name: (processes, [*arguments, "--load", str(workdir / f"ckpt_{source}"), "--format", fmt,
                                  "--first-step", str(HALF), "--steps", str(STEPS - HALF)])
               for name, (processes, source, fmt, arguments) in RESUMES.items()}
-    _wave(second, workdir, 29500)
-
-    def result(name):
-        path = workdir / f"{name}.json"
-        if not path.exists():
-            pytest.fail(f"run {name} failed:\n" + (workdir / f"{name}.log").read_text()[-6000:])
-        return json.loads(path.read_text())
-
-    return result
+    wave(second, workdir, 29500)
+    return partial(result, workdir)
 
 
 def _assert_same_masks(a, b, what):
@@ -157,16 +127,3 @@ def test_an_fp16_overflow_step_is_skipped_and_the_masks_stay_in_step(runs):
     assert all(not blocks for blocks in skipped["masks"][5].values())
     assert skipped["masks"][:5] + skipped["masks"][6:] == clean["masks"][:STEPS - 1]
 
-
-@pytest.mark.parametrize("block", ["tensor", "row", "7"])
-@pytest.mark.parametrize("keep", ["0.1", "0.5", "0.9"])
-def test_the_sparse_param_gather_gives_every_rank_the_dense_gathers_parameters(runs, block, keep):
-    run = runs(f"sparse_{block}_{keep}")
-    assert run["shard_cuts_a_block"], "no block straddles a shard boundary: the case is not covered"
-    assert len(run["sparse_is_dense"]) == SPARSE_STEPS and all(run["sparse_is_dense"]), \
-        f"steps whose sparse gather differs from a dense one: {[i for i, ok in enumerate(run['sparse_is_dense']) if not ok]}"
-    sent = sum(s + r for s, r, _, _ in run["sync_bytes"])
-    dense = sum(ds + dr for _, _, ds, dr in run["sync_bytes"])
-    print(f"\nsparse gather, block {block}, keep_prob {keep}: {sent / dense:.3f} of the dense bytes over "
-          f"{SPARSE_STEPS} steps")
-    assert sent <= dense and (sent < dense or keep == "0.9")  # padded to the fullest shard: never more

@@ -1,0 +1,278 @@
+"""Project the sparse parameter gather's traffic to other data-parallel sizes and keep_probs.
+
+    python benchmarks/sparse_gather_projection.py layout.json
+    python benchmarks/sparse_gather_projection.py layout.json --keep-probs 0.5 0.1 --dps 2 8 64 512 --out projection.md
+    python benchmarks/sparse_gather_projection.py --self-check [layout.json]
+
+``layout.json`` is a bucket layout record (``magma_ext.megatron.sparse_gather.layout_record``),
+as ``examples/megatron_gpt.py --param-gather sparse --layout-json layout.json`` writes it: every
+bucket's size and element size, its tensors' positions and block layouts, and their mask rules.
+No GPU and no megatron-core: the masks are drawn on the CPU from the rules, as every rank draws
+them.
+
+For each keep_prob (it replaces the keep_prob of every masked rule; the blocks stay the
+record's) and each DP size, each bucket is re-padded to a multiple of DP (``ceil(numel / DP) *
+DP``, as Megatron pads its buckets) and, for steps 1..``--steps``, the sparse gather's traffic is
+counted as :class:`magma_ext.megatron.sparse_gather.SparseGather` sends it: per group of buckets
+of one element size, every rank packs the changed elements of its shard and the packed buffers
+are padded to the largest rank's count. *bytes vs dense* is that padded width times the element
+size, summed over the groups, over the dense all-gather's shard bytes (both multiply by the same
+``DP - 1`` for the received part, so this is also the ratio of sent + received); *without
+padding* uses the mean rank's count instead of the largest, to show what the padding to the
+largest rank costs.
+
+Per-rank counts come from one ``searchsorted`` of the shard boundaries into the changed ranges
+(``--self-check`` compares them with ``shard_ranges``), so DP 512 costs no more than DP 2; the
+masks' draw (``changed_ranges``, once per keep_prob and step) is the cost: seconds for a
+1B-parameter layout in tensor blocks, tens of seconds in row blocks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import sys
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+try:
+    from magma_ext.megatron.sparse_gather import (
+        Bucket, BucketTensor, MaskRule, buckets_of_record, changed_ranges, layout_record, shard_ranges)
+except ImportError:  # a checkout that is not installed: use the package next to this file
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from magma_ext.megatron.sparse_gather import (
+        Bucket, BucketTensor, MaskRule, buckets_of_record, changed_ranges, layout_record, shard_ranges)
+from magma_ext.layout import BlockLayout
+
+# A bucket as buckets_of_record gives it: (numel, element size, tensors).
+RecordBucket = tuple[int, int, list[BucketTensor]]
+
+
+# --------------------------------------------------------------------------------------------
+# Counting
+# --------------------------------------------------------------------------------------------
+
+def padded_numel(numel: int, dp: int) -> int:
+    """A bucket's size padded to a multiple of ``dp``, as Megatron pads it."""
+    return -(-numel // dp) * dp
+
+
+def with_keep_prob(rules: dict, keep_prob: float) -> dict:
+    """``rules`` with every masked rule's keep_prob replaced (unmasked rules stay unmasked)."""
+    return {key: MaskRule(rule.seed, keep_prob, True) if rule.masked else rule for key, rule in rules.items()}
+
+
+def changed_before(ranges: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
+    """For each ``x`` of ``points``, the changed elements in ``[0, x)``: ``ranges`` are
+    ``changed_ranges``'s (sorted, disjoint)."""
+    if len(ranges) == 0:
+        return torch.zeros_like(points)
+    starts, ends = ranges[:, 0].contiguous(), ranges[:, 1].contiguous()
+    before = torch.zeros(len(ranges) + 1, dtype=torch.int64)
+    torch.cumsum(ends - starts, 0, out=before[1:])
+    reached = torch.searchsorted(starts, points, right=True)  # ranges starting at or before x
+    # only the last of those can run on past x: take off its part at or after x
+    last_end = torch.where(reached > 0, ends[(reached - 1).clamp(min=0)], torch.zeros_like(points))
+    return before[reached] - (last_end - points).clamp(min=0)
+
+
+def rank_counts(ranges: torch.Tensor, numel: int, dp: int) -> torch.Tensor:
+    """Changed elements in each of ``dp`` shards of a bucket of ``numel`` elements (a multiple of
+    ``dp``): what ``shard_ranges`` gives, summed per rank, without a loop over ranks."""
+    shard = numel // dp
+    before = changed_before(ranges, torch.arange(dp + 1, dtype=torch.int64) * shard)
+    return before[1:] - before[:-1]
+
+
+def step_fractions(buckets: list[RecordBucket], ranges: list[torch.Tensor], dp: int) -> tuple[float, float]:
+    """(sparse bytes over dense bytes, the same with the mean rank's count for the padded width)
+    of one step's changed ``ranges`` per bucket at data-parallel size ``dp``."""
+    counts = defaultdict(lambda: torch.zeros(dp, dtype=torch.int64))
+    dense = 0
+    for (numel, element_size, _), bucket_ranges in zip(buckets, ranges):
+        padded = padded_numel(numel, dp)
+        counts[element_size] += rank_counts(bucket_ranges, padded, dp)
+        dense += padded // dp * element_size
+    sparse = sum(int(c.max()) * size for size, c in counts.items())
+    mean = sum(int(c.sum()) * size for size, c in counts.items()) / dp
+    return sparse / dense, mean / dense
+
+
+@dataclass
+class Projection:
+    keep_prob: float
+    dp: int
+    fractions: list[float]  # per step: bytes vs dense
+    unpadded: list[float]  # per step: the same with the mean rank's count for the width
+
+    @property
+    def mean(self) -> float:
+        return statistics.fmean(self.fractions)
+
+    @property
+    def min(self) -> float:
+        return min(self.fractions)
+
+    @property
+    def max(self) -> float:
+        return max(self.fractions)
+
+    @property
+    def unpadded_mean(self) -> float:
+        return statistics.fmean(self.unpadded)
+
+
+def project(buckets: list[RecordBucket], rules: dict, keep_probs: list[float], dps: list[int],
+            steps: int) -> list[Projection]:
+    """Per keep_prob and DP size (in that order), the per-step fractions over steps 1..``steps``."""
+    if steps < 1:
+        raise ValueError(f"steps must be at least 1, got {steps}")
+    if not sum(numel for numel, _, _ in buckets):
+        raise ValueError("the record has no elements")
+    out = []
+    for keep_prob in keep_probs:
+        step_rules = with_keep_prob(rules, keep_prob)
+        per_dp = {dp: Projection(keep_prob, dp, [], []) for dp in dps}
+        for step in range(1, steps + 1):
+            ranges = [changed_ranges(tensors, step_rules, step) for _, _, tensors in buckets]
+            for dp, projection in per_dp.items():
+                fraction, unpadded = step_fractions(buckets, ranges, dp)
+                projection.fractions.append(fraction)
+                projection.unpadded.append(unpadded)
+        out.extend(per_dp.values())
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Self-check: the per-rank counts against shard_ranges
+# --------------------------------------------------------------------------------------------
+
+def synthetic_record(seed: int = 0) -> dict:
+    """A small record: buckets of two element sizes, tensors with gaps between them, pieces not
+    starting on a block boundary, a dense tensor, bucket sizes that few DP sizes divide."""
+    rng = random.Random(seed)
+    rules = {0: MaskRule(seed=rng.randrange(2**64), keep_prob=0.5, masked=True),
+             1: MaskRule(seed=rng.randrange(2**64), keep_prob=0.5, masked=True),
+             2: MaskRule(seed=0, keep_prob=1.0, masked=False)}
+    buckets, index = [], 0
+    for dtype in (torch.bfloat16, torch.float32, torch.bfloat16):
+        tensors, position = [], rng.randint(0, 3)
+        for _ in range(rng.randint(2, 6)):
+            numel = rng.choice([1, 5, 17, 40, 96, 300])
+            offset = rng.randint(0, 20)
+            layout = BlockLayout(numel=numel, block_size=rng.choice([1, 3, 8, 16, 64, 500]), offset=offset,
+                                 logical_numel=offset + numel + rng.randint(0, 9))
+            tensors.append(BucketTensor(start=position, index=index, layout=layout, rule=rng.randint(0, 2)))
+            index += 1
+            position += numel + rng.choice([0, 0, 3])
+        buckets.append(Bucket(torch.empty(position + rng.randint(0, 7), dtype=dtype), tensors))
+    return layout_record(buckets, rules)
+
+
+def self_check(buckets: list[RecordBucket], rules: dict, keep_probs: list[float], dps: list[int],
+               steps: int) -> int:
+    """Compare :func:`rank_counts` with ``shard_ranges`` on every bucket; return the number of
+    (bucket, step, keep_prob, DP) cases compared; raise AssertionError on a difference."""
+    cases = 0
+    for keep_prob in keep_probs:
+        step_rules = with_keep_prob(rules, keep_prob)
+        for step in range(1, steps + 1):
+            for b, (numel, _, tensors) in enumerate(buckets):
+                ranges = changed_ranges(tensors, step_rules, step)
+                for dp in dps:
+                    padded = padded_numel(numel, dp)
+                    expected = [int((r[:, 1] - r[:, 0]).sum()) for r in shard_ranges(ranges, padded, dp)]
+                    got = rank_counts(ranges, padded, dp).tolist()
+                    if got != expected:
+                        raise AssertionError(f"bucket {b}, step {step}, keep_prob {keep_prob}, DP {dp}: "
+                                             f"per-rank counts {got} != shard_ranges' {expected}")
+                    cases += 1
+    return cases
+
+
+# --------------------------------------------------------------------------------------------
+# Report
+# --------------------------------------------------------------------------------------------
+
+def describe_record(path: str, buckets: list[RecordBucket], rules: dict, steps: int) -> str:
+    tensors = [t for _, _, bucket_tensors in buckets for t in bucket_tensors]
+    masked = [t for t in tensors if rules[t.rule].masked]
+    sizes = "/".join(str(s) for s in sorted({size for _, size, _ in buckets}))
+    return (f"Layout `{path}`: {sum(t.layout.numel for t in tensors):,} elements in {len(tensors)} tensors "
+            f"({sum(t.layout.numel for t in masked):,} in {len(masked)} masked tensors), {len(buckets)} buckets "
+            f"({sum(numel for numel, _, _ in buckets):,} elements with padding; element sizes {sizes} bytes); "
+            f"steps 1-{steps}. *bytes vs dense*: (sent + received) per rank of the sparse gather over a dense "
+            f"all-gather's, buckets padded to a multiple of DP; *without padding*: the mean rank's changed "
+            f"elements instead of the largest rank's.")
+
+
+def format_table(projections: list[Projection]) -> str:
+    lines = ["| keep_prob | DP | bytes vs dense mean | min | max | without padding |",
+             "|---:|---:|---:|---:|---:|---:|"]
+    for p in projections:
+        lines.append(f"| {p.keep_prob:g} | {p.dp} | {p.mean:.4f} | {p.min:.4f} | {p.max:.4f} "
+                     f"| {p.unpadded_mean:.4f} |")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------
+# Main
+# --------------------------------------------------------------------------------------------
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("layout_json", nargs="?", default=None,
+                   help="a layout_record JSON file (examples/megatron_gpt.py --layout-json)")
+    p.add_argument("--keep-probs", type=float, nargs="+", default=[0.5, 0.1],
+                   help="keep_prob of every masked rule, one projection each")
+    p.add_argument("--dps", type=int, nargs="+", default=[2, 8, 64, 512], help="data-parallel sizes")
+    p.add_argument("--steps", type=int, default=20, help="steps 1..N")
+    p.add_argument("--out", default=None, help="also write the table as Markdown to this file")
+    p.add_argument("--self-check", action="store_true",
+                   help="compare the per-rank counts with shard_ranges on a synthetic record (and on "
+                        "the layout's first step, if one is given), then project as usual")
+    args = p.parse_args(argv)
+    if args.layout_json is None and not args.self_check:
+        p.error("a layout JSON file is needed (or --self-check alone)")
+    if any(not 0.0 <= k <= 1.0 for k in args.keep_probs):
+        p.error(f"--keep-probs {args.keep_probs}: each must be in [0, 1]")
+    if any(dp < 1 for dp in args.dps):
+        p.error(f"--dps {args.dps}: each must be at least 1")
+    if args.steps < 1:
+        p.error("--steps must be at least 1")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.self_check:
+        buckets, rules = buckets_of_record(json.loads(json.dumps(synthetic_record())))
+        cases = self_check(buckets, rules, [0.0, 0.1, 0.5, 1.0], sorted({1, 2, 3, 8, 13, *args.dps}), 5)
+        if args.layout_json is not None:
+            buckets, rules = buckets_of_record(json.loads(Path(args.layout_json).read_text()))
+            cases += self_check(buckets, rules, args.keep_probs, args.dps, 1)
+        print(f"self-check: per-rank counts equal shard_ranges' in {cases} cases", file=sys.stderr)
+        if args.layout_json is None:
+            return 0
+
+    buckets, rules = buckets_of_record(json.loads(Path(args.layout_json).read_text()))
+    if not any(rule.masked for rule in rules.values()):
+        print("note: the record has no masked rule (recorded at keep_prob 1, or nothing masked): "
+              "--keep-probs change nothing", file=sys.stderr)
+    projections = project(buckets, rules, args.keep_probs, args.dps, args.steps)
+    report = describe_record(args.layout_json, buckets, rules, args.steps) + "\n\n" + format_table(projections)
+    print(report)
+    if args.out:
+        Path(args.out).write_text(report + "\n")
+        print(f"wrote {args.out}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

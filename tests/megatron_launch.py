@@ -1,0 +1,41 @@
+"""Launching tests/megatron_gpt_runs.py under torchrun for the 2-GPU Megatron tests: many runs at
+once (the model is small), each writing its record to ``<name>.json`` and its output to
+``<name>.log``."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+RUNNER = Path(__file__).with_name("megatron_gpt_runs.py")
+
+
+def launch(name, processes, arguments, workdir: Path, port: int):
+    """Start one run: 2 processes on GPUs 0 and 1, or 1 process on GPU ``port % 2``."""
+    log = open(workdir / f"{name}.log", "w")
+    env = {**os.environ, "NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
+           "NVSHMEM_DISABLE_NVLS": "1", "CUDA_VISIBLE_DEVICES": "0,1" if processes == 2 else str(port % 2)}
+    command = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={processes}",
+               f"--master-port={port}", str(RUNNER), *arguments, "--out", str(workdir / f"{name}.json")]
+    return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+
+
+def wave(runs: dict, workdir: Path, first_port: int) -> None:
+    """Start every run of ``{name: (processes, arguments)}`` at once and wait for all."""
+    launched = {name: launch(name, processes, arguments, workdir, first_port + i)
+                for i, (name, (processes, arguments)) in enumerate(runs.items())}
+    for process in launched.values():
+        process.wait(timeout=900)
+
+
+def result(workdir: Path, name: str) -> dict:
+    """A run's record, or the test fails with the end of its log."""
+    path = workdir / f"{name}.json"
+    if not path.exists():
+        pytest.fail(f"run {name} failed:\n" + (workdir / f"{name}.log").read_text()[-6000:])
+    return json.loads(path.read_text())
