@@ -1,25 +1,26 @@
 """Project the sparse parameter gather's traffic to other data-parallel sizes and keep_probs.
 
     python benchmarks/sparse_gather_projection.py layout.json
-    python benchmarks/sparse_gather_projection.py layout.json --keep-probs 0.5 0.1 --dps 2 8 64 512 --out projection.md
+    python benchmarks/sparse_gather_projection.py layout.json --keep-probs 0.5 0.1 --dps 2 8 64 512 \
+        --steps 20 --out projection.md
     python benchmarks/sparse_gather_projection.py --self-check [layout.json]
 
 ``layout.json`` is a bucket layout record (``magma_ext.megatron.sparse_gather.layout_record``),
-as ``examples/megatron_gpt.py --param-gather sparse --layout-json layout.json`` writes it: every
-bucket's size and element size, its tensors' positions and block layouts, and their mask rules.
-No GPU and no megatron-core: the masks are drawn on the CPU from the rules, as every rank draws
-them.
+as ``examples/megatron_gpt.py --distributed-optimizer --param-gather sparse --layout-json
+layout.json`` writes it: every bucket's size and element size, its tensors' positions and block
+layouts, and their mask rules. No GPU and no megatron-core: the masks are drawn on the CPU from
+the rules, as every rank draws them.
 
 For each keep_prob (it replaces the keep_prob of every masked rule; the blocks stay the
-record's) and each DP size, each bucket is re-padded to a multiple of DP (``ceil(numel / DP) *
-DP``, as Megatron pads its buckets) and, for steps 1..``--steps``, the sparse gather's traffic is
-counted as :class:`magma_ext.megatron.sparse_gather.SparseGather` sends it: per group of buckets
-of one element size, every rank packs the changed elements of its shard and the packed buffers
-are padded to the largest rank's count. *bytes vs dense* is that padded width times the element
-size, summed over the groups, over the dense all-gather's shard bytes (both multiply by the same
-``DP - 1`` for the received part, so this is also the ratio of sent + received); *without
-padding* uses the mean rank's count instead of the largest, to show what the padding to the
-largest rank costs.
+record's) and each DP size, each bucket's recorded size (already padded for the recorded DP
+size) is padded to a multiple of DP (``ceil(numel / DP) * DP``, as Megatron pads its buckets)
+and, for steps 1..``--steps``, the sparse gather's traffic is counted as
+:class:`magma_ext.megatron.sparse_gather.SparseGather` sends it: per group of buckets of one
+element size, every rank packs the changed elements of its shard and the packed buffers are
+padded to the largest rank's count. *bytes vs dense* is that padded width times the element
+size, summed over the groups, over the dense all-gather's shard bytes (a rank's sent + received
+is DP times either, so this is also the ratio of sent + received); *without padding* uses the
+mean rank's count instead of the largest, to show what the padding to the largest rank costs.
 
 Per-rank counts come from one ``searchsorted`` of the shard boundaries into the changed ranges
 (``--self-check`` compares them with ``shard_ranges``), so DP 512 costs no more than DP 2; the

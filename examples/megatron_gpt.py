@@ -5,6 +5,8 @@ One process per GPU under ``torchrun``; from the repository root::
     torchrun --nproc-per-node 2 examples/megatron_gpt.py --tp 2
     torchrun --nproc-per-node 2 examples/megatron_gpt.py --dp 2 --distributed-optimizer
     torchrun --nproc-per-node 2 examples/megatron_gpt.py --dp 2 --fp16 --table megatron_gpt.md
+    torchrun --nproc-per-node 2 examples/megatron_gpt.py --dp 2 --distributed-optimizer \
+        --param-gather both --keep-prob 0.5 --layout-json layout.json
 
 Needs Python >= 3.12, a CUDA build of torch, ``megatron-core==0.19.2`` and this package
 (``magma_ext``, with ``magma_ext.megatron``). Transformer Engine and apex are not used: the
@@ -13,22 +15,27 @@ falls back to ``torch.optim.AdamW`` for Adam. Sequence parallelism is on when ``
 with torch LayerNorms marked for it (``SequenceParallelLayerNorm``: the local spec's own norm
 refuses it without apex).
 
-What it does, per optimizer (``--optimizer both``: Adam first, then Magma, in one process;
-``--magma-first`` swaps them):
+What it does, per run (``--optimizer both``: Adam first, then Magma, in one process;
+``--param-gather both`` adds a third run, "Magma+sparse"; ``--magma-first`` puts the Magma
+runs before Adam):
 
 - builds a ``GPTModel`` (learned positions, LayerNorm, GELU MLP, untied output layer, no
   dropout) over a 256-byte vocabulary, initialised on the CPU from ``--seed`` (so identically
-  on every rank and for both runs; the second run also reloads the first run's initial
-  weights and says whether they matched), moves it to the GPU and casts it to bf16/fp16 with
+  on every rank and for every run; later runs also reload the first run's initial weights
+  and say whether they matched), moves it to the GPU and casts it to bf16/fp16 with
   ``Float16Module``, and wraps it in Megatron's ``DistributedDataParallel``;
 - builds the optimizer: ``get_megatron_optimizer`` (Adam, lr ``--lr``) or
   ``magma_ext.megatron.get_megatron_magma_optimizer`` (lr ``--magma-lr``). Both sit in
   Megatron's wrappers (Magma's in subclasses of them): ``Float16OptimizerWithFloat16Params``
   (fp32 main copies of the bf16/fp16 parameters) or, with ``--distributed-optimizer``,
-  ``DistributedOptimizer`` (fp32 main shards), inside a ``ChainedOptimizer``;
+  ``DistributedOptimizer`` (fp32 main shards), inside a ``ChainedOptimizer``. With
+  ``--param-gather sparse`` the Magma run (labelled "Magma+sparse") passes
+  ``sparse_param_gather=True``: the distributed optimizer's parameter all-gather after each
+  step moves only the blocks Magma kept (``magma_ext.megatron.sparse_gather``); ``both`` runs
+  Magma with Megatron's dense all-gather and then again with the sparse one;
 - trains ``--steps`` iterations of ``--dp`` x ``--micro-batch`` windows of ``--seq-len`` + 1
   bytes, cut from the byte corpus of ``python -m magma_ext.demo`` (the running Python's
-  standard library) in a seeded order shared by both runs; TP ranks of a DP rank read the
+  standard library) in a seeded order shared by all runs; TP ranks of a DP rank read the
   same windows. The learning rate follows ``OptimizerParamScheduler``: linear warm-up over
   10% of the steps, then cosine decay to a tenth of the peak; weight decay 0.1 on matrices,
   betas (0.9, 0.95), gradient clipping at 1.0, dynamic loss scaling under ``--fp16``.
@@ -36,7 +43,14 @@ What it does, per optimizer (``--optimizer both``: Adam first, then Magma, in on
 It prints, on rank 0, a table of the final training loss (mean of the last 10 steps over
 the DP ranks), tokens/s and the median iteration, optimizer-step (Megatron's wrapper) and
 inner-optimizer-step times, all measured with CUDA events on rank 0 after
-``--warmup-steps`` iterations; ``--table PATH`` also writes it as Markdown.
+``--warmup-steps`` iterations; ``--table PATH`` also writes it as Markdown. With
+``--distributed-optimizer`` the table also gives the median time of the parameter all-gather
+(CUDA events around each part's ``start_param_sync_for_bucket_group_subset``) and the bytes
+rank 0 sent and received in it per step (``magma_ext.megatron.param_sync_bytes``; Adam's and
+a dense-gather Magma run's are the dense all-gather's), each against the dense gather.
+``--layout-json PATH`` writes the sparse gather's bucket layout record
+(``magma_ext.megatron.param_layout_record``), which
+``python benchmarks/sparse_gather_projection.py PATH`` projects to other DP sizes.
 """
 
 from __future__ import annotations
@@ -52,6 +66,7 @@ os.environ.setdefault("NVSHMEM_DISABLE_NVLS", "1")
 import argparse
 import copy
 import gc
+import json
 import shlex
 import statistics
 import sys
@@ -67,6 +82,7 @@ try:
 except ImportError:  # a checkout that is not installed: use the package next to this file
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from magma_ext.demo.data import batches, load_corpus
+from magma_ext.megatron.sparse_gather import SyncBytes  # no megatron-core import
 
 import megatron.core
 from megatron.core import parallel_state, tensor_parallel
@@ -85,7 +101,7 @@ from megatron.core.transformer.module import Float16Module
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 
 VOCAB_SIZE = 256  # byte-level tokens
-LABELS = {"adam": "Adam", "magma": "Magma"}
+LABELS = {"adam": "Adam", "magma": "Magma", "magma+sparse": "Magma+sparse"}
 LOSS_WINDOW = 10  # the final loss is the mean over this many last steps
 
 
@@ -122,7 +138,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.set_defaults(dtype="bf16")
     p.add_argument("--optimizer", choices=("magma", "adam", "both"), default="both",
                    help="both: Adam, then Magma, from the same initial weights and data order")
-    p.add_argument("--magma-first", action="store_true", help="with --optimizer both: run Magma first")
+    p.add_argument("--magma-first", action="store_true", help="with --optimizer both: run Magma (both Magma "
+                   "runs with --param-gather both) before Adam")
+    p.add_argument("--param-gather", choices=("dense", "sparse", "both"), default="dense",
+                   help="the distributed optimizer's parameter all-gather in the Magma run: dense (Megatron's), "
+                        "sparse (only the kept blocks: sparse_param_gather=True) or both (two Magma runs)")
+    p.add_argument("--layout-json", default=None,
+                   help="write the sparse gather's bucket layout record as JSON to this file "
+                        "(for benchmarks/sparse_gather_projection.py)")
     p.add_argument("--keep-prob", type=float, default=0.5, help="Magma: probability of keeping a block")
     p.add_argument("--block", type=parse_block, default="tensor", help="Magma: tensor, row or N elements")
     p.add_argument("--seed", type=int, default=1234, help="weights, data order and Magma's masks")
@@ -162,7 +185,32 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--keep-prob {args.keep_prob} is not in [0, 1]")
     if args.lr <= 0 or args.magma_lr <= 0:
         p.error("--lr and --magma-lr must be positive")
+    if args.param_gather != "dense" and not args.distributed_optimizer:
+        p.error(f"--param-gather {args.param_gather} needs --distributed-optimizer: the sparse gather replaces "
+                "the distributed optimizer's parameter all-gather")
+    if args.param_gather != "dense" and args.optimizer == "adam":
+        p.error(f"--param-gather {args.param_gather} needs a Magma run (--optimizer magma or both)")
+    if args.layout_json and args.param_gather == "dense":
+        p.error("--layout-json records the sparse gather's layout: it needs --param-gather sparse or both")
     return args
+
+
+def run_names(args: argparse.Namespace) -> list[str]:
+    """The runs, in order: Adam, then Magma with the dense and/or the sparse parameter gather
+    (``--magma-first``: the Magma runs first)."""
+    adam = ["adam"] if args.optimizer in ("adam", "both") else []
+    magma = [] if args.optimizer == "adam" else {
+        "dense": ["magma"], "sparse": ["magma+sparse"], "both": ["magma", "magma+sparse"]}[args.param_gather]
+    return magma + adam if args.magma_first else adam + magma
+
+
+def is_magma(name: str) -> bool:
+    return name != "adam"
+
+
+def is_sparse(name: str) -> bool:
+    """Whether the run's parameter all-gather moves only the kept blocks."""
+    return name == "magma+sparse"
 
 
 # --------------------------------------------------------------------------------------------
@@ -319,7 +367,7 @@ def wrap_ddp(config: TransformerConfig, model: Float16Module, args: argparse.Nam
 # --------------------------------------------------------------------------------------------
 
 def peak_lr(name: str, args: argparse.Namespace) -> float:
-    return args.magma_lr if name == "magma" else args.lr
+    return args.magma_lr if is_magma(name) else args.lr
 
 
 def build_optimizer_config(name: str, args: argparse.Namespace) -> OptimizerConfig:
@@ -343,14 +391,15 @@ def build_optimizer_config(name: str, args: argparse.Namespace) -> OptimizerConf
 
 
 def build_optimizer(name: str, args: argparse.Namespace, model: DistributedDataParallel):
-    """Megatron's ChainedOptimizer around AdamW (Adam) or Magma."""
+    """Megatron's ChainedOptimizer around AdamW (Adam) or Magma (Magma+sparse: with the sparse
+    parameter gather)."""
     config = build_optimizer_config(name, args)
     if name == "adam":
         return get_megatron_optimizer(config, [model])
     from magma_ext.megatron import get_megatron_magma_optimizer
 
     return get_megatron_magma_optimizer(config, [model], keep_prob=args.keep_prob,
-                                        block=args.block, seed=args.seed)
+                                        block=args.block, seed=args.seed, sparse_param_gather=is_sparse(name))
 
 
 def build_scheduler(optimizer, name: str, args: argparse.Namespace) -> OptimizerParamScheduler:
@@ -429,6 +478,16 @@ def time_inner_steps(optimizer, timer: EventTimer) -> None:
             inner.step = timer.wrap(inner.step)
 
 
+def time_param_syncs(optimizer, timer: EventTimer) -> None:
+    """Put CUDA events around each distributed-optimizer part's parameter all-gather: Megatron's
+    step_with_ready_grads launches it through the part's start_param_sync_for_bucket_group_subset()
+    (wrapped on the instance, so the call finds the timed one; other wrappers have no such method)."""
+    for part in optimizer.chained_optimizers:
+        launch = getattr(part, "start_param_sync_for_bucket_group_subset", None)
+        if launch is not None:
+            part.start_param_sync_for_bucket_group_subset = timer.wrap(launch)
+
+
 def median_after_warmup(values: list[float | None], warmup: int) -> float | None:
     kept = [v for v in values[warmup:] if v is not None]
     return statistics.median(kept) if kept else None
@@ -480,6 +539,10 @@ class RunResult:
     inner_step_ms: float | None
     skipped_steps: int
     parameters: tuple[int, int]  # (whole model, this rank)
+    param_sync_ms: float | None  # the distributed optimizer's parameter all-gather (None without it)
+    sync_bytes: float | None  # sent + received per step by rank 0, as param_sync_bytes reports it
+    dense_bytes: float | None  # the same for a dense all-gather (None: nothing reported, see summarize)
+    layout: dict | None = None  # param_layout_record, kept for --layout-json
 
 
 def dp_mean(values: torch.Tensor, ctx: Parallel) -> torch.Tensor:
@@ -512,6 +575,10 @@ def train_one(name: str, args: argparse.Namespace, ctx: Parallel, train_data: to
 
     run = run_iterations(name, args, ctx, model, optimizer, scheduler, micro_batches(train_data, args, ctx))
     result = summarize(name, args, ctx, optimizer, run, parameters)
+    if args.layout_json and is_magma(name):
+        from magma_ext.megatron import param_layout_record
+
+        result.layout = param_layout_record(optimizer)  # host data; None without a sparse gather
     del optimizer, scheduler, model, config, run
     gc.collect()
     torch.cuda.empty_cache()
@@ -524,7 +591,20 @@ class Measured:
     iteration: EventTimer
     wrapper_step: EventTimer
     inner_step: EventTimer
+    param_sync: EventTimer
     skipped_steps: int
+    sync_bytes: SyncBytes  # summed over the steps after warm-up that ran (Magma runs only)
+    sync_steps: int
+
+
+def sync_bytes_reader(name: str, args: argparse.Namespace):
+    """``param_sync_bytes`` for a Magma run with the distributed optimizer (host values: reading
+    them does not synchronise), else None (Adam's dense figure is taken from a Magma run)."""
+    if not (is_magma(name) and args.distributed_optimizer):
+        return None
+    from magma_ext.megatron import param_sync_bytes
+
+    return param_sync_bytes
 
 
 def run_iterations(name: str, args: argparse.Namespace, ctx: Parallel, model: DistributedDataParallel,
@@ -535,10 +615,12 @@ def run_iterations(name: str, args: argparse.Namespace, ctx: Parallel, model: Di
     step_func = partial(forward_step, position_ids)
     run = Measured(losses=torch.zeros(args.steps, dtype=torch.float32, device="cuda"),
                    iteration=EventTimer(), wrapper_step=EventTimer(), inner_step=EventTimer(),
-                   skipped_steps=0)
+                   param_sync=EventTimer(), skipped_steps=0, sync_bytes=SyncBytes(), sync_steps=0)
     time_inner_steps(optimizer, run.inner_step)
+    time_param_syncs(optimizer, run.param_sync)
+    read_sync_bytes = sync_bytes_reader(name, args)
     for it in range(args.steps):
-        for timer in (run.iteration, run.wrapper_step, run.inner_step):
+        for timer in (run.iteration, run.wrapper_step, run.inner_step, run.param_sync):
             timer.next_iteration()
         iteration_start = run.iteration.start()
         model.zero_grad_buffer()
@@ -553,6 +635,9 @@ def run_iterations(name: str, args: argparse.Namespace, ctx: Parallel, model: Di
         run.wrapper_step.stop(step_start)
         if update_successful:  # as Megatron's train_step: a skipped (fp16 overflow) step keeps the lr
             scheduler.step(increment=1)
+            if read_sync_bytes is not None and it >= args.warmup_steps:  # a skipped step syncs nothing
+                run.sync_bytes += read_sync_bytes(optimizer)
+                run.sync_steps += 1
         else:
             run.skipped_steps += 1
         run.iteration.stop(iteration_start)
@@ -563,8 +648,13 @@ def run_iterations(name: str, args: argparse.Namespace, ctx: Parallel, model: Di
 
 def summarize(name: str, args: argparse.Namespace, ctx: Parallel, optimizer, run: Measured,
               parameters: tuple[int, int]) -> RunResult:
-    """Medians after the warm-up steps (this rank's events) and the DP-mean final loss."""
+    """Medians after the warm-up steps (this rank's events), the DP-mean final loss and this
+    rank's mean parameter-sync bytes per step. A run whose param_sync_bytes reported no dense
+    bytes (Magma with Megatron's own gather, if the optimizer leaves its figures at zero)
+    keeps None: the table shows the dense figure for it, as for Adam."""
     iteration_ms = median_after_warmup(run.iteration.milliseconds(), args.warmup_steps)
+    moved, steps = run.sync_bytes, run.sync_steps
+    reported = steps > 0 and moved.dense_sent + moved.dense_received > 0
     return RunResult(
         name=name,
         inner=inner_class_name(optimizer),
@@ -576,6 +666,9 @@ def summarize(name: str, args: argparse.Namespace, ctx: Parallel, optimizer, run
         inner_step_ms=median_after_warmup(run.inner_step.milliseconds(), args.warmup_steps),
         skipped_steps=run.skipped_steps,
         parameters=parameters,
+        param_sync_ms=median_after_warmup(run.param_sync.milliseconds(), args.warmup_steps),
+        sync_bytes=(moved.sent + moved.received) / steps if reported else None,
+        dense_bytes=(moved.dense_sent + moved.dense_received) / steps if reported else None,
     )
 
 
@@ -586,7 +679,7 @@ def log_progress(name: str, it: int, args: argparse.Namespace, ctx: Parallel, lo
     lr = optimizer.param_groups[0]["lr"]
     norm = "skipped" if grad_norm is None else f"{float(grad_norm):.3f}"
     scale = f"  loss scale {optimizer.get_loss_scale().item():g}" if args.dtype == "fp16" else ""
-    print0(ctx, f"{LABELS[name]:>5} step {it + 1:>5}/{args.steps}  loss {loss:.4f}  "
+    print0(ctx, f"{LABELS[name]:>12} step {it + 1:>5}/{args.steps}  loss {loss:.4f}  "
                 f"lr {float(lr):.3e}  grad norm {norm}{scale}")
 
 
@@ -602,20 +695,45 @@ def _ms(value: float | None) -> str:
     return "—" if value is None else f"{value:.2f}"
 
 
+def _mib(value: float | None) -> str:
+    return "dense" if value is None else f"{value / 2**20:,.1f} MiB"
+
+
+def param_sync_cells(r: RunResult, results: list[RunResult]) -> str:
+    """The parameter-sync columns of one row: its median time, that over the dense-gather Magma
+    run's (Adam's without one), its bytes per step and those over the dense gather's. A run that
+    reported no bytes (Adam, a dense-gather Magma run) moves the dense figure, which a Magma run
+    reported; "dense" where none did."""
+    if r.param_sync_ms is None:
+        return "| — | — | — | — |"
+    by_name = {x.name: x for x in results}
+    base = by_name.get("magma") or by_name.get("adam")
+    if r.sync_bytes is not None:
+        moved, versus = _mib(r.sync_bytes), _ratio(r.sync_bytes, r.dense_bytes)
+    else:
+        moved, versus = _mib(next((x.dense_bytes for x in results if x.dense_bytes), None)), "1.000"
+    timed = _ratio(r.param_sync_ms, base and base.param_sync_ms)
+    return f"| {_ms(r.param_sync_ms)} | {timed} | {moved} | {versus} |"
+
+
 def format_table(results: list[RunResult]) -> str:
-    """The comparison as a Markdown table; ratios are to the Adam row when there is one."""
+    """The comparison as a Markdown table; ratios are to the Adam row when there is one. With
+    the distributed optimizer, four parameter-sync columns follow (:func:`param_sync_cells`)."""
     adam = next((r for r in results if r.name == "adam"), None)
+    sync = any(r.param_sync_ms is not None for r in results)
     lines = [
         "| run | optimizer | final loss | tokens/s | vs Adam | iteration ms | wrapper step ms "
-        "| inner step ms | inner step vs Adam |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| inner step ms | inner step vs Adam |"
+        + (" param sync ms | param sync vs dense | sync bytes/step | bytes vs dense |" if sync else ""),
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|" + ("---:|" * 4 if sync else ""),
     ]
     for r in results:
         lines.append(
             f"| {LABELS[r.name]} | {r.inner} | {r.final_loss:.4f} | {r.tokens_per_s:,.0f} "
             f"| {_ratio(r.tokens_per_s, adam and adam.tokens_per_s)} | {_ms(r.iteration_ms)} "
             f"| {_ms(r.wrapper_step_ms)} | {_ms(r.inner_step_ms)} "
-            f"| {_ratio(r.inner_step_ms, adam and adam.inner_step_ms)} |")
+            f"| {_ratio(r.inner_step_ms, adam and adam.inner_step_ms)} "
+            + (param_sync_cells(r, results) if sync else "|"))
     return "\n".join(lines)
 
 
@@ -627,12 +745,14 @@ def describe_setup(args: argparse.Namespace, ctx: Parallel, results: list[RunRes
         f"- model: GPTModel (local spec), {args.layers} layers, hidden {args.hidden}, {args.heads} heads, "
         f"vocab {VOCAB_SIZE}, seq {args.seq_len}: {total:,} parameters ({per_rank:,} on rank 0); {args.dtype}",
         f"- parallelism: tp {ctx.tp}, dp {ctx.dp}, sequence parallel {'on' if ctx.sequence_parallel else 'off'}, "
-        f"distributed optimizer {'on' if args.distributed_optimizer else 'off'} (wrapper {wrapper})",
+        f"distributed optimizer {'on' if args.distributed_optimizer else 'off'} (wrapper {wrapper})"
+        + (f", parameter gather {args.param_gather}" if args.distributed_optimizer else ""),
         f"- Magma: keep_prob {args.keep_prob:g}, block {args.block}, seed {args.seed}, lr {args.magma_lr:g}; "
         f"Adam: lr {args.lr:g}; both: betas (0.9, 0.95), weight decay 0.1, clip 1.0, "
         f"warm-up {int(0.1 * args.steps)} steps then cosine to lr/10",
         f"- {args.steps} steps of {ctx.dp} x {args.micro_batch} x {args.seq_len} tokens; timings: medians of "
-        f"rank 0 over steps {args.warmup_steps + 1}-{args.steps}; final loss: mean of the last "
+        f"rank 0 over steps {args.warmup_steps + 1}-{args.steps} (sync bytes: rank 0's mean over those "
+        f"steps); final loss: mean of the last "
         f"{min(LOSS_WINDOW, args.steps)} steps over DP ranks; skipped (overflow) steps: {skipped}",
     ]
 
@@ -655,6 +775,17 @@ def markdown_report(args: argparse.Namespace, ctx: Parallel, results: list[RunRe
         "with the distributed optimizer, the parameter all-gather). Inner step: around the inner "
         "optimizer's own `step()`. tokens/s: global tokens per iteration / median iteration.",
     ]
+    if any(r.param_sync_ms is not None for r in results):
+        lines[-1] += (
+            " Param sync: around each distributed-optimizer part's `start_param_sync_for_bucket_group_subset()`, "
+            "the parameter all-gather after the inner step (Megatron's dense all-gather of every bucket, or "
+            "with Magma+sparse one all-gather per dtype of the kept blocks' elements, packed and padded to "
+            "the largest rank's count, with its host-side layout); param sync vs dense: over the median of "
+            "the Magma run with the dense gather (over Adam's without one). Sync bytes/step: bytes rank 0 "
+            "sent plus received in that sync per step (`magma_ext.megatron.param_sync_bytes`), mean over "
+            "the timed steps that ran (an fp16 overflow step syncs nothing); Adam and a dense-gather Magma run move the dense figure. Bytes vs dense: "
+            "mean sent + received over the mean a dense all-gather of the same buckets moves (bucket and "
+            "packing padding included).")
     return "\n".join(lines) + "\n"
 
 
@@ -662,15 +793,25 @@ def markdown_report(args: argparse.Namespace, ctx: Parallel, results: list[RunRe
 # Main
 # --------------------------------------------------------------------------------------------
 
+def write_layout(path: str, results: list[RunResult]) -> None:
+    """--layout-json: the Magma+sparse run's bucket layout record, else that of the one run with one."""
+    recorded = [r for r in results if r.layout is not None]
+    chosen = next((r for r in recorded if is_sparse(r.name)), recorded[0] if recorded else None)
+    if chosen is None:
+        print(f"note: no run has a sparse parameter gather: {path} not written", flush=True)
+        return
+    Path(path).write_text(json.dumps(chosen.layout))
+    print(f"wrote {path} ({LABELS[chosen.name]}'s bucket layout; project it with "
+          f"python benchmarks/sparse_gather_projection.py {path})", flush=True)
+
+
 def main(argv: list[str] | None = None) -> list[RunResult]:
     args = parse_args(argv)
     ctx = setup_parallel(args)
     train_data, _ = load_corpus()
     print0(ctx, f"data: {len(train_data):,} training bytes of the demo corpus; tp {ctx.tp}, dp {ctx.dp}, "
                 f"{args.dtype}, distributed optimizer {'on' if args.distributed_optimizer else 'off'}")
-    names = ["adam", "magma"] if args.optimizer == "both" else [args.optimizer]
-    if args.magma_first:
-        names.reverse()
+    names = run_names(args)
 
     results, initial_state = [], None
     for name in names:
@@ -685,6 +826,8 @@ def main(argv: list[str] | None = None) -> list[RunResult]:
         if args.table:
             Path(args.table).write_text(markdown_report(args, ctx, results))
             print(f"wrote {args.table}", flush=True)
+        if args.layout_json:
+            write_layout(args.layout_json, results)
     teardown_parallel()
     return results
 
