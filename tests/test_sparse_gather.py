@@ -126,3 +126,36 @@ def test_rules_follow_the_group():
     for change in (dict(magma=False), dict(mask="none"), dict(keep_prob=1.0)):
         assert not MaskRule.of_group({**group, **change}).masked, change
     assert MaskRule.of_group({**group, "mask": "skip"}).masked
+
+
+def test_buckets_of_megatron_chunks_take_every_parameter_of_every_bucket():
+    """Built from (stand-ins of) Megatron's DDP buckets: each parameter's range in its bucket and
+    its blocks as Magma numbers them, also for parameters of which this rank holds no shard."""
+    from types import SimpleNamespace
+
+    from magma_ext.megatron.layout import TensorParallelSlice
+    from magma_ext.megatron.sparse_gather import buckets_of_chunks
+
+    column = torch.nn.Parameter(torch.zeros(4, 6))   # column-parallel, TP rank 1 of 2
+    row = torch.nn.Parameter(torch.zeros(6, 4))      # row-parallel, TP rank 1 of 2
+    norm = torch.nn.Parameter(torch.zeros(6))        # replicated
+    group = object()
+    bucket = SimpleNamespace(param_data=torch.zeros(64), params_list=[norm, row, column],
+                             param_to_index={norm: (0, 6), row: (8, 32), column: (32, 56)})
+    chunk = SimpleNamespace(bucket_groups=[SimpleNamespace(intra_distributed_optimizer_instance_group=group,
+                                                           buckets=[bucket])])
+    indices = {column: 5, row: 3, norm: 2}
+    slices = {column: TensorParallelSlice(0, 1, 2), row: TensorParallelSlice(1, 1, 2),
+              norm: TensorParallelSlice(None, 1, 2)}
+    group_of = {column: 0, row: 0, norm: 1}
+    buckets, found = buckets_of_chunks([chunk], indices, slices, group_of, ["row", "tensor"])
+    assert found is group and len(buckets) == 1 and buckets[0].param_data is bucket.param_data
+    by_index = {t.index: t for t in buckets[0].tensors}
+    assert by_index[2].start == 0 and by_index[2].layout.num_blocks == 1 and by_index[2].rule == 1
+    assert by_index[3].start == 8 and by_index[3].layout.sliced and by_index[3].layout.block_size == 4
+    assert by_index[3].layout.first_block == 0 and by_index[3].layout.num_blocks == 6  # the 6 logical rows
+    assert by_index[5].start == 32 and by_index[5].layout.first_block == 4  # rows 4-7 of the (8, 6) tensor
+    other = SimpleNamespace(intra_distributed_optimizer_instance_group=object(), buckets=[])
+    with pytest.raises(ValueError, match="several process groups"):
+        buckets_of_chunks([SimpleNamespace(bucket_groups=[chunk.bucket_groups[0], other])], indices, slices,
+                          group_of, ["row", "tensor"])

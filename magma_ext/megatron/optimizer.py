@@ -26,11 +26,10 @@ from megatron.core.optimizer.grad_scaler import ConstantGradScaler, DynamicGradS
 from megatron.core.process_groups_config import ProcessGroupCollection
 
 from ..optimizer import Magma
-from ..pieces import Piece, declare_piece
-from ..shards import ParamView
+from ..pieces import declare_piece
 from .layout import TensorParallelSlice, is_paper_masked, piece_arguments, stable_name
 from .scores import SCORES_KEY, gather_block_scores, install_block_scores, without_magma_state
-from .sparse_gather import Bucket, BucketTensor, MaskRule, SparseGather, SyncBytes, layout_record
+from .sparse_gather import MaskRule, SparseGather, SyncBytes, buckets_of_chunks, layout_record
 
 __all__ = ["get_megatron_magma_optimizer", "magma_optimizers", "param_sync_bytes", "param_layout_record"]
 
@@ -127,7 +126,8 @@ def get_megatron_magma_optimizer(
                                                 slices[model_param], split_group=split_group,
                                                 replica_group=replica_group))
     if sparse_param_gather:
-        wrapper.enable_sparse_param_gather(indices, slices)
+        group_of = {p: i for i, group in enumerate(magma_groups) for p in group["params"]}
+        wrapper.enable_sparse_param_gather(indices, slices, group_of)
     return ChainedOptimizer([wrapper])
 
 
@@ -375,31 +375,16 @@ class MagmaDistributedOptimizer(_CarriesMagmaScores, DistributedOptimizer):
         """Bytes of the last parameter sync (see :func:`param_sync_bytes`)."""
         return getattr(self, "_last_sync", SyncBytes())
 
-    def enable_sparse_param_gather(self, indices: dict, slices: dict) -> None:
-        """Gather only changed elements from now on; ``indices``/``slices``: each model
-        parameter's tensor index and tensor-parallel slice (as the pieces were declared)."""
-        buckets, groups = [], set()
-        for chunk in self.model_chunks:
-            for bucket_group in chunk.bucket_groups:
-                groups.add(bucket_group.intra_distributed_optimizer_instance_group)
-                for bucket in bucket_group.buckets:
-                    buckets.append(Bucket(bucket.param_data, [self._bucket_tensor(bucket, p, indices, slices)
-                                                              for p in bucket.params_list]))
-        if len(groups) > 1:
-            raise ValueError("sparse_param_gather: the buckets are gathered over several process groups")
-        group = groups.pop() if groups else self.data_parallel_group
+    def enable_sparse_param_gather(self, indices: dict, slices: dict, group_of: dict) -> None:
+        """Gather only changed elements from now on. ``indices``, ``slices``, ``group_of``: each
+        model parameter's tensor index, tensor-parallel slice and parameter group (every
+        parameter of the model: a bucket holds parameters of which this rank has no shard)."""
+        blocks = [group["block"] for group in self.optimizer.param_groups]
+        buckets, group = buckets_of_chunks(self.model_chunks, indices, slices, group_of, blocks)
+        group = group if group is not None else self.data_parallel_group
         self.sparse_gather = SparseGather(buckets, group, torch.distributed.get_rank(group),
                                           torch.distributed.get_world_size(group))
         self.steps_taken = _steps_taken(self.optimizer)
-
-    def _bucket_tensor(self, bucket, param, indices: dict, slices: dict) -> BucketTensor:
-        group_index = self.model_param_group_index_map[param][0]
-        block = self.optimizer.param_groups[group_index]["block"]
-        whole = piece_arguments(indices[param], tuple(param.shape), 0, param.numel(), slices[param],
-                                split_group=None, replica_group=None)
-        layout = ParamView(param, Piece(**whole), "tensor").layout(block)
-        return BucketTensor(start=bucket.param_to_index[param][0], index=indices[param], layout=layout,
-                            rule=group_index)
 
     def mask_rules(self) -> dict[int, MaskRule]:
         """Each parameter group's mask rule, from its current options."""

@@ -27,9 +27,12 @@ import torch
 
 from ..layout import BlockLayout
 from ..philox import keep_mask
+from ..pieces import Piece
+from ..shards import ParamView
+from .layout import piece_arguments
 
 __all__ = ["BucketTensor", "Bucket", "MaskRule", "changed_ranges", "shard_ranges", "SparseGather", "SyncBytes",
-           "layout_record", "buckets_of_record"]
+           "buckets_of_chunks", "layout_record", "buckets_of_record"]
 
 
 @dataclass(frozen=True)
@@ -67,6 +70,35 @@ class Bucket:
 
     param_data: torch.Tensor
     tensors: list[BucketTensor]
+
+
+def buckets_of_chunks(model_chunks, indices: dict, slices: dict, group_of: dict, blocks: list):
+    """The :class:`Bucket` of every bucket of Megatron's DDP ``model_chunks`` (their dense
+    ``bucket_groups``), and the process group that gathers them (None without buckets).
+
+    ``indices``, ``slices`` and ``group_of`` map each model parameter to its tensor index, its
+    :class:`~magma_ext.megatron.layout.TensorParallelSlice` and its parameter group's position;
+    ``blocks`` gives each group's ``block`` option. Reads ``bucket_groups``, their
+    ``intra_distributed_optimizer_instance_group`` and ``buckets``, and each bucket's
+    ``param_data``, ``params_list`` and ``param_to_index`` (megatron-core 0.19).
+    """
+    buckets, groups = [], []
+    for chunk in model_chunks:
+        for bucket_group in chunk.bucket_groups:
+            groups.append(bucket_group.intra_distributed_optimizer_instance_group)
+            for bucket in bucket_group.buckets:
+                tensors = []
+                for param in bucket.params_list:
+                    whole = piece_arguments(indices[param], tuple(param.shape), 0, param.numel(), slices[param],
+                                            split_group=None, replica_group=None)
+                    block = blocks[group_of[param]]
+                    tensors.append(BucketTensor(start=bucket.param_to_index[param][0], index=indices[param],
+                                                layout=ParamView(param, Piece(**whole), "tensor").layout(block),
+                                                rule=group_of[param]))
+                buckets.append(Bucket(bucket.param_data, tensors))
+    if any(g is not groups[0] for g in groups):
+        raise ValueError("sparse_param_gather: the buckets are gathered over several process groups")
+    return buckets, (groups[0] if groups else None)
 
 
 def changed_ranges(tensors: list[BucketTensor], rules: dict, step: int) -> torch.Tensor:
