@@ -11,6 +11,7 @@ import itertools
 import torch
 import torch.distributed as dist
 
+from helpers import assert_scaled_close
 from magma_ext import Magma
 from magma_ext.pieces import declare_piece, number_parameters
 from magma_ext.types import BASES, MASKS
@@ -390,3 +391,14 @@ def shard_dim_1_body(rank, world_size, block, steps):
             return str(error), not any(optimizer.state.values())
         history.append([param.full_tensor().clone()])
     return history
+
+
+def assert_same_history(actual, expected, what):
+    """Every step's parameters within tolerance, and the same elements moved at every step."""
+    assert len(actual) == len(expected)
+    for step, (got, want) in enumerate(zip(actual, expected)):
+        for i, (a, e) in enumerate(zip(got, want)):
+            assert_scaled_close(a, e, f"{what}: step {step + 1}, parameter {i}")
+    for step, (got, want) in enumerate(zip(moved(actual), moved(expected)), start=2):
+        for i, (a, e) in enumerate(zip(got, want)):  # the same elements moved: the same masks
+            assert torch.equal(a, e), f"{what}: step {step}, parameter {i}: different blocks moved"

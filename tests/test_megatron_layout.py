@@ -5,7 +5,6 @@ the scores carried through checkpoints."""
 from __future__ import annotations
 
 import pytest
-import torch
 
 import megatron_cases as cases
 from distributed_helpers import run_ranks

@@ -21,22 +21,12 @@ from helpers import assert_scaled_close
 STEPS = 20
 
 
-def _assert_same_history(actual, expected, what):
-    assert len(actual) == len(expected)
-    for step, (got, want) in enumerate(zip(actual, expected)):
-        for i, (a, e) in enumerate(zip(got, want)):
-            assert_scaled_close(a, e, f"{what}: step {step + 1}, parameter {i}")
-    for step, (got, want) in enumerate(zip(cases.moved(actual), cases.moved(expected)), start=2):
-        for i, (a, e) in enumerate(zip(got, want)):  # the same elements moved: the same masks
-            assert torch.equal(a, e), f"{what}: step {step}, parameter {i}: different blocks moved"
-
-
 @pytest.mark.parametrize("world_size", [2, 4])
 def test_flat_shards_follow_the_single_process_run(world_size):
     results = run_ranks(world_size, cases.flat_shard_body, world_size, cases.COMBOS, STEPS)
     for combo in cases.COMBOS:
         expected, final = cases.single_process_run(combo, STEPS)
-        _assert_same_history(cases.assemble(results, combo), expected, f"{combo}, {world_size} ranks")
+        cases.assert_same_history(cases.assemble(results, combo), expected, f"{combo}, {world_size} ranks")
         for result in results:  # moments and the scores of every block a piece touches
             ranges, _, states = result[combo]
             for index, ((lo, hi), state) in enumerate(zip(ranges, states)):
@@ -61,7 +51,7 @@ def test_ddp_follows_the_single_process_run():
     for combo in combos:
         expected = cases.single_process_model_run(combo, STEPS)
         for result in results:
-            _assert_same_history(result[combo], expected, f"DDP {combo}")
+            cases.assert_same_history(result[combo], expected, f"DDP {combo}")
 
 
 @pytest.mark.parametrize("world_size,hsdp,combos", [
@@ -75,7 +65,7 @@ def test_fsdp2_follows_the_single_process_run(world_size, hsdp, combos):
     for combo in combos:
         expected = cases.single_process_model_run(combo, STEPS)
         history, scores = results[0][combo]
-        _assert_same_history(history, expected, f"FSDP2 {world_size} ranks {combo}")
+        cases.assert_same_history(history, expected, f"FSDP2 {world_size} ranks {combo}")
         for rank, result in enumerate(results[1:], start=1):  # empty shards included
             assert all(torch.equal(a, b) for a, b in zip(result[combo][1], scores)), f"rank {rank}: {combo}"
 
@@ -86,16 +76,16 @@ def test_dcp_checkpoint_of_2_ranks_resumes_on_another_count(tmp_path, block, res
     combo, first, rest = ("adam", "magma", block), 6, 6
     expected = cases.single_process_model_run(combo, first + rest)
     saved = run_ranks(2, cases.dcp_save_body, 2, combo, first, str(tmp_path))
-    _assert_same_history(saved[0], expected[:first], "before the checkpoint")
+    cases.assert_same_history(saved[0], expected[:first], "before the checkpoint")
     resumed = run_ranks(resume_world_size, cases.dcp_resume_body, resume_world_size, combo, first, rest, str(tmp_path))
-    _assert_same_history(resumed[0], expected[first:], f"resumed on {resume_world_size} ranks")
+    cases.assert_same_history(resumed[0], expected[first:], f"resumed on {resume_world_size} ranks")
 
 
 def test_zero_redundancy_optimizer_with_numbered_parameters():
     history = run_ranks(2, cases.zero_redundancy_body, 2, STEPS, True)
     expected, _ = cases.single_process_run(("adam", "magma", "tensor"), STEPS)
     for result in history:
-        _assert_same_history(result, expected, "ZeroRedundancyOptimizer")
+        cases.assert_same_history(result, expected, "ZeroRedundancyOptimizer")
 
 
 def test_zero_redundancy_optimizer_without_numbering_is_refused_on_every_rank():
@@ -130,7 +120,7 @@ def test_dtensor_sharded_along_dim_1_with_tensor_blocks_follows_one_process(worl
     results = run_ranks(world_size, cases.shard_dim_1_body, world_size, "tensor", STEPS)
     expected, _ = cases.single_process_run(("adam", "magma", "tensor"), STEPS, shapes=[(5, 6)])
     for result in results:
-        _assert_same_history(result, expected, f"Shard(1), {world_size} ranks")
+        cases.assert_same_history(result, expected, f"Shard(1), {world_size} ranks")
 
 
 def test_exchange_rows_follow_the_fused_paths_order(monkeypatch):

@@ -10,53 +10,8 @@ import pytest
 import torch
 
 from distributed_helpers import run_ranks
-from magma_ext.layout import BlockLayout
-from magma_ext.megatron.sparse_gather import (
-    Bucket, BucketTensor, MaskRule, SparseGather, changed_ranges, shard_ranges)
-from magma_ext.philox import keep_mask
-
-
-def random_bucket_tensors(rng: random.Random, size: int):
-    """Tensors laid out in a bucket with gaps (Megatron aligns them), random block layouts (some
-    are pieces of larger tensors: offsets not on block boundaries), and the bucket's size padded
-    to a multiple of ``size``."""
-    tensors, position = [], rng.randint(0, 3)
-    for index in range(rng.randint(1, 6)):
-        numel = rng.choice([0, 1, 5, 17, 40, 96])
-        block = rng.choice([1, 3, 8, 16, 64, 500])
-        offset = rng.randint(0, 20)
-        layout = BlockLayout(numel=numel, block_size=block, offset=offset, logical_numel=offset + numel + rng.randint(0, 9))
-        tensors.append(BucketTensor(start=position, index=rng.randint(0, 2**32 - 1), layout=layout, rule=rng.randint(0, 2)))
-        position += numel + rng.choice([0, 0, 3])
-    numel = position + rng.randint(0, 7)
-    return tensors, -(-numel // size) * size
-
-
-def random_rules(rng: random.Random):
-    return {0: MaskRule(seed=rng.randint(0, 2**64 - 1), keep_prob=rng.choice([0.0, 0.1, 0.5, 0.9]), masked=True),
-            1: MaskRule(seed=rng.randint(0, 2**64 - 1), keep_prob=0.5, masked=True),
-            2: MaskRule(seed=0, keep_prob=1.0, masked=False)}
-
-
-def brute_force_changed(tensors, rules, step, numel) -> torch.Tensor:
-    """Element by element: does it change at ``step``?"""
-    changed = torch.zeros(numel, dtype=torch.bool)
-    for t in tensors:
-        rule = rules[t.rule]
-        for k in range(t.layout.numel):
-            block = (t.layout.offset + k) // t.layout.block_size
-            kept = not rule.masked or bool(keep_mask(rule.seed, torch.tensor([t.index]), torch.tensor([block]),
-                                                     torch.tensor([step]), rule.keep_prob)[0])
-            changed[t.start + k] = kept
-    return changed
-
-
-def as_mask(ranges: torch.Tensor, numel: int) -> torch.Tensor:
-    mask = torch.zeros(numel, dtype=torch.bool)
-    for a, b in ranges.tolist():
-        assert 0 <= a < b <= numel
-        mask[a:b] = True
-    return mask
+from magma_ext.megatron.sparse_gather import MaskRule, changed_ranges, shard_ranges
+from sparse_gather_cases import as_mask, brute_force_changed, random_bucket_tensors, random_rules, sync_body
 
 
 @pytest.mark.parametrize("size", [1, 2, 3, 8])
@@ -73,42 +28,6 @@ def test_the_compact_layout_matches_brute_force(size):
         shard = numel // size
         for r, local in enumerate(shard_ranges(ranges, numel, size)):
             assert torch.equal(as_mask(local, shard), expected[r * shard:(r + 1) * shard]), (case, r)
-
-
-def sync_body(rank, size, seed, steps):
-    """Every rank starts from the same buckets; each step every rank changes the changed elements
-    of its own shard, then syncs sparsely; a dense all-gather of the same shards is the oracle."""
-    import torch.distributed as dist
-
-    rng = random.Random(seed)
-    layouts = [random_bucket_tensors(rng, size) for _ in range(3)]
-    rules = random_rules(rng)
-    gen = torch.Generator().manual_seed(seed)
-    dtypes = [torch.bfloat16, torch.float32, torch.bfloat16]
-    buckets = [Bucket(torch.randn(numel, generator=gen).to(dtype), tensors)
-               for (tensors, numel), dtype in zip(layouts, dtypes)]
-    dense = [b.param_data.clone() for b in buckets]
-    gather = SparseGather(buckets, dist.group.WORLD, rank, size)
-    moved = []
-    for step in range(1, steps + 1):
-        for bucket, reference in zip(buckets, dense):
-            numel = bucket.param_data.numel()
-            shard = numel // size
-            noise = torch.randn(numel, generator=gen).to(bucket.param_data.dtype)
-            mask = as_mask(changed_ranges(bucket.tensors, rules, step), numel)
-            mine = torch.zeros(numel, dtype=torch.bool)
-            mine[rank * shard:(rank + 1) * shard] = True
-            update = torch.where(mask & mine, noise, torch.zeros_like(noise))
-            bucket.param_data += update
-            reference += update
-            gathered = torch.empty_like(reference)
-            dist.all_gather_into_tensor(gathered, reference[rank * shard:(rank + 1) * shard].clone())
-            reference.copy_(gathered)
-        traffic = gather.sync(rules, step)
-        moved.append(traffic)
-        for bucket, reference in zip(buckets, dense):
-            assert torch.equal(bucket.param_data, reference), step
-    return [(t.sent, t.received, t.dense_sent, t.dense_received) for t in moved]
 
 
 @pytest.mark.parametrize("size, seed", [(2, 1), (3, 2), (4, 3), (4, 4)])
