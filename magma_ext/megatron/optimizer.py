@@ -133,8 +133,8 @@ def get_megatron_magma_optimizer(
 
 def param_sync_bytes(optimizer) -> SyncBytes:
     """Bytes this rank sent and received in the last step's parameter all-gather, and what a
-    dense gather moves, over the parts of a Megatron optimizer; zeros for parts without Magma's
-    distributed optimizer (host values: reading them does not synchronise)."""
+    dense gather moves, over the parts of a Megatron optimizer; zeros for parts without a sparse
+    gather (host values: reading them does not synchronise)."""
     total = SyncBytes()
     for part in getattr(optimizer, "chained_optimizers", [optimizer]):
         if isinstance(part, MagmaDistributedOptimizer):
