@@ -1,7 +1,11 @@
-"""benchmarks/study (benchmarks/convergence.py and its report): a tiny sweep, --resume, the
-records, the page it feeds, and the package's layering."""
+"""benchmarks/study (benchmarks/convergence.py and its report): a tiny sweep of the second
+edition on the CPU (in this process, then side by side in worker processes with --resume), a
+run stopped and taken up again from its checkpoint, the corpus builder, the plan, the records,
+the pages of both editions, and the package's layering."""
 
 import ast
+import dataclasses
+import hashlib
 import json
 import random
 import subprocess
@@ -13,54 +17,199 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks.study import cli, definition, page, plan, plots, records, summary  # noqa: E402
+from benchmarks.study import cli, corpus, definition, page, plan, plots, records, summary  # noqa: E402
 
 STUDY = REPO / "benchmarks" / "study"
 RESULTS = REPO / "benchmarks" / "results"
+WORDS = ["def", "class", "return", "import", "self", "x", "(", ")", ":", "\n", "    ", "#", "value"]
+
+
+def _text(rng: random.Random, words: int) -> str:
+    return " ".join(rng.choice(WORDS) for _ in range(words))
 
 
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> Path:
+def corpus_dir(tmp_path_factory) -> Path:
+    """A folder of a few files (--data takes every file under it): about 100 KB of code-like text."""
     rng = random.Random(0)
-    words = ["def", "class", "return", "import", "self", "x", "(", ")", ":", "\n", "    "]
-    path = tmp_path_factory.mktemp("data") / "corpus.txt"
-    path.write_text(" ".join(rng.choice(words) for _ in range(60000)))
-    return path
+    root = tmp_path_factory.mktemp("data")
+    for i, name in enumerate(("pkg/a.py", "pkg/b.txt", "pkg/sub/c.rst", "d.h", "notes.md")):
+        path = root / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(_text(rng, 4000 + 100 * i))
+    return root
+
+
+def _sweep_args(corpus_dir: Path, tmp: Path, *extra: str) -> list[str]:
+    return ["--edition", "2", "--quick", "--device", "cpu", "--data", str(corpus_dir), "--out", "",
+            "--cache-dir", str(tmp / "cache"), "--checkpoint-dir", str(tmp / "checkpoints"), *extra]
 
 
 @pytest.fixture(scope="module")
-def first_bundle(corpus, tmp_path_factory) -> Path:
-    bundle = tmp_path_factory.mktemp("runs") / "first.json"
-    args = ["--quick", "--device", "cpu", "--data", str(corpus), "--optimizers", "AdamW,Magma-Adam",
-            "--out", "", "--bundle", str(bundle)]
-    assert cli.main(args) == 0
+def first_bundle(corpus_dir, tmp_path_factory) -> Path:
+    """Tier 1 of the quick second edition for AdamW and Magma-Adam, in this process."""
+    tmp = tmp_path_factory.mktemp("runs")
+    bundle = tmp / "first.json"
+    assert cli.main(_sweep_args(corpus_dir, tmp, "--tiers", "1", "--bundle", str(bundle))) == 0
     return bundle
 
 
 def test_tiny_sweep_records_every_planned_run(first_bundle):
     bundle = json.loads(first_bundle.read_text())
-    assert len(bundle["runs"]) == len(bundle["meta"]["planned_runs"]) and not bundle["skipped"]
+    assert len(bundle["runs"]) == len(bundle["meta"]["planned_runs"]) == 6 and not bundle["skipped"]
+    assert bundle["meta"]["edition"] == 2 and bundle["meta"]["aggregate"]["tokens_trained"] > 0
     assert {r["optimizer"] for r in bundle["runs"]} == {"AdamW", "Magma-Adam"}
     for r in bundle["runs"]:
-        assert r["status"] == "ok" and r["final_val_ppl"] > 1
-        assert len(r["val_loss"]) >= 2 and len(r["train_loss"]) >= 2
+        assert r["status"] == "ok" and r["final_val_ppl"] > 1 and r["edition"] == 2 and r["tier"] == 1
+        assert len(r["val_loss"]) >= 2 and len(r["train_loss"]) >= 2 and r["tokens_per_s"] > 0
+        assert r["data"]["content_sha1"] and r["data"]["file_list_sha1"] and r["data"]["files"] == 5
+    for r in (r for r in bundle["runs"] if r["stage"] == "best_lr"):
+        assert r["lr"] == plan.best_lr(bundle["runs"], r["size"], r["optimizer"], 0) and r["lr_rule"] == "best"
 
 
-def test_resume_runs_nothing_twice(corpus, first_bundle, tmp_path, capsys):
+def test_resume_runs_tier_3_side_by_side(corpus_dir, first_bundle, tmp_path):
+    """Tier 1 is in the earlier bundle: only tier 3 runs, at each optimizer's tier-1 best lr and
+    the grid point on its other side, two worker processes at a time."""
     second = tmp_path / "second.json"
-    args = ["--quick", "--device", "cpu", "--data", str(corpus), "--optimizers", "AdamW,Magma-Adam,Muon",
-            "--out", "", "--bundle", str(second), "--resume", str(first_bundle)]
+    args = _sweep_args(corpus_dir, tmp_path, "--tiers", "1,3", "--parallel", "2", "--bundle", str(second),
+                       "--resume", str(first_bundle))
     assert cli.main(args) == 0
-    earlier = {r["id"] for r in json.loads(first_bundle.read_text())["runs"]}
+    first = json.loads(first_bundle.read_text())["runs"]
     new = json.loads(second.read_text())["runs"]
-    assert new and {r["optimizer"] for r in new} == {"Muon"}
-    assert not earlier & {r["id"] for r in new}
+    assert len(new) == 4 and {r["stage"] for r in new} == {"transfer"} and not {r["id"] for r in first} & {
+        r["id"] for r in new}
+    grid = definition.SECOND.lrs(definition.SECOND.optimizers["AdamW"], quick=True)
+    for name in ("AdamW", "Magma-Adam"):
+        best = plan.best_lr(first, "tinyS", name, 0)
+        mine = {r["lr_rule"]: r["lr"] for r in new if r["optimizer"] == name}
+        assert mine["tinyS-best"] == best and mine["tinyS-best+1"] == next(lr for lr in grid if lr != best)
+        assert all(r["side_by_side"] == 2 and r["status"] == "ok" for r in new)
+
+
+@pytest.mark.parametrize("optimizer", ["Magma-Adam", "Muon"])
+def test_a_run_taken_up_from_its_checkpoint_ends_as_a_straight_run(corpus_dir, tmp_path, optimizer):
+    import torch
+
+    from benchmarks.study.trainer import RunJob, load_split, train_run
+
+    built = corpus.build(str(corpus_dir), tmp_path / "cache", log=lambda _: None)
+    data = (load_split(str(built.train_path), torch.device("cpu")), load_split(str(built.val_path), "cpu"))
+    size = dataclasses.replace(definition.SECOND_QUICK_SIZES["S"], steps=12, evals=3)
+    recipe = definition.SECOND.optimizers[optimizer]
+
+    def job(**kw) -> RunJob:
+        return RunJob("r", dataclasses.asdict(size), optimizer, recipe.lrs[3], 0, 0.1, str(built.train_path),
+                      str(built.val_path), **kw)
+
+    straight = train_run(job(), recipe, *data, torch.device("cpu"), log=lambda _: None)
+    ckpt = tmp_path / "ckpt"
+    stopped = train_run(job(checkpoint_dir=str(ckpt), stop_at=0.0), recipe, *data, torch.device("cpu"),
+                        log=lambda _: None)
+    assert stopped["stopped_at"] == 1 and (ckpt / "r.pt").is_file()
+    resumed = train_run(job(checkpoint_dir=str(ckpt)), recipe, *data, torch.device("cpu"), log=lambda _: None)
+    assert resumed["resumed_at"] == [1] and not (ckpt / "r.pt").exists()
+    for key in ("final_val_loss", "val_loss", "train_loss", "final_train_loss"):
+        assert resumed[key] == straight[key], key
+
+
+def test_runs_stopped_by_the_budget_go_on_in_the_next_invocation(corpus_dir, tmp_path, monkeypatch):
+    from benchmarks.study import sweep
+
+    monkeypatch.setattr(sweep, "STOP_MARGIN_S", 0.0)
+    monkeypatch.setattr(sweep, "MIN_LAUNCH_S", -1e9)  # start every run, however little time is left
+    args = _sweep_args(corpus_dir, tmp_path, "--tiers", "1", "--optimizers", "AdamW")
+    cut = tmp_path / "cut.json"
+    assert cli.main(args + ["--time-budget-s", "0.001", "--bundle", str(cut)]) == 0
+    saved = json.loads(cut.read_text())
+    assert not saved["runs"] and [s["reason"].split(";")[0] for s in saved["skipped"]] == [
+        "stopped at step 1 of 24 by the time budget", "stopped at step 1 of 24 by the time budget",
+        "the tinyS sweep of AdamW (seed 0) is not complete: no finished run at lr 0.001, 0.005"]
+    rest = tmp_path / "rest.json"
+    assert cli.main(args + ["--resume", str(cut), "--bundle", str(rest)]) == 0
+    runs = json.loads(rest.read_text())["runs"]
+    assert [(r["stage"], r["resumed_at"]) for r in runs] == [("sweep", [1]), ("sweep", [1]), ("best_lr", [])]
+
+
+def _tree(root: Path) -> dict[str, bytes]:
+    rng = random.Random(1)
+    files = {"pkg/a.py": _text(rng, 300).encode(), "pkg/b.txt": _text(rng, 200).encode(),
+             "pkg/sub/c.rst": _text(rng, 250).encode(), "pkg/d.h": _text(rng, 100).encode(),
+             "pkg/e.json": b'{"not": "in the corpus"}', "pkg/__pycache__/f.py": b"cached = 1",
+             "pkg/empty.txt": b""}
+    files["pkg/dup.py"] = files["pkg/a.py"]  # the same bytes as an earlier file: dropped
+    for name, blob in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_bytes(blob)
+    return files
+
+
+def test_corpus_builder_on_a_small_tree(tmp_path, monkeypatch):
+    tree = tmp_path / "python"
+    files = _tree(tree)
+    monkeypatch.setattr(corpus, "python_roots", lambda: [tree.resolve()])
+    built = corpus.build(None, tmp_path / "cache", log=lambda _: None)
+    m = built.manifest
+    used = ["pkg/a.py", "pkg/b.txt", "pkg/d.h", "pkg/sub/c.rst"]  # sorted paths; no json, cache, copy or empty
+    stream = b"".join(files[name] for name in used)
+    assert (m["files"], m["duplicates_dropped"], m["empty_skipped"], m["bytes"]) == (4, 1, 1, len(stream))
+    assert m["content_sha1"] == hashlib.sha1(stream).hexdigest()
+    assert m["file_list_sha1"] == hashlib.sha1("\n".join(str((tree / n).resolve()) for n in used).encode()).hexdigest()
+    # The validation chunks, spread over the stream, and the training split are disjoint and
+    # together the whole stream.
+    chunk, val_chunks = corpus.split_chunks(len(stream), corpus.VAL_FRACTION)
+    pieces = [stream[i:i + chunk] for i in range(0, len(stream), chunk)]
+    assert len(val_chunks) >= 2 and val_chunks[-1] > len(pieces) // 2
+    assert built.val_path.read_bytes() == b"".join(pieces[i] for i in val_chunks)
+    assert built.train_path.read_bytes() == b"".join(p for i, p in enumerate(pieces) if i not in val_chunks)
+    assert m["train_bytes"] + m["val_bytes"] == len(stream)
+    # The same files give the same build, found again; a changed file gives another.
+    assert corpus.build(None, tmp_path / "cache", log=pytest.fail).folder == built.folder
+    (tree / "pkg/b.txt").write_bytes(b"changed " * 50)
+    assert corpus.build(None, tmp_path / "cache", log=lambda _: None).folder != built.folder
+    # A run fits when its windows fit; the message of one that does not says what it needs.
+    tiny = dataclasses.replace(definition.SECOND_QUICK_SIZES["S"], steps=2, batch_size=2, seq_len=64)
+    corpus.check_fits(m["train_bytes"], [tiny])
+    with pytest.raises(corpus.CorpusTooSmall, match=f"needs {definition.SECOND_SIZES['M'].tokens + 1:,} "
+                                                    "training bytes"):
+        corpus.check_fits(m["train_bytes"], [tiny, definition.SECOND_SIZES["M"]])
+
+
+def test_a_sweep_fails_before_any_run_when_the_corpus_is_too_small(tmp_path, capsys):
+    small = tmp_path / "small.txt"
+    small.write_text(_text(random.Random(2), 2000))
+    assert cli.main(_sweep_args(small, tmp_path, "--tiers", "1", "--bundle", str(tmp_path / "b.json"))) == 2
+    assert "training bytes to see no byte twice" in capsys.readouterr().err
+    assert not (tmp_path / "b.json").exists()
+
+
+def test_plan_prints_every_run_with_tokens_and_minutes(corpus_dir, capsys):
+    assert cli.main(["--edition", "2", "--plan", "--data", str(corpus_dir)]) == 0
+    out = capsys.readouterr().out
+    assert "PLACEHOLDER" in out and "10.82M parameters" in out and "29.17M parameters" in out
+    assert "  tier 1: 36 runs, 7.08B tokens," in out and "  tier 2: 36 runs, 7.08B tokens," in out
+    assert "  tier 3: 8 runs, 5.24B tokens," in out and "total: 80 runs, 19.40B tokens" in out
+    assert "runs per GPU planned" in out and "NOT ENOUGH" in out  # the test corpus feeds no real run
+    assert "M__AdamW__lrS-best+1__seed0" in out and "S__Muon__lr0.05__seed0" in out
+
+
+def test_transfer_takes_the_point_below_at_the_top_of_the_grid():
+    grid = (1e-3, 2e-3, 4e-3)
+    cells = plan.make_cells(dataclasses.replace(definition.SECOND, optimizers={
+        "AdamW": dataclasses.replace(definition.SECOND.optimizers["AdamW"], lrs=grid)}), tiers=[3],
+        optimizers=["AdamW"])
+    sweep = [{"size": "S", "optimizer": "AdamW", "seed": 0, "stage": "sweep", "status": "ok", "lr": lr,
+              "final_val_loss": loss} for lr, loss in zip(grid, (3.0, 2.0, 1.0))]
+    best, above = cells[0].runs
+    assert plan.resolve_lr(best, cells[0], sweep) == (4e-3, "")
+    lr, note = plan.resolve_lr(above, cells[0], sweep)
+    assert lr == 2e-3 and "end of the grid" in note
+    assert plan.resolve_lr(above, cells[0], sweep[:2])[0] is None  # the sweep is not complete
 
 
 def test_not_finished_counts_best_lr_runs_by_cell():
     runs = [plan.RunSpec("10M", "AdamW", 1e-3, 0, "sweep"),
             plan.RunSpec("10M", "AdamW", 2e-3, 0, "sweep"),
-            plan.RunSpec("10M", "AdamW", None, 1, "best_lr")]
+            plan.RunSpec("10M", "AdamW", None, 1, "best_lr", rule="best")]
     finished = [{"id": "10M__AdamW__lr0.001__seed0", "size": "10M", "optimizer": "AdamW", "seed": 0,
                  "stage": "sweep"},
                 {"id": "10M__AdamW__lr0.002__seed1", "size": "10M", "optimizer": "AdamW", "seed": 1,
@@ -73,6 +222,16 @@ def test_resume_refuses_a_missing_bundle(tmp_path):
         cli.parse_args(["--resume", str(tmp_path / "absent.json")])
 
 
+def test_the_first_edition_still_runs(corpus_dir, tmp_path):
+    bundle = tmp_path / "first_edition.json"
+    args = ["--edition", "1", "--quick", "--device", "cpu", "--data", str(corpus_dir / "pkg" / "a.py"),
+            "--optimizers", "AdamW", "--out", "", "--bundle", str(bundle)]
+    assert cli.main(args) == 0
+    saved = json.loads(bundle.read_text())
+    assert len(saved["runs"]) == 3 and "edition" not in saved["meta"]
+    assert all(r["status"] == "ok" and "edition" not in r for r in saved["runs"])
+
+
 def _run(optimizer, lr, seed, ppl, size="s", status="ok"):
     return {"kind": "run", "id": records.run_id(size, optimizer, lr, seed), "size": size, "optimizer": optimizer,
             "lr": lr, "seed": seed, "stage": "sweep", "status": status, "error": None, "final_val_ppl": ppl,
@@ -83,21 +242,28 @@ def _run(optimizer, lr, seed, ppl, size="s", status="ok"):
 def test_summary_picks_the_best_lr_and_the_stable_range():
     ppls = {1e-3: 3.0, 2e-3: 3.2, 4e-3: 3.5, 8e-3: 9.0}
     runs = [_run("AdamW", lr, seed, p + 0.01 * seed) for lr, p in ppls.items() for seed in (0, 1)]
-    cell = summary.summarize(runs)["s"]["AdamW"]
+    cell = summary.summarize(runs, definition.FIRST)["s"]["AdamW"]
     assert cell.best_lr == 1e-3 and cell.edge == "lowest"
     assert cell.near_best(0.10) == [1e-3, 2e-3]  # 3.5 is more than 10% above 3.005
-    lines = "\n".join(page.ordering_statement(summary.summarize(runs)))
+    lines = "\n".join(page.ordering_statement(summary.summarize(runs, definition.FIRST), definition.FIRST))
     assert "AdamW 2 of 4 (0.001 to 0.002)" in lines
+    lines = "\n".join(page.ordering_statement(summary.summarize(runs, definition.SECOND), definition.SECOND))
+    assert "within 5% of each" in lines and "AdamW 1 of 4 (0.001)" in lines  # 3.2 is more than 5% above
 
 
-def test_report_page_lists_the_runs_and_the_seeds(first_bundle, tmp_path):
+def test_report_page_lists_the_runs_the_paper_and_what_is_missing(first_bundle, tmp_path):
     pytest.importorskip("matplotlib")  # the report's plots; `make test` installs it
     page_path = tmp_path / "page.md"
     assert cli.report_main(["--inputs", str(first_bundle), "--page", str(page_path)]) == 0
     text = page_path.read_text()
     runs = json.loads(first_bundle.read_text())["runs"]
+    assert text.startswith("# Convergence: Magma against AdamW, RMSProp, LaProp, SkipUpdate and Muon (edition 2)\n")
     assert f"{len(runs)} runs: {len(runs)} finished" in text
     assert "[0] at every lr; [1] at the best lr of seed 0" in text
+    assert "| AdamW (Adam) | 30.79 (+0.0%) | 24.77 (+0.0%) |" in text and "| Magma-Adam (Adam+Magma) | 29.09 (-5.5%)" in text
+    assert "- Tier 1: 6 of 12 planned runs missing:" in text and "  - tinyS__RMSProp__lr0.001__seed0" in text
+    assert "- Tier 3: 8 of 8 planned runs missing:" in text and "  - tinyM__AdamW__lrtinyS-best+1__seed0" in text
+    assert "Training speed of the runs themselves" in text and "tokens/s per device" in text
     assert (tmp_path / "page" / "ppl_vs_lr.png").is_file()
     assert "![final validation perplexity against learning rate](page/ppl_vs_lr.png)" in text
 
@@ -105,25 +271,31 @@ def test_report_page_lists_the_runs_and_the_seeds(first_bundle, tmp_path):
 def test_records_round_trip_a_bundle(tmp_path):
     meta = {"command": "python benchmarks/convergence.py", "date": "2026-01-01 00:00 UTC", "mode": "sweep",
             "shard": 1, "num_shards": 1, "optimizers": {"AdamW": {"lrs": [1e-3, 2e-3], "description": "d"}}}
-    runs = [_run("AdamW", 1e-3, 0, 3.0), _run("AdamW", 2e-3, 0, 3.5)]
+    runs = [_run("AdamW", 1e-3, 0, 3.0), _run("AdamW", 2e-3, 0, 3.5), _run("AdamW", 4e-3, 0, None, status="diverged")]
+    failed = _run("AdamW", 8e-3, 0, None, status="error")
     throughput = {"kind": "throughput", "size": "s", "optimizer": "AdamW", "date": meta["date"], "tokens_per_s": 1.0}
     skipped = {"id": records.run_id("s", "AdamW", None, 1), "reason": "time budget"}
     writer = records.RecordWriter(tmp_path / "out", tmp_path / "bundle.json", meta)
-    for r in runs:
+    for r in runs + [failed]:
         writer.add("runs", r, f"{r['id']}.json")
     writer.add("throughput", throughput, records.throughput_filename("s", "AdamW"))
     writer.add("skipped", skipped)
 
     bundle = json.loads((tmp_path / "bundle.json").read_text())
-    assert bundle == {"kind": "bundle", "meta": meta, "runs": runs, "throughput": [throughput], "skipped": [skipped]}
-    assert records.load_finished([tmp_path / "bundle.json"]) == runs
+    assert bundle == {"kind": "bundle", "meta": meta, "runs": runs + [failed], "throughput": [throughput],
+                      "skipped": [skipped]}
+    assert records.load_finished([tmp_path / "bundle.json"]) == runs  # a diverged run is finished, an error not
     loaded = records.load_study([str(tmp_path / "bundle.json")])
-    assert (loaded.runs, loaded.throughput, loaded.metas, loaded.skipped) == (runs, [throughput], [meta], [skipped])
+    assert (loaded.runs, loaded.throughput, loaded.metas, loaded.skipped) == (runs + [failed], [throughput], [meta],
+                                                                               [skipped])
     # The folder of per-run files and the bundle together: every record once, the meta from both.
     both = records.load_study([str(tmp_path / "out"), str(tmp_path / "bundle.json")])
-    assert sorted(r["id"] for r in both.runs) == sorted(r["id"] for r in runs)
+    assert sorted(r["id"] for r in both.runs) == sorted(r["id"] for r in runs + [failed])
     assert both.throughput == [throughput] and both.metas == [meta, meta]
     assert records.merged_meta(both.metas, "optimizers") == meta["optimizers"]
+    assert records.edition_of(both.metas, both.runs) == 1
+    with pytest.raises(ValueError, match="editions"):
+        records.edition_of([meta, {"edition": 2}], [])
 
 
 def test_records_merge_invocations(tmp_path):
@@ -142,10 +314,10 @@ def test_records_merge_invocations(tmp_path):
     assert records.merged_meta(study.metas, "sizes") == {"s": {"steps": 2}}  # the later invocation wins
 
 
-def _lion_study() -> records.Study:
+def _lion_study(edition) -> records.Study:
     meta = {"mode": "sweep", "date": "2026-01-01 00:00 UTC", "shard": 1, "num_shards": 1, "betas": [0.9, 0.95],
             "weight_decay": 0.1, "optimizers": {name: {"lrs": [1e-3, 2e-3], "description": r.description}
-                                                for name, r in definition.OPTIMIZERS.items()}}
+                                                for name, r in edition.optimizers.items()}}
     runs = [_run(name, lr, seed, p + 0.01 * seed) for name, base in (("Lion", 2.0), ("AdamW", 3.0))
             for lr, p in ((1e-3, base), (2e-3, base + 0.5)) for seed in (0, 1)]
     env = {"device": "cuda:0", "device_name": "GPU", "torch": "2", "python": "3"}
@@ -158,17 +330,22 @@ def _lion_study() -> records.Study:
 
 
 def test_page_is_built_from_the_recipe_data(monkeypatch):
-    """An optimizer added to the definition reaches the title, the tables, the fused column and
-    the plots' colours, and the paper's claim is the definition's, without a change to the page."""
+    """An optimizer added to an edition and its tiers reaches the title, the tables, the fused
+    column, the plots' colours, the command line and the plan, and the paper's claim is the
+    edition's, without a change to their code."""
     lion = definition.Recipe("Lion", (1e-3, 2e-3), "a sign-based optimizer (test recipe)", "lion",
                              color="tab:purple", fused="none", fused_note="torch Lion")
-    monkeypatch.setitem(definition.OPTIMIZERS, "Lion", lion)
-    monkeypatch.setattr(definition, "PAPER", definition.PaperClaim(
-        "Lion < AdamW", (("Lion", "AdamW"),), "claimed wider for Lion", "Not the paper's data (test)."))
-    study = _lion_study()
-    summ = summary.summarize(study.runs)
-    assert list(summ["s"]) == ["AdamW", "Lion"]  # the definition's order, Lion last
-    text = page.build_page(study, summ, ["--inputs", "x"], {})
+    first = definition.FIRST
+    edition = dataclasses.replace(
+        first, optimizers={**first.optimizers, "Lion": lion},
+        quick_tiers=(dataclasses.replace(first.quick_tiers[0], optimizers=("Lion",)),),
+        paper=definition.PaperClaim("Lion < AdamW", (("Lion", "AdamW"),), "claimed wider for Lion",
+                                    "Not the paper's data (test)."))
+    monkeypatch.setitem(definition.EDITIONS, 1, edition)
+    study = _lion_study(edition)
+    summ = summary.summarize(study.runs, edition)
+    assert list(summ["s"]) == ["AdamW", "Lion"]  # the edition's order, Lion last
+    text = page.build_page(study, summ, ["--inputs", "x"], {}, edition=edition)
     assert text.startswith("# Convergence: Magma against AdamW, RMSProp, SkipUpdate, Muon and Lion\n")
     assert "| Lion | a sign-based optimizer (test recipe) | s: 0.001, 0.002 |" in text
     assert "| s | Lion | 0.001 (lowest of grid) | 2.0050 [2.0000, 2.0100] (2 seeds) |" in text
@@ -179,21 +356,23 @@ def test_page_is_built_from_the_recipe_data(monkeypatch):
     assert "Stable range (claimed wider for Lion)" in text and "Not the paper's data (test)." in text
     assert "The paper's ordering holds in full at: s." in text
     assert "Magma-based optimizers ran on" not in text  # neither Lion nor AdamW is Magma-based
-    assert plots.color("Lion") == "tab:purple"
-    assert "Lion" in cli.parse_args(["--optimizers", "Lion"]).optimizer_names
-    cells = plan.make_cells([definition.QUICK_SIZE], [lion], quick=True)
+    assert plots.color("Lion", edition) == "tab:purple"
+    assert "Lion" in cli.parse_args(["--edition", "1", "--optimizers", "Lion"]).optimizer_names
+    cells = plan.make_cells(edition, quick=True)
     assert [r.run_id for r in cells[0].runs] == ["tiny__Lion__lr0.001__seed0", "tiny__Lion__lr0.002__seed0",
                                                  "tiny__Lion__lrbest__seed1"]
 
 
 def test_committed_page_is_what_the_committed_records_give():
-    """The bundles under benchmarks/results/convergence/ still load, and the page built from
-    them is the committed one, but for the time it was generated."""
+    """The first edition's bundles under benchmarks/results/convergence/ still load, and the
+    page built from them is the committed one, but for the time it was generated."""
     study = records.load_study([str(RESULTS / "convergence")])
     assert (len(study.runs), len(study.throughput)) == (63, 2)
+    assert records.edition_of(study.metas, study.runs) == 1
     argv = ["--inputs", "benchmarks/results/convergence/", "--page", "benchmarks/results/convergence.md"]
     figures = {"val_curves": "convergence/val_curves.png", "ppl_vs_lr": "convergence/ppl_vs_lr.png"}
-    built = page.build_page(study, summary.summarize(study.runs), argv, figures).splitlines()
+    built = page.build_page(study, summary.summarize(study.runs, definition.FIRST), argv, figures,
+                            edition=definition.FIRST).splitlines()
     committed = (RESULTS / "convergence.md").read_text().splitlines()
     generated = [i for i, line in enumerate(committed) if line.startswith("Page generated ")]
     assert generated and [line for i, line in enumerate(built) if i not in generated] == \
@@ -201,8 +380,9 @@ def test_committed_page_is_what_the_committed_records_give():
 
 
 # Each module's layer: a module imports only modules of lower layers (imports run one way).
-LAYERS = {"definition": 0, "records": 0, "summary": 1, "environment": 1, "optimizers": 1, "plan": 1,
-          "plots": 2, "page": 2, "sweep": 2, "throughput": 2, "report": 3, "cli": 4, "__main__": 5, "__init__": 5}
+LAYERS = {"definition": 0, "records": 0, "summary": 1, "environment": 1, "optimizers": 1, "plan": 1, "corpus": 1,
+          "trainer": 2, "plots": 2, "page": 2, "sweep": 3, "throughput": 3, "report": 3, "cli": 4, "__main__": 5,
+          "__init__": 5}
 
 
 def test_imports_run_one_way():

@@ -78,3 +78,18 @@ def test_buckets_of_megatron_chunks_take_every_parameter_of_every_bucket():
     with pytest.raises(ValueError, match="several process groups"):
         buckets_of_chunks([SimpleNamespace(bucket_groups=[chunk.bucket_groups[0], other])], indices, slices,
                           group_of, ["row", "tensor"])
+
+
+def test_the_host_draws_are_the_contracts_words():
+    import numpy as np
+
+    from magma_ext.megatron.sparse_gather import keep_words
+    from magma_ext.philox import philox_first_word
+
+    gen = torch.Generator().manual_seed(0)
+    for seed, step in ((0, 1), (2**64 - 1, 2**40 + 3), (123456789, 77)):
+        tensors = torch.randint(0, 2**32, (5000,), generator=gen)
+        blocks = torch.randint(0, 2**32, (5000,), generator=gen)
+        expected = philox_first_word(seed, tensors, blocks, torch.full_like(blocks, step))
+        words = keep_words(seed, tensors.numpy(), blocks.numpy(), step)
+        assert np.array_equal(words.astype(np.int64), expected.numpy()), (seed, step)

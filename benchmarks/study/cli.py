@@ -1,24 +1,30 @@
 """The command line of the convergence study (``benchmarks/convergence.py``,
 ``benchmarks/plot_convergence.py`` and ``python -m benchmarks.study`` all land here).
 
-Usage (from the repository root)::
+Usage (from the repository root); ``--edition 2``, the paper's protocol scaled down (issue 13),
+is the default for new runs, ``--edition 1`` the first study (issue 9)::
 
-    python benchmarks/convergence.py --plan --num-shards 3            # the run list, estimated times
-    python benchmarks/convergence.py --shard 1 --num-shards 3 --out '' --bundle shard1.json --time-budget-s 500
-    python benchmarks/convergence.py --mode throughput --out '' --bundle throughput.json
-    python benchmarks/convergence.py report --inputs shard1.json shard2.json shard3.json throughput.json
-    python benchmarks/convergence.py --sizes 10M --resume shard1.json --bundle more.json   # the rest
-    python benchmarks/convergence.py --quick --out /tmp/conv_smoke    # a CPU smoke test
-    python benchmarks/plot_convergence.py --inputs benchmarks/results/convergence/   # = convergence.py report
+    python benchmarks/convergence.py --plan                          # every run, its tokens, GPU minutes
+    python benchmarks/convergence.py corpus                          # build the corpus here, print its size
+    python benchmarks/convergence.py --tiers 1 --parallel 3 --time-budget-s 540 --out '' --bundle t1a.json
+    python benchmarks/convergence.py --tiers 1 --parallel 3 --time-budget-s 540 --resume t1a.json \\
+        --out '' --bundle t1b.json                                  # the next device call goes on
+    python benchmarks/convergence.py --tiers 3 --resume t1a.json,t1b.json ...   # tier 3 takes tier 1's S-best lr
+    python benchmarks/convergence.py --mode throughput --size S --optimizers AdamW,Magma-Adam --out '' --bundle tp.json
+    python benchmarks/convergence.py report --inputs benchmarks/results/convergence2/ \\
+        --page benchmarks/results/convergence2.md
+    python benchmarks/convergence.py --quick --device cpu --out /tmp/conv_smoke    # a CPU smoke test
+    python benchmarks/plot_convergence.py --inputs benchmarks/results/convergence/  # = convergence.py report
 
-The whole study (78 runs, ~19 min of H100 time by the estimates) fits three calls of under
-nine minutes: ``--num-shards 3``, each shard with ``--time-budget-s``, the throughput mode
-beside the shortest shard. Shards must be run with the same flags apart from ``--shard``.
-``--resume`` takes earlier bundles and leaves out the runs they finished, so a study cut short
-by a device limit goes on where it stopped. Each run becomes one JSON record (curves, final
-validation perplexity, wall time, peak memory; :mod:`.records`); ``report`` turns the records
-into plots and a page. ``--mode throughput`` times whole training steps and the optimizer step
-alone for every optimizer in one process. What the study runs is :mod:`.definition`.
+Edition 2 runs its tiers in order; ``--parallel N`` trains N runs side by side on every GPU of
+``--gpus`` (separate processes, one per run). A device call runs at most 10 minutes: give
+``--time-budget-s`` and the runs stop there, saving checkpoints that the next invocation on the
+same machine (same ``--checkpoint-dir``) goes on from; ``--resume`` takes the bundles of
+earlier invocations and leaves out the runs they finished (a diverged run counts as finished),
+and a best-lr or transfer run takes its learning rate from the finished sweep in those bundles.
+Each run becomes one JSON record (:mod:`.records`); ``report`` turns the records of one edition
+into plots and a page that also lists the planned runs still missing. What the study runs is
+:mod:`.definition`.
 """
 
 from __future__ import annotations
@@ -28,69 +34,114 @@ import time
 STARTED = time.monotonic()  # before torch is imported, which --time-budget-s must count
 
 import argparse  # noqa: E402
+import json  # noqa: E402
 import sys  # noqa: E402
-from dataclasses import replace  # noqa: E402
 from pathlib import Path  # noqa: E402
 
+from . import corpus as corpus_lib  # noqa: E402
 from . import report  # noqa: E402
-from .definition import (DEFAULT_MAX_BYTES, OPTIMIZERS, QUICK_LRS, QUICK_OPTIMIZERS, QUICK_SIZE,  # noqa: E402
-                         SIZES, THROUGHPUT_DEFAULTS, summary_line)
+from .definition import DEFAULT_EDITION, EDITIONS, THROUGHPUT_DEFAULTS, edition as edition_by_number  # noqa: E402
+from .definition import summary_line  # noqa: E402
 from .plan import assign_shards, make_cells, plan_lines  # noqa: E402
 from .records import load_finished  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
-DEFAULT_OUT = REPO / "benchmarks" / "results" / "convergence"
-DEFAULT_PAGE = REPO / "benchmarks" / "results" / "convergence.md"
+RESULTS = REPO / "benchmarks" / "results"
+DEFAULT_OUT = RESULTS / "convergence"  # edition 1's; an edition's own is RESULTS / edition.results
+DEFAULT_PAGE = RESULTS / "convergence.md"
+COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune")
+
+
+def _list(text: str | None) -> list[str] | None:
+    return [part for part in text.split(",") if part] if text else None
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="convergence.py", description=summary_line(),
-        epilog="`python benchmarks/convergence.py report --help` describes the report subcommand.")
+        epilog="Subcommands: `report --help` (the page), `corpus --help` (build edition 2's corpus here).")
+    p.add_argument("--edition", type=int, choices=sorted(EDITIONS), default=DEFAULT_EDITION,
+                   help=f"which study definition (default {DEFAULT_EDITION}; 1 is the first study)")
     p.add_argument("--mode", choices=("sweep", "throughput"), default="sweep")
     p.add_argument("--quick", action="store_true",
-                   help=f"smoke test: a tiny model, {QUICK_SIZE.steps} steps, {', '.join(QUICK_OPTIMIZERS)} "
-                        f"x {QUICK_LRS} learning rates, float32")
-    p.add_argument("--sizes", default=",".join(SIZES), help="comma-separated model sizes: " + ", ".join(SIZES))
-    p.add_argument("--optimizers", default=None,
-                   help="comma-separated, default all: " + ", ".join(OPTIMIZERS))
+                   help="smoke test: the edition's tiers at tiny sizes, the middle learning rates, float32")
+    p.add_argument("--tiers", default=None, help="comma-separated tier numbers, default all (edition 2: 1,2,3)")
+    p.add_argument("--sizes", default=None, help="comma-separated model sizes, default all of the edition")
+    p.add_argument("--optimizers", default=None, help="comma-separated, default all of the edition")
     p.add_argument("--shard", type=int, default=1, help="which shard to run, 1-based")
     p.add_argument("--num-shards", type=int, default=1)
     p.add_argument("--plan", action="store_true", help="print the run list and time estimates, run nothing")
     p.add_argument("--time-budget-s", type=float, default=None,
-                   help="skip runs that would end after this many seconds since the process started")
+                   help="seconds since the process started after which no run goes on (edition 2: runs "
+                        "stop there with a checkpoint)")
+    p.add_argument("--finish-only", action="store_true",
+                   help="edition 2: start only runs that the budget lets finish (by the estimates)")
     p.add_argument("--steps", type=int, default=None, help="override every size's steps (experiments)")
-    p.add_argument("--data", default=None, help="text file or folder to train on instead of the Python stdlib")
-    p.add_argument("--max-bytes", type=int, default=DEFAULT_MAX_BYTES, help="corpus size cap")
+    p.add_argument("--data", default=None, help="text file or folder to train on instead of the default corpus")
+    p.add_argument("--corpus-add", default=None,
+                   help="edition 2: comma-separated folders whose *.py, *.h, *.rst, *.txt files join the "
+                        "default corpus (where the Python tree alone is too small)")
+    p.add_argument("--max-bytes", type=int, default=None, help="corpus size cap (edition 1: 48 MiB unless told)")
     p.add_argument("--device", default=None, help="cuda (default when available) or cpu")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
                    help="autocast dtype (default bfloat16 on CUDA, float32 on CPU)")
-    p.add_argument("--out", default=str(DEFAULT_OUT),
-                   help="folder for one JSON per run; '' writes none (use --bundle)")
+    p.add_argument("--compile", choices=COMPILE_MODES, default=None,
+                   help="torch.compile mode of the model (edition 2; default 'default' on CUDA, 'none' on CPU)")
+    p.add_argument("--parallel", type=int, default=1,
+                   help="edition 2: runs side by side per GPU (or on the CPU), each its own process")
+    p.add_argument("--gpus", type=int, default=None,
+                   help="edition 2: how many GPUs to use (default every visible one); for --plan, the "
+                        "machine the estimates are for (default 2)")
+    p.add_argument("--checkpoint-dir", default=None,
+                   help="edition 2: where runs keep checkpoints ('' for none; default under the temporary folder)")
+    p.add_argument("--cache-dir", default=None, help="edition 2: where the corpus is built (default likewise)")
+    p.add_argument("--out", default=None,
+                   help="folder for one JSON per run (default benchmarks/results/<the edition's folder>); "
+                        "'' writes none (use --bundle)")
     p.add_argument("--bundle", default=None, help="also write every record of this invocation into this one file")
     p.add_argument("--resume", default="",
                    help="comma-separated bundles of earlier invocations: their finished runs are not run "
-                        "again (and count for best-lr runs)")
+                        "again (and count for best-lr and transfer runs)")
     g = p.add_argument_group("--mode throughput")
-    g.add_argument("--size", default="50M", choices=tuple(SIZES), help="model size to time")
+    g.add_argument("--size", default=None, help="model size to time (default: the edition's largest)")
     g.add_argument("--warmup-steps", type=int, default=THROUGHPUT_DEFAULTS["warmup_steps"])
     g.add_argument("--timed-steps", type=int, default=THROUGHPUT_DEFAULTS["timed_steps"])
     g.add_argument("--repeats", type=int, default=THROUGHPUT_DEFAULTS["repeats"],
                    help="rounds over all optimizers (median window reported)")
     args = p.parse_args(argv)
+
+    edition = edition_by_number(args.edition)
     if not 1 <= args.shard <= args.num_shards:
         p.error(f"--shard must be in 1..{args.num_shards}, got {args.shard}")
-    names = QUICK_OPTIMIZERS if args.quick and args.optimizers is None else (
-        args.optimizers.split(",") if args.optimizers else tuple(OPTIMIZERS))
-    unknown = [n for n in names if n not in OPTIMIZERS]
+    names = list(edition.quick_optimizers) if args.quick and args.optimizers is None else (
+        _list(args.optimizers) or list(edition.optimizers))
+    unknown = [n for n in names if n not in edition.optimizers]
     if unknown:
-        p.error(f"unknown optimizer(s) {unknown}; choose from {', '.join(OPTIMIZERS)}")
-    args.optimizer_names = list(names)
-    sizes = args.sizes.split(",")
-    if not set(sizes) <= set(SIZES):
-        p.error(f"unknown size(s) {sorted(set(sizes) - set(SIZES))}; choose from {', '.join(SIZES)}")
-    args.size_names = sizes
-    args.out = Path(args.out) if args.out else None
+        p.error(f"unknown optimizer(s) {unknown} in edition {edition.number}; choose from {', '.join(edition.optimizers)}")
+    args.optimizer_names = names
+    args.size_names = _list(args.sizes)
+    if args.size_names and not set(args.size_names) <= set(edition.sizes):
+        p.error(f"unknown size(s) {sorted(set(args.size_names) - set(edition.sizes))}; choose from "
+                f"{', '.join(edition.sizes)}")
+    try:
+        args.tier_numbers = [int(t) for t in _list(args.tiers)] if args.tiers else None
+    except ValueError:
+        p.error(f"--tiers takes comma-separated numbers, got {args.tiers!r}")
+    tiers = {t.number for t in edition.tiers}
+    if args.tier_numbers and not set(args.tier_numbers) <= tiers:
+        p.error(f"edition {edition.number} has tiers {sorted(tiers)}, not {sorted(set(args.tier_numbers) - tiers)}")
+    if args.size is None:
+        args.size = list(edition.sizes)[-1]
+    if args.size not in edition.sizes:
+        p.error(f"--size {args.size}: choose from {', '.join(edition.sizes)}")
+    if args.parallel < 1:
+        p.error("--parallel must be at least 1")
+    if edition.harness == "demo" and (args.parallel > 1 or args.compile not in (None, "none")):
+        p.error("--parallel and --compile need edition 2 (edition 1 trains with the demo's loop)")
+    args.corpus_add = _list(args.corpus_add) or []
+    if args.corpus_add and args.data:
+        p.error("--corpus-add adds to the default corpus; with --data, put everything under one folder")
+    args.out = Path(args.out) if args.out else (RESULTS / edition.results if args.out is None else None)
     args.bundle = Path(args.bundle) if args.bundle else None
     args.resume = [Path(p) for p in args.resume.split(",") if p]
     missing = [str(p) for p in args.resume if not p.is_file()]
@@ -117,26 +168,80 @@ def report_main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def corpus_main(argv: list[str]) -> int:
+    """``convergence.py corpus``: build (or find) edition 2's corpus on this machine and say
+    whether it feeds every planned run without a byte seen twice."""
+    from .sweep import default_work_dir
+
+    p = argparse.ArgumentParser(prog="convergence.py corpus", description=corpus_main.__doc__.split("\n\n")[0])
+    p.add_argument("--data", default=None, help="a file or folder instead of the installed Python's files")
+    p.add_argument("--corpus-add", default=None, help="comma-separated folders whose files of the corpus's "
+                                                      "suffixes join the default corpus")
+    p.add_argument("--cache-dir", default=None, help="where to build it (default: the sweep's default)")
+    p.add_argument("--max-bytes", type=int, default=None)
+    args = p.parse_args(argv)
+    edition = edition_by_number(DEFAULT_EDITION)
+    cache = Path(args.cache_dir) if args.cache_dir else default_work_dir(edition.number) / "corpus"
+    corpus = corpus_lib.build(args.data, cache, extra_roots=_list(args.corpus_add) or [], max_bytes=args.max_bytes)
+    print(json.dumps(corpus.manifest, indent=1))
+    print(f"built in {corpus.folder}")
+    try:
+        corpus_lib.check_fits(corpus.train_bytes, list(edition.sizes.values()))
+    except corpus_lib.CorpusTooSmall as exc:
+        print(f"NOT ENOUGH for every size of edition {edition.number}: {exc}")
+        return 1
+    print(f"enough for every size of edition {edition.number} "
+          f"(the largest run needs {max(s.training_bytes_needed for s in edition.sizes.values()):,} training bytes)")
+    return 0
+
+
+def corpus_note(edition, cells, data: str | None, extra_roots: list[str]) -> list[str]:
+    """What ``--plan`` says of this machine's corpus: an upper bound, without reading it."""
+    if edition.corpus != "python-tree" or not cells:
+        return []
+    source, files = corpus_lib.list_files(data, extra_roots)
+    total = corpus_lib.scan_bytes(files)
+    largest = max((c.size for c in cells), key=lambda s: s.training_bytes_needed)
+    usable = int(total * (1 - corpus_lib.VAL_FRACTION))
+    verdict = ("enough, unless de-duplication removes more than the difference" if usable >= largest.training_bytes_needed
+               else f"NOT ENOUGH: {largest.training_bytes_needed - usable:,} bytes short even before de-duplication")
+    return [f"corpus on this machine: {len(files):,} files, {total:,} bytes before de-duplication, about {usable:,} "
+            f"for training ({source}); the largest planned run (size {largest.name}) needs "
+            f"{largest.training_bytes_needed:,} training bytes: {verdict}. A sweep builds and checks the corpus "
+            "before its first run; `convergence.py corpus` does only that."]
+
+
 def main(argv: list[str] | None = None) -> int:
-    """``convergence.py``: a sweep, ``--plan``, ``--mode throughput``, or ``report ...``."""
+    """``convergence.py``: a sweep, ``--plan``, ``--mode throughput``, or a subcommand."""
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["report"]:
         return report_main(argv[1:])
+    if argv[:1] == ["corpus"]:
+        return corpus_main(argv[1:])
+    if argv[:1] == ["worker"]:  # one run of edition 2 in its own process (the sweep starts these)
+        from .sweep import worker_main
+        return worker_main(*argv[1:3])
     args = parse_args(argv)
+    edition = edition_by_number(args.edition)
+    cells = make_cells(edition, quick=args.quick, tiers=args.tier_numbers, sizes=args.size_names,
+                       optimizers=args.optimizer_names, steps=args.steps)
+    if args.mode == "sweep" and not cells:
+        print("error: the filters leave no run of this edition", file=sys.stderr)
+        return 2
+    if args.plan:
+        shards = assign_shards(cells, args.num_shards)
+        print("\n".join(plan_lines(edition, shards, load_finished(args.resume), gpus=args.gpus or 2,
+                                   corpus_note=corpus_note(edition, cells, args.data, args.corpus_add))))
+        return 0
     import torch  # not before the arguments are checked; the report needs none
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     args.dtype = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
-    sizes = [QUICK_SIZE] if args.quick else [SIZES[name] for name in args.size_names]
-    if args.steps is not None:
-        sizes = [replace(s, steps=args.steps) for s in sizes]
-    specs = [OPTIMIZERS[name] for name in args.optimizer_names]
-    if args.plan:
-        shards = assign_shards(make_cells(sizes, specs, args.quick), args.num_shards)
-        print("\n".join(plan_lines(shards, {s.name: s for s in sizes}, load_finished(args.resume))))
-        return 0
+    if args.compile is None:
+        args.compile = "default" if device.type == "cuda" and edition.harness == "study" else "none"
     if args.mode == "throughput":
         from .throughput import run_throughput
-        return run_throughput(args, QUICK_SIZE if args.quick else SIZES[args.size], specs, device)
+        size = edition.quick_sizes[args.size] if args.quick else edition.sizes[args.size]
+        return run_throughput(args, edition, size, [edition.optimizers[n] for n in args.optimizer_names], device)
     from .sweep import run_sweep
-    return run_sweep(args, sizes, specs, device, STARTED)
+    return run_sweep(args, edition, cells, device, STARTED)

@@ -18,7 +18,8 @@ class MuonWithAdamW(torch.optim.Optimizer):
     as one optimizer.
 
     Its ``param_groups`` are the inner optimizers' own group dicts, so an LR scheduler that
-    scales this optimizer's groups scales both inner optimizers (each from its own base lr).
+    scales this optimizer's groups scales both inner optimizers (each from its own base lr). Its
+    state dict holds both inner optimizers' (a checkpoint of edition 2 saves it).
     """
 
     def __init__(self, muon_params: list[torch.Tensor], adamw_groups: list[dict], *, lr: float,
@@ -38,8 +39,17 @@ class MuonWithAdamW(torch.optim.Optimizer):
             optimizer.step()
         return loss
 
+    def state_dict(self) -> dict:
+        return {"muon": self.muon.state_dict(), "adamw": self.adamw.state_dict()}
 
-def muon_split(model: nn.Module) -> tuple[list[torch.Tensor], list[dict]]:
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.muon.load_state_dict(state_dict["muon"])
+        self.adamw.load_state_dict(state_dict["adamw"])
+        # Loading replaces the inner optimizers' group dicts: share the new ones again.
+        self.param_groups = self.muon.param_groups + self.adamw.param_groups
+
+
+def muon_split(model: nn.Module, weight_decay: float = WEIGHT_DECAY) -> tuple[list[torch.Tensor], list[dict]]:
     """(Muon's parameters, AdamW's groups): Muon takes the 2-D weights of the hidden
     ``nn.Linear`` layers; the embedding, the LM head and the norms go to AdamW with the
     demo's decay rule."""
@@ -48,7 +58,7 @@ def muon_split(model: nn.Module) -> tuple[list[torch.Tensor], list[dict]]:
               if isinstance(m, nn.Linear) and m is not head and m.weight.ndim == 2]
     hidden_ids = {id(p) for p in hidden}
     adamw_groups = []
-    for group in decay_groups(model, WEIGHT_DECAY):
+    for group in decay_groups(model, weight_decay):
         rest = [p for p in group["params"] if id(p) not in hidden_ids]
         if rest:
             adamw_groups.append({**group, "params": rest})
@@ -70,27 +80,30 @@ def _torch_fused(device: torch.device) -> bool | None:
     return True if device.type == "cuda" else None
 
 
-def build_adamw(model, lr, seed, device):
-    return torch.optim.AdamW(decay_groups(model, WEIGHT_DECAY), lr=lr, betas=BETAS, fused=_torch_fused(device))
+def build_adamw(model, lr, seed, device, weight_decay):
+    return torch.optim.AdamW(decay_groups(model, weight_decay), lr=lr, betas=BETAS, fused=_torch_fused(device))
 
 
-def build_magma(model, lr, seed, device, *, base: str, mask: str, keep_prob: float):
-    return Magma(param_groups(model, weight_decay=WEIGHT_DECAY), lr=lr, betas=BETAS, base=base,
-                 mask=mask, keep_prob=keep_prob, seed=seed, fused=magma_fused_flag(device))
+def build_magma(model, lr, seed, device, weight_decay, *, base: str, mask: str, keep_prob: float,
+                tau: float | None = None):
+    extra = {} if tau is None else {"tau": tau}  # edition 1 left tau at Magma's default, 2
+    return Magma(param_groups(model, weight_decay=weight_decay), lr=lr, betas=BETAS, base=base,
+                 mask=mask, keep_prob=keep_prob, seed=seed, fused=magma_fused_flag(device), **extra)
 
 
-def build_muon(model, lr, seed, device, *, adamw_lr_ratio: float):
+def build_muon(model, lr, seed, device, weight_decay, *, adamw_lr_ratio: float):
     if not hasattr(torch.optim, "Muon"):
         raise RuntimeError(f"torch {torch.__version__} has no torch.optim.Muon")
-    hidden, adamw_groups = muon_split(model)
+    hidden, adamw_groups = muon_split(model, weight_decay)
     return MuonWithAdamW(hidden, adamw_groups, lr=lr, adamw_lr=lr * adamw_lr_ratio,
-                         weight_decay=WEIGHT_DECAY, adamw_fused=_torch_fused(device))
+                         weight_decay=weight_decay, adamw_fused=_torch_fused(device))
 
 
 BUILDERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
     "adamw": build_adamw, "magma": build_magma, "muon": build_muon}
 
 
-def build(recipe: Recipe, model: nn.Module, lr: float, seed: int, device: torch.device) -> torch.optim.Optimizer:
+def build(recipe: Recipe, model: nn.Module, lr: float, seed: int, device: torch.device,
+          weight_decay: float = WEIGHT_DECAY) -> torch.optim.Optimizer:
     """The recipe's optimizer over ``model``'s parameters."""
-    return BUILDERS[recipe.builder](model, lr, seed, device, **recipe.options)
+    return BUILDERS[recipe.builder](model, lr, seed, device, weight_decay, **recipe.options)

@@ -1,8 +1,10 @@
 """The Markdown page of the study, as text: set-up, results, cost, the check of the paper's
 claim, the runs and their provenance.
 
-Optimizer names, their order, the fused paths, the recipe text and the claim come from
-:mod:`.definition`; the numbers from the records. Nothing here knows a particular optimizer.
+Optimizer names, their order, the fused paths, the recipe text and the claim come from the
+edition of the records (:mod:`.definition`); the numbers from the records. Nothing here knows a
+particular optimizer. An edition with ``plan_on_page`` also gets the paper's numbers beside its
+own, the speed of its runs, and the planned runs that have no record yet (:mod:`.plan`).
 """
 
 from __future__ import annotations
@@ -10,10 +12,10 @@ from __future__ import annotations
 import math
 import shlex
 
-from . import definition
-from .definition import optimizer_rank, spelled
-from .records import Study, merged_meta, now_utc
-from .summary import STABLE_WITHIN, CellSummary, Summary, mean, ppl, seeds_run
+from .definition import Edition, spelled
+from .plan import make_cells, not_finished, shard_runs
+from .records import FINISHED, Study, merged_meta, now_utc
+from .summary import CellSummary, Summary, mean, ppl, seeds_run
 
 RUNNER = "benchmarks/convergence.py"
 REPORTER = "benchmarks/plot_convergence.py"
@@ -22,14 +24,14 @@ FIGURES = {"val_curves": "validation loss at the best learning rate",
            "ppl_vs_lr": "final validation perplexity against learning rate"}
 
 
-def uses_magma(name: str) -> bool:
-    recipe = definition.OPTIMIZERS.get(name)
+def uses_magma(name: str, edition: Edition) -> bool:
+    recipe = edition.optimizers.get(name)
     return bool(recipe and recipe.uses_magma)
 
 
-def fused_label(record: dict) -> str:
+def fused_label(record: dict, edition: Edition) -> str:
     """The "fused" column of the throughput table: which fused path the step took."""
-    recipe = definition.OPTIMIZERS.get(record["optimizer"])
+    recipe = edition.optimizers.get(record["optimizer"])
     if recipe is None or recipe.fused == "magma_ext":
         if record["magma_fused"]:
             return "magma_ext fused"
@@ -79,20 +81,20 @@ def sweep_table(summary: Summary, runs: list[dict]) -> list[str]:
     return lines
 
 
-def throughput_table(rows: list[dict]) -> list[str]:
+def throughput_table(rows: list[dict], edition: Edition) -> list[str]:
     if not rows:
         return ["No throughput records were given (`--mode throughput`).", ""]
     lines = []
-    reference = definition.REFERENCE
+    reference = edition.reference
     for size in sorted({r["size"] for r in rows}):
-        here = sorted((r for r in rows if r["size"] == size), key=lambda r: optimizer_rank(r["optimizer"]))
+        here = sorted((r for r in rows if r["size"] == size), key=lambda r: edition.optimizer_rank(r["optimizer"]))
         base = next((r for r in here if r["optimizer"] == reference), None)
         first = here[0]
         lines += [f"Model {size} ({first['num_parameters'] / 1e6:.1f}M parameters), batch {first['batch_size']} x "
                   f"{first['seq_len']} tokens, {first['dtype']}, {first['env']['device_name']}, "
                   f"{first['warmup_steps']} warm-up steps then the median of {first['repeats']} windows of "
                   f"{first['timed_steps']} steps (optimizer step: median over all timed steps, "
-                  f"{first['opt_step_timer']}); {first['date']}.", "",
+                  f"{first['opt_step_timer']}){compiled(first)}; {first['date']}.", "",
                   f"| optimizer | fused | tokens/s | vs {reference} | step ms | optimizer step ms | vs {reference} "
                   "| state MiB | peak MiB |",
                   "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
@@ -100,14 +102,84 @@ def throughput_table(rows: list[dict]) -> list[str]:
             speed = f"{r['tokens_per_s'] / base['tokens_per_s']:.3f}x" if base else "n/a"
             opt = f"{r['opt_step_ms_median'] / base['opt_step_ms_median']:.2f}x" if base else "n/a"
             peak = f"{r['peak_mem_bytes'] / 2**20:,.0f}" if r["peak_mem_bytes"] else "n/a"
-            lines.append(f"| {r['optimizer']} | {fused_label(r)} | {r['tokens_per_s']:,.0f} | {speed} | "
+            lines.append(f"| {r['optimizer']} | {fused_label(r, edition)} | {r['tokens_per_s']:,.0f} | {speed} | "
                          f"{r['step_ms']:.2f} | {r['opt_step_ms_median']:.3f} | {opt} | "
                          f"{r['state_bytes'] / 2**20:,.1f} | {peak} |")
         lines.append("")
     return lines
 
 
+def compiled(record: dict) -> str:
+    mode = record.get("compile")
+    return "" if mode is None else ", eager" if mode == "none" else f", torch.compile ({mode})"
+
+
+def run_speed_table(study: Study, edition: Edition) -> list[str]:
+    """Training tokens/s of the study's own runs (evaluations and warm-up steps excluded), per
+    size and optimizer, and what each sweep invocation trained per device."""
+    runs = [r for r in study.runs if r["status"] == "ok" and r.get("tokens_per_s")]
+    if not runs:
+        return []
+    lines = ["Training speed of the runs themselves (tokens/s of one run, evaluations and its first "
+             "steps excluded; runs that shared a GPU each count their own share):", "",
+             f"| size | optimizer | runs | side by side | device | tokens/s per run: mean [min, max] | vs {edition.reference} |",
+             "|---|---|---:|---|---|---|---:|"]
+    for size in sorted({r["size"] for r in runs}, key=lambda s: min(r["num_parameters"] for r in runs
+                                                                    if r["size"] == s)):
+        here = [r for r in runs if r["size"] == size]
+        base = [r["tokens_per_s"] for r in here if r["optimizer"] == edition.reference]
+        for name in sorted({r["optimizer"] for r in here}, key=edition.optimizer_rank):
+            speeds = [r["tokens_per_s"] for r in here if r["optimizer"] == name]
+            shared = sorted({r.get("side_by_side") or 1 for r in here if r["optimizer"] == name})
+            devices = sorted({r["env"]["device_name"] for r in here if r["optimizer"] == name and r.get("env")})
+            ratio = f"{mean(speeds) / mean(base):.3f}x" if base else "n/a"
+            lines.append(f"| {size} | {name} | {len(speeds)} | {', '.join(map(str, shared))} | {', '.join(devices)} | "
+                         f"{mean(speeds):,.0f} [{min(speeds):,.0f}, {max(speeds):,.0f}] | {ratio} |")
+    aggregates = [m for m in study.metas if m.get("mode") == "sweep" and m.get("aggregate")]
+    if aggregates:
+        lines += ["", "Per sweep invocation, all its runs together (start-ups, compilation and evaluations "
+                      "included):", ""]
+        for m in sorted(aggregates, key=lambda m: m.get("date", "")):
+            a = m["aggregate"]
+            if a.get("tokens_per_s_per_device"):
+                lines.append(f"- {m['date']}: {a['tokens_trained'] / 1e6:,.1f}M tokens in {a['wall_s']:.0f} s on "
+                             f"{a['devices']} device(s), {a['runs_per_device']} run(s) per device: "
+                             f"{a['tokens_per_s_per_device']:,.0f} tokens/s per device.")
+    return lines + [""]
+
+
 # ---------------------------------------------------------------------------- the paper's claim
+
+
+def _relative(value: float, base: float | None) -> str:
+    if base is None or not (math.isfinite(value) and math.isfinite(base)):
+        return "n/a"
+    return f"{100 * (value / base - 1):+.1f}%"
+
+
+def paper_table(summary: Summary, edition: Edition) -> list[str]:
+    """The paper's perplexities and ours side by side, each as its difference to Adam(W) at its
+    own size: the comparable quantity (the paper's are per token at 60M/130M, ours per byte)."""
+    paper, reference = edition.paper, edition.reference
+    if not paper.table:
+        return []
+    names = [n for n in edition.optimizers if any(n in t for t in paper.table.values())
+             or any(n in cells for cells in summary.values())]
+    head = ["optimizer"] + [f"paper {s}" for s in paper.table] + [f"ours {s}" for s in summary]
+    lines = [f"The paper's numbers ({paper.table_source}) and this study's best mean final validation "
+             f"perplexity, each with its difference to {reference} (the paper's Adam) at the same size:", "",
+             "| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
+    for name in names:
+        recipe = edition.optimizers[name]
+        cols = [name + (f" ({recipe.paper_name})" if recipe.paper_name and recipe.paper_name != name else "")]
+        for table in paper.table.values():
+            cols.append(f"{table[name]:.2f} ({_relative(table[name], table.get(reference))})" if name in table else "-")
+        for cells in summary.values():
+            base = cells[reference].mean_ppl if reference in cells else None
+            cols.append(f"{cells[name].mean_ppl:.4f} ({_relative(cells[name].mean_ppl, base)})" if name in cells
+                        else "-")
+        lines.append("| " + " | ".join(cols) + " |")
+    return lines + [""]
 
 
 def _relation_line(a: CellSummary, b: CellSummary) -> tuple[bool, str]:
@@ -124,19 +196,19 @@ def _relation_line(a: CellSummary, b: CellSummary) -> tuple[bool, str]:
                    f"({a.mean_ppl:.4f} vs {b.mean_ppl:.4f}; {detail}).")
 
 
-def _stable_ranges(cells: dict[str, CellSummary]) -> list[str]:
+def _stable_ranges(cells: dict[str, CellSummary], within: float) -> list[str]:
     ranges = []
     for name, c in cells.items():
-        near = c.near_best(STABLE_WITHIN)
-        if math.isfinite(c.mean_ppl) and len(c.lrs) > 1:
+        near = c.near_best(within)
+        if math.isfinite(c.mean_ppl) and len(c.lrs) > 1 and not c.transfer:
             ranges.append(f"{name} {len(near)} of {len(c.lrs)} ({near[0]:g} to {near[-1]:g})" if len(near) > 1
                           else f"{name} 1 of {len(c.lrs)} ({near[0]:g})")
     return ranges
 
 
-def ordering_statement(summary: Summary) -> list[str]:
+def ordering_statement(summary: Summary, edition: Edition) -> list[str]:
     """A plain comparison of the measured ordering of best perplexities with the paper's."""
-    paper = definition.PAPER
+    paper, within = edition.paper, edition.stable_within
     relations = paper.relations
     lines = [f"The paper reports the ordering {paper.ordering} (lower validation perplexity first). "
              f"Below, each of the {spelled(len(relations))} pairwise relations it implies is checked against "
@@ -161,9 +233,9 @@ def ordering_statement(summary: Summary) -> list[str]:
         if edges:
             lines.append(f"- Best learning rate at an end of its grid: {', '.join(edges)}; the optimum of these "
                          "may lie outside the grid, so their best perplexity may be overstated.")
-        ranges = _stable_ranges(cells)
+        ranges = _stable_ranges(cells, within)
         if ranges:
-            lines.append(f"- Stable range ({paper.stable_range}): learning rates within {STABLE_WITHIN:.0%} of each "
+            lines.append(f"- Stable range ({paper.stable_range}): learning rates within {within:.0%} of each "
                          "optimizer's best perplexity (over the seeds every learning rate ran): "
                          f"{'; '.join(ranges)}. A range that reaches an end of its grid may continue beyond it.")
         lines.append("")
@@ -181,7 +253,24 @@ def ordering_statement(summary: Summary) -> list[str]:
 # ---------------------------------------------------------------------------- set-up and provenance
 
 
-def setup_lines(study: Study) -> list[str]:
+def data_line(study: Study, data: dict) -> str:
+    """Where the training bytes came from: edition 1's capped stream, or edition 2's corpus."""
+    if "content_sha1" not in data:
+        hashes = sorted({m["data"]["val_sha1"] for m in study.metas if m.get("data")})
+        return (f"Data: {data['source']}, capped at {data['max_bytes']:,} bytes: {data['train_bytes']:,} "
+                f"training bytes, the last {data['val_bytes']:,} bytes of the fixed-order stream for "
+                f"validation (SHA-1 {', '.join(hashes)}"
+                f"{'; WARNING: the inputs used different validation splits' if len(hashes) > 1 else ''}).")
+    contents = sorted({m["data"]["content_sha1"] for m in study.metas if m.get("data", {}).get("content_sha1")})
+    return (f"Data: {data['source']}: {data['files']:,} files in sorted path order ({data['duplicates_dropped']:,} "
+            f"files whose bytes repeat an earlier file's dropped), {data['bytes']:,} bytes (file list SHA-1 "
+            f"{data['file_list_sha1'][:12]}, content SHA-1 {', '.join(c[:12] for c in contents)}); "
+            f"{data['val_bytes']:,} bytes in {data['val_chunks']} chunks of {data['chunk_bytes']:,} spread over the "
+            f"stream held out for validation, {data['train_bytes']:,} for training."
+            + (" WARNING: the inputs used different corpora." if len(contents) > 1 else ""))
+
+
+def setup_lines(study: Study, edition: Edition) -> list[str]:
     meta = next((m for m in study.metas if m.get("mode") == "sweep"), {})
     lines = []
     sizes = merged_meta(study.metas, "sizes")
@@ -197,11 +286,7 @@ def setup_lines(study: Study) -> list[str]:
         lines.append("")
     data = meta.get("data")
     if data:
-        hashes = sorted({m["data"]["val_sha1"] for m in study.metas if m.get("data")})
-        lines.append(f"Data: {data['source']}, capped at {data['max_bytes']:,} bytes: {data['train_bytes']:,} "
-                     f"training bytes, the last {data['val_bytes']:,} bytes of the fixed-order stream for "
-                     f"validation (SHA-1 {', '.join(hashes)}"
-                     f"{'; WARNING: the inputs used different validation splits' if len(hashes) > 1 else ''}).")
+        lines.append(data_line(study, data))
     optimizers = merged_meta(study.metas, "optimizers")
     if optimizers:
         lines += ["", "| optimizer | implementation | learning rates run (sweep), per size |", "|---|---|---|"]
@@ -210,10 +295,15 @@ def setup_lines(study: Study) -> list[str]:
             for size in sorted({r["size"] for r in study.runs if r["optimizer"] == name}):
                 lrs = sorted({r["lr"] for r in study.runs
                               if r["optimizer"] == name and r["size"] == size and r["stage"] == "sweep"})
-                grids.append(f"{size}: {', '.join(f'{lr:g}' for lr in lrs)}")
+                transfer = sorted({(r["lr"], r["lr_rule"]) for r in study.runs if r["optimizer"] == name
+                                   and r["size"] == size and r["stage"] == "transfer"})
+                if lrs or not transfer:
+                    grids.append(f"{size}: {', '.join(f'{lr:g}' for lr in lrs)}")
+                else:  # edition 2's tier 3: no sweep, the lrs chosen at a smaller size
+                    grids.append(f"{size}: {', '.join(f'{lr:g} ({rule})' for lr, rule in transfer)}")
             lines.append(f"| {name} | {o['description']} | {'; '.join(grids) or 'not run'} |")
-        lines += ["", definition.SHARED_RECIPE.format(betas=tuple(meta["betas"]), weight_decay=meta["weight_decay"])]
-    fused = {r["magma_fused"] for r in study.runs if uses_magma(r["optimizer"])}
+        lines += ["", edition.shared_recipe.format(betas=tuple(meta["betas"]), weight_decay=meta["weight_decay"])]
+    fused = {r["magma_fused"] for r in study.runs if uses_magma(r["optimizer"], edition)}
     if fused:
         lines.append("")
         lines.append("Magma-based optimizers ran on " + (
@@ -239,6 +329,31 @@ def provenance_lines(study: Study, argv: list[str]) -> list[str]:
     return lines
 
 
+def missing_lines(study: Study, edition: Edition) -> list[str]:
+    """The planned runs of every tier that no record finished, with the reason where a record
+    says one (a skip, a failure)."""
+    quick = any(m.get("quick") for m in study.metas if m.get("mode") == "sweep")
+    finished = [r for r in study.runs if r["status"] in FINISHED]
+    reasons = {s["id"]: f"skipped: {s['reason']}" for s in study.skipped}
+    reasons.update({r["id"]: f"{r['status']}: {r['error']}" for r in study.runs if r["status"] not in FINISHED})
+    cells = make_cells(edition, quick=quick)
+    lines, missing_total = [], 0
+    for number in dict.fromkeys(c.tier.number for c in cells):
+        planned = shard_runs([c for c in cells if c.tier.number == number])
+        missing = not_finished(planned, finished)
+        missing_total += len(missing)
+        if missing:
+            lines.append(f"- Tier {number}: {len(missing)} of {len(planned)} planned runs missing:")
+            lines += [f"  - {run.run_id}" + (f" ({reasons[run.run_id]})" if run.run_id in reasons else "")
+                      for run in missing]
+        else:
+            lines.append(f"- Tier {number}: all {len(planned)} planned runs are in.")
+    head = ("Every planned run is in." if not missing_total else
+            f"{missing_total} planned run{'s' * (missing_total > 1)} "
+            f"{'have' if missing_total > 1 else 'has'} no finished record yet")
+    return ["", head + (":" if missing_total else "")] + (lines if missing_total else [])
+
+
 def run_status_lines(study: Study) -> list[str]:
     ok = sum(r["status"] == "ok" for r in study.runs)
     lines = [f"{len(study.runs)} runs: {ok} finished, "
@@ -262,12 +377,14 @@ def shard_note(study: Study) -> str:
 # ---------------------------------------------------------------------------- the page
 
 
-def build_page(study: Study, summary: Summary, argv: list[str], figures: dict[str, str] | None = None) -> str:
+def build_page(study: Study, summary: Summary, argv: list[str], figures: dict[str, str] | None = None, *,
+               edition: Edition) -> str:
     """The page; ``figures`` maps a name of :data:`FIGURES` to the link of its image."""
-    lines = [f"# {definition.title()}", "",
+    lines = [f"# {edition.title()}", "",
              f"Generated by `{REPORTER}` from the JSON records of `{RUNNER}`; edit neither the numbers nor "
              "the statements by hand.", "",
-             "## Setup", ""] + setup_lines(study) + ["", definition.DESIGN.format(shard_note=shard_note(study)), ""]
+             "## Setup", ""] + setup_lines(study, edition) + [
+                 "", edition.design.format(shard_note=shard_note(study)), ""]
     if summary:
         lines += ["## Results", ""] + results_table(summary) + [
             "", "Every learning rate (bold: the best):", ""] + sweep_table(summary, study.runs) + [""]
@@ -275,9 +392,14 @@ def build_page(study: Study, summary: Summary, argv: list[str], figures: dict[st
             lines += [f"![{FIGURES[name]}]({link})", ""]
     else:
         lines += ["## Results", "", "No run records were given.", ""]
-    lines += ["## End-to-end cost", ""] + throughput_table(study.throughput)
+    lines += ["## End-to-end cost", ""] + throughput_table(study.throughput, edition)
+    if edition.plan_on_page:
+        lines += run_speed_table(study, edition)
     lines += ["## What was and was not reproduced", ""] + (
-        ordering_statement(summary) if summary else ["Nothing to compare: no run records."])
+        paper_table(summary, edition) + ordering_statement(summary, edition) if summary
+        else ["Nothing to compare: no run records."])
     lines += ["", "## Runs", ""] + run_status_lines(study)
+    if edition.plan_on_page:
+        lines += missing_lines(study, edition)
     lines += ["", "## Provenance", ""] + provenance_lines(study, argv) + [""]
     return "\n".join(lines)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from .definition import OPTIMIZERS
+from .definition import Edition
 from .summary import Summary, mean, ppl
 
 
@@ -16,9 +16,9 @@ def _pyplot():
     return plt
 
 
-def color(name: str) -> str | None:
-    """The recipe's colour; matplotlib's next one for an optimizer the definition lacks."""
-    recipe = OPTIMIZERS.get(name)
+def color(name: str, edition: Edition) -> str | None:
+    """The recipe's colour; matplotlib's next one for an optimizer the edition lacks."""
+    recipe = edition.optimizers.get(name)
     return recipe.color if recipe else None
 
 
@@ -31,7 +31,7 @@ def mean_curve(runs: list[dict], key: str) -> tuple[list[float], list[float]]:
     return steps, [mean(c[s] for c in curves) for s in steps]
 
 
-def plot_val_curves(summary: Summary, path: Path) -> None:
+def plot_val_curves(summary: Summary, path: Path, edition: Edition) -> None:
     """Per size: validation loss at each optimizer's best lr (mean over seeds), the whole run
     and the second half of it."""
     plt = _pyplot()
@@ -46,7 +46,7 @@ def plot_val_curves(summary: Summary, path: Path) -> None:
             x = [s * tokens_per_step / 1e6 for s in steps]
             label = f"{name} (lr {cell.best_lr:g}, {len(cell.best_runs)} seed{'s' * (len(cell.best_runs) > 1)})"
             for ax in axes[row]:
-                ax.plot(x, losses, marker="o", markersize=3, color=color(name), label=label)
+                ax.plot(x, losses, marker="o", markersize=3, color=color(name, edition), label=label)
             half = [(xi, li) for xi, li in zip(x, losses) if xi >= x[-1] / 2]
             tail_values += [li for _, li in half]
             axes[row][1].set_xlim(left=half[0][0])
@@ -65,7 +65,7 @@ def plot_val_curves(summary: Summary, path: Path) -> None:
     plt.close(fig)
 
 
-def plot_ppl_vs_lr(summary: Summary, runs: list[dict], path: Path) -> None:
+def plot_ppl_vs_lr(summary: Summary, runs: list[dict], path: Path, edition: Edition) -> None:
     """Per size: final validation perplexity against learning rate (log x), the mean over seeds
     as a line and each seed as a dot; diverged runs as crosses on the top edge."""
     plt = _pyplot()
@@ -80,7 +80,7 @@ def plot_ppl_vs_lr(summary: Summary, runs: list[dict], path: Path) -> None:
             cell_runs = [r for r in runs if r["size"] == size and r["optimizer"] == name]
             lrs = sorted({r["lr"] for r in cell_runs})
             means = [mean(ppl(r) for r in cell_runs if r["lr"] == lr) for lr in lrs]
-            c = color(name)
+            c = color(name, edition)
             ax.plot([lr for lr, m in zip(lrs, means) if math.isfinite(m)], [m for m in means if math.isfinite(m)],
                     marker="o", color=c, label=name)
             for r in cell_runs:
@@ -102,10 +102,10 @@ def plot_ppl_vs_lr(summary: Summary, runs: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def draw(summary: Summary, runs: list[dict], plots_dir: Path) -> dict[str, Path]:
+def draw(summary: Summary, runs: list[dict], plots_dir: Path, edition: Edition) -> dict[str, Path]:
     """Both figures into ``plots_dir``: name -> file."""
     plots_dir.mkdir(parents=True, exist_ok=True)
     files = {"val_curves": plots_dir / "val_curves.png", "ppl_vs_lr": plots_dir / "ppl_vs_lr.png"}
-    plot_val_curves(summary, files["val_curves"])
-    plot_ppl_vs_lr(summary, runs, files["ppl_vs_lr"])
+    plot_val_curves(summary, files["val_curves"], edition)
+    plot_ppl_vs_lr(summary, runs, files["ppl_vs_lr"], edition)
     return files

@@ -10,21 +10,28 @@ Every file holds one JSON object whose ``"kind"`` says what it is:
 ``"meta"`` (``--out``, beside the per-run files): ``{"kind": "meta", "meta": META}``.
 
 ``"run"``: one training run, also one file per run under ``--out``. ``id`` is :func:`run_id`;
-``size``, ``optimizer``, ``lr``, ``seed``, ``stage`` ("sweep" or "best_lr"), the budget
+``size``, ``optimizer``, ``lr``, ``seed``, ``stage`` ("sweep", "best_lr" or "transfer"), the budget
 (``steps``, ``batch_size``, ``seq_len``, ``tokens``, ``eval_every``, ``eval_batches``, ``model``,
 ``dtype``), ``optimizer_description``, ``magma_fused``, ``status`` ("ok", "diverged" or
 "error"), ``error``, ``wall_s``; a finished run adds ``final_train_loss``, ``final_val_loss``,
 ``final_val_ppl``, ``ms_per_step``, ``tokens_per_s``, ``peak_mem_bytes``, ``num_parameters`` and
 the curves ``train_loss`` / ``val_loss`` (``[step, loss]`` pairs, :func:`curve`); then
-``command``, ``date``, ``env`` and ``data`` of its invocation.
+``command``, ``date``, ``env`` and ``data`` of its invocation. Edition 2 adds ``edition``,
+``tier``, ``lr_rule`` (how a best-lr or transfer run chose its lr: "best", "S-best", "S-best+1"),
+``lr_note``, ``compile``, ``side_by_side``, ``gpu``, ``train_time_s``, ``eval_time_s``,
+``warmup_s``, ``timed_steps`` and ``resumed_at`` (steps at which it went on from a checkpoint);
+its ``data`` describes the corpus (:func:`.corpus.describe`): file list and content SHA-1.
 
 ``"throughput"``: one optimizer's step timing of ``--mode throughput`` (size, optimizer,
 tokens_per_s, step_ms, opt_step_ms_median, state_bytes, peak_mem_bytes, ...).
 
-META: ``command``, ``date`` (:func:`now_utc`), ``mode`` ("sweep" or "throughput"), ``quick``,
+META: ``command``, ``date`` (:func:`now_utc`), ``mode`` ("sweep" or "throughput"), ``edition``
+(absent in edition 1's records), ``quick``,
 ``env``, ``data``; a sweep adds ``shard``, ``num_shards``, ``time_budget_s``, ``sizes``,
 ``optimizers`` (name -> lrs, description), ``weight_decay``, ``betas``,
-``muon_adamw_lr_ratio``, ``planned_runs`` and ``resumed_from``.
+``muon_adamw_lr_ratio``, ``planned_runs`` and ``resumed_from``; edition 2 adds ``tiers``,
+``parallel``, ``gpus``, ``compile`` and, when the invocation ends, ``aggregate`` (tokens trained,
+wall seconds, tokens/s per GPU).
 
 Several invocations make one study: :func:`load_study` merges any mix of bundles, per-run files
 and folders of them, one record per run id, and :func:`merged_meta` merges their set-ups.
@@ -43,9 +50,10 @@ from pathlib import Path
 SECTIONS = ("runs", "throughput", "skipped")
 
 
-def run_id(size: str, optimizer: str, lr: float | None, seed: int) -> str:
-    """A run's id; ``lr`` None ("best") names a best-lr run before its learning rate is known."""
-    return f"{size}__{optimizer}__lr{'best' if lr is None else f'{lr:g}'}__seed{seed}"
+def run_id(size: str, optimizer: str, lr: float | None, seed: int, rule: str | None = None) -> str:
+    """A run's id; ``lr`` None names a run before its learning rate is known by the rule that
+    will choose it ("best" unless told: the best of the size's seed-0 sweep)."""
+    return f"{size}__{optimizer}__lr{(rule or 'best') if lr is None else f'{lr:g}'}__seed{seed}"
 
 
 def throughput_filename(size: str, optimizer: str) -> str:
@@ -96,6 +104,11 @@ class RecordWriter:
             write_json(self.out_dir / filename, record)
         self.flush()
 
+    def set_meta(self, key: str, value) -> None:
+        """Add ``key`` to the bundle's meta (what is known only at the end, say)."""
+        self.contents["meta"][key] = value
+        self.flush()
+
     def flush(self) -> None:
         if self.bundle is not None:
             write_json(self.bundle, self.contents)
@@ -104,12 +117,25 @@ class RecordWriter:
 # ---------------------------------------------------------------------------- reading
 
 
+# A run that ended so is not run again by --resume; "error" is (a crash, an out-of-memory, ...).
+FINISHED = ("ok", "diverged")
+
+
 def load_finished(paths: list[Path]) -> list[dict]:
-    """The finished ("ok") run records of earlier bundles, for --resume."""
+    """The finished ("ok" or "diverged") run records of earlier bundles, for --resume."""
     records = []
     for path in paths:
-        records += [r for r in json.loads(path.read_text())["runs"] if r["status"] == "ok"]
+        records += [r for r in json.loads(path.read_text())["runs"] if r["status"] in FINISHED]
     return records
+
+
+def edition_of(metas: list[dict], runs: list[dict]) -> int:
+    """The study edition that the records belong to (edition 1's records name none); records
+    of two editions do not make one study."""
+    found = {m.get("edition", 1) for m in metas} | {r.get("edition", 1) for r in runs}
+    if len(found) > 1:
+        raise ValueError(f"the inputs hold records of editions {sorted(found)}: report each edition on its own")
+    return found.pop() if found else 1
 
 
 @dataclass

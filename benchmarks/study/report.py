@@ -1,17 +1,19 @@
 """Report of the convergence study: plots and a Markdown page from the run records.
 
 The inputs are JSON files (single records or the bundles of ``--bundle``) and folders (searched
-recursively), merged by :func:`.records.load_study`. The page goes to one file, the plots beside
-it in a folder named after the page unless told otherwise.
+recursively), merged by :func:`.records.load_study`; they must all belong to one edition of the
+study, whose definition then shapes the page. The page goes to one file, the plots beside it in
+a folder named after the page unless told otherwise.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
+from .definition import edition as edition_by_number
 from .page import build_page
 from .plots import draw
-from .records import Study, load_study
+from .records import Study, edition_of, load_study
 from .summary import summarize
 
 
@@ -26,9 +28,11 @@ def write_report(inputs: list[str], page: Path, plots_dir: Path, argv: list[str]
     """Load ``inputs``, draw the plots into ``plots_dir`` and write the page; ``argv`` is the
     report's command line, for the page's provenance."""
     study = load_study(inputs)
-    summary = summarize(study.runs) if study.runs else {}
+    edition = edition_by_number(edition_of(study.metas, study.runs))
+    summary = summarize(study.runs, edition) if study.runs else {}
     plots_dir.mkdir(parents=True, exist_ok=True)
-    figures = {name: link(path, page) for name, path in draw(summary, study.runs, plots_dir).items()} if summary else {}
+    figures = ({name: link(path, page) for name, path in draw(summary, study.runs, plots_dir, edition).items()}
+               if summary else {})
     page.parent.mkdir(parents=True, exist_ok=True)
-    page.write_text(build_page(study, summary, argv, figures))
+    page.write_text(build_page(study, summary, argv, figures, edition=edition))
     return study

@@ -3,8 +3,10 @@ it, and the seed ranges there.
 
 The best learning rate of a (size, optimizer) cell is the one with the lowest mean final
 validation perplexity over the seeds that every learning rate of the cell ran (seed 0 alone
-where only the best learning rate got a second seed); the summary then gives the mean and the
-range over all seeds at that learning rate. A diverged run counts as infinite perplexity.
+where only the best learning rate got more seeds); the summary then gives the mean and the
+range over all seeds at that learning rate. A diverged run counts as infinite perplexity. A
+transfer cell (edition 2's tier 3: two learning rates chosen at another size) has no grid of its
+own, so it has no edge and no stable range.
 """
 
 from __future__ import annotations
@@ -12,10 +14,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from .definition import optimizer_rank
-
-# Learning rates within this fraction of a cell's best perplexity make its stable range.
-STABLE_WITHIN = 0.10
+from .definition import Edition
 
 
 def ppl(run: dict) -> float:
@@ -39,6 +38,7 @@ class CellSummary:
     selection_seeds: list[int]
     edge: str | None  # "lowest" / "highest" when the best lr is at the end of the grid
     scores: dict[float, float] = field(default_factory=dict)  # lr -> the perplexity it was judged by
+    transfer: bool = False  # learning rates chosen at another size (no grid of its own)
 
     def near_best(self, within: float) -> list[float]:
         """The learning rates whose perplexity is within ``within`` (relative) of the best one."""
@@ -64,8 +64,8 @@ class CellSummary:
 Summary = dict[str, dict[str, CellSummary]]
 
 
-def summarize(runs: list[dict]) -> Summary:
-    """size -> optimizer -> summary, sizes by parameter count, optimizers in the definition's order."""
+def summarize(runs: list[dict], edition: Edition) -> Summary:
+    """size -> optimizer -> summary, sizes by parameter count, optimizers in the edition's order."""
     cells: dict[tuple[str, str], list[dict]] = {}
     for r in runs:
         cells.setdefault((r["size"], r["optimizer"]), []).append(r)
@@ -81,15 +81,16 @@ def summarize(runs: list[dict]) -> Summary:
             score = {lr: mean(ppl(seeds[s]) for s in common) for lr, seeds in by_lr.items()}
         lrs = sorted(by_lr)
         best = min(lrs, key=lambda lr: score[lr])
+        transfer = all(r["stage"] == "transfer" for r in cell_runs)
         edge = None
-        if len(lrs) > 1 and math.isfinite(score[best]):
+        if len(lrs) > 1 and math.isfinite(score[best]) and not transfer:
             edge = "lowest" if best == lrs[0] else "highest" if best == lrs[-1] else None
         out.setdefault(size, {})[optimizer] = CellSummary(
             size, optimizer, lrs, best, [by_lr[best][s] for s in sorted(by_lr[best])], sorted(common), edge,
-            {lr: score[lr] for lr in lrs})
+            {lr: score[lr] for lr in lrs}, transfer)
     params = {r["size"]: r["num_parameters"] for r in runs if r.get("num_parameters")}
     sizes = sorted(out, key=lambda s: (params.get(s, 0), s))
-    return {s: {o: out[s][o] for o in sorted(out[s], key=optimizer_rank)} for s in sizes}
+    return {s: {o: out[s][o] for o in sorted(out[s], key=edition.optimizer_rank)} for s in sizes}
 
 
 def seeds_run(runs: list[dict], size: str) -> str:
@@ -99,5 +100,9 @@ def seeds_run(runs: list[dict], size: str) -> str:
     every = sorted(seed for seed in {r["seed"] for r in sweep}
                    if all(any(r["seed"] == seed and (r["optimizer"], r["lr"]) == c for r in sweep) for c in cells))
     best = sorted({r["seed"] for r in runs if r["size"] == size and r["stage"] == "best_lr"})
+    transfer = sorted({r["seed"] for r in runs if r["size"] == size and r["stage"] == "transfer"})
+    if transfer and not sweep:
+        rules = sorted({r["lr_rule"] for r in runs if r["size"] == size and r["stage"] == "transfer"})
+        return f"{transfer} at {' and '.join(rules)}"
     text = f"{every} at every lr"
     return text + (f"; {best} at the best lr of seed {every[0] if every else 0}" if best else "")

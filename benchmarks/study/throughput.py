@@ -1,5 +1,6 @@
 """``--mode throughput``: whole training steps and the optimizer step alone, timed for every
-optimizer in one process."""
+optimizer in one process (with ``--compile``, the model compiled as edition 2's runs are; the
+warm-up steps absorb the compilation)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import torch
 
 from magma_ext.demo import Llama, batches, load_corpus
 
-from .definition import Recipe, Size
+from .definition import DEFAULT_MAX_BYTES, Edition, Recipe, Size
 from .environment import command_line, describe_data, environment
 from .optimizers import build, runs_magma_fused
 from .records import RecordWriter, now_utc, throughput_filename
@@ -28,7 +29,7 @@ def state_bytes(optimizer: torch.optim.Optimizer) -> int:
 
 
 def time_window(size: Size, spec: Recipe, device: torch.device, dtype: str, train_data,
-                warmup: int, timed: int) -> dict:
+                warmup: int, timed: int, compile_mode: str = "none", weight_decay: float = 0.1) -> dict:
     """One fresh model and optimizer: ``warmup`` steps, then ``timed`` whole training steps
     (forward, backward, clipping, optimizer) timed together and each optimizer step alone
     (CUDA events on a GPU); the peak memory counts from before the model was built."""
@@ -39,7 +40,9 @@ def time_window(size: Size, spec: Recipe, device: torch.device, dtype: str, trai
         torch.cuda.reset_peak_memory_stats(device)
     torch.manual_seed(0)
     model = Llama(size.model_config()).to(device)
-    optimizer = build(spec, model, spec.lrs[len(spec.lrs) // 2], 0, device)
+    optimizer = build(spec, model, spec.lrs[len(spec.lrs) // 2], 0, device, weight_decay)
+    net = model if compile_mode == "none" else torch.compile(
+        model, mode=None if compile_mode == "default" else compile_mode)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if dtype == "bfloat16" else nullcontext()
     # A few fixed batches already on the device: the step is timed, not the data pipeline.
     data_iter = batches(train_data, size.batch_size, size.seq_len, seed=0, device=device)
@@ -49,7 +52,7 @@ def time_window(size: Size, spec: Recipe, device: torch.device, dtype: str, trai
     def step(i: int, timing: bool) -> None:
         inputs, targets = fixed[i % len(fixed)]
         with autocast:
-            loss = model(inputs, targets)
+            loss = net(inputs, targets)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         if timing and cuda:
@@ -82,18 +85,23 @@ def time_window(size: Size, spec: Recipe, device: torch.device, dtype: str, trai
     result = {"window_s": window, "opt_ms": opt_ms, "state_bytes": state_bytes(optimizer),
               "num_parameters": model.num_parameters(),
               "peak_mem_bytes": torch.cuda.max_memory_allocated(device) if cuda else None}
-    del model, optimizer, fixed
+    del model, net, optimizer, fixed
     return result
 
 
-def run_throughput(args, size: Size, specs: list[Recipe], device: torch.device) -> int:
+def run_throughput(args, edition: Edition, size: Size, specs: list[Recipe], device: torch.device) -> int:
     """Every optimizer's windows in turn, round after round, so that drifts of the machine
-    (clocks, other load) spread over all optimizers instead of favouring one."""
-    train_data, val_data = load_corpus(args.data, max_bytes=args.max_bytes)
+    (clocks, other load) spread over all optimizers instead of favouring one. The data are the
+    demo's (a few fixed batches: their content does not change the time of a step)."""
+    max_bytes = args.max_bytes or DEFAULT_MAX_BYTES
+    train_data, val_data = load_corpus(args.data, max_bytes=max_bytes)
     meta = {"command": command_line(), "date": now_utc(), "mode": "throughput", "quick": args.quick,
-            "env": environment(device), "data": describe_data(args.data, train_data, val_data, args.max_bytes)}
+            "env": environment(device), "data": describe_data(args.data, train_data, val_data, max_bytes)}
+    if edition.number > 1:
+        meta.update(edition=edition.number, compile=args.compile)
     writer = RecordWriter(args.out, args.bundle, meta)
     print(f"throughput: {size.name} model, batch {size.batch_size} x {size.seq_len}, {args.dtype}, "
+          f"compile {args.compile}, "
           f"{args.repeats} rounds of {args.warmup_steps} warm-up + {args.timed_steps} timed steps per optimizer, "
           f"on {meta['env']['device_name']}", flush=True)
     windows: dict[str, list[dict]] = {spec.name: [] for spec in specs}
@@ -104,7 +112,8 @@ def run_throughput(args, size: Size, specs: list[Recipe], device: torch.device) 
                 continue
             try:
                 windows[spec.name].append(time_window(size, spec, device, args.dtype, train_data,
-                                                      args.warmup_steps, args.timed_steps))
+                                                      args.warmup_steps, args.timed_steps, args.compile,
+                                                      edition.weight_decay))
             except Exception as exc:  # noqa: BLE001 -- keep the other rows
                 errors[spec.name] = f"{type(exc).__name__}: {exc}"
                 print(f"{spec.name}: ERROR {errors[spec.name]}", flush=True)
@@ -126,6 +135,8 @@ def run_throughput(args, size: Size, specs: list[Recipe], device: torch.device) 
                   "opt_step_timer": "cuda events" if device.type == "cuda" else "perf_counter",
                   "state_bytes": runs[0]["state_bytes"], "peak_mem_bytes": max(peaks) if peaks else None,
                   "command": meta["command"], "date": now_utc(), "env": meta["env"]}
+        if edition.number > 1:
+            record.update(edition=edition.number, compile=args.compile)
         writer.add("throughput", record, throughput_filename(size.name, spec.name))
         memory = f"  peak {record['peak_mem_bytes'] / 2**20:,.0f} MiB" if record["peak_mem_bytes"] else ""
         print(f"{spec.name:<14} {record['tokens_per_s']:>12,.0f} tok/s  step {record['step_ms']:.2f} ms  "

@@ -11,8 +11,10 @@ packed buffers, padded to the largest rank's count (the padding is counted as se
 rank copies the other ranks' ranges into place. The masked ranges already hold the same values
 on every rank, so the parameters end bit-identical to those of a dense gather.
 
-The layout is computed on the host from the host's step count: no host synchronisation. Pack is
-one ``torch.cat`` of views, unpack one ``torch._foreach_copy_``.
+The layout is computed on the host (numpy, from the host's step count): no host synchronisation.
+Pack is one ``torch.cat`` of views, unpack one ``torch._foreach_copy_``: one view per changed
+range, which suits tensor blocks (tens of ranges per bucket); row and N-element blocks make
+thousands of ranges, whose host cost a device-side pack would avoid (not written yet).
 
 No megatron-core import: the layout functions and :class:`SparseGather` take plain buckets
 (``magma_ext.megatron.optimizer`` builds them from Megatron's), so CPU tests check them.
@@ -23,15 +25,16 @@ from __future__ import annotations
 from collections import defaultdict
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from ..layout import BlockLayout
-from ..philox import keep_mask
+from ..philox import PHILOX_M0, PHILOX_M1, _round_keys, check_seed, keep_threshold
 from ..pieces import Piece
 from ..shards import ParamView
 from .layout import piece_arguments
 
-__all__ = ["BucketTensor", "Bucket", "MaskRule", "changed_ranges", "shard_ranges", "SparseGather", "SyncBytes",
+__all__ = ["BucketTensor", "Bucket", "BlockTable", "MaskRule", "changed_ranges", "shard_ranges", "SparseGather", "SyncBytes",
            "buckets_of_chunks", "layout_record", "buckets_of_record"]
 
 
@@ -101,55 +104,111 @@ def buckets_of_chunks(model_chunks, indices: dict, slices: dict, group_of: dict,
     return buckets, (groups[0] if groups else None)
 
 
+def keep_words(seed: int, tensor_index: np.ndarray, block_index: np.ndarray, step: int) -> np.ndarray:
+    """:func:`magma_ext.philox.philox_first_word` in numpy's uint64 arithmetic, for the host's
+    per-step layouts (tens of times faster than the torch integer ops on a CPU); the same words
+    (tests/test_sparse_gather.py checks it)."""
+    low = np.uint64(0xFFFFFFFF)
+    shift = np.uint64(32)
+    c0 = np.full(tensor_index.shape, step & 0xFFFFFFFF, dtype=np.uint64)
+    c1 = np.full(tensor_index.shape, (step >> 32) & 0xFFFFFFFF, dtype=np.uint64)
+    c2 = block_index.astype(np.uint64) & low
+    c3 = tensor_index.astype(np.uint64) & low
+    m0, m1 = np.uint64(PHILOX_M0), np.uint64(PHILOX_M1)
+    for k0, k1 in _round_keys(check_seed(seed)):
+        p0, p1 = c0 * m0, c2 * m1  # exact: both factors are below 2**32
+        c0, c1, c2, c3 = (p1 >> shift) ^ c1 ^ np.uint64(k0), p1 & low, (p0 >> shift) ^ c3 ^ np.uint64(k1), p0 & low
+    return c0
+
+
+@dataclass(frozen=True)
+class BlockTable:
+    """Every block of a bucket's tensors as flat numpy arrays, built once: a step's changed ranges
+    then take one Philox draw per mask rule for the whole bucket.
+
+    Rows are in bucket order (tensors by start, blocks in order); ``whole`` marks the one row a
+    tensor gets when its rule is not masked (its blocks' rows then do not count).
+    """
+
+    starts: np.ndarray
+    lengths: np.ndarray
+    tensor_index: np.ndarray
+    block_index: np.ndarray
+    rule: np.ndarray
+    whole: np.ndarray  # bool
+    rule_keys: frozenset
+
+    @classmethod
+    def of(cls, tensors: list[BucketTensor]) -> BlockTable:
+        columns = [[], [], [], [], [], []]
+        for t in sorted(tensors, key=lambda t: t.start):
+            if t.layout.numel == 0:
+                continue
+            lengths = t.layout.lengths()
+            starts = [t.start]
+            for length in lengths[:-1]:
+                starts.append(starts[-1] + length)
+            rows = len(lengths) + 1
+            columns[0] += [t.start] + starts
+            columns[1] += [t.layout.numel] + lengths
+            columns[2] += [t.index] * rows
+            columns[3] += [0] + list(range(t.layout.first_block, t.layout.first_block + len(lengths)))
+            columns[4] += [t.rule] * rows
+            columns[5] += [True] + [False] * len(lengths)
+        as_int = [np.array(column, dtype=np.int64) for column in columns[:5]]
+        return cls(*as_int, np.array(columns[5], dtype=bool), frozenset(columns[4]))
+
+    def changed(self, rules: dict, step: int) -> torch.Tensor:
+        """``(k, 2)`` changed element ranges at ``step``, sorted and merged."""
+        if not self.rule_keys <= rules.keys():
+            raise KeyError(f"no mask rule for the tensors of rules {sorted(self.rule_keys - rules.keys())}")
+        take = np.zeros(len(self.starts), dtype=bool)
+        for key, rule in rules.items():
+            rows = self.rule == key
+            if not rule.masked:
+                take |= rows & self.whole
+                continue
+            rows &= ~self.whole
+            if rows.any():
+                words = keep_words(rule.seed, self.tensor_index[rows], self.block_index[rows], step)
+                take[rows] = words < np.uint64(keep_threshold(rule.keep_prob))
+        starts = self.starts[take]
+        return _merge(torch.from_numpy(np.stack([starts, starts + self.lengths[take]], axis=1)))
+
+
 def changed_ranges(tensors: list[BucketTensor], rules: dict, step: int) -> torch.Tensor:
     """``(k, 2)`` int64 ``[start, stop)`` element ranges of a bucket that change at ``step``
     (sorted, adjacent ranges merged): every element of a tensor whose rule is not masked, the
     kept blocks' elements of the others. Elements outside every tensor (padding) never change."""
-    pieces = []
-    for t in tensors:
-        rule = rules[t.rule]
-        n = t.layout.numel
-        if n == 0:
-            continue
-        if not rule.masked:
-            pieces.append(torch.tensor([[t.start, t.start + n]], dtype=torch.int64))
-            continue
-        lengths = torch.tensor(t.layout.lengths(), dtype=torch.int64)
-        blocks = t.layout.first_block + torch.arange(len(lengths), dtype=torch.int64)
-        kept = keep_mask(rule.seed, torch.full_like(blocks, t.index), blocks,
-                         torch.full_like(blocks, step), rule.keep_prob)
-        ends = t.start + torch.cumsum(lengths, 0)
-        starts = ends - lengths
-        pieces.append(torch.stack([starts[kept], ends[kept]], dim=1))
-    if not pieces:
-        return torch.zeros((0, 2), dtype=torch.int64)
-    ranges = torch.cat(pieces)
-    ranges = ranges[torch.argsort(ranges[:, 0], stable=True)]
-    return _merge(ranges)
+    return BlockTable.of(tensors).changed(rules, step)
 
 
 def _merge(ranges: torch.Tensor) -> torch.Tensor:
     """Merge sorted ranges that touch or overlap."""
     if len(ranges) <= 1:
         return ranges
-    running_end = torch.cummax(ranges[:, 1], 0).values
-    new = torch.ones(len(ranges), dtype=torch.bool)
-    new[1:] = ranges[1:, 0] > running_end[:-1]
-    group = torch.cumsum(new.to(torch.int64), 0) - 1
-    starts = ranges[new, 0]
-    ends = torch.zeros(len(starts), dtype=torch.int64).scatter_reduce_(0, group, ranges[:, 1], "amax")
-    return torch.stack([starts, ends], dim=1)
+    r = ranges.numpy()
+    running_end = np.maximum.accumulate(r[:, 1])
+    new = np.ones(len(r), dtype=bool)
+    new[1:] = r[1:, 0] > running_end[:-1]
+    firsts = np.flatnonzero(new)
+    ends = np.maximum.reduceat(r[:, 1], firsts)
+    return torch.from_numpy(np.stack([r[firsts, 0], ends], axis=1))
 
 
 def shard_ranges(ranges: torch.Tensor, numel: int, size: int) -> list[torch.Tensor]:
-    """``ranges`` of a bucket of ``numel`` elements cut at the shard boundaries of ``size`` ranks:
-    per rank, ``(k_r, 2)`` ranges in that rank's shard coordinates."""
+    """``ranges`` (sorted and disjoint, as :func:`changed_ranges` gives them) of a bucket of
+    ``numel`` elements cut at the shard boundaries of ``size`` ranks: per rank, ``(k_r, 2)``
+    ranges in that rank's shard coordinates."""
     shard = numel // size
+    r = ranges.numpy()
     out = []
-    for r in range(size):
-        lo, hi = r * shard, (r + 1) * shard
-        clipped = torch.stack([ranges[:, 0].clamp(lo, hi), ranges[:, 1].clamp(lo, hi)], dim=1) - lo
-        out.append(clipped[clipped[:, 1] > clipped[:, 0]])
+    for rank in range(size):
+        lo, hi = rank * shard, (rank + 1) * shard
+        # ranges are sorted and disjoint: the ones that overlap [lo, hi) are one run of them
+        first, last = np.searchsorted(r[:, 1], lo, side="right"), np.searchsorted(r[:, 0], hi, side="left")
+        clipped = np.clip(r[first:last], lo, hi) - lo
+        out.append(torch.from_numpy(np.ascontiguousarray(clipped[clipped[:, 1] > clipped[:, 0]])))
     return out
 
 
@@ -184,14 +243,15 @@ class SparseGather:
             if bucket.param_data.numel() % size:
                 raise ValueError(f"a bucket of {bucket.param_data.numel()} elements does not split into {size} shards")
         self.buckets = buckets
+        self.tables = [BlockTable.of(bucket.tensors) for bucket in buckets]
         self.group = group
         self.rank = rank
         self.size = size
 
     def layout(self, rules: dict, step: int) -> list[list[torch.Tensor]]:
         """Per bucket, per rank, its changed ranges (shard coordinates) at ``step``."""
-        return [shard_ranges(changed_ranges(b.tensors, rules, step), b.param_data.numel(), self.size)
-                for b in self.buckets]
+        return [shard_ranges(table.changed(rules, step), b.param_data.numel(), self.size)
+                for b, table in zip(self.buckets, self.tables)]
 
     def sync(self, rules: dict, step: int) -> SyncBytes:
         """COLLECTIVE: gather the changed ranges of every rank's shard into every rank's buckets."""
