@@ -43,12 +43,10 @@ from . import report  # noqa: E402
 from .definition import DEFAULT_EDITION, EDITIONS, THROUGHPUT_DEFAULTS, edition as edition_by_number  # noqa: E402
 from .definition import summary_line  # noqa: E402
 from .plan import assign_shards, make_cells, plan_lines  # noqa: E402
-from .records import load_finished  # noqa: E402
+from .records import edition_of, load_finished, load_study  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 RESULTS = REPO / "benchmarks" / "results"
-DEFAULT_OUT = RESULTS / "convergence"  # edition 1's; an edition's own is RESULTS / edition.results
-DEFAULT_PAGE = RESULTS / "convergence.md"
 COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune")
 
 
@@ -117,7 +115,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         _list(args.optimizers) or list(edition.optimizers))
     unknown = [n for n in names if n not in edition.optimizers]
     if unknown:
-        p.error(f"unknown optimizer(s) {unknown} in edition {edition.number}; choose from {', '.join(edition.optimizers)}")
+        p.error(f"unknown optimizer(s) {unknown} in edition {edition.number}; "
+                f"choose from {', '.join(edition.optimizers)}")
     args.optimizer_names = names
     args.size_names = _list(args.sizes)
     if args.size_names and not set(args.size_names) <= set(edition.sizes):
@@ -157,10 +156,14 @@ def report_main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     p = argparse.ArgumentParser(prog="convergence.py report", description=report.__doc__.split("\n\n")[0])
     p.add_argument("--inputs", nargs="+", required=True, help="JSON records, bundles or folders of them")
-    p.add_argument("--page", default=str(DEFAULT_PAGE), help="the Markdown page to write")
+    p.add_argument("--page", default=None, help="the Markdown page to write (default: the edition's, "
+                                                "benchmarks/results/convergence.md or convergence2.md)")
     p.add_argument("--plots-dir", default=None, help="where the PNGs go (default: beside the page, "
                                                      "in a folder named after it)")
     args = p.parse_args(argv)
+    if args.page is None:
+        study = load_study(args.inputs)
+        args.page = str(RESULTS / f"{edition_by_number(edition_of(study.metas, study.runs)).results}.md")
     page = Path(args.page)
     plots_dir = Path(args.plots_dir) if args.plots_dir else page.with_suffix("")
     study = report.write_report(args.inputs, page, plots_dir, argv)
@@ -203,8 +206,9 @@ def corpus_note(edition, cells, data: str | None, extra_roots: list[str]) -> lis
     total = corpus_lib.scan_bytes(files)
     largest = max((c.size for c in cells), key=lambda s: s.training_bytes_needed)
     usable = int(total * (1 - corpus_lib.VAL_FRACTION))
-    verdict = ("enough, unless de-duplication removes more than the difference" if usable >= largest.training_bytes_needed
-               else f"NOT ENOUGH: {largest.training_bytes_needed - usable:,} bytes short even before de-duplication")
+    short = largest.training_bytes_needed - usable
+    verdict = ("enough, unless de-duplication removes more than the difference" if short <= 0
+               else f"NOT ENOUGH: {short:,} bytes short even before de-duplication")
     return [f"corpus on this machine: {len(files):,} files, {total:,} bytes before de-duplication, about {usable:,} "
             f"for training ({source}); the largest planned run (size {largest.name}) needs "
             f"{largest.training_bytes_needed:,} training bytes: {verdict}. A sweep builds and checks the corpus "

@@ -4,9 +4,10 @@ The GPU machines reach no registry, so the corpus is what the installed Python a
 every ``*.py``, ``*.h``, ``*.rst`` and ``*.txt`` file under its standard library and its
 site-packages (:func:`python_roots`) and under any folders added with ``--corpus-add`` (say
 ``/usr/include`` or the CUDA toolkit's headers, where the Python tree alone is too small), or,
-with ``--data``, a file or every regular file under a folder. The files are read in the order of their sorted absolute paths and concatenated; a file
-whose bytes equal an earlier file's is dropped (site-packages hold many copies of the same
-licence or vendored module), and so are empty ones.
+with ``--data``, a file or every regular file under a folder. The files are read in the order
+of their sorted absolute paths and concatenated; a file whose bytes equal an earlier file's is
+dropped (site-packages hold many copies of the same licence or vendored module), and so are
+empty ones.
 
 The stream is cut into equal chunks (at least :data:`MIN_CHUNKS`, at most :data:`CHUNK_BYTES`
 each); every ``1 / val_fraction``-th chunk, starting in the middle of the first stride, is

@@ -122,7 +122,8 @@ def run_speed_table(study: Study, edition: Edition) -> list[str]:
         return []
     lines = ["Training speed of the runs themselves (tokens/s of one run, evaluations and its first "
              "steps excluded; runs that shared a GPU each count their own share):", "",
-             f"| size | optimizer | runs | side by side | device | tokens/s per run: mean [min, max] | vs {edition.reference} |",
+             "| size | optimizer | runs | side by side | device | tokens/s per run: mean [min, max] "
+             f"| vs {edition.reference} |",
              "|---|---|---:|---|---|---|---:|"]
     for size in sorted({r["size"] for r in runs}, key=lambda s: min(r["num_parameters"] for r in runs
                                                                     if r["size"] == s)):

@@ -98,6 +98,20 @@ def make_cells(edition: Edition, *, quick: bool = False, tiers: list[int] | None
     return cells
 
 
+def same_budget(records: list[dict], edition: Edition, *, quick: bool = False,
+                steps: int | None = None) -> tuple[list[dict], list[dict]]:
+    """(the records whose steps, batch and sequence length are their size's in this plan, the
+    others): a pilot's records (``--steps``) must not stand in for the study's runs."""
+    table = edition.quick_sizes if quick else edition.sizes
+    budgets = {s.name: (steps or s.steps, s.batch_size, s.seq_len) for s in table.values()}
+    keep, drop = [], []
+    for r in records:
+        budget = budgets.get(r["size"])
+        (keep if budget is None or budget == (r.get("steps"), r.get("batch_size"), r.get("seq_len"))
+         else drop).append(r)
+    return keep, drop
+
+
 def assign_shards(cells: list[Cell], num_shards: int) -> list[list[Cell]]:
     """Cells to shards, longest first onto the least loaded shard (deterministic)."""
     shards: list[list[Cell]] = [[] for _ in range(num_shards)]
@@ -196,7 +210,7 @@ def machine_line(gpu_s: float, gpus: int) -> str:
     machine_s = gpu_s / gpus
     calls = math.ceil(machine_s / DEVICE_CALL_S) if machine_s else 0
     return (f"on {gpus} GPU{'s' * (gpus > 1)} about {machine_s / 60:.0f} min of machine time "
-            f"({calls} calls of up to {DEVICE_CALL_S // 60} min)")
+            f"({calls} call{'s' * (calls != 1)} of up to {DEVICE_CALL_S // 60} min)")
 
 
 def plan_lines(edition: Edition, shards: list[list[Cell]], finished: list[dict], *, gpus: int = 2,
@@ -224,20 +238,23 @@ def plan_lines(edition: Edition, shards: list[list[Cell]], finished: list[dict],
         params = Llama(size.model_config()).num_parameters()
         lines.append(f"size {size.name}: {params / 1e6:.2f}M parameters (dim {size.dim} x {size.layers} layers x "
                      f"{size.heads} heads), {size.steps:,} steps x {size.batch_size} x {size.seq_len} = "
-                     f"{_fmt_tokens(size.tokens)} tokens per run ({size.tokens / params:.1f} per parameter); "
+                     f"{_fmt_tokens(size.tokens)} tokens per run ({size.tokens / params:.3g} per parameter); "
                      f"evaluation every {size.eval_every} steps on {size.eval_batches} batches, the final one on "
                      f"{size.final_eval_batches or size.eval_batches}")
         if size.tokens_per_s:
             memory = memory_estimate_bytes(size, params, size.training_bytes_needed)
             k = size.side_by_side
-            lines.append(f"  side by side: {k} run{'s' * (k > 1)} per GPU planned ({'measured' if measured else 'placeholder'}, "
-                         f"definition.SIDE_BY_SIDE); about {GPU_MEMORY_BYTES // memory} fit in "
-                         f"{GPU_MEMORY_BYTES / 2**30:.0f} GiB by a memory estimate of {memory / 2**30:.1f} GiB per run "
-                         f"(the corpus on the GPU included); a run takes about {size.wall_s(1) / 60:.1f} min alone on "
-                         f"a GPU" + (f", {size.wall_s(k) / 60:.1f} min with {k} side by side" if k > 1 else "")
-                         + ("" if size.wall_s(k) <= DEVICE_CALL_S else
-                            ": longer than one device call, so it goes on from its checkpoint in the next "
-                            "call on the same machine"))
+            fits = GPU_MEMORY_BYTES // memory
+            wall = f"a run takes about {size.wall_s(1) / 60:.1f} min alone on a GPU"
+            if k > 1:
+                wall += f", {size.wall_s(k) / 60:.1f} min with {k} side by side"
+            if size.wall_s(k) > DEVICE_CALL_S:
+                wall += (": longer than one device call, so it goes on from its checkpoint in the next call on "
+                         "the same machine")
+            lines.append(f"  side by side: {k} run{'s' * (k > 1)} per GPU planned "
+                         f"({'measured' if measured else 'placeholder'}, definition.SIDE_BY_SIDE); about {fits} fit "
+                         f"in {GPU_MEMORY_BYTES / 2**30:.0f} GiB by a memory estimate of {memory / 2**30:.1f} GiB per "
+                         f"run (the corpus on the GPU included); {wall}")
     lines += corpus_note or []
 
     total_runs, total_tokens, total_s = 0, 0, 0.0
@@ -253,19 +270,22 @@ def plan_lines(edition: Edition, shards: list[list[Cell]], finished: list[dict],
             lines.append(f"  {'run':<40} {'stage':<8} {'lr':<22} {'tokens':>8} {'est. min':>8}")
             seconds, tokens = 0.0, 0
             for run in runs:
-                size = by_cell[(run.size, run.optimizer)].size
+                cell = by_cell[(run.size, run.optimizer)]
+                size = cell.size
                 s = size.estimate_s(run.optimizer)
                 seconds += s
                 tokens += size.tokens
                 lr = (f"{run.lr:g}" if run.lr is not None else
                       "best lr of the sweep" if run.stage == "best_lr" else run.rule)
+                known, _ = resolve_lr(run, cell, finished) if run.lr is None else (None, "")
+                lr += f" = {known:g}" if known is not None else ""
                 lines.append(f"  {run.run_id:<40} {run.stage:<8} {lr:<22} {_fmt_tokens(size.tokens):>8} "
                              f"{s / 60:>8.2f}")
             unit = "GPU-min" if gpu_estimates else "min"
             lines.append(f"  tier {number}: {len(runs)} runs, {_fmt_tokens(tokens)} tokens, {seconds / 60:.1f} {unit}"
                          + (f"; {machine_line(seconds, gpus)}" if gpu_estimates else ""))
             total_runs, total_tokens, total_s = total_runs + len(runs), total_tokens + tokens, total_s + seconds
-    overhead = INVOCATION_OVERHEAD_S * len(shards)
+    overhead = INVOCATION_OVERHEAD_S * len(shards) if total_runs else 0.0
     lines.append(f"total: {total_runs} runs, {_fmt_tokens(total_tokens)} tokens, "
                  f"{(total_s + overhead) / 60:.1f} {'GPU-min' if gpu_estimates else 'min'}"
                  + (f"; {machine_line(total_s + overhead, gpus)}" if gpu_estimates else

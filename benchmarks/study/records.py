@@ -164,7 +164,8 @@ def json_files(paths: list[str]) -> list[Path]:
 def load_study(paths: list[str]) -> Study:
     """Bundles, single records and folders of them (searched recursively) as one study. A run
     found twice (in a folder and in a bundle) counts once, a finished copy over a failed one;
-    a skipped run that another input finished is no longer skipped."""
+    a skipped run that another input finished is no longer skipped (a best-lr or transfer run
+    by its rule's id too)."""
     runs, throughput, study = {}, {}, Study()
     for path in json_files(paths):
         try:
@@ -192,7 +193,8 @@ def load_study(paths: list[str]) -> Study:
                 throughput[(r["size"], r["optimizer"], r.get("date"))] = r
     study.runs = list(runs.values())
     study.throughput = list(throughput.values())
-    done = set(runs)
+    done = set(runs) | {run_id(r["size"], r["optimizer"], None, r["seed"], r.get("lr_rule") or "best")
+                        for r in study.runs if r["stage"] != "sweep"}  # skipped before their lr was known
     study.skipped = [s for s in study.skipped if s["id"] not in done]
     return study
 

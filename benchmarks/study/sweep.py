@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -33,7 +34,7 @@ from . import corpus as corpus_lib
 from .definition import MUON_ADAMW_LR_RATIO, Edition, Recipe, Size, edition as edition_by_number
 from .environment import command_line, describe_data, environment
 from .optimizers import runs_magma_fused
-from .plan import (Cell, RunSpec, assign_shards, make_cells, not_finished, resolve_lr, shard_runs, waits_for)
+from .plan import Cell, RunSpec, assign_shards, not_finished, resolve_lr, same_budget, shard_runs, waits_for
 from .records import RecordWriter, curve, load_finished, now_utc, write_json
 from .trainer import Diverged, RunJob, load_split, train_run
 
@@ -217,7 +218,10 @@ def run_sweep(args, edition: Edition, cells: list[Cell], device: torch.device, s
     """Run this invocation's shard, less what ``--resume`` finished; ``started`` (monotonic
     seconds) is when the process started, for ``--time-budget-s``."""
     shard = assign_shards(cells, args.num_shards)[args.shard - 1]
-    finished = load_finished(args.resume)
+    finished, other = same_budget(load_finished(args.resume), edition, quick=args.quick, steps=args.steps)
+    if other:
+        print(f"warning: {len(other)} --resume records have another budget (steps, batch, seq_len) than this "
+              f"plan's and are left out, e.g. {other[0]['id']} ({other[0]['steps']} steps)", flush=True)
     runs = not_finished(shard_runs(shard), finished)
     cell_of = {(c.size.name, c.spec.name): c for c in shard}
     work_dir = default_work_dir(edition.number)
@@ -293,7 +297,7 @@ def run_sweep(args, edition: Edition, cells: list[Cell], device: torch.device, s
                         f"> {args.time_budget_s:.0f} s"), None
             return None, None
         usable = left - STOP_MARGIN_S
-        expected = size.estimate_s(run.optimizer) * (size.side_by_side if device.type == "cuda" else 1)
+        expected = size.wall_s(args.parallel) if size.tokens_per_s else size.estimate_s(run.optimizer)
         if usable < MIN_LAUNCH_S or (args.finish_only and expected > usable):
             return f"time budget: {usable:.0f} s usable, the run needs about {expected:.0f} s", None
         return None, time.time() + usable
@@ -355,36 +359,43 @@ def run_sweep(args, edition: Edition, cells: list[Cell], device: torch.device, s
         if record["status"] == "error" and item.log_path is not None:
             print(item.log_path.read_text()[-3000:], flush=True)
 
-    while pending or running:
-        for slot_index, slot in enumerate(slots):
-            if slot_index in running:
-                continue
-            for run in list(pending):
-                state = readiness(run)
-                if state[0] == "wait":
+    try:
+        while pending or running:
+            for slot_index, slot in enumerate(slots):
+                if slot_index in running:
                     continue
-                pending.remove(run)
-                if state[0] == "skip":
-                    skip(run, state[1])
-                    continue
-                reason, _ = budget_reason(run, cell_of[(run.size, run.optimizer)].size)
-                if reason:
-                    skip(run, reason)
-                    continue
-                running[slot_index] = launch(run, state[1], state[2], slot)
+                for run in list(pending):
+                    state = readiness(run)
+                    if state[0] == "wait":
+                        continue
+                    pending.remove(run)
+                    if state[0] == "skip":
+                        skip(run, state[1])
+                        continue
+                    reason, _ = budget_reason(run, cell_of[(run.size, run.optimizer)].size)
+                    if reason:
+                        skip(run, reason)
+                        continue
+                    running[slot_index] = launch(run, state[1], state[2], slot)
+                    break
+            if not running:
+                for run in pending:  # nothing runs, so nothing they wait for can finish here
+                    skip(run, "waits for runs that did not finish in this invocation")
                 break
-        if not running:
-            for run in pending:  # nothing runs, so nothing they wait for can finish here
-                skip(run, "waits for runs that did not finish in this invocation")
-            break
-        while True:
-            done = {i: item for i, item in running.items() if item.poll() is not None}
-            if done:
-                break
-            time.sleep(POLL_S)
-        for slot_index, item in done.items():
-            del running[slot_index]
-            land(item)
+            while True:
+                done = {i: item for i, item in running.items() if item.poll() is not None}
+                if done:
+                    break
+                time.sleep(POLL_S)
+            for slot_index, item in done.items():
+                del running[slot_index]
+                land(item)
+    finally:  # interrupted: end the workers this invocation started (their checkpoints stay)
+        for item in running.values():
+            if item.process is not None and item.process.poll() is None:
+                item.process.terminate()
+    if jobs_dir is not None and not failures:  # the workers' logs stay where a run failed
+        shutil.rmtree(jobs_dir, ignore_errors=True)
 
     summary = f"done: {len(writer.contents['runs'])} runs, {len(writer.contents['skipped'])} skipped, {failures} errors"
     if first_launch is not None and edition.harness != "demo":

@@ -41,6 +41,8 @@ def time_window(size: Size, spec: Recipe, device: torch.device, dtype: str, trai
     torch.manual_seed(0)
     model = Llama(size.model_config()).to(device)
     optimizer = build(spec, model, spec.lrs[len(spec.lrs) // 2], 0, device, weight_decay)
+    if compile_mode != "none":
+        torch._dynamo.reset()  # a fresh model per window: keep recompilations under dynamo's limit
     net = model if compile_mode == "none" else torch.compile(
         model, mode=None if compile_mode == "default" else compile_mode)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if dtype == "bfloat16" else nullcontext()

@@ -181,7 +181,8 @@ def train_run(job: RunJob, recipe: Recipe, train_data: torch.Tensor, val_data: t
             log(f"{job.run_id}: the checkpoint {ckpt_path} is of another set-up; starting afresh")
     timing = Timing(saved_timing)
 
-    net = model if job.compile == "none" else torch.compile(model, mode=None if job.compile == "default" else job.compile)
+    net = model if job.compile == "none" else torch.compile(
+        model, mode=None if job.compile == "default" else job.compile)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if job.dtype == "bfloat16" else nullcontext()
     windows = (len(train_data) - 1) // seq
     if windows < steps * batch:
@@ -280,12 +281,12 @@ def train_run(job: RunJob, recipe: Recipe, train_data: torch.Tensor, val_data: t
     if stopped_at is not None:
         return result
     tokens_per_step = batch * seq
-    ms_per_step = 1000 * timing.train_s / timing.timed_steps if timing.timed_steps else math.nan
+    ms_per_step = 1000 * timing.train_s / timing.timed_steps if timing.timed_steps else None
     tail = losses[-max(10, steps // max(1, size.train_points)):]
     result.update({
         "final_train_loss": sum(tail) / len(tail), "final_val_loss": val_curve[-1][1],
         "final_val_ppl": math.exp(val_curve[-1][1]), "ms_per_step": ms_per_step,
-        "tokens_per_s": tokens_per_step * 1000 / ms_per_step if timing.timed_steps else None,
+        "tokens_per_s": tokens_per_step * 1000 / ms_per_step if ms_per_step else None,
         "train_loss": _curve(losses, size.train_points), "val_loss": val_curve,
     })
     if ckpt_path is not None:
