@@ -54,7 +54,7 @@ def as_mask(ranges: torch.Tensor, numel: int) -> torch.Tensor:
     return mask
 
 
-def sync_body(rank, size, seed, steps):
+def sync_body(rank, size, seed, steps, max_views=None):
     """Every rank starts from the same buckets; each step every rank changes the changed elements
     of its own shard, then syncs sparsely; a dense all-gather of the same shards is the oracle."""
     import torch.distributed as dist
@@ -68,6 +68,8 @@ def sync_body(rank, size, seed, steps):
                for (tensors, numel), dtype in zip(layouts, dtypes)]
     dense = [b.param_data.clone() for b in buckets]
     gather = SparseGather(buckets, dist.group.WORLD, rank, size)
+    if max_views is not None:  # 0: every shard by element positions
+        gather.max_views = max_views
     moved = []
     for step in range(1, steps + 1):
         for bucket, reference in zip(buckets, dense):

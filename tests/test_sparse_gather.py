@@ -30,9 +30,10 @@ def test_the_compact_layout_matches_brute_force(size):
             assert torch.equal(as_mask(local, shard), expected[r * shard:(r + 1) * shard]), (case, r)
 
 
+@pytest.mark.parametrize("max_views", [None, 0], ids=["views", "positions"])
 @pytest.mark.parametrize("size, seed", [(2, 1), (3, 2), (4, 3), (4, 4)])
-def test_the_sparse_sync_leaves_every_rank_bit_identical_to_a_dense_gather(size, seed):
-    results = run_ranks(size, sync_body, size, seed, 6)
+def test_the_sparse_sync_leaves_every_rank_bit_identical_to_a_dense_gather(size, seed, max_views):
+    results = run_ranks(size, sync_body, size, seed, 6, max_views)
     assert all(r == results[0] for r in results)  # every rank counts the same bytes
     for sent, received, dense_sent, dense_received in results[0]:
         assert received == (size - 1) * sent and dense_received == (size - 1) * dense_sent

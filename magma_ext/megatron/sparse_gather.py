@@ -12,9 +12,10 @@ rank copies the other ranks' ranges into place. The masked ranges already hold t
 on every rank, so the parameters end bit-identical to those of a dense gather.
 
 The layout is computed on the host (numpy, from the host's step count): no host synchronisation.
-Pack is one ``torch.cat`` of views, unpack one ``torch._foreach_copy_``: one view per changed
-range, which suits tensor blocks (tens of ranges per bucket); row and N-element blocks make
-thousands of ranges, whose host cost a device-side pack would avoid (not written yet).
+Few ranges (tensor blocks) are packed with one ``torch.cat`` of views and unpacked with one
+``torch._foreach_copy_``; many (row and N-element blocks) by element positions built on the
+device from the ranges (``repeat_interleave`` with a host-known size, ``index_select``,
+``index_copy_``), which costs 8 bytes of positions per moved element.
 
 No megatron-core import: the layout functions and :class:`SparseGather` take plain buckets
 (``magma_ext.megatron.optimizer`` builds them from Megatron's), so CPU tests check them.
@@ -236,7 +237,14 @@ class SyncBytes:
 
 
 class SparseGather:
-    """The sparse parameter sync of a data-parallel group's buckets."""
+    """The sparse parameter sync of a data-parallel group's buckets.
+
+    A shard's ranges are packed and unpacked as views (one ``torch.cat``, one
+    ``torch._foreach_copy_``) when they are few (tensor blocks), else by element positions built
+    on the device (``index_select`` / ``index_copy_``; row and N-element blocks).
+    """
+
+    max_views = 256  # a shard with more ranges than this is gathered by element positions
 
     def __init__(self, buckets: list[Bucket], group, rank: int, size: int):
         for bucket in buckets:
@@ -272,29 +280,54 @@ class SparseGather:
                                dense * item, (self.size - 1) * dense * item)
             if width == 0:
                 continue
-            mine = [shard[a:b] for bucket, ranks in members
-                    for shard in (self._shard(bucket, self.rank),) for a, b in ranks[self.rank].tolist()]
             device = members[0][0].param_data.device
-            padding = width - counts[self.rank]
-            if padding:
-                mine.append(torch.zeros(padding, dtype=dtype, device=device))
-            packed = torch.cat(mine) if mine else torch.zeros(width, dtype=dtype, device=device)
+            parts = [self._take(self._shard(bucket, self.rank), ranks[self.rank]) for bucket, ranks in members]
+            if width > counts[self.rank]:
+                parts.append(torch.zeros(width - counts[self.rank], dtype=dtype, device=device))
+            packed = torch.cat(parts)
             gathered = torch.empty(self.size * width, dtype=dtype, device=device)
             dist.all_gather_into_tensor(gathered, packed, group=self.group)
-            destinations, sources = [], []
             for r in range(self.size):
-                if r == self.rank:
-                    continue
-                position = r * width
-                for bucket, ranks in members:
-                    shard = self._shard(bucket, r)
-                    for a, b in ranks[r].tolist():
-                        destinations.append(shard[a:b])
-                        sources.append(gathered[position:position + b - a])
-                        position += b - a
+                if r != self.rank:
+                    position = r * width
+                    for bucket, ranks in members:
+                        count = int((ranks[r][:, 1] - ranks[r][:, 0]).sum())
+                        self._put(self._shard(bucket, r), ranks[r], gathered[position:position + count])
+                        position += count
+        return total
+
+    def _take(self, shard: torch.Tensor, ranges: torch.Tensor) -> torch.Tensor:
+        """The elements of ``ranges`` of ``shard``, in order, as one tensor."""
+        if len(ranges) <= self.max_views:
+            views = [shard[a:b] for a, b in ranges.tolist()]
+            return torch.cat(views) if views else shard[:0]
+        return shard.index_select(0, self._positions(ranges, shard.device))
+
+    def _put(self, shard: torch.Tensor, ranges: torch.Tensor, values: torch.Tensor) -> None:
+        """Write ``values`` into the elements of ``ranges`` of ``shard``, in order."""
+        if len(ranges) <= self.max_views:
+            destinations, sources, position = [], [], 0
+            for a, b in ranges.tolist():
+                destinations.append(shard[a:b])
+                sources.append(values[position:position + b - a])
+                position += b - a
             if destinations:
                 torch._foreach_copy_(destinations, sources)
-        return total
+            return
+        shard.index_copy_(0, self._positions(ranges, shard.device), values)
+
+    @staticmethod
+    def _positions(ranges: torch.Tensor, device) -> torch.Tensor:
+        """The element positions of ``ranges``, built on ``device`` from the ranges alone (their
+        count is known on the host, so nothing waits for the device)."""
+        lengths = ranges[:, 1] - ranges[:, 0]
+        total = int(lengths.sum())
+        table = ranges[:, 0] - (torch.cumsum(lengths, 0) - lengths)  # first position minus packed offset
+        if device.type == "cuda":
+            table, lengths = table.pin_memory(), lengths.pin_memory()
+        table = table.to(device, non_blocking=True)
+        lengths = lengths.to(device, non_blocking=True)
+        return torch.repeat_interleave(table, lengths, output_size=total) + torch.arange(total, device=device)
 
     def dense_bytes(self) -> SyncBytes:
         """What a dense all-gather of these buckets moves per rank."""
