@@ -138,3 +138,70 @@ def check_tp_dp_run(results, tp_size, device="cpu"):
                     assert_scaled_close(entry["scores"], final_scores[index], f"{combo}: scores of {index}")
                 assert torch.equal(run["reinstalled"][index]["scores"], entry["scores"])
             assert run["missing"] == []
+
+
+class FakeFloat16Wrapper:
+    """Stands in for Megatron's Float16Optimizer/FP32Optimizer: checkpoints the inner optimizer's
+    state dict under "optimizer" and loads it back."""
+
+    def __init__(self, optimizer):
+        self.optimizer = optimizer
+
+    def state_dict(self):
+        return {"optimizer": self.optimizer.state_dict()}
+
+    def load_state_dict(self, state_dict):
+        self.optimizer.load_state_dict(state_dict["optimizer"])
+
+
+def checkpoint_body(rank, world_size):
+    """Scores through a wrapper's checkpoint on DP-sharded pieces: saved without the per-tensor
+    Magma state, resumed into a fresh optimizer that then steps exactly as the original."""
+    import warnings
+
+    from magma_ext.megatron.scores import MAGMA_STATE_KEYS, SCORES_KEY, CarriesMagmaScores
+
+    class Wrapped(CarriesMagmaScores, FakeFloat16Wrapper):
+        pass
+
+    def build(block):
+        held = []
+        for index, tensor in enumerate(logical_params()):
+            start, stop = dp_range(tensor.numel(), rank, world_size, index)
+            shard = torch.nn.Parameter(tensor.reshape(-1)[start:stop].clone())
+            declare_piece(shard, index=index, offset=start, shape=tuple(tensor.shape), group=dist.group.WORLD)
+            held.append((start, stop, shard))
+        return held, Wrapped(Magma([h[-1] for h in held], block=block, process_group=dist.group.WORLD, **OPTIONS))
+
+    def step(held, wrapper, at):
+        for (start, stop, shard), grad in zip(held, logical_grads(at)):
+            shard.grad = grad.reshape(-1)[start:stop].clone()
+        wrapper.optimizer.step()
+
+    held, wrapper = build("row")
+    for at in range(4):
+        step(held, wrapper, at)
+    saved = wrapper.state_dict()
+    stripped = all(not set(entry) & set(MAGMA_STATE_KEYS) for entry in saved["optimizer"]["state"].values())
+    fresh, resumed = build("row")
+    for (_, _, a), (_, _, b) in zip(held, fresh):
+        b.data.copy_(a.data)
+    resumed.load_state_dict(saved)
+    scores_equal = all(torch.equal(wrapper.optimizer.state[a]["magma_score"], resumed.optimizer.state[b]["magma_score"])
+                       for (_, _, a), (_, _, b) in zip(held, fresh))
+    for at in range(4, 8):
+        step(held, wrapper, at)
+        step(fresh, resumed, at)
+    same_run = all(torch.equal(a, b) for (_, _, a), (_, _, b) in zip(held, fresh))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        build("row")[1].load_state_dict({k: v for k, v in saved.items() if k != SCORES_KEY})
+    other = build("tensor")[1].optimizer
+    other.init_state()
+    try:
+        install_block_scores(other, saved[SCORES_KEY])  # row-block scores for tensor blocks
+        mismatch = None
+    except ValueError as error:
+        mismatch = str(error)
+    return dict(stripped=stripped, has_scores=SCORES_KEY in saved, scores_equal=scores_equal, same_run=same_run,
+                warned=[str(w.message) for w in caught], mismatch=mismatch)

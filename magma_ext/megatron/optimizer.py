@@ -9,8 +9,6 @@ masks and scores are those of one process on every TP/DP layout.
 
 from __future__ import annotations
 
-import warnings
-
 import torch
 from megatron.core import parallel_state
 from megatron.core.optimizer import (
@@ -28,7 +26,7 @@ from megatron.core.process_groups_config import ProcessGroupCollection
 from ..optimizer import Magma
 from ..pieces import declare_piece
 from .layout import TensorParallelSlice, is_paper_masked, piece_arguments, stable_name
-from .scores import SCORES_KEY, gather_block_scores, install_block_scores, without_magma_state
+from .scores import CarriesMagmaScores, ShardStateFilter
 from .sparse_gather import MaskRule, SparseGather, SyncBytes, buckets_of_chunks, layout_record
 
 __all__ = ["get_megatron_magma_optimizer", "magma_optimizers", "param_sync_bytes", "param_layout_record"]
@@ -310,41 +308,6 @@ def _held_tensors(wrapper):
 # ---------------------------------------------------------------------------- checkpoints
 
 
-class _CarriesMagmaScores:
-    """Megatron's wrapper, with Magma's scores kept out of the per-tensor state it checkpoints
-    and carried in the ``"magma_scores"`` entry instead (``magma_ext.megatron.scores``).
-
-    ``state_dict()``/``sharded_state_dict()`` gather the scores from every rank: call them on
-    every rank, as Megatron's checkpointing does.
-    """
-
-    def state_dict(self, *args, **kwargs):
-        _record_steps_in_groups(self.optimizer)
-        packed = super().state_dict(*args, **kwargs)
-        inner = packed.get("optimizer", packed)
-        if isinstance(inner, dict) and isinstance(inner.get("state"), dict):
-            stripped = without_magma_state(inner)
-            packed = {**packed, "optimizer": stripped} if "optimizer" in packed else stripped
-        packed[SCORES_KEY] = gather_block_scores(self.optimizer)
-        return packed
-
-    def sharded_state_dict(self, model_sharded_state_dict, is_loading: bool = False, **kwargs):
-        if is_loading:
-            self.optimizer.init_state()
-        return super().sharded_state_dict(model_sharded_state_dict, is_loading=is_loading, **kwargs)
-
-    def load_state_dict(self, state_dict):
-        state_dict = dict(state_dict)
-        scores = state_dict.pop(SCORES_KEY, None)
-        super().load_state_dict(state_dict)
-        missing = install_block_scores(self.optimizer, scores or {})
-        if missing:
-            warnings.warn(
-                f"the checkpoint holds no Magma scores for {len(missing)} tensors (tensor indices "
-                f"{missing[:8]}{'...' if len(missing) > 8 else ''}): a checkpoint of another optimizer? "
-                "They start from a score of 0.5", stacklevel=2)
-
-
 def _steps_taken(magma: Magma) -> int:
     """The step count of Magma's state (0 before the first step); one host read."""
     for state in magma.state.values():
@@ -353,16 +316,7 @@ def _steps_taken(magma: Magma) -> int:
     return 0
 
 
-def _record_steps_in_groups(magma: Magma) -> None:
-    """Each group's step count as ``group["step"]``: where Megatron's distributed optimizer reads
-    it when Transformer Engine or apex is installed (Magma's load takes it back from there)."""
-    for group in magma.param_groups:
-        steps = {int(magma.state[p]["step"].item()) for p in group["params"] if "step" in magma.state.get(p, {})}
-        if len(steps) == 1:
-            group["step"] = steps.pop()
-
-
-class MagmaDistributedOptimizer(_CarriesMagmaScores, DistributedOptimizer):
+class MagmaDistributedOptimizer(CarriesMagmaScores, ShardStateFilter, DistributedOptimizer):
     """Megatron's ``DistributedOptimizer`` around Magma; its per-shard state files hold
     ``exp_avg``/``exp_avg_sq`` (and the fp32 main parameters) only. With
     :meth:`enable_sparse_param_gather` its parameter all-gather moves only what changed."""
@@ -412,29 +366,10 @@ class MagmaDistributedOptimizer(_CarriesMagmaScores, DistributedOptimizer):
         super().load_state_dict(state_dict)
         self.steps_taken = _steps_taken(self.optimizer)
 
-    def _get_main_param_and_optimizer_states(self, model_param):
-        tensors = super()._get_main_param_and_optimizer_states(model_param)
-        tensors.pop("magma_score", None)
-        return tensors
 
-    def _set_main_param_and_optimizer_states(self, model_param, tensors):
-        # Megatron copies every tensor of the live state from ``tensors``. The score comes from
-        # "magma_scores" and the step from the param groups (load_state_dict set it), so they
-        # are hidden: dp_reshardable's ``tensors["step"]`` is the step of the optimizer that
-        # built the loading template, not the checkpoint's.
-        group_index, group_order = self.model_param_group_index_map[model_param]
-        state = self.optimizer.state[self.optimizer.param_groups[group_index]["params"][group_order]]
-        hidden = {k: state.pop(k) for k in list(state)
-                  if isinstance(state[k], torch.Tensor) and (k not in tensors or k == "step")}
-        try:
-            super()._set_main_param_and_optimizer_states(model_param, tensors)
-        finally:
-            state.update(hidden)
-
-
-class MagmaFloat16Optimizer(_CarriesMagmaScores, Float16OptimizerWithFloat16Params):
+class MagmaFloat16Optimizer(CarriesMagmaScores, Float16OptimizerWithFloat16Params):
     """Megatron's ``Float16OptimizerWithFloat16Params`` around Magma."""
 
 
-class MagmaFP32Optimizer(_CarriesMagmaScores, FP32Optimizer):
+class MagmaFP32Optimizer(CarriesMagmaScores, FP32Optimizer):
     """Megatron's ``FP32Optimizer`` around Magma."""

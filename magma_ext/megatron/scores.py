@@ -10,10 +10,12 @@ them (every piece of a block holds the same score). Megatron saves plain entries
 "common" state) and gives them back to every rank on load, so the scores resume on any data-
 or tensor-parallel layout that numbers the tensors alike (``magma_ext.megatron.layout``).
 
-No megatron-core import: tests run these on CPU.
+No megatron-core import: tests run these on CPU, the mixins over stand-ins of Megatron's wrappers.
 """
 
 from __future__ import annotations
+
+import warnings
 
 import torch
 
@@ -25,7 +27,7 @@ SCORES_KEY = "magma_scores"
 MAGMA_STATE_KEYS = ("magma_score", "magma_tensor_index")
 
 __all__ = ["SCORES_KEY", "MAGMA_STATE_KEYS", "gather_block_scores", "install_block_scores",
-           "without_magma_state"]
+           "without_magma_state", "record_steps_in_groups", "CarriesMagmaScores", "ShardStateFilter"]
 
 
 def _scored_pieces(magma):
@@ -102,3 +104,73 @@ def without_magma_state(optimizer_state: dict) -> dict:
              if isinstance(entry, dict) else entry
              for key, entry in optimizer_state["state"].items()}
     return {**optimizer_state, "state": state}
+
+
+def record_steps_in_groups(magma) -> None:
+    """Each group's step count as ``group["step"]``: where Megatron's distributed optimizer reads
+    it when Transformer Engine or apex is installed (Magma's load takes it back from there)."""
+    for group in magma.param_groups:
+        steps = {int(magma.state[p]["step"].item()) for p in group["params"] if "step" in magma.state.get(p, {})}
+        if len(steps) == 1:
+            group["step"] = steps.pop()
+
+
+class CarriesMagmaScores:
+    """Mixin before one of Megatron's optimizer wrappers (``self.optimizer`` a Magma): Magma's
+    scores are kept out of the per-tensor state the wrapper checkpoints and carried in the
+    ``"magma_scores"`` entry instead; each group's step is written to ``group["step"]`` too.
+
+    ``state_dict()``/``sharded_state_dict()`` gather the scores from every rank: call them on
+    every rank, as Megatron's checkpointing does.
+    """
+
+    def state_dict(self, *args, **kwargs):
+        record_steps_in_groups(self.optimizer)
+        packed = super().state_dict(*args, **kwargs)
+        inner = packed.get("optimizer", packed)
+        if isinstance(inner, dict) and isinstance(inner.get("state"), dict):
+            stripped = without_magma_state(inner)
+            packed = {**packed, "optimizer": stripped} if "optimizer" in packed else stripped
+        packed[SCORES_KEY] = gather_block_scores(self.optimizer)
+        return packed
+
+    def sharded_state_dict(self, model_sharded_state_dict, is_loading: bool = False, **kwargs):
+        if is_loading:
+            self.optimizer.init_state()
+        return super().sharded_state_dict(model_sharded_state_dict, is_loading=is_loading, **kwargs)
+
+    def load_state_dict(self, state_dict):
+        state_dict = dict(state_dict)
+        scores = state_dict.pop(SCORES_KEY, None)
+        super().load_state_dict(state_dict)
+        missing = install_block_scores(self.optimizer, scores or {})
+        if missing:
+            warnings.warn(
+                f"the checkpoint holds no Magma scores for {len(missing)} tensors (tensor indices "
+                f"{missing[:8]}{'...' if len(missing) > 8 else ''}): a checkpoint of another optimizer? "
+                "They start from a score of 0.5", stacklevel=2)
+
+
+class ShardStateFilter:
+    """Mixin before Megatron's ``DistributedOptimizer``: its per-shard checkpoint state holds the
+    main parameter, ``exp_avg`` and ``exp_avg_sq`` (and the ``step``, which it handles apart),
+    never the score, which travels in ``"magma_scores"``."""
+
+    def _get_main_param_and_optimizer_states(self, model_param):
+        tensors = super()._get_main_param_and_optimizer_states(model_param)
+        tensors.pop("magma_score", None)
+        return tensors
+
+    def _set_main_param_and_optimizer_states(self, model_param, tensors):
+        # Megatron copies every tensor of the live state from ``tensors``. The score comes from
+        # "magma_scores" and the step from the param groups (load_state_dict set it), so they
+        # are hidden: dp_reshardable's ``tensors["step"]`` is the step of the optimizer that
+        # built the loading template, not the checkpoint's.
+        group_index, group_order = self.model_param_group_index_map[model_param]
+        state = self.optimizer.state[self.optimizer.param_groups[group_index]["params"][group_order]]
+        hidden = {k: state.pop(k) for k in list(state)
+                  if isinstance(state[k], torch.Tensor) and (k not in tensors or k == "step")}
+        try:
+            super()._set_main_param_and_optimizer_states(model_param, tensors)
+        finally:
+            state.update(hidden)
