@@ -43,11 +43,13 @@ import torch
 
 try:
     from magma_ext.megatron.sparse_gather import (
-        Bucket, BucketTensor, MaskRule, buckets_of_record, changed_ranges, layout_record, shard_ranges)
+        BlockTable, Bucket, BucketTensor, MaskRule, buckets_of_record, changed_ranges, layout_record,
+        shard_ranges)
 except ImportError:  # a checkout that is not installed: use the package next to this file
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from magma_ext.megatron.sparse_gather import (
-        Bucket, BucketTensor, MaskRule, buckets_of_record, changed_ranges, layout_record, shard_ranges)
+        BlockTable, Bucket, BucketTensor, MaskRule, buckets_of_record, changed_ranges, layout_record,
+        shard_ranges)
 from magma_ext.layout import BlockLayout
 
 # A bucket as buckets_of_record gives it: (numel, element size, tensors).
@@ -136,11 +138,12 @@ def project(buckets: list[RecordBucket], rules: dict, keep_probs: list[float], d
     if not sum(numel for numel, _, _ in buckets):
         raise ValueError("the record has no elements")
     out = []
+    tables = [BlockTable.of(tensors) for _, _, tensors in buckets]  # built once, drawn per step
     for keep_prob in keep_probs:
         step_rules = with_keep_prob(rules, keep_prob)
         per_dp = {dp: Projection(keep_prob, dp, [], []) for dp in dps}
         for step in range(1, steps + 1):
-            ranges = [changed_ranges(tensors, step_rules, step) for _, _, tensors in buckets]
+            ranges = [table.changed(step_rules, step) for table in tables]
             for dp, projection in per_dp.items():
                 fraction, unpadded = step_fractions(buckets, ranges, dp)
                 projection.fractions.append(fraction)
