@@ -5,7 +5,6 @@ counts against shard_ranges."""
 from __future__ import annotations
 
 import json
-import random
 import sys
 from pathlib import Path
 
@@ -28,25 +27,10 @@ def round_trip(buckets, rules):
 
 
 def random_record(seed: int):
-    """Buckets of bf16 and fp32 with gaps between tensors, pieces at offsets inside their
-    logical tensors, a dense rule, and sizes that not every DP size divides."""
-    rng = random.Random(seed)
-    rules = {0: MaskRule(seed=rng.randrange(2**64), keep_prob=0.5, masked=True),
-             1: MaskRule(seed=rng.randrange(2**64), keep_prob=0.9, masked=True),
-             2: MaskRule(seed=0, keep_prob=1.0, masked=False)}
-    buckets, index = [], 0
-    for dtype in (torch.bfloat16, torch.float32, torch.bfloat16):
-        tensors, position = [], rng.randint(0, 3)
-        for _ in range(rng.randint(2, 5)):
-            numel = rng.choice([1, 7, 16, 33, 90])
-            offset = rng.randint(0, 12)
-            layout = BlockLayout(numel=numel, block_size=rng.choice([1, 4, 8, 30, 200]), offset=offset,
-                                 logical_numel=offset + numel + rng.randint(0, 5))
-            tensors.append(BucketTensor(start=position, index=index, layout=layout, rule=rng.randint(0, 2)))
-            index += 1
-            position += numel + rng.choice([0, 2])
-        buckets.append(Bucket(torch.zeros(position + rng.randint(0, 5), dtype=dtype), tensors))
-    return round_trip(buckets, rules)
+    """The script's own synthetic record (gaps between tensors, pieces at offsets inside their
+    logical tensors, a dense rule, two element sizes, sizes few DP sizes divide), read back as
+    the script reads a file."""
+    return buckets_of_record(json.loads(json.dumps(projection.synthetic_record(seed))))
 
 
 def brute_force_fractions(buckets, rules, keep_prob, dp, step):
