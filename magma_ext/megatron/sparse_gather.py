@@ -271,8 +271,9 @@ class SparseGather:
         for bucket, ranks in zip(self.buckets, layout):
             by_dtype[bucket.param_data.dtype].append((bucket, ranks))
         for dtype, members in by_dtype.items():
-            counts = [sum(int((ranks[r][:, 1] - ranks[r][:, 0]).sum()) for _, ranks in members)
-                      for r in range(self.size)]
+            # elements of each rank's ranges, per bucket of this dtype: [bucket][rank]
+            sizes = [[int((r[:, 1] - r[:, 0]).sum()) for r in ranks] for _, ranks in members]
+            counts = [sum(per_rank[r] for per_rank in sizes) for r in range(self.size)]
             width = max(counts)
             item = torch.empty((), dtype=dtype).element_size()
             dense = sum(bucket.param_data.numel() // self.size for bucket, _ in members)
@@ -290,10 +291,9 @@ class SparseGather:
             for r in range(self.size):
                 if r != self.rank:
                     position = r * width
-                    for bucket, ranks in members:
-                        count = int((ranks[r][:, 1] - ranks[r][:, 0]).sum())
-                        self._put(self._shard(bucket, r), ranks[r], gathered[position:position + count])
-                        position += count
+                    for (bucket, ranks), per_rank in zip(members, sizes):
+                        self._put(self._shard(bucket, r), ranks[r], gathered[position:position + per_rank[r]])
+                        position += per_rank[r]
         return total
 
     def _take(self, shard: torch.Tensor, ranges: torch.Tensor) -> torch.Tensor:
