@@ -31,6 +31,7 @@ masks' draw (``changed_ranges``, once per keep_prob and step) is the cost: secon
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import random
 import statistics
@@ -43,13 +44,13 @@ import torch
 
 try:
     from magma_ext.megatron.sparse_gather import (
-        BlockTable, Bucket, BucketTensor, MaskRule, buckets_of_record, changed_ranges, layout_record,
-        shard_ranges)
+        BlockTable, Bucket, BucketTensor, MaskRule, SparseGather, buckets_of_record, changed_ranges,
+        layout_record, shard_ranges)
 except ImportError:  # a checkout that is not installed: use the package next to this file
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from magma_ext.megatron.sparse_gather import (
-        BlockTable, Bucket, BucketTensor, MaskRule, buckets_of_record, changed_ranges, layout_record,
-        shard_ranges)
+        BlockTable, Bucket, BucketTensor, MaskRule, SparseGather, buckets_of_record, changed_ranges,
+        layout_record, shard_ranges)
 from magma_ext.layout import BlockLayout
 
 # A bucket as buckets_of_record gives it: (numel, element size, tensors).
@@ -106,12 +107,64 @@ def step_fractions(buckets: list[RecordBucket], ranges: list[torch.Tensor], dp: 
     return sparse / dense, mean / dense
 
 
+def rank_range_counts(ranges: torch.Tensor, numel: int, dp: int) -> torch.Tensor:
+    """How many of ``ranges`` (sorted, disjoint) overlap each of ``dp`` shards of a bucket of
+    ``numel`` elements: the lengths of ``shard_ranges``'s lists, without a loop over ranks."""
+    if len(ranges) == 0:
+        return torch.zeros(dp, dtype=torch.int64)
+    bounds = torch.arange(dp + 1, dtype=torch.int64) * (numel // dp)
+    first = torch.searchsorted(ranges[:, 1].contiguous(), bounds[:-1], right=True)  # ends after the shard's start
+    stop = torch.searchsorted(ranges[:, 0].contiguous(), bounds[1:], right=False)  # start before its end
+    return (stop - first).clamp(min=0)
+
+
+def in_place_transfers(buckets: list[RecordBucket], ranges: list[torch.Tensor], dp: int) -> int:
+    """The most point-to-point transfers a rank would post on the in-place route at ``dp``
+    (``SparseGather.direct_ops``, the largest over element sizes)."""
+    per_size = defaultdict(lambda: torch.zeros(dp, dtype=torch.int64))
+    for (numel, element_size, _), bucket_ranges in zip(buckets, ranges):
+        per_size[element_size] += rank_range_counts(bucket_ranges, padded_numel(numel, dp), dp)
+    return max((int(((dp - 1) * mine + mine.sum() - mine).max()) for mine in per_size.values()), default=0)
+
+
+def auto_route_fraction(buckets: list[RecordBucket], ranges: list[torch.Tensor], dp: int) -> tuple[float, bool]:
+    """(bytes vs dense, whether some element size went in place) of one step at ``dp`` with the
+    routes ``SparseGather``'s auto rule picks per element size (its ``max_padding`` and
+    ``max_direct_ops``)."""
+    counts = defaultdict(lambda: torch.zeros(dp, dtype=torch.int64))
+    range_counts = defaultdict(lambda: torch.zeros(dp, dtype=torch.int64))
+    dense = 0
+    for (numel, element_size, _), bucket_ranges in zip(buckets, ranges):
+        padded = padded_numel(numel, dp)
+        counts[element_size] += rank_counts(bucket_ranges, padded, dp)
+        range_counts[element_size] += rank_range_counts(bucket_ranges, padded, dp)
+        dense += padded // dp * element_size
+    moved, in_place = 0.0, False
+    for size, c in counts.items():
+        mine = range_counts[size]
+        transfers = int(((dp - 1) * mine + mine.sum() - mine).max())
+        exact = int(c.sum())
+        if dp * int(c.max()) > SparseGather.max_padding * exact and transfers <= SparseGather.max_direct_ops:
+            moved += exact * size / dp  # each rank's mean: it sends its own and receives the others'
+            in_place = True
+        else:
+            moved += int(c.max()) * size
+    return moved / dense, in_place
+
+
 @dataclass
 class Projection:
     keep_prob: float
     dp: int
-    fractions: list[float]  # per step: bytes vs dense
-    unpadded: list[float]  # per step: the same with the mean rank's count for the width
+    fractions: list[float]  # per step: bytes vs dense (the packed route)
+    unpadded: list[float]  # per step: the same with the mean rank's count for the width (the in-place route)
+    transfers: list[int] = None  # per step: the in-place route's most transfers posted by one rank
+    auto: list[float] = None  # per step: bytes vs dense with the routes the auto rule picks
+    auto_in_place: list[bool] = None  # per step: whether the auto rule went in place
+
+    @property
+    def transfers_max(self) -> int:
+        return max(self.transfers) if self.transfers else 0
 
     @property
     def mean(self) -> float:
@@ -141,13 +194,17 @@ def project(buckets: list[RecordBucket], rules: dict, keep_probs: list[float], d
     tables = [BlockTable.of(tensors) for _, _, tensors in buckets]  # built once, drawn per step
     for keep_prob in keep_probs:
         step_rules = with_keep_prob(rules, keep_prob)
-        per_dp = {dp: Projection(keep_prob, dp, [], []) for dp in dps}
+        per_dp = {dp: Projection(keep_prob, dp, [], [], [], [], []) for dp in dps}
         for step in range(1, steps + 1):
             ranges = [table.changed(step_rules, step) for table in tables]
             for dp, projection in per_dp.items():
                 fraction, unpadded = step_fractions(buckets, ranges, dp)
                 projection.fractions.append(fraction)
                 projection.unpadded.append(unpadded)
+                projection.transfers.append(in_place_transfers(buckets, ranges, dp))
+                auto, in_place = auto_route_fraction(buckets, ranges, dp)
+                projection.auto.append(auto)
+                projection.auto_in_place.append(in_place)
         out.extend(per_dp.values())
     return out
 
@@ -180,7 +237,7 @@ def synthetic_record(seed: int = 0) -> dict:
 
 def self_check(buckets: list[RecordBucket], rules: dict, keep_probs: list[float], dps: list[int],
                steps: int) -> int:
-    """Compare :func:`rank_counts` with ``shard_ranges`` on every bucket; return the number of
+    """Compare :func:`rank_counts` and :func:`rank_range_counts` with ``shard_ranges`` on every bucket; return the number of
     (bucket, step, keep_prob, DP) cases compared; raise AssertionError on a difference."""
     cases = 0
     for keep_prob in keep_probs:
@@ -195,6 +252,10 @@ def self_check(buckets: list[RecordBucket], rules: dict, keep_probs: list[float]
                     if got != expected:
                         raise AssertionError(f"bucket {b}, step {step}, keep_prob {keep_prob}, DP {dp}: "
                                              f"per-rank counts {got} != shard_ranges' {expected}")
+                    lists = [len(r) for r in shard_ranges(ranges, padded, dp)]
+                    if rank_range_counts(ranges, padded, dp).tolist() != lists:
+                        raise AssertionError(f"bucket {b}, step {step}, keep_prob {keep_prob}, DP {dp}: range "
+                                             f"counts {rank_range_counts(ranges, padded, dp).tolist()} != {lists}")
                     cases += 1
     return cases
 
@@ -210,17 +271,26 @@ def describe_record(path: str, buckets: list[RecordBucket], rules: dict, steps: 
     return (f"Layout `{path}`: {sum(t.layout.numel for t in tensors):,} elements in {len(tensors)} tensors "
             f"({sum(t.layout.numel for t in masked):,} in {len(masked)} masked tensors), {len(buckets)} buckets "
             f"({sum(numel for numel, _, _ in buckets):,} elements with padding; element sizes {sizes} bytes); "
-            f"steps 1-{steps}. *bytes vs dense*: (sent + received) per rank of the sparse gather over a dense "
-            f"all-gather's, buckets padded to a multiple of DP; *without padding*: the mean rank's changed "
-            f"elements instead of the largest rank's.")
+            f"steps 1-{steps}. *bytes vs dense*: (sent + received) per rank of the sparse gather's packed route "
+            f"over a dense all-gather's, buckets padded to a multiple of DP; *without padding*: the "
+            f"mean rank's changed elements instead of the largest rank's, which is what the in-place route "
+            f"moves (`SparseGather.route`); *in-place transfers*: the most point-to-point sends and "
+            f"receives one rank would post on that route in one step; *auto route*: what `SparseGather`'s "
+            f"default rule sends (in place per element size where packing pads past "
+            f"{SparseGather.max_padding:g}x the changed elements and no rank posts more than "
+            f"{SparseGather.max_direct_ops:,} transfers; packed otherwise).")
 
 
 def format_table(projections: list[Projection]) -> str:
-    lines = ["| keep_prob | DP | bytes vs dense mean | min | max | without padding |",
-             "|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| keep_prob | DP | packed: bytes vs dense mean | min | max | in place (without padding) "
+             "| in-place transfers (max) | auto route: bytes vs dense | auto route taken |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for p in projections:
+        steps_in_place = sum(p.auto_in_place)
+        taken = ("packed" if not steps_in_place else "in place" if steps_in_place == len(p.auto_in_place)
+                 else f"in place in {steps_in_place} of {len(p.auto_in_place)} steps")
         lines.append(f"| {p.keep_prob:g} | {p.dp} | {p.mean:.4f} | {p.min:.4f} | {p.max:.4f} "
-                     f"| {p.unpadded_mean:.4f} |")
+                     f"| {p.unpadded_mean:.4f} | {p.transfers_max:,} | {statistics.fmean(p.auto):.4f} | {taken} |")
     return "\n".join(lines)
 
 
@@ -270,7 +340,12 @@ def main(argv: list[str] | None = None) -> int:
         print("note: the record has no masked rule (recorded at keep_prob 1, or nothing masked): "
               "--keep-probs change nothing", file=sys.stderr)
     projections = project(buckets, rules, args.keep_probs, args.dps, args.steps)
-    report = describe_record(args.layout_json, buckets, rules, args.steps) + "\n\n" + format_table(projections)
+    heading = (f"# Sparse parameter gather: traffic projected to other data-parallel sizes\n\n"
+               f"Computed {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC on the CPU (the masks are drawn "
+               f"as every rank draws them; no GPU) by `python benchmarks/sparse_gather_projection.py "
+               f"{' '.join(sys.argv[1:]) if argv is None else ' '.join(argv)}`.\n\n")
+    report = heading + describe_record(args.layout_json, buckets, rules, args.steps) + "\n\n" + \
+        format_table(projections)
     print(report)
     if args.out:
         Path(args.out).write_text(report + "\n")

@@ -58,6 +58,8 @@ def parse_args():
     parser.add_argument("--overflow-at", type=int, default=-1, help="make this step's gradients inf")
     parser.add_argument("--sparse-param-gather", action="store_true",
                         help="gather only kept blocks, and check each step against a dense all-gather")
+    parser.add_argument("--sparse-route", choices=["auto", "in-place", "packed"], default="auto",
+                        help="force one route of the sparse gather (SparseGather.route)")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     args.block = int(args.block) if args.block.isdigit() else args.block
@@ -204,6 +206,21 @@ def shard_cuts_a_block(optimizer) -> bool:
     return False
 
 
+def shard_boundaries(optimizer) -> list[str]:
+    """Where each bucket's inner shard boundaries fall (the tensor around each, for a failing
+    coverage check)."""
+    gather = optimizer.chained_optimizers[0].sparse_gather
+    out = []
+    for b, bucket in enumerate(gather.buckets):
+        shard = bucket.param_data.numel() // gather.size
+        for cut in range(shard, bucket.param_data.numel(), shard):
+            around = [f"tensor {t.index} [{t.start}, {t.start + t.layout.numel}) block {t.layout.block_size} "
+                      f"offset {t.layout.offset} rule {t.rule}"
+                      for t in bucket.tensors if t.start <= cut < t.start + t.layout.numel]
+            out.append(f"bucket {b} ({bucket.param_data.numel()} elements), boundary {cut}: {around or 'padding'}")
+    return out
+
+
 def everything(magma, model) -> list[torch.Tensor]:
     tensors = [p.detach().clone() for p in model.parameters()]
     for g in magma.param_groups:
@@ -232,6 +249,8 @@ def main():
     record = dict(losses=[], masks=[], ok=[], unchanged_when_skipped=[], sparse_is_dense=[], sync_bytes=[])
     if args.sparse_param_gather:
         record["shard_cuts_a_block"] = shard_cuts_a_block(optimizer)
+        record["shard_boundaries"] = shard_boundaries(optimizer)
+        optimizer.chained_optimizers[0].sparse_gather.route = args.sparse_route.replace("-", " ")
     forward_backward = get_forward_backward_func()
     for step in range(args.first_step, args.first_step + args.steps):
         ddp.zero_grad_buffer()

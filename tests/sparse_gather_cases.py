@@ -54,9 +54,13 @@ def as_mask(ranges: torch.Tensor, numel: int) -> torch.Tensor:
     return mask
 
 
-def sync_body(rank, size, seed, steps, max_views=None):
+ROUTES = ("in place", "packed views", "packed positions")
+
+
+def sync_body(rank, size, seed, steps, route="in place"):
     """Every rank starts from the same buckets; each step every rank changes the changed elements
-    of its own shard, then syncs sparsely; a dense all-gather of the same shards is the oracle."""
+    of its own shard, then syncs sparsely by ``route`` (one of :data:`ROUTES`); a dense
+    all-gather of the same shards is the oracle."""
     import torch.distributed as dist
 
     rng = random.Random(seed)
@@ -68,8 +72,9 @@ def sync_body(rank, size, seed, steps, max_views=None):
                for (tensors, numel), dtype in zip(layouts, dtypes)]
     dense = [b.param_data.clone() for b in buckets]
     gather = SparseGather(buckets, dist.group.WORLD, rank, size)
-    if max_views is not None:  # 0: every shard by element positions
-        gather.max_views = max_views
+    gather.route = "in place" if route == "in place" else "packed"
+    if route == "packed positions":
+        gather.max_views = 0
     moved = []
     for step in range(1, steps + 1):
         for bucket, reference in zip(buckets, dense):

@@ -4,6 +4,8 @@ measurements of the same features need a machine kind not lent so far.)"""
 
 from __future__ import annotations
 
+import pytest
+
 import megatron_cases
 import sharded_cases as cases
 from distributed_helpers import run_ranks
@@ -35,6 +37,9 @@ def test_megatron_dp8_and_tp2_dp4_pieces_follow_one_process():
         megatron_cases.check_tp_dp_run(results, tp_size)
 
 
-def test_the_sparse_sync_on_8_ranks_equals_a_dense_gather():
-    results = run_ranks(EIGHT, sync_body, EIGHT, 8, 6, timeout=600)
-    assert all(r == results[0] for r in results)
+@pytest.mark.parametrize("route", ["in place", "packed views"])
+def test_the_sparse_sync_on_8_ranks_equals_a_dense_gather(route):
+    results = run_ranks(EIGHT, sync_body, EIGHT, 8, 6, route, timeout=600)
+    for step in zip(*results):
+        moved = sum(sent for sent, _, _, _ in step) if route == "in place" else EIGHT * step[0][0]
+        assert all(sent + received == moved for sent, received, _, _ in step)

@@ -1,7 +1,8 @@
 """magma_ext.megatron's sparse parameter all-gather on 2 GPUs (NCCL): 50 steps of a small
-megatron-core GPTModel (DP=2, distributed optimizer) per block option and keep_prob, checking
-after every step that every rank's buckets hold, bit for bit, what a dense all-gather of the
-shards gives. Needs megatron-core (>= 0.17) and 2 GPUs."""
+megatron-core GPTModel (DP=2, distributed optimizer) per block option and keep_prob with the
+route the layout picks, and at keep_prob 0.5 with each route forced, checking after every step
+that every rank's buckets hold, bit for bit, what a dense all-gather of the shards gives. Needs
+megatron-core (>= 0.17) and 2 GPUs."""
 
 from __future__ import annotations
 
@@ -17,9 +18,16 @@ if torch.cuda.device_count() < 2:
 from megatron_launch import result, wave  # noqa: E402
 
 SPARSE_STEPS = 50
+# Without overlap_grad_reduce, Megatron puts every parameter in one bucket; its shard boundary
+# falls 896 elements into layer 0's linear_fc2.weight (64 x 256): inside a row (896 % 256 = 128)
+# and inside a 5-element block (896 % 5 = 1), but on a 7-element boundary. Hence N = 5.
+BLOCKS = ("tensor", "row", "5")
 RUNS = {f"sparse_{block}_{keep}": (2, ["--distributed-optimizer", "--sparse-param-gather", "--block", block,
                                       "--keep-prob", keep, "--steps", str(SPARSE_STEPS)])
-        for block in ("tensor", "row", "7") for keep in ("0.1", "0.5", "0.9")}
+        for block in BLOCKS for keep in ("0.1", "0.5", "0.9")}
+ROUTES = ("in-place", "packed")  # forced, at keep_prob 0.5 (the runs above take the default route)
+RUNS.update({f"sparse_{block}_0.5_{route}": (2, RUNS[f"sparse_{block}_0.5"][1] + ["--sparse-route", route])
+             for block in BLOCKS for route in ROUTES})
 
 
 @pytest.fixture(scope="module")
@@ -29,15 +37,19 @@ def runs(tmp_path_factory):
     return partial(result, workdir)
 
 
-@pytest.mark.parametrize("block", ["tensor", "row", "7"])
-@pytest.mark.parametrize("keep", ["0.1", "0.5", "0.9"])
-def test_the_sparse_param_gather_gives_every_rank_the_dense_gathers_parameters(runs, block, keep):
-    run = runs(f"sparse_{block}_{keep}")
-    assert run["shard_cuts_a_block"], "no block straddles a shard boundary: the case is not covered"
+CASES = [(block, keep, "") for block in BLOCKS for keep in ("0.1", "0.5", "0.9")] + \
+    [(block, "0.5", route) for block in BLOCKS for route in ROUTES]
+
+
+@pytest.mark.parametrize("block, keep, route", CASES)
+def test_the_sparse_param_gather_gives_every_rank_the_dense_gathers_parameters(runs, block, keep, route):
+    run = runs(f"sparse_{block}_{keep}" + (f"_{route}" if route else ""))
+    assert run["shard_cuts_a_block"], "no block straddles a shard boundary: the case is not covered\n" + \
+        "\n".join(run["shard_boundaries"])
     assert len(run["sparse_is_dense"]) == SPARSE_STEPS and all(run["sparse_is_dense"]), \
         f"steps whose sparse gather differs from a dense one: {[i for i, ok in enumerate(run['sparse_is_dense']) if not ok]}"
     sent = sum(s + r for s, r, _, _ in run["sync_bytes"])
     dense = sum(ds + dr for _, _, ds, dr in run["sync_bytes"])
-    print(f"\nsparse gather, block {block}, keep_prob {keep}: {sent / dense:.3f} of the dense bytes over "
-          f"{SPARSE_STEPS} steps")
+    print(f"\nsparse gather, block {block}, keep_prob {keep}, route {route or 'auto'}: {sent / dense:.3f} of the "
+          f"dense bytes over {SPARSE_STEPS} steps")
     assert sent <= dense and (sent < dense or keep == "0.9")  # padded to the fullest shard: never more

@@ -11,7 +11,7 @@ import torch
 
 from distributed_helpers import run_ranks
 from magma_ext.megatron.sparse_gather import MaskRule, changed_ranges, shard_ranges
-from sparse_gather_cases import as_mask, brute_force_changed, random_bucket_tensors, random_rules, sync_body
+from sparse_gather_cases import ROUTES, as_mask, brute_force_changed, random_bucket_tensors, random_rules, sync_body
 
 
 @pytest.mark.parametrize("size", [1, 2, 3, 8])
@@ -30,14 +30,44 @@ def test_the_compact_layout_matches_brute_force(size):
             assert torch.equal(as_mask(local, shard), expected[r * shard:(r + 1) * shard]), (case, r)
 
 
-@pytest.mark.parametrize("max_views", [None, 0], ids=["views", "positions"])
+@pytest.mark.parametrize("route", ROUTES)
 @pytest.mark.parametrize("size, seed", [(2, 1), (3, 2), (4, 3), (4, 4)])
-def test_the_sparse_sync_leaves_every_rank_bit_identical_to_a_dense_gather(size, seed, max_views):
-    results = run_ranks(size, sync_body, size, seed, 6, max_views)
-    assert all(r == results[0] for r in results)  # every rank counts the same bytes
-    for sent, received, dense_sent, dense_received in results[0]:
-        assert received == (size - 1) * sent and dense_received == (size - 1) * dense_sent
-        assert sent <= dense_sent
+def test_the_sparse_sync_leaves_every_rank_bit_identical_to_a_dense_gather(size, seed, route):
+    results = run_ranks(size, sync_body, size, seed, 6, route)
+    for step in zip(*results):  # per step, every rank's (sent, received, dense sent, dense received)
+        assert all(dense_sent == step[0][2] and dense_received == (size - 1) * dense_sent
+                   for _, _, dense_sent, dense_received in step)
+        if route == "in place":  # exactly its own elements out, every other rank's in (no padding)
+            assert all(sent + received == sum(s for s, _, _, _ in step) for sent, received, _, _ in step)
+        else:  # the packed width, the same on every rank
+            assert all(s == step[0] for s in step) and step[0][1] == (size - 1) * step[0][0]
+        assert all(sent <= dense_sent for sent, _, dense_sent, _ in step)
+    if route == "in place":  # ranks send what they changed, so some step has unequal counts
+        assert any(len({sent for sent, _, _, _ in step}) > 1 for step in zip(*results))
+
+
+def test_the_route_follows_padding_and_transfers():
+    """auto: in place where packing would pad past max_padding times the changed elements and no
+    rank posts more than max_direct_ops transfers, else packed; the same choice on every rank,
+    from the layout alone; a forced route is kept; an unknown one is refused."""
+    from magma_ext.megatron.sparse_gather import SparseGather
+
+    ranges = [torch.zeros((k, 2), dtype=torch.int64) for k in (4, 1, 0)]
+    members = [(None, ranges), (None, ranges)]
+    # rank 0: 2 * 8 sends + 2 receives; rank 1: 2 * 2 sends + 8 receives; rank 2: 10 receives
+    assert SparseGather([], None, 0, 3).direct_ops(members) == 18
+    assert SparseGather([], None, 2, 3).direct_ops(members) == 18
+    for rank in range(3):
+        gather = SparseGather([], None, rank, 3)
+        assert gather.choose_route(members, [100, 10, 0]) == "in place"  # 3 * 100 > 2 * 110
+        assert gather.choose_route(members, [50, 40, 30]) == "packed"  # 3 * 50 <= 2 * 120
+        gather.max_direct_ops = 17
+        assert gather.choose_route(members, [100, 10, 0]) == "packed"  # 18 transfers > 17
+        gather.route = "in place"
+        assert gather.choose_route(members, [50, 40, 30]) == "in place"
+    gather.route = "sideways"
+    with pytest.raises(ValueError, match="route must be"):
+        gather.choose_route(members, [1, 1, 1])
 
 
 def test_rules_follow_the_group():

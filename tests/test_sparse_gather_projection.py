@@ -124,3 +124,22 @@ def test_the_script_end_to_end(tmp_path, capsys):
     assert str(path) in table and "36 elements in 1 tensors" in table
     assert len([line for line in table.splitlines() if line.startswith("| 0.")]) == 4
     assert table.strip() in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_in_place_transfers_match_the_gathers_own_count(seed):
+    """The projection's in-place transfer count equals SparseGather.direct_ops over the shard
+    ranges the gather itself would build, per element size, at every DP size."""
+    from collections import defaultdict
+
+    from magma_ext.megatron.sparse_gather import SparseGather, changed_ranges, shard_ranges
+
+    buckets, rules = random_record(seed)
+    for dp in DPS + [13]:
+        for step in (1, 2, 3):
+            ranges = [changed_ranges(tensors, rules, step) for _, _, tensors in buckets]
+            members = defaultdict(list)
+            for (numel, size, _), r in zip(buckets, ranges):
+                members[size].append((None, shard_ranges(r, projection.padded_numel(numel, dp), dp)))
+            expected = max(SparseGather([], None, 0, dp).direct_ops(m) for m in members.values())
+            assert projection.in_place_transfers(buckets, ranges, dp) == expected, (dp, step)

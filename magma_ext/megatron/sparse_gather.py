@@ -6,16 +6,29 @@ model again. A block Magma masked this step did not change, and every rank knows
 those are without being told: a mask is a function of (seed, tensor index, block, step). So
 every rank computes the same *compact layout*: for every rank's shard, the element ranges that
 changed (the kept blocks of masked tensors, and all of every tensor that is not masked). Each
-rank packs its own ranges into one buffer, one ``all_gather_into_tensor`` (per dtype) moves the
-packed buffers, padded to the largest rank's count (the padding is counted as sent), and each
-rank copies the other ranks' ranges into place. The masked ranges already hold the same values
-on every rank, so the parameters end bit-identical to those of a dense gather.
+rank then moves its ranges by one of two routes, per dtype, chosen from the layout alone (so
+every rank chooses the same; :meth:`SparseGather.choose_route`):
+
+- *packed* (the default): each rank packs its own ranges into one buffer (straight into its
+  slot of the gather buffer), one in-place ``all_gather_into_tensor`` moves the packed buffers,
+  padded to the largest rank's count (the padding is counted as sent), and each rank copies the
+  other ranks' ranges into place.
+- *in place*: each rank sends each of its ranges, straight from its bucket, to every other
+  rank, which receives it straight into its own bucket; all of these point-to-point transfers
+  are one ``torch.distributed.batch_isend_irecv`` (one NCCL group). Nothing is packed, copied or
+  padded: a rank sends exactly its changed elements. Taken when the packed route's padding would
+  move more than :attr:`SparseGather.max_padding` times the changed elements (as with tensor
+  blocks at large data-parallel sizes, where some rank's whole shard lies in a kept tensor) and
+  no rank posts more than :attr:`SparseGather.max_direct_ops` transfers.
+
+The masked ranges already hold the same values on every rank, so the parameters end
+bit-identical to those of a dense gather.
 
 The layout is computed on the host (numpy, from the host's step count): no host synchronisation.
-Few ranges (tensor blocks) are packed with one ``torch.cat`` of views and unpacked with one
-``torch._foreach_copy_``; many (row and N-element blocks) by element positions built on the
-device from the ranges (``repeat_interleave`` with a host-known size, ``index_select``,
-``index_copy_``), which costs 8 bytes of positions per moved element.
+The packed route packs few ranges with one ``torch.cat`` of views and unpacks them with one
+``torch._foreach_copy_``; many by element positions built on the device from the ranges
+(``repeat_interleave`` with a host-known size, ``index_select``, ``index_copy_``), which costs 8
+bytes of positions per moved element.
 
 No megatron-core import: the layout functions and :class:`SparseGather` take plain buckets
 (``magma_ext.megatron.optimizer`` builds them from Megatron's), so CPU tests check them.
@@ -239,12 +252,22 @@ class SyncBytes:
 class SparseGather:
     """The sparse parameter sync of a data-parallel group's buckets.
 
-    A shard's ranges are packed and unpacked as views (one ``torch.cat``, one
-    ``torch._foreach_copy_``) when they are few (tensor blocks), else by element positions built
-    on the device (``index_select`` / ``index_copy_``; row and N-element blocks).
+    Per dtype, the changed ranges move by the route :meth:`choose_route` picks (see the module's
+    description); set :attr:`route` to ``"packed"`` or ``"in place"`` to force one. On the
+    packed route a shard's ranges are packed and unpacked as views (``torch.cat``, one
+    ``torch._foreach_copy_``) when they are at most :attr:`max_views`, else by element positions
+    built on the device (``index_select`` / ``index_copy_``).
     """
 
-    max_views = 256  # a shard with more ranges than this is gathered by element positions
+    route = "auto"  # "auto", "packed" or "in place"
+    # auto takes the in-place route only where packing would pad past max_padding times the
+    # changed elements. On 2 x H200 (NVLink, DP 2; benchmarks/results/sparse_gather_routes_*.md)
+    # the packed route was the faster one at keep_prob 0.5 and 0.1 (padding 1.10x and 1.31x); by
+    # the bytes per millisecond of each route there, in place would pay from about 1.3x (keep 0.5)
+    # to 2.3x (keep 0.1) of padding. Larger data-parallel sizes are not measured yet.
+    max_padding = 2.0
+    max_direct_ops = 1024  # sends + receives one rank may post on the in-place route
+    max_views = 256  # on the packed route, a shard with more ranges than this goes by positions
 
     def __init__(self, buckets: list[Bucket], group, rank: int, size: int):
         for bucket in buckets:
@@ -262,10 +285,11 @@ class SparseGather:
                 for b, table in zip(self.buckets, self.tables)]
 
     def sync(self, rules: dict, step: int) -> SyncBytes:
-        """COLLECTIVE: gather the changed ranges of every rank's shard into every rank's buckets."""
-        import torch.distributed as dist
+        """COLLECTIVE: gather the changed ranges of every rank's shard into every rank's buckets.
 
-        layout = self.layout(rules, step)
+        Once the transfers are queued, the layout of ``step + 1`` under the same rules is worked
+        out on the host while the device moves this step's data; the next call takes it."""
+        layout = self._layout_of(rules, step)
         total = SyncBytes()
         by_dtype = defaultdict(list)
         for bucket, ranks in zip(self.buckets, layout):
@@ -274,47 +298,118 @@ class SparseGather:
             # elements of each rank's ranges, per bucket of this dtype: [bucket][rank]
             sizes = [[int((r[:, 1] - r[:, 0]).sum()) for r in ranks] for _, ranks in members]
             counts = [sum(per_rank[r] for per_rank in sizes) for r in range(self.size)]
-            width = max(counts)
             item = torch.empty((), dtype=dtype).element_size()
-            dense = sum(bucket.param_data.numel() // self.size for bucket, _ in members)
-            total += SyncBytes(width * item, (self.size - 1) * width * item,
-                               dense * item, (self.size - 1) * dense * item)
-            if width == 0:
-                continue
-            device = members[0][0].param_data.device
-            parts = [self._take(self._shard(bucket, self.rank), ranks[self.rank]) for bucket, ranks in members]
-            if width > counts[self.rank]:
-                parts.append(torch.zeros(width - counts[self.rank], dtype=dtype, device=device))
-            packed = torch.cat(parts)
-            gathered = torch.empty(self.size * width, dtype=dtype, device=device)
-            dist.all_gather_into_tensor(gathered, packed, group=self.group)
-            for r in range(self.size):
-                if r != self.rank:
-                    position = r * width
-                    for (bucket, ranks), per_rank in zip(members, sizes):
-                        self._put(self._shard(bucket, r), ranks[r], gathered[position:position + per_rank[r]])
-                        position += per_rank[r]
+            dense = sum(bucket.param_data.numel() // self.size for bucket, _ in members) * item
+            if self.choose_route(members, counts) == "in place":
+                total += SyncBytes(counts[self.rank] * item, (sum(counts) - counts[self.rank]) * item,
+                                   dense, (self.size - 1) * dense)
+                self._exchange_in_place(members)
+            else:
+                width = max(counts)
+                total += SyncBytes(width * item, (self.size - 1) * width * item, dense, (self.size - 1) * dense)
+                if width:
+                    self._exchange_packed(members, sizes, width)
+        self._prefetched = (self._rules_key(rules, step + 1), self.layout(rules, step + 1))
         return total
 
-    def _take(self, shard: torch.Tensor, ranges: torch.Tensor) -> torch.Tensor:
-        """The elements of ``ranges`` of ``shard``, in order, as one tensor."""
-        if len(ranges) <= self.max_views:
-            views = [shard[a:b] for a, b in ranges.tolist()]
-            return torch.cat(views) if views else shard[:0]
-        return shard.index_select(0, self._positions(ranges, shard.device))
+    @staticmethod
+    def _rules_key(rules: dict, step: int) -> tuple:
+        return step, tuple(sorted(rules.items()))
 
-    def _put(self, shard: torch.Tensor, ranges: torch.Tensor, values: torch.Tensor) -> None:
-        """Write ``values`` into the elements of ``ranges`` of ``shard``, in order."""
-        if len(ranges) <= self.max_views:
-            destinations, sources, position = [], [], 0
-            for a, b in ranges.tolist():
-                destinations.append(shard[a:b])
-                sources.append(values[position:position + b - a])
-                position += b - a
-            if destinations:
-                torch._foreach_copy_(destinations, sources)
+    def _layout_of(self, rules: dict, step: int) -> list[list[torch.Tensor]]:
+        prefetched = getattr(self, "_prefetched", None)
+        if prefetched is not None and prefetched[0] == self._rules_key(rules, step):
+            return prefetched[1]
+        return self.layout(rules, step)
+
+    def _exchange_packed(self, members: list, sizes: list, width: int) -> None:
+        """COLLECTIVE: pack this rank's ranges straight into its slot of the gather buffer
+        (padded to ``width``), all-gather in place, and copy the other ranks' ranges out."""
+        import torch.distributed as dist
+
+        dtype, device = members[0][0].param_data.dtype, members[0][0].param_data.device
+        gathered = torch.empty(self.size * width, dtype=dtype, device=device)
+        mine = gathered[self.rank * width:(self.rank + 1) * width]
+        position = 0
+        for (bucket, ranks), per_rank in zip(members, sizes):
+            self._take(self._shard(bucket, self.rank), ranks[self.rank], mine[position:position + per_rank[self.rank]])
+            position += per_rank[self.rank]
+        mine[position:].zero_()
+        dist.all_gather_into_tensor(gathered, mine, group=self.group)
+        destinations, sources = [], []
+        for r in range(self.size):
+            if r != self.rank:
+                position = r * width
+                for (bucket, ranks), per_rank in zip(members, sizes):
+                    self._put(self._shard(bucket, r), ranks[r], gathered[position:position + per_rank[r]],
+                              destinations, sources)
+                    position += per_rank[r]
+        if destinations:
+            torch._foreach_copy_(destinations, sources)
+
+    def choose_route(self, members: list, counts: list[int]) -> str:
+        """``"packed"`` or ``"in place"`` for ``members`` (``[(bucket, its ranges per rank)]``)
+        whose ranks change ``counts`` elements: :attr:`route` unless it is ``"auto"``; then in
+        place where the packed route would move more than :attr:`max_padding` times the changed
+        elements and no rank posts more than :attr:`max_direct_ops` transfers. The same on every
+        rank (it reads the whole layout)."""
+        if self.route != "auto":
+            if self.route not in ("packed", "in place"):
+                raise ValueError(f"route must be 'auto', 'packed' or 'in place', got {self.route!r}")
+            return self.route
+        padded = self.size * max(counts, default=0)
+        if padded > self.max_padding * sum(counts) and self.direct_ops(members) <= self.max_direct_ops:
+            return "in place"
+        return "packed"
+
+    def direct_ops(self, members: list) -> int:
+        """The most point-to-point transfers any rank posts to move ``members`` (``[(bucket, its
+        ranges per rank)]``) in place: each of its ranges to every other rank, and every other
+        rank's ranges from them. The same on every rank (it reads the whole layout)."""
+        ranges = [sum(len(ranks[r]) for _, ranks in members) for r in range(self.size)]
+        total = sum(ranges)
+        return max((self.size - 1) * mine + total - mine for mine in ranges)
+
+    def _exchange_in_place(self, members: list) -> None:
+        """COLLECTIVE: send this rank's ranges from its shards to every other rank and receive
+        theirs into their shards of this rank's buckets, as one batch of point-to-point ops."""
+        import torch.distributed as dist
+
+        ops = []
+        for peer in range(self.size):
+            if peer == self.rank:
+                continue
+            for bucket, ranks in members:
+                mine, theirs = self._shard(bucket, self.rank), self._shard(bucket, peer)
+                # a peer posts its receives from this rank in the order this rank posts its sends
+                ops += [dist.P2POp(dist.isend, mine[a:b], group=self.group, group_peer=peer)
+                        for a, b in ranks[self.rank].tolist()]
+                ops += [dist.P2POp(dist.irecv, theirs[a:b], group=self.group, group_peer=peer)
+                        for a, b in ranks[peer].tolist()]
+        if ops:
+            for work in dist.batch_isend_irecv(ops):
+                work.wait()
+
+    def _take(self, shard: torch.Tensor, ranges: torch.Tensor, out: torch.Tensor) -> None:
+        """Write the elements of ``ranges`` of ``shard``, in order, into ``out``."""
+        if len(ranges) > self.max_views:
+            torch.index_select(shard, 0, self._positions(ranges, shard.device), out=out)
+        elif len(ranges):
+            torch.cat([shard[a:b] for a, b in ranges.tolist()], out=out)
+
+    def _put(self, shard: torch.Tensor, ranges: torch.Tensor, values: torch.Tensor, destinations: list,
+             sources: list) -> None:
+        """Write ``values`` into the elements of ``ranges`` of ``shard``, in order: by element
+        positions now, or as views appended to ``destinations``/``sources`` for one
+        ``torch._foreach_copy_`` over every bucket and rank."""
+        if len(ranges) > self.max_views:
+            shard.index_copy_(0, self._positions(ranges, shard.device), values)
             return
-        shard.index_copy_(0, self._positions(ranges, shard.device), values)
+        position = 0
+        for a, b in ranges.tolist():
+            destinations.append(shard[a:b])
+            sources.append(values[position:position + b - a])
+            position += b - a
 
     @staticmethod
     def _positions(ranges: torch.Tensor, device) -> torch.Tensor:
