@@ -189,7 +189,7 @@ def test_plan_prints_every_run_with_tokens_and_minutes(corpus_dir, capsys):
     assert "PLACEHOLDER" in out and "10.82M parameters" in out and "29.17M parameters" in out
     assert "  tier 1: 36 runs, 7.08B tokens," in out and "  tier 2: 36 runs, 7.08B tokens," in out
     assert "  tier 3: 8 runs, 5.24B tokens," in out and "total: 80 runs, 19.40B tokens" in out
-    assert "runs per GPU planned" in out and "NOT ENOUGH" in out  # the test corpus feeds no real run
+    assert "per GPU planned" in out and "NOT ENOUGH" in out  # the test corpus feeds no real run
     assert "M__AdamW__lrS-best+1__seed0" in out and "S__Muon__lr0.05__seed0" in out
 
 
@@ -241,15 +241,31 @@ def _run(optimizer, lr, seed, ppl, size="s", status="ok"):
 
 
 def test_summary_picks_the_best_lr_and_the_stable_range():
-    ppls = {1e-3: 3.0, 2e-3: 3.2, 4e-3: 3.5, 8e-3: 9.0}
+    ppls = {2.5e-4: 3.0, 5e-4: 3.2, 1e-3: 3.5, 2e-3: 9.0}  # edition 1's AdamW grid
     runs = [_run("AdamW", lr, seed, p + 0.01 * seed) for lr, p in ppls.items() for seed in (0, 1)]
     cell = summary.summarize(runs, definition.FIRST)["s"]["AdamW"]
-    assert cell.best_lr == 1e-3 and cell.edge == "lowest"
-    assert cell.near_best(0.10) == [1e-3, 2e-3]  # 3.5 is more than 10% above 3.005
+    assert cell.best_lr == 2.5e-4 and cell.edge == "lowest" and cell.complete
+    assert cell.near_best(0.10) == [2.5e-4, 5e-4]  # 3.5 is more than 10% above 3.005
     lines = "\n".join(page.ordering_statement(summary.summarize(runs, definition.FIRST), definition.FIRST))
-    assert "AdamW 2 of 4 (0.001 to 0.002)" in lines
+    assert "AdamW 2 of 4 (0.00025 to 0.0005)" in lines
+    # edition 2's grid has 7 learning rates, of which 0.0005 and 0.001 ran here
+    second = summary.summarize(runs, definition.SECOND)["s"]["AdamW"]
+    assert second.missing_lrs == [1e-4, 5e-3, 1e-2, 2e-2, 5e-2] and not second.complete
     lines = "\n".join(page.ordering_statement(summary.summarize(runs, definition.SECOND), definition.SECOND))
-    assert "within 5% of each" in lines and "AdamW 1 of 4 (0.001)" in lines  # 3.2 is more than 5% above
+    assert "within 5% of each" in lines and "AdamW 1 of the 4 run so far (0.00025; grid incomplete)" in lines
+
+
+def test_an_incomplete_sweep_is_not_judged_against_the_paper():
+    """A relation with a side whose grid is not all run is 'not checked yet', with what is missing;
+    the results table says of how many learning rates the best is the best."""
+    grid = definition.SECOND.optimizers["AdamW"].lrs
+    runs = [_run("AdamW", lr, 0, 3.0 + lr) for lr in grid] + [_run("Magma-Adam", lr, 0, 2.0) for lr in grid[:3]]
+    summ = summary.summarize(runs, definition.SECOND)
+    lines = "\n".join(page.ordering_statement(summ, definition.SECOND))
+    assert "- Magma-Adam < AdamW: not checked yet (sweep incomplete: Magma-Adam lacks lr 0.005, 0.01, 0.02, " \
+           "0.05; now 2.0000 vs 3.0001)." in lines
+    assert "| s | Magma-Adam | 0.0001 (lowest of grid) (best of 3 of 7 lrs run) |" in "\n".join(page.results_table(summ))
+    assert "partial grid" in "\n".join(page.paper_table(summ, definition.SECOND))
 
 
 def test_report_page_lists_the_runs_the_paper_and_what_is_missing(first_bundle, tmp_path):
@@ -338,8 +354,9 @@ def test_page_is_built_from_the_recipe_data(monkeypatch):
     lion = definition.Recipe("Lion", (1e-3, 2e-3), "a sign-based optimizer (test recipe)", "lion",
                              color="tab:purple", fused="none", fused_note="torch Lion")
     first = definition.FIRST
+    adamw = dataclasses.replace(first.optimizers["AdamW"], lrs=(1e-3, 2e-3))  # the grid the study ran
     edition = dataclasses.replace(
-        first, optimizers={**first.optimizers, "Lion": lion},
+        first, optimizers={**first.optimizers, "AdamW": adamw, "Lion": lion},
         quick_tiers=(dataclasses.replace(first.quick_tiers[0], optimizers=("Lion",)),),
         paper=definition.PaperClaim("Lion < AdamW", (("Lion", "AdamW"),), "claimed wider for Lion",
                                     "Not the paper's data (test)."))
@@ -416,3 +433,15 @@ def test_entry_scripts_answer_help(script):
                           capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert "--inputs" in done.stdout if script == "plot_convergence.py" else "--resume" in done.stdout
+
+
+def test_lrs_keeps_only_the_sweep_runs_at_those_learning_rates(corpus_dir, capsys):
+    assert cli.main(["--edition", "2", "--plan", "--tiers", "1", "--lrs", "0.001,5e-3", "--data", str(corpus_dir)]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("Edition 2 of the convergence study: 8 runs to go.")
+    planned = [line.split()[0] for line in out.splitlines() if line.startswith("  S__")]
+    assert sorted(planned) == sorted(f"S__{name}__lr{lr}__seed0" for name in ("AdamW", "Magma-Adam", "RMSProp",
+                                                                           "Magma-RMSProp")
+                                     for lr in ("0.001", "0.005"))
+    with pytest.raises(SystemExit):
+        cli.main(["--edition", "2", "--plan", "--lrs", "fast"])

@@ -66,6 +66,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--tiers", default=None, help="comma-separated tier numbers, default all (edition 2: 1,2,3)")
     p.add_argument("--sizes", default=None, help="comma-separated model sizes, default all of the edition")
     p.add_argument("--optimizers", default=None, help="comma-separated, default all of the edition")
+    p.add_argument("--lrs", default=None,
+                   help="comma-separated learning rates: only the sweep runs at these (no best-lr or transfer runs)")
     p.add_argument("--shard", type=int, default=1, help="which shard to run, 1-based")
     p.add_argument("--num-shards", type=int, default=1)
     p.add_argument("--plan", action="store_true", help="print the run list and time estimates, run nothing")
@@ -126,6 +128,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         args.tier_numbers = [int(t) for t in _list(args.tiers)] if args.tiers else None
     except ValueError:
         p.error(f"--tiers takes comma-separated numbers, got {args.tiers!r}")
+    try:
+        args.lr_values = [float(x) for x in _list(args.lrs)] if args.lrs else None
+    except ValueError:
+        p.error(f"--lrs takes comma-separated numbers, got {args.lrs!r}")
     tiers = {t.number for t in edition.tiers}
     if args.tier_numbers and not set(args.tier_numbers) <= tiers:
         p.error(f"edition {edition.number} has tiers {sorted(tiers)}, not {sorted(set(args.tier_numbers) - tiers)}")
@@ -228,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     edition = edition_by_number(args.edition)
     cells = make_cells(edition, quick=args.quick, tiers=args.tier_numbers, sizes=args.size_names,
-                       optimizers=args.optimizer_names, steps=args.steps)
+                       optimizers=args.optimizer_names, steps=args.steps, only_lrs=args.lr_values)
     if args.mode == "sweep" and not cells:
         print("error: the filters leave no run of this edition", file=sys.stderr)
         return 2

@@ -354,16 +354,16 @@ FIRST = Edition(
 
 # ---------------------------------------------------------------------------- edition 2 (issue 13)
 
-# Whole-step training throughput of one H100, all runs that share it together (bf16 autocast,
-# torch.compile, fused AdamW), in tokens per second. PLACEHOLDERS, NOT MEASURED: they only feed
-# --plan and --time-budget-s. Measure them (`--mode throughput --edition 2 --size S`, and a short
-# sweep with --parallel to find the side-by-side count that reaches the most tokens/s) and
-# replace them before trusting the plan's minutes.
-TOKENS_PER_S = {"S": 1.5e6, "M": 0.6e6}
-MEASURED_TOKENS_PER_S = False  # set True once TOKENS_PER_S holds measured numbers
-# Runs per GPU as separate processes. PLACEHOLDERS too: the smallest count that reaches the
-# aggregate tokens/s above. At 3, an S run takes about 3 x 2.2 = 6.6 min: one 10-minute call.
-SIDE_BY_SIDE = {"S": 3, "M": 1}
+# Whole-step training throughput of one GPU, all runs that share it together (bf16 autocast,
+# torch.compile, fused AdamW), in tokens per second; they feed --plan and --time-budget-s.
+# S measured on one H200 on 2026-11-26 (benchmarks/results/convergence2_throughput_*.md):
+# 3.18M tokens/s for one run alone (`--mode throughput --size S`), 3.26M for four side by side
+# (a 400-step --parallel 4 sweep): one run already fills the GPU. M is still a placeholder.
+TOKENS_PER_S = {"S": 3.2e6, "M": 0.6e6}
+# Where each size's figures were measured (None: a placeholder still).
+MEASURED_TOKENS_PER_S = {"S": "one H200, 2026-11-26", "M": None}
+# Runs per GPU as separate processes: the smallest count that reaches the aggregate above.
+SIDE_BY_SIDE = {"S": 1, "M": 1}
 # Wall seconds a run spends outside its training steps: process start, imports, loading the
 # corpus onto the GPU, torch.compile (the FX graph cache makes later compiles of a size cheap).
 RUN_START_S = 45.0

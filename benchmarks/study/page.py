@@ -61,6 +61,8 @@ def results_table(summary: Summary) -> list[str]:
             walls = [r["wall_s"] for r in cell.best_runs if r.get("wall_s") is not None]
             peaks = [r["peak_mem_bytes"] for r in cell.best_runs if r.get("peak_mem_bytes")]
             edge = f" ({cell.edge} of grid)" if cell.edge else ""
+            if not cell.complete:
+                edge += f" (best of {len(cell.lrs)} of {len(cell.lrs) + len(cell.missing_lrs)} lrs run)"
             lines.append(f"| {size} | {name} | {cell.best_lr:g}{edge} | {fmt_ppl(cell)} | "
                          f"{mean(walls):.1f} | {f'{max(peaks) / 2**20:,.0f}' if peaks else 'n/a'} |")
     return lines
@@ -177,8 +179,9 @@ def paper_table(summary: Summary, edition: Edition) -> list[str]:
             cols.append(f"{table[name]:.2f} ({_relative(table[name], table.get(reference))})" if name in table else "-")
         for cells in summary.values():
             base = cells[reference].mean_ppl if reference in cells else None
-            cols.append(f"{cells[name].mean_ppl:.4f} ({_relative(cells[name].mean_ppl, base)})" if name in cells
-                        else "-")
+            partial = "; partial grid" if name in cells and not cells[name].complete else ""
+            cols.append(f"{cells[name].mean_ppl:.4f} ({_relative(cells[name].mean_ppl, base)}{partial})"
+                        if name in cells else "-")
         lines.append("| " + " | ".join(cols) + " |")
     return lines + [""]
 
@@ -201,7 +204,10 @@ def _stable_ranges(cells: dict[str, CellSummary], within: float) -> list[str]:
     ranges = []
     for name, c in cells.items():
         near = c.near_best(within)
-        if math.isfinite(c.mean_ppl) and len(c.lrs) > 1 and not c.transfer:
+        if math.isfinite(c.mean_ppl) and len(c.lrs) > 1 and not c.transfer and not c.complete:
+            span = f"{near[0]:g} to {near[-1]:g}" if len(near) > 1 else f"{near[0]:g}"
+            ranges.append(f"{name} {len(near)} of the {len(c.lrs)} run so far ({span}; grid incomplete)")
+        elif math.isfinite(c.mean_ppl) and len(c.lrs) > 1 and not c.transfer:
             ranges.append(f"{name} {len(near)} of {len(c.lrs)} ({near[0]:g} to {near[-1]:g})" if len(near) > 1
                           else f"{name} 1 of {len(c.lrs)} ({near[0]:g})")
     return ranges
@@ -225,6 +231,13 @@ def ordering_statement(summary: Summary, edition: Edition) -> list[str]:
             if a not in cells or b not in cells:
                 lines.append(f"- {a} < {b}: not checked ({a if a not in cells else b} was not run).")
                 continue
+            unfinished = [n for n in (a, b) if not cells[n].complete]
+            if unfinished:
+                gaps = "; ".join(f"{n} lacks lr {', '.join(f'{lr:g}' for lr in cells[n].missing_lrs)}"
+                                 for n in unfinished)
+                lines.append(f"- {a} < {b}: not checked yet (sweep incomplete: {gaps}; now "
+                             f"{cells[a].mean_ppl:.4f} vs {cells[b].mean_ppl:.4f}).")
+                continue
             holds, line = _relation_line(cells[a], cells[b])
             checked += 1
             held += holds
@@ -241,7 +254,8 @@ def ordering_statement(summary: Summary, edition: Edition) -> list[str]:
                          f"{'; '.join(ranges)}. A range that reaches an end of its grid may continue beyond it.")
         lines.append("")
     full = [s for s, (h, c) in verdicts.items() if c == len(relations) and h == c]
-    partial = [f"{s}: {h} of {c} checked relations hold"
+    partial = [f"{s}: none of the {len(relations)} relations could be checked yet" if c == 0 else
+               f"{s}: {h} of {c} checked relations hold"
                + (f", {len(relations) - c} not checked" if c < len(relations) else "")
                for s, (h, c) in verdicts.items() if s not in full]
     if full:

@@ -67,9 +67,10 @@ def _select_seed(edition_tiers: tuple[Tier, ...], size_key: str, optimizer: str)
 
 def make_cells(edition: Edition, *, quick: bool = False, tiers: list[int] | None = None,
                sizes: list[str] | None = None, optimizers: list[str] | None = None,
-               steps: int | None = None) -> list[Cell]:
+               steps: int | None = None, only_lrs: list[float] | None = None) -> list[Cell]:
     """The cells of the edition's tiers (its quick ones with ``quick``), less those the filters
-    leave out; ``steps`` replaces every size's step count."""
+    leave out; ``steps`` replaces every size's step count; ``only_lrs`` keeps only the sweep runs at
+    those learning rates (no best-lr or transfer runs: they are not at a given lr)."""
     size_table = edition.quick_sizes if quick else edition.sizes
     all_tiers = edition.quick_tiers if quick else edition.tiers
     cells = []
@@ -94,7 +95,11 @@ def make_cells(edition: Edition, *, quick: bool = False, tiers: list[int] | None
                              for seed in tier.seeds for lr in lrs]
                 cell.runs += [RunSpec(size.name, name, None, seed, "best_lr", tier.number, "best")
                               for seed in tier.best_lr_seeds]
-            cells.append(cell)
+            if only_lrs:
+                cell.runs = [r for r in cell.runs
+                             if r.stage == "sweep" and any(math.isclose(r.lr, x) for x in only_lrs)]
+            if cell.runs:
+                cells.append(cell)
     return cells
 
 
@@ -221,19 +226,20 @@ def plan_lines(edition: Edition, shards: list[list[Cell]], finished: list[dict],
 
     cells = [c for shard in shards for c in shard]
     sizes = sorted({c.size.name: c.size for c in cells}.values(), key=lambda s: s.tokens)
-    measured = MEASURED_TOKENS_PER_S
+    measured = {s.name: MEASURED_TOKENS_PER_S.get(s.name) for s in sizes}
     lines = [f"Edition {edition.number} of the convergence study: "
              f"{sum(len(not_finished(shard_runs(s), finished)) for s in shards)} runs to go"
              + (f" ({len(finished)} finished runs from --resume left out)" if finished else "") + "."]
     gpu_estimates = any(s.tokens_per_s for s in sizes)
     if gpu_estimates:
-        rates = ", ".join(f"{s.name} {s.tokens_per_s / 1e6:.2f}M" for s in sizes)
-        lines.append(("Estimates from the measured" if measured else
-                      "Estimates from PLACEHOLDER (not measured) throughputs,") + f" tokens/s per H100: {rates} "
-                     "(whole training steps of all the runs that share a GPU; definition.TOKENS_PER_S"
-                     + ("" if measured else ": measure them with --mode throughput and a short --parallel sweep, "
-                        "then replace them") + f"), plus {sizes[0].setup_s:.0f} s of start-up per run (shared "
-                     "by the runs beside it).")
+        rates = ", ".join(f"{s.name} {s.tokens_per_s / 1e6:.2f}M ("
+                          + (f"measured on {measured[s.name]}" if measured[s.name] else "PLACEHOLDER, not measured")
+                          + ")" for s in sizes)
+        lines.append(f"Estimates from whole-step tokens/s per GPU: {rates} (all the runs that share a GPU "
+                     "together; definition.TOKENS_PER_S"
+                     + ("" if all(measured.values()) else ": measure a placeholder with --mode throughput and a "
+                        "short --parallel sweep, then replace it") + f"), plus {sizes[0].setup_s:.0f} s of start-up "
+                     "per run (shared by the runs beside it).")
     for size in sizes:
         params = Llama(size.model_config()).num_parameters()
         lines.append(f"size {size.name}: {params / 1e6:.2f}M parameters (dim {size.dim} x {size.layers} layers x "
@@ -252,7 +258,7 @@ def plan_lines(edition: Edition, shards: list[list[Cell]], finished: list[dict],
                 wall += (": longer than one device call, so it goes on from its checkpoint in the next call on "
                          "the same machine")
             lines.append(f"  side by side: {k} run{'s' * (k > 1)} per GPU planned "
-                         f"({'measured' if measured else 'placeholder'}, definition.SIDE_BY_SIDE); about {fits} fit "
+                         f"({'measured' if measured[size.name] else 'placeholder'}, definition.SIDE_BY_SIDE); about {fits} fit "
                          f"in {GPU_MEMORY_BYTES / 2**30:.0f} GiB by a memory estimate of {memory / 2**30:.1f} GiB per "
                          f"run (the corpus on the GPU included); {wall}")
     lines += corpus_note or []

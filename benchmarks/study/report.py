@@ -29,7 +29,8 @@ def write_report(inputs: list[str], page: Path, plots_dir: Path, argv: list[str]
     report's command line, for the page's provenance."""
     study = load_study(inputs)
     edition = edition_by_number(edition_of(study.metas, study.runs))
-    summary = summarize(study.runs, edition) if study.runs else {}
+    quick = any(m.get("quick") for m in study.metas if m.get("mode") == "sweep")
+    summary = summarize(study.runs, edition, quick=quick) if study.runs else {}
     plots_dir.mkdir(parents=True, exist_ok=True)
     figures = ({name: link(path, page) for name, path in draw(summary, study.runs, plots_dir, edition).items()}
                if summary else {})

@@ -6,7 +6,8 @@ validation perplexity over the seeds that every learning rate of the cell ran (s
 where only the best learning rate got more seeds); the summary then gives the mean and the
 range over all seeds at that learning rate. A diverged run counts as infinite perplexity. A
 transfer cell (edition 2's tier 3: two learning rates chosen at another size) has no grid of its
-own, so it has no edge and no stable range.
+own, so it has no edge and no stable range. A cell whose sweep lacks some of its grid's learning
+rates says which (``missing_lrs``): its best learning rate is then only the best of those run.
 """
 
 from __future__ import annotations
@@ -39,6 +40,12 @@ class CellSummary:
     edge: str | None  # "lowest" / "highest" when the best lr is at the end of the grid
     scores: dict[float, float] = field(default_factory=dict)  # lr -> the perplexity it was judged by
     transfer: bool = False  # learning rates chosen at another size (no grid of its own)
+    missing_lrs: list[float] = field(default_factory=list)  # learning rates of its grid not run yet
+
+    @property
+    def complete(self) -> bool:
+        """Every learning rate of its grid ran (a transfer cell has no grid: always complete)."""
+        return not self.missing_lrs
 
     def near_best(self, within: float) -> list[float]:
         """The learning rates whose perplexity is within ``within`` (relative) of the best one."""
@@ -64,8 +71,9 @@ class CellSummary:
 Summary = dict[str, dict[str, CellSummary]]
 
 
-def summarize(runs: list[dict], edition: Edition) -> Summary:
-    """size -> optimizer -> summary, sizes by parameter count, optimizers in the edition's order."""
+def summarize(runs: list[dict], edition: Edition, *, quick: bool = False) -> Summary:
+    """size -> optimizer -> summary, sizes by parameter count, optimizers in the edition's order;
+    ``quick``: the grids are the edition's ``--quick`` ones."""
     cells: dict[tuple[str, str], list[dict]] = {}
     for r in runs:
         cells.setdefault((r["size"], r["optimizer"]), []).append(r)
@@ -85,9 +93,12 @@ def summarize(runs: list[dict], edition: Edition) -> Summary:
         edge = None
         if len(lrs) > 1 and math.isfinite(score[best]) and not transfer:
             edge = "lowest" if best == lrs[0] else "highest" if best == lrs[-1] else None
+        grid = () if transfer or optimizer not in edition.optimizers else \
+            edition.lrs(edition.optimizers[optimizer], quick)
+        missing = [lr for lr in grid if not any(math.isclose(lr, ran) for ran in lrs)]
         out.setdefault(size, {})[optimizer] = CellSummary(
             size, optimizer, lrs, best, [by_lr[best][s] for s in sorted(by_lr[best])], sorted(common), edge,
-            {lr: score[lr] for lr in lrs}, transfer)
+            {lr: score[lr] for lr in lrs}, transfer, missing)
     params = {r["size"]: r["num_parameters"] for r in runs if r.get("num_parameters")}
     sizes = sorted(out, key=lambda s: (params.get(s, 0), s))
     return {s: {o: out[s][o] for o in sorted(out[s], key=edition.optimizer_rank)} for s in sizes}
