@@ -278,6 +278,7 @@ class SparseGather:
         self.group = group
         self.rank = rank
         self.size = size
+        self._prefetched = None  # ((step, rules), layout) worked out during the previous sync
 
     def layout(self, rules: dict, step: int) -> list[list[torch.Tensor]]:
         """Per bucket, per rank, its changed ranges (shard coordinates) at ``step``."""
@@ -317,9 +318,8 @@ class SparseGather:
         return step, tuple(sorted(rules.items()))
 
     def _layout_of(self, rules: dict, step: int) -> list[list[torch.Tensor]]:
-        prefetched = getattr(self, "_prefetched", None)
-        if prefetched is not None and prefetched[0] == self._rules_key(rules, step):
-            return prefetched[1]
+        if self._prefetched is not None and self._prefetched[0] == self._rules_key(rules, step):
+            return self._prefetched[1]
         return self.layout(rules, step)
 
     def _exchange_packed(self, members: list, sizes: list, width: int) -> None:
