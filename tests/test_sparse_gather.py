@@ -70,6 +70,23 @@ def test_the_route_follows_padding_and_transfers():
         gather.choose_route(members, [1, 1, 1])
 
 
+def test_settings_the_sparse_gather_cannot_serve_are_refused_by_name():
+    from types import SimpleNamespace
+
+    from magma_ext.megatron.sparse_gather import refuse_unsupported_sparse_gather
+
+    ddp = SimpleNamespace(overlap_param_gather=False, reuse_grad_buf_for_mxfp8_param_ag=False)
+    refuse_unsupported_sparse_gather(True, True, ddp)
+    refuse_unsupported_sparse_gather(False, False, SimpleNamespace(overlap_param_gather=True))  # off: no check
+    with pytest.raises(TypeError, match="sparse_param_gather must be a bool"):
+        refuse_unsupported_sparse_gather("yes", True, ddp)
+    with pytest.raises(ValueError, match="use_distributed_optimizer"):
+        refuse_unsupported_sparse_gather(True, False, ddp)
+    for flag in ("overlap_param_gather", "reuse_grad_buf_for_mxfp8_param_ag"):
+        with pytest.raises(ValueError, match=f"ddp_config.{flag}=True"):
+            refuse_unsupported_sparse_gather(True, True, SimpleNamespace(**{**vars(ddp), flag: True}))
+
+
 def test_rules_follow_the_group():
     group = dict(magma=True, mask="magma", keep_prob=0.5, seed=3)
     assert MaskRule.of_group(group) == MaskRule(3, 0.5, True)
@@ -109,6 +126,12 @@ def test_buckets_of_megatron_chunks_take_every_parameter_of_every_bucket():
     with pytest.raises(ValueError, match="several process groups"):
         buckets_of_chunks([SimpleNamespace(bucket_groups=[chunk.bucket_groups[0], other])], indices, slices,
                           group_of, ["row", "tensor"])
+    for buffer, found in ((torch.zeros(64, dtype=torch.uint8), "a torch.uint8 buffer"), (None, "no buffer")):
+        quantized = SimpleNamespace(param_data=buffer, params_list=[norm], param_to_index={norm: (0, 6)})
+        chunk = SimpleNamespace(bucket_groups=[SimpleNamespace(intra_distributed_optimizer_instance_group=group,
+                                                               buckets=[quantized])])
+        with pytest.raises(ValueError, match=f"a bucket with {found}"):
+            buckets_of_chunks([chunk], indices, slices, group_of, ["row", "tensor"])
 
 
 def test_the_host_draws_are_the_contracts_words():

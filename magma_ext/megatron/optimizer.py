@@ -27,7 +27,8 @@ from ..optimizer import Magma
 from ..pieces import declare_piece
 from .layout import TensorParallelSlice, is_paper_masked, piece_arguments, stable_name
 from .scores import CarriesMagmaScores, ShardStateFilter
-from .sparse_gather import MaskRule, SparseGather, SyncBytes, buckets_of_chunks, layout_record
+from .sparse_gather import (MaskRule, SparseGather, SyncBytes, buckets_of_chunks, layout_record,
+                            refuse_unsupported_sparse_gather)
 
 __all__ = ["get_megatron_magma_optimizer", "magma_optimizers", "param_sync_bytes", "param_layout_record"]
 
@@ -79,10 +80,13 @@ def get_megatron_magma_optimizer(
             precision-aware optimizer, CPU offloading, coupled weight decay,
             ``overlap_param_gather_with_optimizer_step``), ``block=N`` with a masked
             row-parallel weight under tensor parallelism, ``sparse_param_gather`` without the
-            distributed optimizer or with ``overlap_param_gather``, or a bad Magma option.
+            distributed optimizer, with ``overlap_param_gather``, with
+            ``reuse_grad_buf_for_mxfp8_param_ag`` or with FP8 (quantized) parameter buffers, or a
+            bad Magma option.
     """
     _refuse_unsupported(config, model_chunks, magma_options)
-    _refuse_unsupported_sparse_gather(sparse_param_gather, config, model_chunks)
+    refuse_unsupported_sparse_gather(sparse_param_gather, config.use_distributed_optimizer,
+                                     getattr(model_chunks[0], "ddp_config", None))
     if config_overrides is None:
         config_overrides = get_standard_config_overrides(config)
     groups = ProcessGroupCollection.setup_process_groups_for_optimizer(
@@ -186,19 +190,6 @@ def _refuse_unsupported(config: OptimizerConfig, model_chunks: list, magma_optio
     for key in ("lr", "betas", "eps", "weight_decay", "process_group", "params"):
         if key in magma_options:
             raise TypeError(f"{key} comes from config (or the model), not from a keyword")
-
-
-def _refuse_unsupported_sparse_gather(sparse_param_gather: bool, config: OptimizerConfig, model_chunks: list) -> None:
-    if not isinstance(sparse_param_gather, bool):
-        raise TypeError(f"sparse_param_gather must be a bool, got {type(sparse_param_gather).__name__}")
-    if not sparse_param_gather:
-        return
-    if not config.use_distributed_optimizer:
-        raise ValueError("sparse_param_gather=True needs config.use_distributed_optimizer=True (without it "
-                         "there is no parameter all-gather)")
-    if getattr(getattr(model_chunks[0], "ddp_config", None), "overlap_param_gather", False):
-        raise ValueError("sparse_param_gather=True is not supported with ddp_config.overlap_param_gather=True "
-                         "(the gather of each bucket is launched from the forward pre-hooks)")
 
 
 def _tensor_parallel_groups(pg_collection):

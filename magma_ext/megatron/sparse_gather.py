@@ -49,7 +49,7 @@ from ..shards import ParamView
 from .layout import piece_arguments
 
 __all__ = ["BucketTensor", "Bucket", "BlockTable", "MaskRule", "changed_ranges", "shard_ranges", "SparseGather", "SyncBytes",
-           "buckets_of_chunks", "layout_record", "buckets_of_record"]
+           "buckets_of_chunks", "layout_record", "buckets_of_record", "refuse_unsupported_sparse_gather"]
 
 
 @dataclass(frozen=True)
@@ -98,12 +98,20 @@ def buckets_of_chunks(model_chunks, indices: dict, slices: dict, group_of: dict,
     ``blocks`` gives each group's ``block`` option. Reads ``bucket_groups``, their
     ``intra_distributed_optimizer_instance_group`` and ``buckets``, and each bucket's
     ``param_data``, ``params_list`` and ``param_to_index`` (megatron-core 0.19).
+
+    Raises ValueError for a bucket whose buffer is not floating point (FP8 and other quantized
+    parameters: Megatron post-processes those after its own gather, which this one replaces).
     """
     buckets, groups = [], []
     for chunk in model_chunks:
         for bucket_group in chunk.bucket_groups:
             groups.append(bucket_group.intra_distributed_optimizer_instance_group)
             for bucket in bucket_group.buckets:
+                if bucket.param_data is None or not bucket.param_data.is_floating_point():
+                    found = "no buffer" if bucket.param_data is None else f"a {bucket.param_data.dtype} buffer"
+                    raise ValueError(f"sparse_param_gather: a bucket with {found} (FP8 or other quantized "
+                                     "parameters) is not supported: Megatron post-processes those after its "
+                                     "own gather")
                 tensors = []
                 for param in bucket.params_list:
                     whole = piece_arguments(indices[param], tuple(param.shape), 0, param.numel(), slices[param],
@@ -116,6 +124,27 @@ def buckets_of_chunks(model_chunks, indices: dict, slices: dict, group_of: dict,
     if any(g is not groups[0] for g in groups):
         raise ValueError("sparse_param_gather: the buckets are gathered over several process groups")
     return buckets, (groups[0] if groups else None)
+
+
+def refuse_unsupported_sparse_gather(sparse_param_gather, use_distributed_optimizer: bool, ddp_config) -> None:
+    """Raise (naming the setting) where ``sparse_param_gather`` cannot work: it is not a bool,
+    there is no distributed optimizer (so no parameter all-gather), Megatron gathers each bucket
+    from the forward pre-hooks (``overlap_param_gather``), or it zeroes the gathered buffer
+    (``reuse_grad_buf_for_mxfp8_param_ag``). ``ddp_config``: the model chunks' DDP config."""
+    if not isinstance(sparse_param_gather, bool):
+        raise TypeError(f"sparse_param_gather must be a bool, got {type(sparse_param_gather).__name__}")
+    if not sparse_param_gather:
+        return
+    if not use_distributed_optimizer:
+        raise ValueError("sparse_param_gather=True needs config.use_distributed_optimizer=True (without it "
+                         "there is no parameter all-gather)")
+    if getattr(ddp_config, "overlap_param_gather", False):
+        raise ValueError("sparse_param_gather=True is not supported with ddp_config.overlap_param_gather=True "
+                         "(the gather of each bucket is launched from the forward pre-hooks)")
+    if getattr(ddp_config, "reuse_grad_buf_for_mxfp8_param_ag", False):
+        raise ValueError("sparse_param_gather=True is not supported with "
+                         "ddp_config.reuse_grad_buf_for_mxfp8_param_ag=True (Megatron zeroes the gathered "
+                         "buffer, while the sparse gather needs the unchanged elements kept there)")
 
 
 def keep_words(seed: int, tensor_index: np.ndarray, block_index: np.ndarray, step: int) -> np.ndarray:
