@@ -87,6 +87,18 @@ def test_settings_the_sparse_gather_cannot_serve_are_refused_by_name():
             refuse_unsupported_sparse_gather(True, True, SimpleNamespace(**{**vars(ddp), flag: True}))
 
 
+def test_a_group_of_one_rank_gathers_nothing():
+    """As Megatron's own gather at DP 1: no collective (no process group exists here), no bytes."""
+    from magma_ext.megatron.sparse_gather import Bucket, SparseGather, SyncBytes
+
+    rng = random.Random(5)
+    tensors, numel = random_bucket_tensors(rng, 1)
+    data = torch.randn(numel)
+    gather = SparseGather([Bucket(data.clone(), tensors)], group=None, rank=0, size=1)
+    assert gather.sync(random_rules(rng), 3) == SyncBytes() and gather.dense_bytes() == SyncBytes()
+    assert torch.equal(gather.buckets[0].param_data, data)
+
+
 def test_rules_follow_the_group():
     group = dict(magma=True, mask="magma", keep_prob=0.5, seed=3)
     assert MaskRule.of_group(group) == MaskRule(3, 0.5, True)

@@ -318,7 +318,10 @@ class SparseGather:
         """COLLECTIVE: gather the changed ranges of every rank's shard into every rank's buckets.
 
         Once the transfers are queued, the layout of ``step + 1`` under the same rules is worked
-        out on the host while the device moves this step's data; the next call takes it."""
+        out on the host while the device moves this step's data; the next call takes it. A group
+        of one rank has nothing to gather (as Megatron's own gather): no work, zero bytes."""
+        if self.size == 1:
+            return SyncBytes()
         layout = self._layout_of(rules, step)
         total = SyncBytes()
         by_dtype = defaultdict(list)
@@ -454,8 +457,10 @@ class SparseGather:
         return torch.repeat_interleave(table, lengths, output_size=total) + torch.arange(total, device=device)
 
     def dense_bytes(self) -> SyncBytes:
-        """What a dense all-gather of these buckets moves per rank."""
+        """What a dense all-gather of these buckets moves per rank (nothing in a group of one)."""
         total = SyncBytes()
+        if self.size == 1:
+            return total
         for bucket in self.buckets:
             shard = bucket.param_data.numel() // self.size * bucket.param_data.element_size()
             total += SyncBytes(0, 0, shard, (self.size - 1) * shard)
