@@ -445,3 +445,21 @@ def test_lrs_keeps_only_the_sweep_runs_at_those_learning_rates(corpus_dir, capsy
                                      for lr in ("0.001", "0.005"))
     with pytest.raises(SystemExit):
         cli.main(["--edition", "2", "--plan", "--lrs", "fast"])
+
+
+def test_corpus_suffixes_choose_the_default_corpus_files(tmp_path, monkeypatch, capsys):
+    tree = tmp_path / "python"
+    files = _tree(tree)
+    monkeypatch.setattr(corpus, "python_roots", lambda: [tree.resolve()])
+    built = corpus.build(None, tmp_path / "cache", suffixes=(".py", ".json"), log=lambda _: None)
+    m = built.manifest
+    assert m["suffixes"] == [".py", ".json"] and m["files"] == 2  # a.py and e.json; the copy of a.py dropped
+    assert m["bytes"] == len(files["pkg/a.py"]) + len(files["pkg/e.json"])
+    assert built.folder != corpus.build(None, tmp_path / "cache", log=lambda _: None).folder
+    with pytest.raises(ValueError, match="--corpus-suffixes"):
+        corpus.list_files(None, (), ("py",))
+    with pytest.raises(SystemExit):
+        cli.main(["--edition", "2", "--plan", "--corpus-suffixes", "py,h"])
+    with pytest.raises(SystemExit):
+        cli.main(["--edition", "2", "--plan", "--corpus-suffixes", ".py", "--data", str(tree)])
+    assert "--corpus-suffixes" in capsys.readouterr().err

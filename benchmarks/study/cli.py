@@ -54,6 +54,13 @@ def _list(text: str | None) -> list[str] | None:
     return [part for part in text.split(",") if part] if text else None
 
 
+def _suffixes(p: argparse.ArgumentParser, text: str | None) -> tuple[str, ...]:
+    suffixes = tuple(_list(text) or corpus_lib.SUFFIXES)
+    if any(not x.startswith(".") or len(x) < 2 for x in suffixes):
+        p.error(f"--corpus-suffixes takes comma-separated endings like .py,.h; got {text!r}")
+    return suffixes
+
+
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="convergence.py", description=summary_line(),
@@ -81,6 +88,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--corpus-add", default=None,
                    help="edition 2: comma-separated folders whose *.py, *.h, *.rst, *.txt files join the "
                         "default corpus (where the Python tree alone is too small)")
+    p.add_argument("--corpus-suffixes", default=None,
+                   help="edition 2: comma-separated file name endings of the default corpus "
+                        f"(default {','.join(corpus_lib.SUFFIXES)})")
     p.add_argument("--max-bytes", type=int, default=None, help="corpus size cap (edition 1: 48 MiB unless told)")
     p.add_argument("--device", default=None, help="cuda (default when available) or cpu")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
@@ -146,6 +156,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     args.corpus_add = _list(args.corpus_add) or []
     if args.corpus_add and args.data:
         p.error("--corpus-add adds to the default corpus; with --data, put everything under one folder")
+    args.corpus_suffixes = _suffixes(p, args.corpus_suffixes)
+    if args.corpus_suffixes != corpus_lib.SUFFIXES and args.data:
+        p.error("--corpus-suffixes chooses the default corpus's files; --data takes every file of its folder")
     args.out = Path(args.out) if args.out else (RESULTS / edition.results if args.out is None else None)
     args.bundle = Path(args.bundle) if args.bundle else None
     args.resume = [Path(p) for p in args.resume.split(",") if p]
@@ -186,12 +199,16 @@ def corpus_main(argv: list[str]) -> int:
     p.add_argument("--data", default=None, help="a file or folder instead of the installed Python's files")
     p.add_argument("--corpus-add", default=None, help="comma-separated folders whose files of the corpus's "
                                                       "suffixes join the default corpus")
+    p.add_argument("--corpus-suffixes", default=None,
+                   help=f"comma-separated file name endings (default {','.join(corpus_lib.SUFFIXES)})")
     p.add_argument("--cache-dir", default=None, help="where to build it (default: the sweep's default)")
     p.add_argument("--max-bytes", type=int, default=None)
     args = p.parse_args(argv)
+    suffixes = _suffixes(p, args.corpus_suffixes)
     edition = edition_by_number(DEFAULT_EDITION)
     cache = Path(args.cache_dir) if args.cache_dir else default_work_dir(edition.number) / "corpus"
-    corpus = corpus_lib.build(args.data, cache, extra_roots=_list(args.corpus_add) or [], max_bytes=args.max_bytes)
+    corpus = corpus_lib.build(args.data, cache, extra_roots=_list(args.corpus_add) or [], suffixes=suffixes,
+                              max_bytes=args.max_bytes)
     print(json.dumps(corpus.manifest, indent=1))
     print(f"built in {corpus.folder}")
     try:
@@ -204,11 +221,12 @@ def corpus_main(argv: list[str]) -> int:
     return 0
 
 
-def corpus_note(edition, cells, data: str | None, extra_roots: list[str]) -> list[str]:
+def corpus_note(edition, cells, data: str | None, extra_roots: list[str],
+                suffixes: tuple[str, ...] = corpus_lib.SUFFIXES) -> list[str]:
     """What ``--plan`` says of this machine's corpus: an upper bound, without reading it."""
     if edition.corpus != "python-tree" or not cells:
         return []
-    source, files = corpus_lib.list_files(data, extra_roots)
+    source, files = corpus_lib.list_files(data, extra_roots, suffixes)
     total = corpus_lib.scan_bytes(files)
     largest = max((c.size for c in cells), key=lambda s: s.training_bytes_needed)
     usable = int(total * (1 - corpus_lib.VAL_FRACTION))
@@ -241,7 +259,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.plan:
         shards = assign_shards(cells, args.num_shards)
         print("\n".join(plan_lines(edition, shards, load_finished(args.resume), gpus=args.gpus or 2,
-                                   corpus_note=corpus_note(edition, cells, args.data, args.corpus_add))))
+                                   corpus_note=corpus_note(edition, cells, args.data, args.corpus_add,
+                                                           args.corpus_suffixes))))
         return 0
     import torch  # not before the arguments are checked; the report needs none
 

@@ -63,18 +63,23 @@ def _walk(root: Path, suffixes: tuple[str, ...] | None) -> list[Path]:
     return found
 
 
-def list_files(data: str | Path | None = None, extra_roots: list[str] | tuple = ()) -> tuple[str, list[Path]]:
+def list_files(data: str | Path | None = None, extra_roots: list[str] | tuple = (),
+               suffixes: tuple[str, ...] = SUFFIXES) -> tuple[str, list[Path]]:
     """(a description of the source, its files in sorted order of their resolved paths).
 
-    ``data`` None: the files with :data:`SUFFIXES` of the Python tree and of ``extra_roots``. A
-    file: that file. A folder: every regular file below it, whatever its name.
+    ``data`` None: the files ending in one of ``suffixes`` (default :data:`SUFFIXES`) of the
+    Python tree and of ``extra_roots``. A file: that file. A folder: every regular file below
+    it, whatever its name.
     """
     if data is None:
         missing = [r for r in extra_roots if not os.path.isdir(r)]
         if missing:
             raise FileNotFoundError(f"--corpus-add: no such folder(s) {missing}")
-        roots, suffixes = python_roots() + [Path(os.path.realpath(r)) for r in extra_roots], SUFFIXES
-        source = (f"every {', '.join('*' + s for s in SUFFIXES)} file under the installed Python's standard "
+        bad = [x for x in suffixes if not x.startswith(".") or len(x) < 2]
+        if bad or not suffixes:
+            raise ValueError(f"--corpus-suffixes: each must be a dot and a name, like .py; got {list(suffixes)}")
+        roots, suffixes = python_roots() + [Path(os.path.realpath(r)) for r in extra_roots], tuple(suffixes)
+        source = (f"every {', '.join('*' + s for s in suffixes)} file under the installed Python's standard "
                   f"library and site-packages" + (" and the added folders" if extra_roots else "")
                   + f" ({', '.join(str(r) for r in roots)})")
     else:
@@ -135,11 +140,12 @@ class Corpus:
 
 
 def build(data: str | Path | None, cache_dir: Path, *, extra_roots: list[str] | tuple = (),
-          val_fraction: float = VAL_FRACTION, max_bytes: int | None = None, log=print) -> Corpus:
-    """The corpus of ``data`` and ``extra_roots`` (see :func:`list_files`) in ``cache_dir``, built
-    unless a build of the same files and split is there already. ``max_bytes`` caps the stream
-    (its first bytes)."""
-    source, files = list_files(data, extra_roots)
+          suffixes: tuple[str, ...] = SUFFIXES, val_fraction: float = VAL_FRACTION, max_bytes: int | None = None,
+          log=print) -> Corpus:
+    """The corpus of ``data``, ``extra_roots`` and ``suffixes`` (see :func:`list_files`) in
+    ``cache_dir``, built unless a build of the same files and split is there already.
+    ``max_bytes`` caps the stream (its first bytes)."""
+    source, files = list_files(data, extra_roots, suffixes)
     if not files:
         raise CorpusTooSmall(f"no files for the corpus: {source}")
     key = hashlib.sha1(json.dumps([FORMAT, fingerprint(files), val_fraction, max_bytes]).encode()).hexdigest()[:16]
@@ -176,7 +182,7 @@ def build(data: str | Path | None, cache_dir: Path, *, extra_roots: list[str] | 
     count = math.ceil(len(stream) / chunk)
     val = b"".join(view[i * chunk:(i + 1) * chunk] for i in val_chunks)
     manifest = {
-        "source": source, "suffixes": list(SUFFIXES) if data is None else None,
+        "source": source, "suffixes": list(suffixes) if data is None else None,
         "roots": [str(r) for r in python_roots()] + list(extra_roots) if data is None else [str(data)],
         "files": len(used), "duplicates_dropped": duplicates, "empty_skipped": empty, "unreadable": unreadable,
         "max_bytes": max_bytes, "bytes": len(stream),

@@ -235,7 +235,8 @@ def run_sweep(args, edition: Edition, cells: list[Cell], device: torch.device, s
     else:
         cache_dir = Path(args.cache_dir) if args.cache_dir else work_dir / "corpus"
         try:
-            corpus = corpus_lib.build(args.data, cache_dir, extra_roots=args.corpus_add, max_bytes=args.max_bytes)
+            corpus = corpus_lib.build(args.data, cache_dir, extra_roots=args.corpus_add,
+                                      suffixes=args.corpus_suffixes, max_bytes=args.max_bytes)
             corpus_lib.check_fits(corpus.train_bytes, {cell_of[(r.size, r.optimizer)].size for r in runs},
                                   f"the corpus ({corpus.manifest['source']})")
         except corpus_lib.CorpusTooSmall as exc:
