@@ -9,7 +9,7 @@ changed (the kept blocks of masked tensors, and all of every tensor that is not 
 rank then moves its ranges by one of two routes, per dtype, chosen from the layout alone (so
 every rank chooses the same; :meth:`SparseGather.choose_route`):
 
-- *packed* (the default): each rank packs its own ranges into one buffer (straight into its
+- *packed* (what the default rule mostly takes): each rank packs its own ranges into one buffer (straight into its
   slot of the gather buffer), one in-place ``all_gather_into_tensor`` moves the packed buffers,
   padded to the largest rank's count (the padding is counted as sent), and each rank copies the
   other ranks' ranges into place.
