@@ -55,10 +55,10 @@ def _list(text: str | None) -> list[str] | None:
 
 
 def _suffixes(p: argparse.ArgumentParser, text: str | None) -> tuple[str, ...]:
-    suffixes = tuple(_list(text) or corpus_lib.SUFFIXES)
-    if any(not x.startswith(".") or len(x) < 2 for x in suffixes):
-        p.error(f"--corpus-suffixes takes comma-separated endings like .py,.h; got {text!r}")
-    return suffixes
+    try:
+        return corpus_lib.checked_suffixes(_list(text) or corpus_lib.SUFFIXES)
+    except ValueError as exc:
+        p.error(str(exc))
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:

@@ -63,6 +63,14 @@ def _walk(root: Path, suffixes: tuple[str, ...] | None) -> list[Path]:
     return found
 
 
+def checked_suffixes(suffixes) -> tuple[str, ...]:
+    """``suffixes`` as a tuple; ValueError unless each is a dot and a name (``.py``)."""
+    suffixes = tuple(suffixes)
+    if not suffixes or any(not x.startswith(".") or len(x) < 2 for x in suffixes):
+        raise ValueError(f"--corpus-suffixes: each must be a dot and a name, like .py; got {list(suffixes)}")
+    return suffixes
+
+
 def list_files(data: str | Path | None = None, extra_roots: list[str] | tuple = (),
                suffixes: tuple[str, ...] = SUFFIXES) -> tuple[str, list[Path]]:
     """(a description of the source, its files in sorted order of their resolved paths).
@@ -75,10 +83,7 @@ def list_files(data: str | Path | None = None, extra_roots: list[str] | tuple = 
         missing = [r for r in extra_roots if not os.path.isdir(r)]
         if missing:
             raise FileNotFoundError(f"--corpus-add: no such folder(s) {missing}")
-        bad = [x for x in suffixes if not x.startswith(".") or len(x) < 2]
-        if bad or not suffixes:
-            raise ValueError(f"--corpus-suffixes: each must be a dot and a name, like .py; got {list(suffixes)}")
-        roots, suffixes = python_roots() + [Path(os.path.realpath(r)) for r in extra_roots], tuple(suffixes)
+        roots, suffixes = python_roots() + [Path(os.path.realpath(r)) for r in extra_roots], checked_suffixes(suffixes)
         source = (f"every {', '.join('*' + s for s in suffixes)} file under the installed Python's standard "
                   f"library and site-packages" + (" and the added folders" if extra_roots else "")
                   + f" ({', '.join(str(r) for r in roots)})")
