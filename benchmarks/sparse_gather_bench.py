@@ -34,12 +34,16 @@ import argparse  # noqa: E402
 import datetime  # noqa: E402
 import json  # noqa: E402
 import statistics  # noqa: E402
+import sys  # noqa: E402
 import time  # noqa: E402
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
-from magma_ext.megatron.sparse_gather import Bucket, MaskRule, SparseGather, buckets_of_record  # noqa: E402
+from magma_ext.megatron.sparse_gather import Bucket, SparseGather, buckets_of_record  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from sparse_gather_projection import with_keep_prob  # noqa: E402
 
 DTYPES = {2: torch.bfloat16, 4: torch.float32}
 ROUTES = ("in place", "packed")  # each forced through SparseGather.route
@@ -53,10 +57,6 @@ def parse_args():
     p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--out", default=None, help="Markdown table to write (rank 0)")
     return p.parse_args()
-
-
-def with_keep_prob(rules: dict, keep_prob: float) -> dict:
-    return {k: MaskRule(r.seed, keep_prob, True) if r.masked else r for k, r in rules.items()}
 
 
 def timed(fn, device: torch.device) -> float:
