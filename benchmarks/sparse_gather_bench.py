@@ -35,7 +35,6 @@ import datetime  # noqa: E402
 import json  # noqa: E402
 import statistics  # noqa: E402
 import sys  # noqa: E402
-import time  # noqa: E402
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
@@ -43,7 +42,8 @@ import torch.distributed as dist  # noqa: E402
 from magma_ext.megatron.sparse_gather import Bucket, SparseGather, buckets_of_record  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from sparse_gather_projection import with_keep_prob  # noqa: E402
+from sparse_gather_projection import padded_numel, with_keep_prob  # noqa: E402
+from step_bench import time_call  # noqa: E402
 
 DTYPES = {2: torch.bfloat16, 4: torch.float32}
 ROUTES = ("in place", "packed")  # each forced through SparseGather.route
@@ -59,20 +59,6 @@ def parse_args():
     return p.parse_args()
 
 
-def timed(fn, device: torch.device) -> float:
-    """Milliseconds of ``fn``: CUDA events on a GPU, the wall clock on the CPU (the smoke test)."""
-    if device.type != "cuda":
-        start = time.perf_counter()
-        fn()
-        return (time.perf_counter() - start) * 1e3
-    start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    fn()
-    stop.record()
-    stop.synchronize()
-    return start.elapsed_time(stop)
-
-
 def main() -> None:
     args = parse_args()
     rank, size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
@@ -83,7 +69,7 @@ def main() -> None:
     with open(args.layout) as f:
         record_buckets, rules = buckets_of_record(json.load(f))
     # padded to a multiple of the ranks, as Megatron pads them (a no-op for the recorded DP size)
-    record_buckets = [(-(-numel // size) * size, item, tensors) for numel, item, tensors in record_buckets]
+    record_buckets = [(padded_numel(numel, size), item, tensors) for numel, item, tensors in record_buckets]
     gen = torch.Generator(device=device).manual_seed(1234)
     dense = [torch.randn(numel, generator=gen, device=device).to(DTYPES[item]) for numel, item, _ in record_buckets]
     for d in dense:
@@ -108,12 +94,12 @@ def main() -> None:
                     mine[a:b] += noise[a:b]
                 for bucket in buckets:
                     bucket.param_data[rank * shard:(rank + 1) * shard].copy_(mine)
-            times["dense"].append(timed(lambda: [
+            times["dense"].append(time_call(lambda: [
                 dist.all_gather_into_tensor(d, d[rank * (d.numel() // size):(rank + 1) * (d.numel() // size)])
                 for d in dense], device))
             for route, gather in gathers.items():
                 traffic = []
-                times[route].append(timed(lambda: traffic.append(gather.sync(step_rules, step)), device))
+                times[route].append(time_call(lambda: traffic.append(gather.sync(step_rules, step)), device))
                 moved[route].append(traffic[0].sent + traffic[0].received)
                 same = all(torch.equal(b.param_data.view(torch.int16 if b.param_data.element_size() == 2
                                                          else torch.int32),
