@@ -37,7 +37,7 @@ import random
 import statistics
 import sys
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -93,20 +93,6 @@ def rank_counts(ranges: torch.Tensor, numel: int, dp: int) -> torch.Tensor:
     return before[1:] - before[:-1]
 
 
-def step_fractions(buckets: list[RecordBucket], ranges: list[torch.Tensor], dp: int) -> tuple[float, float]:
-    """(sparse bytes over dense bytes, the same with the mean rank's count for the padded width)
-    of one step's changed ``ranges`` per bucket at data-parallel size ``dp``."""
-    counts = defaultdict(lambda: torch.zeros(dp, dtype=torch.int64))
-    dense = 0
-    for (numel, element_size, _), bucket_ranges in zip(buckets, ranges):
-        padded = padded_numel(numel, dp)
-        counts[element_size] += rank_counts(bucket_ranges, padded, dp)
-        dense += padded // dp * element_size
-    sparse = sum(int(c.max()) * size for size, c in counts.items())
-    mean = sum(int(c.sum()) * size for size, c in counts.items()) / dp
-    return sparse / dense, mean / dense
-
-
 def rank_range_counts(ranges: torch.Tensor, numel: int, dp: int) -> torch.Tensor:
     """How many of ``ranges`` (sorted, disjoint) overlap each of ``dp`` shards of a bucket of
     ``numel`` elements: the lengths of ``shard_ranges``'s lists, without a loop over ranks."""
@@ -118,49 +104,71 @@ def rank_range_counts(ranges: torch.Tensor, numel: int, dp: int) -> torch.Tensor
     return (stop - first).clamp(min=0)
 
 
-def in_place_transfers(buckets: list[RecordBucket], ranges: list[torch.Tensor], dp: int) -> int:
-    """The most point-to-point transfers a rank would post on the in-place route at ``dp``
-    (``SparseGather.direct_ops``, the largest over element sizes)."""
-    per_size = defaultdict(lambda: torch.zeros(dp, dtype=torch.int64))
-    for (numel, element_size, _), bucket_ranges in zip(buckets, ranges):
-        per_size[element_size] += rank_range_counts(bucket_ranges, padded_numel(numel, dp), dp)
-    return max((int(((dp - 1) * mine + mine.sum() - mine).max()) for mine in per_size.values()), default=0)
+@dataclass
+class StepCounts:
+    """One step's changes at data-parallel size ``dp``, per element size (the sparse gather
+    decides its route per dtype): changed elements and changed ranges of each rank's shard."""
 
+    dp: int
+    elements: dict[int, torch.Tensor]
+    ranges: dict[int, torch.Tensor]
+    dense_bytes: int  # a dense all-gather's shard, in bytes
 
-def auto_route_fraction(buckets: list[RecordBucket], ranges: list[torch.Tensor], dp: int) -> tuple[float, bool]:
-    """(bytes vs dense, whether some element size went in place) of one step at ``dp`` with the
-    routes ``SparseGather``'s auto rule picks per element size (its ``max_padding`` and
-    ``max_direct_ops``)."""
-    counts = defaultdict(lambda: torch.zeros(dp, dtype=torch.int64))
-    range_counts = defaultdict(lambda: torch.zeros(dp, dtype=torch.int64))
-    dense = 0
-    for (numel, element_size, _), bucket_ranges in zip(buckets, ranges):
-        padded = padded_numel(numel, dp)
-        counts[element_size] += rank_counts(bucket_ranges, padded, dp)
-        range_counts[element_size] += rank_range_counts(bucket_ranges, padded, dp)
-        dense += padded // dp * element_size
-    moved, in_place = 0.0, False
-    for size, c in counts.items():
-        mine = range_counts[size]
-        transfers = int(((dp - 1) * mine + mine.sum() - mine).max())
-        exact = int(c.sum())
-        if dp * int(c.max()) > SparseGather.max_padding * exact and transfers <= SparseGather.max_direct_ops:
-            moved += exact * size / dp  # each rank's mean: it sends its own and receives the others'
-            in_place = True
-        else:
-            moved += int(c.max()) * size
-    return moved / dense, in_place
+    @classmethod
+    def of(cls, buckets: list[RecordBucket], ranges: list[torch.Tensor], dp: int) -> StepCounts:
+        """From the changed ``ranges`` of every bucket (buckets padded to a multiple of ``dp``)."""
+        elements = defaultdict(lambda: torch.zeros(dp, dtype=torch.int64))
+        range_counts = defaultdict(lambda: torch.zeros(dp, dtype=torch.int64))
+        dense = 0
+        for (numel, element_size, _), bucket_ranges in zip(buckets, ranges):
+            padded = padded_numel(numel, dp)
+            elements[element_size] += rank_counts(bucket_ranges, padded, dp)
+            range_counts[element_size] += rank_range_counts(bucket_ranges, padded, dp)
+            dense += padded // dp * element_size
+        return cls(dp, dict(elements), dict(range_counts), dense)
+
+    def transfers(self, element_size: int) -> int:
+        """The most point-to-point transfers a rank posts on the in-place route
+        (``SparseGather.direct_ops``)."""
+        mine = self.ranges[element_size]
+        return int(((self.dp - 1) * mine + mine.sum() - mine).max())
+
+    def fractions(self) -> tuple[float, float]:
+        """(packed bytes over dense bytes, the same with the mean rank's count for the padded
+        width: what the in-place route moves)."""
+        packed = sum(int(c.max()) * size for size, c in self.elements.items())
+        mean = sum(int(c.sum()) * size for size, c in self.elements.items()) / self.dp
+        return packed / self.dense_bytes, mean / self.dense_bytes
+
+    def most_transfers(self) -> int:
+        """:meth:`transfers`, the largest over element sizes."""
+        return max((self.transfers(size) for size in self.ranges), default=0)
+
+    def auto_route(self) -> tuple[float, bool]:
+        """(bytes vs dense, whether some element size went in place) with the routes
+        ``SparseGather``'s auto rule picks per element size (its ``max_padding`` and
+        ``max_direct_ops``)."""
+        moved, in_place = 0.0, False
+        for size, c in self.elements.items():
+            exact = int(c.sum())
+            if (self.dp * int(c.max()) > SparseGather.max_padding * exact
+                    and self.transfers(size) <= SparseGather.max_direct_ops):
+                moved += exact * size / self.dp  # each rank's mean: it sends its own and receives the others'
+                in_place = True
+            else:
+                moved += int(c.max()) * size
+        return moved / self.dense_bytes, in_place
 
 
 @dataclass
 class Projection:
     keep_prob: float
     dp: int
-    fractions: list[float]  # per step: bytes vs dense (the packed route)
-    unpadded: list[float]  # per step: the same with the mean rank's count for the width (the in-place route)
-    transfers: list[int] = None  # per step: the in-place route's most transfers posted by one rank
-    auto: list[float] = None  # per step: bytes vs dense with the routes the auto rule picks
-    auto_in_place: list[bool] = None  # per step: whether the auto rule went in place
+    fractions: list[float] = field(default_factory=list)  # per step: bytes vs dense (the packed route)
+    unpadded: list[float] = field(default_factory=list)  # per step: the mean rank's count (the in-place route)
+    transfers: list[int] = field(default_factory=list)  # per step: the in-place route's most transfers of a rank
+    auto: list[float] = field(default_factory=list)  # per step: bytes vs dense with the auto rule's routes
+    auto_in_place: list[bool] = field(default_factory=list)  # per step: whether the auto rule went in place
 
     @property
     def transfers_max(self) -> int:
@@ -194,15 +202,16 @@ def project(buckets: list[RecordBucket], rules: dict, keep_probs: list[float], d
     tables = [BlockTable.of(tensors) for _, _, tensors in buckets]  # built once, drawn per step
     for keep_prob in keep_probs:
         step_rules = with_keep_prob(rules, keep_prob)
-        per_dp = {dp: Projection(keep_prob, dp, [], [], [], [], []) for dp in dps}
+        per_dp = {dp: Projection(keep_prob, dp) for dp in dps}
         for step in range(1, steps + 1):
             ranges = [table.changed(step_rules, step) for table in tables]
             for dp, projection in per_dp.items():
-                fraction, unpadded = step_fractions(buckets, ranges, dp)
+                counts = StepCounts.of(buckets, ranges, dp)
+                fraction, unpadded = counts.fractions()
                 projection.fractions.append(fraction)
                 projection.unpadded.append(unpadded)
-                projection.transfers.append(in_place_transfers(buckets, ranges, dp))
-                auto, in_place = auto_route_fraction(buckets, ranges, dp)
+                projection.transfers.append(counts.most_transfers())
+                auto, in_place = counts.auto_route()
                 projection.auto.append(auto)
                 projection.auto_in_place.append(in_place)
         out.extend(per_dp.values())

@@ -142,4 +142,4 @@ def test_in_place_transfers_match_the_gathers_own_count(seed):
             for (numel, size, _), r in zip(buckets, ranges):
                 members[size].append((None, shard_ranges(r, projection.padded_numel(numel, dp), dp)))
             expected = max(SparseGather([], None, 0, dp).direct_ops(m) for m in members.values())
-            assert projection.in_place_transfers(buckets, ranges, dp) == expected, (dp, step)
+            assert projection.StepCounts.of(buckets, ranges, dp).most_transfers() == expected, (dp, step)
