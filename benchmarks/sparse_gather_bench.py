@@ -1,19 +1,22 @@
 """Time the sparse parameter sync's routes against a dense all-gather, on real bucket layouts.
 
     torchrun --nproc-per-node 2 benchmarks/sparse_gather_bench.py layout.json \
-        --keep-probs 0.5 0.1 --steps 60 --warmup 10 --out sparse_gather_bench.md
+        --keep-probs 0.5 0.1 --steps 60 --warmup 10 --chunk-mib 16 64 --out sparse_gather_bench.md
 
 ``layout.json`` is a bucket layout record (``examples/megatron_gpt.py ... --layout-json``,
 ``magma_ext.megatron.param_layout_record``). Each rank allocates the record's buckets (random
 values, the record's element sizes as bf16/fp32) on its GPU (or, without one, on the CPU over
 gloo: a smoke test) and, per step and keep_prob
 (it replaces every masked rule's), changes the changed elements of its own shard, then syncs
-the buckets three ways, each timed with CUDA events around the sync alone:
+the buckets several ways, each timed with CUDA events around the sync alone:
 
 - *dense*: ``all_gather_into_tensor`` of every bucket in place (Megatron's gather without
   overlap), into a copy of the buckets that serves as the oracle;
 - *in place*: ``SparseGather.sync`` with the in-place point-to-point route forced;
-- *packed*: ``SparseGather.sync`` with the packed all-gather route forced.
+- *packed (one chunk)*: the packed all-gather route forced, its buffer moved whole;
+- *packed (N MiB chunks)*, *packed p2p (N MiB chunks)*: the packed route and its unpadded
+  point-to-point transport, in chunks of N MiB per rank (``SparseGather.chunk_bytes``), for each
+  N of ``--chunk-mib``.
 
 After every step each sparse copy must equal the dense one bit for bit (the script fails if
 not). Reported per keep_prob: median milliseconds after ``--warmup`` steps, the ratio to dense,
@@ -35,6 +38,7 @@ import datetime  # noqa: E402
 import json  # noqa: E402
 import statistics  # noqa: E402
 import sys  # noqa: E402
+import time  # noqa: E402
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
@@ -46,7 +50,15 @@ from sparse_gather_projection import padded_numel, with_keep_prob  # noqa: E402
 from step_bench import time_call  # noqa: E402
 
 DTYPES = {2: torch.bfloat16, 4: torch.float32}
-ROUTES = ("in place", "packed")  # each forced through SparseGather.route
+
+
+def variants(chunk_mib: list[int]) -> dict[str, dict]:
+    """Each timed sync's name and the SparseGather settings that make it."""
+    out = {"in place": dict(route="in place"), "packed (one chunk)": dict(route="packed", max_chunks=1)}
+    for mib in chunk_mib:
+        for route in ("packed", "packed p2p"):
+            out[f"{route} ({mib} MiB chunks)"] = dict(route=route, chunk_bytes=mib * 2**20)
+    return out
 
 
 def parse_args():
@@ -55,6 +67,8 @@ def parse_args():
     p.add_argument("--keep-probs", type=float, nargs="+", default=[0.5, 0.1])
     p.add_argument("--steps", type=int, default=60)
     p.add_argument("--warmup", type=int, default=10)
+    p.add_argument("--chunk-mib", type=int, nargs="+", default=[64],
+                   help="the packed routes' chunk sizes to time, MiB per rank")
     p.add_argument("--out", default=None, help="Markdown table to write (rank 0)")
     return p.parse_args()
 
@@ -74,16 +88,19 @@ def main() -> None:
     dense = [torch.randn(numel, generator=gen, device=device).to(DTYPES[item]) for numel, item, _ in record_buckets]
     for d in dense:
         dist.broadcast(d, src=0)
-    copies = {route: [Bucket(d.clone(), tensors) for d, (_, _, tensors) in zip(dense, record_buckets)]
-              for route in ROUTES}
-    gathers = {route: SparseGather(buckets, dist.group.WORLD, rank, size) for route, buckets in copies.items()}
-    for route, gather in gathers.items():
-        gather.route = route
+    settings = variants(args.chunk_mib)
+    copies = {name: [Bucket(d.clone(), tensors) for d, (_, _, tensors) in zip(dense, record_buckets)]
+              for name in settings}
+    gathers = {name: SparseGather(buckets, dist.group.WORLD, rank, size) for name, buckets in copies.items()}
+    for name, gather in gathers.items():
+        for attribute, value in settings[name].items():
+            setattr(gather, attribute, value)
     rows = []
     for keep_prob in args.keep_probs:
         step_rules = with_keep_prob(rules, keep_prob)
-        times = {"dense": [], **{route: [] for route in ROUTES}}
-        moved = {route: [] for route in ROUTES}
+        times = {"dense": [], **{name: [] for name in settings}}
+        moved = {name: [] for name in settings}
+        planning = {name: [] for name in settings}  # host ms to work out a step's plan
         for step in range(1, args.steps + 1):
             layout = gathers["in place"].layout(step_rules, step)
             for d, per_rank, buckets in zip(dense, layout, zip(*copies.values())):
@@ -101,6 +118,9 @@ def main() -> None:
                 traffic = []
                 times[route].append(time_call(lambda: traffic.append(gather.sync(step_rules, step)), device))
                 moved[route].append(traffic[0].sent + traffic[0].received)
+                started = time.perf_counter()
+                gather.plan(step_rules, step + 1)
+                planning[route].append((time.perf_counter() - started) * 1e3)
                 same = all(torch.equal(b.param_data.view(torch.int16 if b.param_data.element_size() == 2
                                                          else torch.int32),
                                        d.view(torch.int16 if d.element_size() == 2 else torch.int32))
@@ -109,14 +129,15 @@ def main() -> None:
                 dist.all_reduce(flag, op=dist.ReduceOp.MIN)
                 if not flag.item():
                     raise SystemExit(f"step {step}, keep_prob {keep_prob}: the {route} route differs from dense")
-        dense_bytes = gathers["packed"].dense_bytes()
+        dense_bytes = gathers["in place"].dense_bytes()
         dense_moved = dense_bytes.dense_sent + dense_bytes.dense_received
         dense_ms = statistics.median(times["dense"][args.warmup:])
-        rows.append((keep_prob, "dense", dense_ms, 1.0, dense_moved, 1.0))
-        for route in ROUTES:
+        rows.append((keep_prob, "dense", dense_ms, 1.0, dense_moved, 1.0, "-"))
+        for route in settings:
             ms = statistics.median(times[route][args.warmup:])
             mean_moved = statistics.fmean(moved[route][args.warmup:])
-            rows.append((keep_prob, route, ms, ms / dense_ms, mean_moved, mean_moved / dense_moved))
+            plan_ms = f"{statistics.median(planning[route][args.warmup:]):.3f}"
+            rows.append((keep_prob, route, ms, ms / dense_ms, mean_moved, mean_moved / dense_moved, plan_ms))
     if rank == 0:
         numel = sum(n for n, _, _ in record_buckets)
         lines = [
@@ -127,12 +148,15 @@ def main() -> None:
             f"- layout: {args.layout}: {len(record_buckets)} bucket(s), {numel:,} elements",
             f"- {args.steps} steps per keep_prob, medians over the last {args.steps - args.warmup}; every sparse "
             "step checked bit for bit against the dense gather",
+            "- *host plan ms*: the host's time to work out one step's plan (layout, views, transfers); "
+            "each sync does it for the next step while its transfers run, inside the timed sync",
             "",
-            "| keep_prob | sync | ms (median) | time vs dense | MiB sent + received (rank 0) | bytes vs dense |",
-            "|---:|---|---:|---:|---:|---:|",
+            "| keep_prob | sync | ms (median) | time vs dense | MiB sent + received (rank 0) | bytes vs dense "
+            "| host plan ms |",
+            "|---:|---|---:|---:|---:|---:|---:|",
         ]
-        lines += [f"| {k} | {route} | {ms:.3f} | {ratio:.3f} | {b / 2**20:,.1f} | {fraction:.3f} |"
-                  for k, route, ms, ratio, b, fraction in rows]
+        lines += [f"| {k} | {route} | {ms:.3f} | {ratio:.3f} | {b / 2**20:,.1f} | {fraction:.3f} | {plan} |"
+                  for k, route, ms, ratio, b, fraction, plan in rows]
         text = "\n".join(lines) + "\n"
         print(text)
         if args.out:

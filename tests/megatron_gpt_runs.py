@@ -58,8 +58,10 @@ def parse_args():
     parser.add_argument("--overflow-at", type=int, default=-1, help="make this step's gradients inf")
     parser.add_argument("--sparse-param-gather", action="store_true",
                         help="gather only kept blocks, and check each step against a dense all-gather")
-    parser.add_argument("--sparse-route", choices=["auto", "in-place", "packed"], default="auto",
+    parser.add_argument("--sparse-route", choices=["auto", "in-place", "packed", "packed-p2p"], default="auto",
                         help="force one route of the sparse gather (SparseGather.route)")
+    parser.add_argument("--sparse-chunk-bytes", type=int, default=None,
+                        help="the packed routes' bytes per rank and chunk (SparseGather.chunk_bytes)")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     args.block = int(args.block) if args.block.isdigit() else args.block
@@ -250,7 +252,10 @@ def main():
     if args.sparse_param_gather:
         record["shard_cuts_a_block"] = shard_cuts_a_block(optimizer)
         record["shard_boundaries"] = shard_boundaries(optimizer)
-        optimizer.chained_optimizers[0].sparse_gather.route = args.sparse_route.replace("-", " ")
+        gather = optimizer.chained_optimizers[0].sparse_gather
+        gather.route = args.sparse_route.replace("-", " ")
+        if args.sparse_chunk_bytes is not None:
+            gather.chunk_bytes = args.sparse_chunk_bytes
     forward_backward = get_forward_backward_func()
     for step in range(args.first_step, args.first_step + args.steps):
         ddp.zero_grad_buffer()

@@ -54,7 +54,20 @@ def as_mask(ranges: torch.Tensor, numel: int) -> torch.Tensor:
     return mask
 
 
-ROUTES = ("in place", "packed views", "packed positions")
+ROUTES = ("in place", "packed views", "packed positions", "packed chunks", "packed p2p chunks")
+EXACT_ROUTES = ("in place", "packed p2p chunks")  # nothing padded: each rank sends its changed elements
+
+
+def configure(gather: SparseGather, route: str) -> None:
+    """Set ``gather`` up for one of :data:`ROUTES`: the route forced, and on the packed ones views
+    or element positions, one chunk or several (chunk edges then cut ranges)."""
+    gather.route = "in place" if route == "in place" else "packed p2p" if "p2p" in route else "packed"
+    if route == "packed positions":
+        gather.max_views = 0
+    if "chunks" in route:
+        gather.chunk_bytes, gather.max_chunks = 8, 5
+    if route == "packed p2p chunks":
+        gather.max_views = 1  # runs of one range as views, longer ones by positions
 
 
 def sync_body(rank, size, seed, steps, route="in place"):
@@ -72,9 +85,7 @@ def sync_body(rank, size, seed, steps, route="in place"):
                for (tensors, numel), dtype in zip(layouts, dtypes)]
     dense = [b.param_data.clone() for b in buckets]
     gather = SparseGather(buckets, dist.group.WORLD, rank, size)
-    gather.route = "in place" if route == "in place" else "packed"
-    if route == "packed positions":
-        gather.max_views = 0
+    configure(gather, route)
     moved = []
     for step in range(1, steps + 1):
         if step == 4:  # the rules change between steps: the layout worked out ahead must not be used

@@ -9,7 +9,7 @@ import pytest
 import megatron_cases
 import sharded_cases as cases
 from distributed_helpers import run_ranks
-from sparse_gather_cases import sync_body
+from sparse_gather_cases import EXACT_ROUTES, sync_body
 
 EIGHT = 8
 STEPS = 20
@@ -37,9 +37,9 @@ def test_megatron_dp8_and_tp2_dp4_pieces_follow_one_process():
         megatron_cases.check_tp_dp_run(results, tp_size)
 
 
-@pytest.mark.parametrize("route", ["in place", "packed views"])
+@pytest.mark.parametrize("route", ["in place", "packed views", "packed p2p chunks"])
 def test_the_sparse_sync_on_8_ranks_equals_a_dense_gather(route):
     results = run_ranks(EIGHT, sync_body, EIGHT, 8, 6, route, timeout=600)
     for step in zip(*results):
-        moved = sum(sent for sent, _, _, _ in step) if route == "in place" else EIGHT * step[0][0]
+        moved = sum(sent for sent, _, _, _ in step) if route in EXACT_ROUTES else EIGHT * step[0][0]
         assert all(sent + received == moved for sent, received, _, _ in step)

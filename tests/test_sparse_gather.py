@@ -11,7 +11,7 @@ import torch
 
 from distributed_helpers import run_ranks
 from magma_ext.megatron.sparse_gather import MaskRule, changed_ranges, shard_ranges
-from sparse_gather_cases import ROUTES, as_mask, brute_force_changed, random_bucket_tensors, random_rules, sync_body
+from sparse_gather_cases import EXACT_ROUTES, ROUTES, as_mask, brute_force_changed, random_bucket_tensors, random_rules, sync_body
 
 
 @pytest.mark.parametrize("size", [1, 2, 3, 8])
@@ -30,6 +30,38 @@ def test_the_compact_layout_matches_brute_force(size):
             assert torch.equal(as_mask(local, shard), expected[r * shard:(r + 1) * shard]), (case, r)
 
 
+def test_chunk_windows_cut_each_stream_into_the_same_elements():
+    """Windows of a rank's stream over the chunk bounds give back every (bucket, element) of its
+    ranges once, in stream order, each at its stream position; bounds cover the stream."""
+    import numpy as np
+
+    from magma_ext.megatron.packed_exchange import chunk_bounds, stream_rows, window
+
+    rng = random.Random(11)
+    for case in range(40):
+        ranges_per_bucket = []
+        for _ in range(rng.randint(1, 4)):
+            edges = sorted(rng.sample(range(200), 2 * rng.randint(0, 6)))
+            ranges_per_bucket.append(torch.tensor(edges, dtype=torch.int64).reshape(-1, 2))
+        expected = [(b, e) for b, r in enumerate(ranges_per_bucket) for a, z in r.tolist() for e in range(a, z)]
+        rows = stream_rows(ranges_per_bucket)
+        width = len(expected) + rng.randint(0, 5)  # a longer stream elsewhere: this one ends early
+        bounds = chunk_bounds(width, rng.choice([2, 4]), rng.choice([1, 8, 64, 10**9]), rng.randint(1, 6))
+        assert [lo for lo, _ in bounds[1:]] == [hi for _, hi in bounds[:-1]], case
+        assert (bounds[0][0], bounds[-1][1]) == (0, width) if width else bounds == [], case
+        found = []
+        for lo, hi in bounds:
+            part = window(rows, lo, hi)
+            assert np.all(part[:, 3] > 0) and np.all(part[:, 2] + part[:, 3] <= hi - lo), case
+            for bucket, start, stream, length in part.tolist():
+                found += [(lo + stream + k, (bucket, start + k)) for k in range(length)]
+        assert [position for position, _ in found] == list(range(len(expected))), case
+        assert [element for _, element in found] == expected, case
+    assert len(chunk_bounds(100, 4, 50, 8)) == 8  # 400 bytes / 50 per chunk
+    assert len(chunk_bounds(100, 4, 50, 3)) == 3  # capped
+    assert chunk_bounds(100, 4, 10**9, 8) == [(0, 100)] and chunk_bounds(0, 4, 50, 8) == []
+
+
 @pytest.mark.parametrize("route", ROUTES)
 @pytest.mark.parametrize("size, seed", [(2, 1), (3, 2), (4, 3), (4, 4)])
 def test_the_sparse_sync_leaves_every_rank_bit_identical_to_a_dense_gather(size, seed, route):
@@ -37,12 +69,12 @@ def test_the_sparse_sync_leaves_every_rank_bit_identical_to_a_dense_gather(size,
     for step in zip(*results):  # per step, every rank's (sent, received, dense sent, dense received)
         assert all(dense_sent == step[0][2] and dense_received == (size - 1) * dense_sent
                    for _, _, dense_sent, dense_received in step)
-        if route == "in place":  # exactly its own elements out, every other rank's in (no padding)
+        if route in EXACT_ROUTES:  # exactly its own elements out, every other rank's in (no padding)
             assert all(sent + received == sum(s for s, _, _, _ in step) for sent, received, _, _ in step)
         else:  # the packed width, the same on every rank
             assert all(s == step[0] for s in step) and step[0][1] == (size - 1) * step[0][0]
         assert all(sent <= dense_sent for sent, _, dense_sent, _ in step)
-    if route == "in place":  # ranks send what they changed, so some step has unequal counts
+    if route in EXACT_ROUTES:  # ranks send what they changed, so some step has unequal counts
         assert any(len({sent for sent, _, _, _ in step}) > 1 for step in zip(*results))
 
 

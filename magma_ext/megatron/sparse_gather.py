@@ -6,29 +6,30 @@ model again. A block Magma masked this step did not change, and every rank knows
 those are without being told: a mask is a function of (seed, tensor index, block, step). So
 every rank computes the same *compact layout*: for every rank's shard, the element ranges that
 changed (the kept blocks of masked tensors, and all of every tensor that is not masked). Each
-rank then moves its ranges by one of two routes, per dtype, chosen from the layout alone (so
+rank then moves its ranges by one of three routes, per dtype, chosen from the layout alone (so
 every rank chooses the same; :meth:`SparseGather.choose_route`):
 
-- *packed* (what the default rule mostly takes): each rank packs its own ranges into one buffer (straight into its
-  slot of the gather buffer), one in-place ``all_gather_into_tensor`` moves the packed buffers,
-  padded to the largest rank's count (the padding is counted as sent), and each rank copies the
-  other ranks' ranges into place.
+- *packed* (what the default rule mostly takes): each rank packs its own ranges into its slot of
+  a gather buffer, in-place ``all_gather_into_tensor`` calls move the packed buffers, padded to
+  the largest rank's count (the padding is counted as sent), and each rank copies the other
+  ranks' ranges into place.
+- *packed p2p*: the same packed buffers, moved unpadded by point-to-point transfers (one
+  ``batch_isend_irecv`` per chunk, one send to and one receive from each other rank): a rank
+  sends exactly its changed elements. Taken only when forced, until it is measured.
 - *in place*: each rank sends each of its ranges, straight from its bucket, to every other
   rank, which receives it straight into its own bucket; all of these point-to-point transfers
   are one ``torch.distributed.batch_isend_irecv`` (one NCCL group). Nothing is packed, copied or
-  padded: a rank sends exactly its changed elements. Taken when the packed route's padding would
-  move more than :attr:`SparseGather.max_padding` times the changed elements (as with tensor
-  blocks at large data-parallel sizes, where some rank's whole shard lies in a kept tensor) and
-  no rank posts more than :attr:`SparseGather.max_direct_ops` transfers.
+  padded. Taken when the packed route's padding would move more than
+  :attr:`SparseGather.max_padding` times the changed elements (as with tensor blocks at large
+  data-parallel sizes, where some rank's whole shard lies in a kept tensor) and no rank posts
+  more than :attr:`SparseGather.max_direct_ops` transfers.
 
-The masked ranges already hold the same values on every rank, so the parameters end
-bit-identical to those of a dense gather.
+The packed routes move their buffers in chunks, unpacking each chunk while the next one is on
+the wire (:mod:`magma_ext.megatron.packed_exchange`). The masked ranges already hold the same
+values on every rank, so the parameters end bit-identical to those of a dense gather.
 
-The layout is computed on the host (numpy, from the host's step count): no host synchronisation.
-The packed route packs few ranges with one ``torch.cat`` of views and unpacks them with one
-``torch._foreach_copy_``; many by element positions built on the device from the ranges
-(``repeat_interleave`` with a host-known size, ``index_select``, ``index_copy_``), which costs 8
-bytes of positions per moved element.
+The layout and every view and transfer of a step are worked out on the host (numpy, from the
+host's step count), during the previous step's transfers: no host synchronisation.
 
 No megatron-core import: the layout functions and :class:`SparseGather` take plain buckets
 (``magma_ext.megatron.optimizer`` builds them from Megatron's), so CPU tests check them.
@@ -37,7 +38,7 @@ No megatron-core import: the layout functions and :class:`SparseGather` take pla
 from __future__ import annotations
 
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -47,9 +48,12 @@ from ..philox import PHILOX_M0, PHILOX_M1, _round_keys, check_seed, keep_thresho
 from ..pieces import Piece
 from ..shards import ParamView
 from .layout import piece_arguments
+from .packed_exchange import PackedPlan, chunk_bounds, plan_packed
 
 __all__ = ["BucketTensor", "Bucket", "BlockTable", "MaskRule", "changed_ranges", "shard_ranges", "SparseGather", "SyncBytes",
-           "buckets_of_chunks", "layout_record", "buckets_of_record", "refuse_unsupported_sparse_gather"]
+           "buckets_of_chunks", "layout_record", "buckets_of_record", "refuse_unsupported_sparse_gather", "ROUTES"]
+
+ROUTES = ("packed", "packed p2p", "in place")  # what SparseGather.route may force
 
 
 @dataclass(frozen=True)
@@ -257,7 +261,9 @@ def shard_ranges(ranges: torch.Tensor, numel: int, size: int) -> list[torch.Tens
 
 @dataclass
 class SyncBytes:
-    """Bytes one rank sent and received in one parameter sync, and what a dense gather moves."""
+    """Bytes one rank sent and received in one parameter sync, and what a dense gather moves,
+    counted as an all-gather counts them: ``sent`` is this rank's own contribution (once, padding
+    included), ``received`` the other ranks' contributions that arrive."""
 
     sent: int = 0
     received: int = 0
@@ -278,25 +284,40 @@ class SyncBytes:
         return (self.sent + self.received) / dense if dense else 0.0
 
 
+@dataclass
+class _DtypePlan:
+    """One dtype's share of a step's sync: its route, what it moves, and the work to run it."""
+
+    route: str
+    moved: SyncBytes
+    packed: PackedPlan | None = None  # the packed routes
+    ops: list = field(default_factory=list)  # the in-place route's point-to-point transfers
+
+
 class SparseGather:
     """The sparse parameter sync of a data-parallel group's buckets.
 
     Per dtype, the changed ranges move by the route :meth:`choose_route` picks (see the module's
-    description); set :attr:`route` to ``"packed"`` or ``"in place"`` to force one. On the
-    packed route a shard's ranges are packed and unpacked as views (``torch.cat``, one
-    ``torch._foreach_copy_``) when they are at most :attr:`max_views`, else by element positions
-    built on the device (``index_select`` / ``index_copy_``).
+    description); set :attr:`route` to ``"packed"``, ``"packed p2p"`` or ``"in place"`` to force
+    one. The packed routes move each rank's packed ranges in chunks of about :attr:`chunk_bytes`
+    per rank (at most :attr:`max_chunks`), unpacking one chunk while the next is on the wire
+    (:mod:`magma_ext.megatron.packed_exchange`); a shard's ranges in a chunk are copied as views
+    when they are at most :attr:`max_views`, else by element positions built on the device.
+    Each sync works out the next step's plan (views, transfers) while its own transfers run.
     """
 
-    route = "auto"  # "auto", "packed" or "in place"
+    route = "auto"  # "auto", "packed", "packed p2p" or "in place"
     # auto takes the in-place route only where packing would pad past max_padding times the
     # changed elements. On 2 x H200 (NVLink, DP 2; benchmarks/results/sparse_gather_routes_*.md)
     # the packed route was the faster one at keep_prob 0.5 and 0.1 (padding 1.10x and 1.31x); by
     # the bytes per millisecond of each route there, in place would pay from about 1.3x (keep 0.5)
-    # to 2.3x (keep 0.1) of padding. Larger data-parallel sizes are not measured yet.
+    # to 2.3x (keep 0.1) of padding. Larger data-parallel sizes are not measured yet, nor is
+    # "packed p2p" (the packed streams moved unpadded), which auto does not take yet.
     max_padding = 2.0
     max_direct_ops = 1024  # sends + receives one rank may post on the in-place route
-    max_views = 256  # on the packed route, a shard with more ranges than this goes by positions
+    max_views = 256  # on the packed routes, a shard's run of more ranges than this goes by positions
+    chunk_bytes = 64 * 2**20  # per rank and chunk on the packed routes
+    max_chunks = 8
 
     def __init__(self, buckets: list[Bucket], group, rank: int, size: int):
         for bucket in buckets:
@@ -307,7 +328,8 @@ class SparseGather:
         self.group = group
         self.rank = rank
         self.size = size
-        self._prefetched = None  # ((step, rules), layout) worked out during the previous sync
+        self._buffers: dict[torch.dtype, torch.Tensor] = {}  # the packed routes' gather buffers
+        self._prefetched = None  # (key, plans) worked out during the previous sync
 
     def layout(self, rules: dict, step: int) -> list[list[torch.Tensor]]:
         """Per bucket, per rank, its changed ranges (shard coordinates) at ``step``."""
@@ -317,77 +339,85 @@ class SparseGather:
     def sync(self, rules: dict, step: int) -> SyncBytes:
         """COLLECTIVE: gather the changed ranges of every rank's shard into every rank's buckets.
 
-        Once the transfers are queued, the layout of ``step + 1`` under the same rules is worked
-        out on the host while the device moves this step's data; the next call takes it. A group
-        of one rank has nothing to gather (as Megatron's own gather): no work, zero bytes."""
+        Once the transfers are queued, the plan of ``step + 1`` under the same rules and settings
+        is worked out on the host while the device moves this step's data; the next call takes
+        it. A group of one rank has nothing to gather (as Megatron's own gather): no work, zero
+        bytes."""
         if self.size == 1:
             return SyncBytes()
-        layout = self._layout_of(rules, step)
+        key = self._plan_key(rules, step)
+        plans = self._prefetched[1] if self._prefetched is not None and self._prefetched[0] == key else None
+        self._prefetched = None
+        plans = plans if plans is not None else self.plan(rules, step)
         total = SyncBytes()
-        by_dtype = defaultdict(list)
-        for bucket, ranks in zip(self.buckets, layout):
-            by_dtype[bucket.param_data.dtype].append((bucket, ranks))
-        for dtype, members in by_dtype.items():
-            # elements of each rank's ranges, per bucket of this dtype: [bucket][rank]
-            sizes = [[int((r[:, 1] - r[:, 0]).sum()) for r in ranks] for _, ranks in members]
-            counts = [sum(per_rank[r] for per_rank in sizes) for r in range(self.size)]
-            item = torch.empty((), dtype=dtype).element_size()
-            dense = sum(bucket.param_data.numel() // self.size for bucket, _ in members) * item
-            if self.choose_route(members, counts) == "in place":
-                total += SyncBytes(counts[self.rank] * item, (sum(counts) - counts[self.rank]) * item,
-                                   dense, (self.size - 1) * dense)
-                self._exchange_in_place(members)
-            else:
-                width = max(counts)
-                total += SyncBytes(width * item, (self.size - 1) * width * item, dense, (self.size - 1) * dense)
-                if width:
-                    self._exchange_packed(members, sizes, width)
-        self._prefetched = (self._rules_key(rules, step + 1), self.layout(rules, step + 1))
+        for plan in plans:
+            total += plan.moved
+            self._run(plan)
+        self._prefetched = (self._plan_key(rules, step + 1), self.plan(rules, step + 1))
         return total
 
-    @staticmethod
-    def _rules_key(rules: dict, step: int) -> tuple:
-        return step, tuple(sorted(rules.items()))
+    def _plan_key(self, rules: dict, step: int) -> tuple:
+        settings = (self.route, self.max_padding, self.max_direct_ops, self.max_views, self.chunk_bytes,
+                    self.max_chunks)
+        return step, tuple(sorted(rules.items())), settings
 
-    def _layout_of(self, rules: dict, step: int) -> list[list[torch.Tensor]]:
-        if self._prefetched is not None and self._prefetched[0] == self._rules_key(rules, step):
-            return self._prefetched[1]
-        return self.layout(rules, step)
+    def plan(self, rules: dict, step: int) -> list[_DtypePlan]:
+        """Per dtype, the route and the work of the sync at ``step`` (no communication)."""
+        by_dtype = defaultdict(list)
+        for bucket, ranks in zip(self.buckets, self.layout(rules, step)):
+            by_dtype[bucket.param_data.dtype].append((bucket, ranks))
+        return [self._plan_dtype(dtype, members) for dtype, members in by_dtype.items()]
 
-    def _exchange_packed(self, members: list, sizes: list, width: int) -> None:
-        """COLLECTIVE: pack this rank's ranges straight into its slot of the gather buffer
-        (padded to ``width``), all-gather in place, and copy the other ranks' ranges out."""
+    def _plan_dtype(self, dtype: torch.dtype, members: list) -> _DtypePlan:
+        counts = [sum(int((ranks[r][:, 1] - ranks[r][:, 0]).sum()) for _, ranks in members) for r in range(self.size)]
+        item = torch.empty((), dtype=dtype).element_size()
+        dense = sum(bucket.param_data.numel() // self.size for bucket, _ in members) * item
+        route = self.choose_route(members, counts)
+        if route == "packed":
+            width = max(counts)
+            moved = SyncBytes(width * item, (self.size - 1) * width * item, dense, (self.size - 1) * dense)
+        else:  # each rank's changed elements, nothing padded
+            moved = SyncBytes(counts[self.rank] * item, (sum(counts) - counts[self.rank]) * item, dense,
+                              (self.size - 1) * dense)
+        if route == "in place":
+            return _DtypePlan(route, moved, ops=self._in_place_ops(members))
+        width = max(counts)
+        bounds = chunk_bounds(width, item, self.chunk_bytes, self.max_chunks)
+        shards = [[self._shard(bucket, r) for r in range(self.size)] for bucket, _ in members]
+        packed = plan_packed(shards, [ranks for _, ranks in members], self.rank, self._buffer(members, width),
+                             "all_gather" if route == "packed" else "p2p", bounds, self.max_views)
+        return _DtypePlan(route, moved, packed=packed)
+
+    def _buffer(self, members: list, width: int) -> torch.Tensor:
+        """The gather buffer of ``members``' dtype, grown (by an eighth more) to hold ``size``
+        slots of ``width``; kept between steps."""
+        data = members[0][0].param_data
+        buffer = self._buffers.get(data.dtype)
+        needed = self.size * width
+        if buffer is None or buffer.numel() < needed:
+            buffer = torch.empty(needed + needed // 8, dtype=data.dtype, device=data.device)
+            self._buffers[data.dtype] = buffer
+        return buffer
+
+    def _run(self, plan: _DtypePlan) -> None:
         import torch.distributed as dist
 
-        dtype, device = members[0][0].param_data.dtype, members[0][0].param_data.device
-        gathered = torch.empty(self.size * width, dtype=dtype, device=device)
-        mine = gathered[self.rank * width:(self.rank + 1) * width]
-        position = 0
-        for (bucket, ranks), per_rank in zip(members, sizes):
-            self._take(self._shard(bucket, self.rank), ranks[self.rank], mine[position:position + per_rank[self.rank]])
-            position += per_rank[self.rank]
-        mine[position:].zero_()
-        dist.all_gather_into_tensor(gathered, mine, group=self.group)
-        destinations, sources = [], []
-        for r in range(self.size):
-            if r != self.rank:
-                position = r * width
-                for (bucket, ranks), per_rank in zip(members, sizes):
-                    self._put(self._shard(bucket, r), ranks[r], gathered[position:position + per_rank[r]],
-                              destinations, sources)
-                    position += per_rank[r]
-        if destinations:
-            torch._foreach_copy_(destinations, sources)
+        if plan.packed is not None:
+            plan.packed.run(self.group, self.rank)
+        elif plan.ops:
+            for work in dist.batch_isend_irecv(plan.ops):
+                work.wait()
 
     def choose_route(self, members: list, counts: list[int]) -> str:
-        """``"packed"`` or ``"in place"`` for ``members`` (``[(bucket, its ranges per rank)]``)
-        whose ranks change ``counts`` elements: :attr:`route` unless it is ``"auto"``; then in
-        place where the packed route would move more than :attr:`max_padding` times the changed
-        elements and no rank posts more than :attr:`max_direct_ops` transfers. The same on every
-        rank (it reads the whole layout)."""
+        """``"packed"``, ``"packed p2p"`` or ``"in place"`` for ``members`` (``[(bucket, its
+        ranges per rank)]``) whose ranks change ``counts`` elements: :attr:`route` unless it is
+        ``"auto"``; then in place where the packed route would move more than
+        :attr:`max_padding` times the changed elements and no rank posts more than
+        :attr:`max_direct_ops` transfers, else packed. The same on every rank (it reads the whole
+        layout)."""
         if self.route != "auto":
-            if self.route not in ("packed", "in place"):
-                raise ValueError(f"route must be 'auto', 'packed' or 'in place', got {self.route!r}")
+            if self.route not in ROUTES:
+                raise ValueError(f"route must be 'auto', 'packed', 'packed p2p' or 'in place', got {self.route!r}")
             return self.route
         padded = self.size * max(counts, default=0)
         if padded > self.max_padding * sum(counts) and self.direct_ops(members) <= self.max_direct_ops:
@@ -402,9 +432,9 @@ class SparseGather:
         total = sum(ranges)
         return max((self.size - 1) * mine + total - mine for mine in ranges)
 
-    def _exchange_in_place(self, members: list) -> None:
-        """COLLECTIVE: send this rank's ranges from its shards to every other rank and receive
-        theirs into their shards of this rank's buckets, as one batch of point-to-point ops."""
+    def _in_place_ops(self, members: list) -> list:
+        """The in-place route's transfers: this rank's ranges from its shards to every other
+        rank, and theirs into their shards of this rank's buckets."""
         import torch.distributed as dist
 
         ops = []
@@ -418,43 +448,7 @@ class SparseGather:
                         for a, b in ranks[self.rank].tolist()]
                 ops += [dist.P2POp(dist.irecv, theirs[a:b], group=self.group, group_peer=peer)
                         for a, b in ranks[peer].tolist()]
-        if ops:
-            for work in dist.batch_isend_irecv(ops):
-                work.wait()
-
-    def _take(self, shard: torch.Tensor, ranges: torch.Tensor, out: torch.Tensor) -> None:
-        """Write the elements of ``ranges`` of ``shard``, in order, into ``out``."""
-        if len(ranges) > self.max_views:
-            torch.index_select(shard, 0, self._positions(ranges, shard.device), out=out)
-        elif len(ranges):
-            torch.cat([shard[a:b] for a, b in ranges.tolist()], out=out)
-
-    def _put(self, shard: torch.Tensor, ranges: torch.Tensor, values: torch.Tensor, destinations: list,
-             sources: list) -> None:
-        """Write ``values`` into the elements of ``ranges`` of ``shard``, in order: by element
-        positions now, or as views appended to ``destinations``/``sources`` for one
-        ``torch._foreach_copy_`` over every bucket and rank."""
-        if len(ranges) > self.max_views:
-            shard.index_copy_(0, self._positions(ranges, shard.device), values)
-            return
-        position = 0
-        for a, b in ranges.tolist():
-            destinations.append(shard[a:b])
-            sources.append(values[position:position + b - a])
-            position += b - a
-
-    @staticmethod
-    def _positions(ranges: torch.Tensor, device) -> torch.Tensor:
-        """The element positions of ``ranges``, built on ``device`` from the ranges alone (their
-        count is known on the host, so nothing waits for the device)."""
-        lengths = ranges[:, 1] - ranges[:, 0]
-        total = int(lengths.sum())
-        table = ranges[:, 0] - (torch.cumsum(lengths, 0) - lengths)  # first position minus packed offset
-        if device.type == "cuda":
-            table, lengths = table.pin_memory(), lengths.pin_memory()
-        table = table.to(device, non_blocking=True)
-        lengths = lengths.to(device, non_blocking=True)
-        return torch.repeat_interleave(table, lengths, output_size=total) + torch.arange(total, device=device)
+        return ops
 
     def dense_bytes(self) -> SyncBytes:
         """What a dense all-gather of these buckets moves per rank (nothing in a group of one)."""
