@@ -30,12 +30,12 @@ def test_the_compact_layout_matches_brute_force(size):
             assert torch.equal(as_mask(local, shard), expected[r * shard:(r + 1) * shard]), (case, r)
 
 
-def test_chunk_windows_cut_each_stream_into_the_same_elements():
-    """Windows of a rank's stream over the chunk bounds give back every (bucket, element) of its
-    ranges once, in stream order, each at its stream position; bounds cover the stream."""
+def test_chunks_cut_each_stream_into_the_same_elements():
+    """A rank's stream cut at the chunk bounds gives back every (bucket, element) of its ranges
+    once, in stream order, each at its stream position; bounds cover the stream."""
     import numpy as np
 
-    from magma_ext.megatron.packed_exchange import chunk_bounds, stream_rows, window
+    from magma_ext.megatron.packed_exchange import chunk_bounds, cut, stream_rows
 
     rng = random.Random(11)
     for case in range(40):
@@ -50,8 +50,9 @@ def test_chunk_windows_cut_each_stream_into_the_same_elements():
         assert [lo for lo, _ in bounds[1:]] == [hi for _, hi in bounds[:-1]], case
         assert (bounds[0][0], bounds[-1][1]) == (0, width) if width else bounds == [], case
         found = []
-        for lo, hi in bounds:
-            part = window(rows, lo, hi)
+        parts = cut(rows, bounds)
+        assert len(parts) == len(bounds), case
+        for (lo, hi), part in zip(bounds, parts):
             assert np.all(part[:, 3] > 0) and np.all(part[:, 2] + part[:, 3] <= hi - lo), case
             for bucket, start, stream, length in part.tolist():
                 found += [(lo + stream + k, (bucket, start + k)) for k in range(length)]

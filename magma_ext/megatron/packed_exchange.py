@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-__all__ = ["stream_rows", "window", "chunk_bounds", "PackedPlan", "plan_packed"]
+__all__ = ["stream_rows", "cut", "chunk_bounds", "PackedPlan", "plan_packed"]
 
 BUCKET, START, STREAM, LENGTH = range(4)  # the columns of stream rows
 
@@ -49,17 +49,23 @@ def stream_rows(ranges_per_bucket: list[torch.Tensor]) -> np.ndarray:
     return np.concatenate(parts).astype(np.int64, copy=False)
 
 
-def window(rows: np.ndarray, lo: int, hi: int) -> np.ndarray:
-    """The part of a stream's ``rows`` at stream positions ``[lo, hi)``, rows cut at the window's
-    edges, stream starts counted from ``lo``."""
-    first = np.maximum(rows[:, STREAM], lo)
-    last = np.minimum(rows[:, STREAM] + rows[:, LENGTH], hi)
-    inside = last > first
-    out = rows[inside].copy()
-    out[:, START] += first[inside] - rows[inside, STREAM]
-    out[:, STREAM] = first[inside] - lo
-    out[:, LENGTH] = last[inside] - first[inside]
-    return out
+def cut(rows: np.ndarray, bounds: list[tuple[int, int]]) -> list[np.ndarray]:
+    """A stream's ``rows`` cut into the chunks of stream positions ``bounds`` (end to end from 0):
+    per chunk, its rows, cut at the chunk's edges, stream starts counted from the chunk's start."""
+    if not bounds:
+        return []
+    edges = np.array([lo for lo, _ in bounds] + [bounds[-1][1]], dtype=np.int64)
+    starts, ends = rows[:, STREAM], rows[:, STREAM] + rows[:, LENGTH]
+    first = np.searchsorted(edges, starts, side="right") - 1  # the chunk of a row's first element
+    spans = np.searchsorted(edges, ends - 1, side="right") - first  # chunks a row touches
+    row = np.repeat(np.arange(len(rows)), spans)
+    chunk = np.arange(len(row)) - np.repeat(np.cumsum(spans) - spans, spans) + first[row]
+    lo, hi = np.maximum(starts[row], edges[chunk]), np.minimum(ends[row], edges[chunk + 1])
+    out = rows[row]
+    out[:, START] += lo - starts[row]
+    out[:, STREAM] = lo - edges[chunk]
+    out[:, LENGTH] = hi - lo
+    return np.split(out, np.searchsorted(chunk, np.arange(1, len(bounds))))
 
 
 def chunk_bounds(width: int, item: int, chunk_bytes: int, max_chunks: int) -> list[tuple[int, int]]:
@@ -158,20 +164,21 @@ def plan_packed(shards: list[list[torch.Tensor]], layout: list[list[torch.Tensor
     changed ranges are ``layout[bucket][rank]`` (shard coordinates), through ``buffer`` (at least
     ``size * width`` elements), in chunks of stream positions ``bounds``."""
     size = len(shards[0])
-    streams = [stream_rows([ranks[r] for ranks in layout]) for r in range(size)]
+    pieces = [cut(stream_rows([ranks[r] for ranks in layout]), bounds) for r in range(size)]  # [rank][chunk]
     chunks, offset = [], 0
-    for lo, hi in bounds:
+    for c, (lo, hi) in enumerate(bounds):
         width = hi - lo
         whole = buffer[offset:offset + size * width]
         offset += size * width
         slots = [whole[r * width:(r + 1) * width] for r in range(size)]
-        rows = [window(stream, lo, hi) for stream in streams]
+        rows = [pieces[r][c] for r in range(size)]
         pack, unpack = _Copies(), _Copies()
         for r in range(size):
-            copies = pack if r == rank else unpack
-            for bucket in np.unique(rows[r][:, BUCKET]):
-                run = rows[r][rows[r][:, BUCKET] == bucket]
-                _add_run(copies, shards[bucket][r], run, slots[r], r == rank, max_views)
+            # a rank's rows are in bucket order: one run per bucket
+            for run in np.split(rows[r], np.flatnonzero(np.diff(rows[r][:, BUCKET])) + 1):
+                if len(run):
+                    _add_run(pack if r == rank else unpack, shards[run[0, BUCKET]][r], run, slots[r], r == rank,
+                             max_views)
         counts = [int(rows[r][:, LENGTH].sum()) for r in range(size)]
         chunks.append(_Chunk(whole, slots, counts, pack, unpack))
     return PackedPlan(transport, chunks)

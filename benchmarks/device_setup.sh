@@ -1,0 +1,23 @@
+# Sourced first by every command on a lent GPU machine (the `device` tool's `run`):
+#
+#   source benchmarks/device_setup.sh && python3 -m pytest tests/test_megatron_sparse_gather_gpu.py ...
+#
+# It keeps NVLink multicast off (as that machine's notes require of every process), builds and
+# installs magma_ext for Hopper, installs the wheels carried in .whl/ (megatron-core: that machine
+# reaches no registry), and makes $OUT/logs for what should come back. The wheel is fetched once
+# per checkout, here, into the git-ignored .whl/ (name .whl in the run's carry):
+#
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#       --platform manylinux_2_28_x86_64 -d .whl megatron-core==0.19.2
+
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+export MAX_JOBS=16 TORCH_CUDA_ARCH_LIST=9.0 PYTHONUNBUFFERED=1
+mkdir -p "${OUT:-/tmp/out}/logs"
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    || return 1
+  export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+python3 -m pip install -q --no-build-isolation --no-deps -e . > "${OUT:-/tmp/out}/logs/build.log" 2>&1 \
+  || { tail -30 "${OUT:-/tmp/out}/logs/build.log"; return 1; }
+python3 -c 'import magma_ext, torch; print("magma_ext CUDA:", magma_ext.has_cuda_extension(), torch.cuda.device_count(), "GPUs")'
