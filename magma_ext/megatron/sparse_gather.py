@@ -345,10 +345,11 @@ class SparseGather:
         bytes."""
         if self.size == 1:
             return SyncBytes()
-        key = self._plan_key(rules, step)
-        plans = self._prefetched[1] if self._prefetched is not None and self._prefetched[0] == key else None
-        self._prefetched = None
-        plans = plans if plans is not None else self.plan(rules, step)
+        prefetched, self._prefetched = self._prefetched, None
+        if prefetched is not None and prefetched[0] == self._plan_key(rules, step):
+            plans = prefetched[1]
+        else:
+            plans = self.plan(rules, step)
         total = SyncBytes()
         for plan in plans:
             total += plan.moved
@@ -372,16 +373,14 @@ class SparseGather:
         counts = [sum(int((ranks[r][:, 1] - ranks[r][:, 0]).sum()) for _, ranks in members) for r in range(self.size)]
         item = torch.empty((), dtype=dtype).element_size()
         dense = sum(bucket.param_data.numel() // self.size for bucket, _ in members) * item
-        route = self.choose_route(members, counts)
+        route, width = self.choose_route(members, counts), max(counts)
         if route == "packed":
-            width = max(counts)
             moved = SyncBytes(width * item, (self.size - 1) * width * item, dense, (self.size - 1) * dense)
         else:  # each rank's changed elements, nothing padded
             moved = SyncBytes(counts[self.rank] * item, (sum(counts) - counts[self.rank]) * item, dense,
                               (self.size - 1) * dense)
         if route == "in place":
             return _DtypePlan(route, moved, ops=self._in_place_ops(members))
-        width = max(counts)
         bounds = chunk_bounds(width, item, self.chunk_bytes, self.max_chunks)
         shards = [[self._shard(bucket, r) for r in range(self.size)] for bucket, _ in members]
         packed = plan_packed(shards, [ranks for _, ranks in members], self.rank, self._buffer(members, width),
