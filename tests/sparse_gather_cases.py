@@ -70,18 +70,21 @@ def configure(gather: SparseGather, route: str) -> None:
         gather.max_views = 1  # runs of one range as views, longer ones by positions
 
 
-def sync_body(rank, size, seed, steps, route="in place"):
+def sync_body(rank, size, seed, steps, route="in place", device="cpu"):
     """Every rank starts from the same buckets; each step every rank changes the changed elements
     of its own shard, then syncs sparsely by ``route`` (one of :data:`ROUTES`); a dense
-    all-gather of the same shards is the oracle."""
+    all-gather of the same shards is the oracle. ``device="cuda"``: buckets on GPU ``rank``
+    (NCCL)."""
     import torch.distributed as dist
 
+    if device == "cuda":
+        torch.cuda.set_device(rank)
     rng = random.Random(seed)
     layouts = [random_bucket_tensors(rng, size) for _ in range(3)]
     rules = random_rules(rng)
     gen = torch.Generator().manual_seed(seed)
     dtypes = [torch.bfloat16, torch.float32, torch.bfloat16]
-    buckets = [Bucket(torch.randn(numel, generator=gen).to(dtype), tensors)
+    buckets = [Bucket(torch.randn(numel, generator=gen).to(device, dtype), tensors)
                for (tensors, numel), dtype in zip(layouts, dtypes)]
     dense = [b.param_data.clone() for b in buckets]
     gather = SparseGather(buckets, dist.group.WORLD, rank, size)
@@ -97,7 +100,7 @@ def sync_body(rank, size, seed, steps, route="in place"):
             mask = as_mask(changed_ranges(bucket.tensors, rules, step), numel)
             mine = torch.zeros(numel, dtype=torch.bool)
             mine[rank * shard:(rank + 1) * shard] = True
-            update = torch.where(mask & mine, noise, torch.zeros_like(noise))
+            update = torch.where(mask & mine, noise, torch.zeros_like(noise)).to(device)
             bucket.param_data += update
             reference += update
             gathered = torch.empty_like(reference)
