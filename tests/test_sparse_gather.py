@@ -103,6 +103,26 @@ def test_the_route_follows_padding_and_transfers():
         gather.choose_route(members, [1, 1, 1])
 
 
+def test_settings_out_of_range_are_refused_by_name():
+    """A chunk size, chunk count, view limit or transfer limit out of range fails the plan (and so
+    the sync) with the attribute's name, before any transfer."""
+    from magma_ext.megatron.sparse_gather import Bucket, SparseGather
+
+    rng = random.Random(7)
+    tensors, numel = random_bucket_tensors(rng, 2)
+    rules = random_rules(rng)
+    for name, bad in (("chunk_bytes", 0), ("max_chunks", 0), ("max_chunks", 2.0), ("max_views", -1),
+                      ("max_direct_ops", True)):
+        gather = SparseGather([Bucket(torch.zeros(numel), tensors)], None, 0, 2)
+        gather.route = "packed"  # planned without a process group (the in-place route's transfers need one)
+        gather.plan(rules, 1)  # the defaults plan
+        setattr(gather, name, bad)
+        with pytest.raises(ValueError, match=f"SparseGather.{name} must be an int"):
+            gather.plan(rules, 1)
+        with pytest.raises(ValueError, match=f"SparseGather.{name} must be an int"):
+            gather.sync(rules, 1)
+
+
 def test_settings_the_sparse_gather_cannot_serve_are_refused_by_name():
     from types import SimpleNamespace
 

@@ -363,7 +363,12 @@ class SparseGather:
         return step, tuple(sorted(rules.items())), settings
 
     def plan(self, rules: dict, step: int) -> list[_DtypePlan]:
-        """Per dtype, the route and the work of the sync at ``step`` (no communication)."""
+        """Per dtype, the route and the work of the sync at ``step`` (no communication).
+        Raises ValueError, naming the attribute, for a setting out of range."""
+        for name, least in (("chunk_bytes", 1), ("max_chunks", 1), ("max_views", 0), ("max_direct_ops", 0)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise ValueError(f"SparseGather.{name} must be an int >= {least}, got {value!r}")
         by_dtype = defaultdict(list)
         for bucket, ranks in zip(self.buckets, self.layout(rules, step)):
             by_dtype[bucket.param_data.dtype].append((bucket, ranks))
