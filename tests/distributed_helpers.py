@@ -41,6 +41,8 @@ import torch.multiprocessing as mp
 
 DEFAULT_TIMEOUT = 120.0  # seconds for the whole run, start-up included
 ERROR_GRACE = 10.0  # seconds the other ranks get to finish once one rank has failed
+# NVLink multicast off in every NCCL rank, as the GPU machines' documentation asks
+NCCL_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 
 
 class RankError(RuntimeError):
@@ -172,3 +174,8 @@ def _rank_main(rank, world_size, port, backend, timeout, env, results, pickled_c
         except Exception:
             pickled = None
         results.put((rank, False, (pickled, text)))
+
+
+def run_nccl_ranks(fn, *args, timeout: float = 300.0) -> list:
+    """:func:`run_ranks` on 2 GPUs over NCCL, with :data:`NCCL_ENV` under the caller's environment."""
+    return run_ranks(2, fn, *args, backend="nccl", env={**NCCL_ENV, **os.environ}, timeout=timeout)

@@ -6,14 +6,12 @@ off (NCCL_NVLS_ENABLE=0, as the machine's documentation asks).
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
 import megatron_cases
 import sharded_cases as cases
-from distributed_helpers import run_ranks
+from distributed_helpers import run_nccl_ranks
 from helpers import assert_scaled_close
 from magma_ext import has_cuda_extension
 
@@ -21,17 +19,12 @@ pytestmark = pytest.mark.skipif(
     not (torch.cuda.is_available() and torch.cuda.device_count() >= 2 and has_cuda_extension()),
     reason="needs two CUDA GPUs and magma_ext's CUDA extension",
 )
-NCCL_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 STEPS = 20
 LLAMA_STEPS = 50
 
 
-def _nccl(fn, *args):
-    return run_ranks(2, fn, *args, backend="nccl", env={**NCCL_ENV, **os.environ}, timeout=300)
-
-
 def test_flat_pieces_with_fused_kernels_follow_one_gpu():
-    results = _nccl(cases.flat_shard_body, 2, cases.COMBOS, STEPS, True, "cuda")
+    results = run_nccl_ranks(cases.flat_shard_body, 2, cases.COMBOS, STEPS, True, "cuda")
     for combo in cases.COMBOS:
         expected, _ = cases.single_process_run(combo, STEPS, fused=True, device="cuda")
         actual = cases.assemble(results, combo)
@@ -43,7 +36,7 @@ def test_flat_pieces_with_fused_kernels_follow_one_gpu():
 
 
 def test_fsdp2_demo_llama_50_steps_follows_one_gpu():
-    results = _nccl(cases.llama_fsdp_body, 2, LLAMA_STEPS)
+    results = run_nccl_ranks(cases.llama_fsdp_body, 2, LLAMA_STEPS)
     losses, history, traffic = results[0]
     expected_losses, expected = cases.llama_single_gpu_run(LLAMA_STEPS, 2)
     worst = 0.0
@@ -62,5 +55,5 @@ def test_fsdp2_demo_llama_50_steps_follows_one_gpu():
 def test_tensor_parallel_slices_with_fused_kernels_follow_one_process():
     """Row-parallel weights are column slices whose blocks (rows, or the whole tensor) are never
     whole on one rank: the fused step must add their sums over the slices like any split block."""
-    results = _nccl(megatron_cases.tp_dp_body, 2, 2, False, megatron_cases.COMBOS, megatron_cases.STEPS, "cuda")
+    results = run_nccl_ranks(megatron_cases.tp_dp_body, 2, 2, False, megatron_cases.COMBOS, megatron_cases.STEPS, "cuda")
     megatron_cases.check_tp_dp_run(results, 2, "cuda")

@@ -7,24 +7,20 @@ Skipped without two GPUs; run on the 2-GPU machine with NVLink multicast off.
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
-from distributed_helpers import run_ranks
+from distributed_helpers import run_nccl_ranks
 from sparse_gather_cases import EXACT_ROUTES, ROUTES, sync_body
 
 pytestmark = pytest.mark.skipif(not (torch.cuda.is_available() and torch.cuda.device_count() >= 2),
                                 reason="needs two CUDA GPUs")
-NCCL_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 
 
 @pytest.mark.parametrize("route", ROUTES)
 @pytest.mark.parametrize("seed", [1, 5])
 def test_every_route_over_nccl_equals_a_dense_gather(route, seed):
-    results = run_ranks(2, sync_body, 2, seed, 8, route, "cuda", backend="nccl",
-                        env={**NCCL_ENV, **os.environ}, timeout=300)
+    results = run_nccl_ranks(sync_body, 2, seed, 8, route, "cuda")
     for step in zip(*results):
         if route in EXACT_ROUTES:
             assert all(sent + received == sum(s for s, _, _, _ in step) for sent, received, _, _ in step)
