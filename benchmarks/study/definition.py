@@ -356,7 +356,7 @@ FIRST = Edition(
 
 # Whole-step training throughput of one GPU, all runs that share it together (bf16 autocast,
 # torch.compile, fused AdamW), in tokens per second; they feed --plan and --time-budget-s.
-# S measured on one H200 on 2026-11-26 (benchmarks/results/convergence2_throughput_*.md):
+# S measured on one H200 on 2026-11-26 (benchmarks/results/convergence2/throughput_S_h200_2026-11-26.json):
 # 3.18M tokens/s for one run alone (`--mode throughput --size S`), 3.26M for four side by side
 # (a 400-step --parallel 4 sweep): one run already fills the GPU. M is still a placeholder.
 TOKENS_PER_S = {"S": 3.2e6, "M": 0.6e6}
@@ -366,7 +366,9 @@ MEASURED_TOKENS_PER_S = {"S": "one H200, 2026-11-26", "M": None}
 SIDE_BY_SIDE = {"S": 1, "M": 1}
 # Wall seconds a run spends outside its training steps: process start, imports, loading the
 # corpus onto the GPU, torch.compile (the FX graph cache makes later compiles of a size cheap).
-RUN_START_S = 45.0
+# The 13 S runs of 2026-11-26 on H200s took 67-93 s each against 62 s of steps and evaluations
+# at 3.2M tokens/s: 5-31 s more, the most for the first compile on a fresh machine.
+RUN_START_S = 30.0
 
 # Llama shapes with head_dim 64 and depth/width of GaLore's Llamas (60M: 512 x 8, 130M: 768 x 12);
 # with the byte vocabulary the embedding and LM head are only 2 x 256 x dim parameters.
