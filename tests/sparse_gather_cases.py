@@ -7,7 +7,7 @@ import random
 import torch
 
 from magma_ext.layout import BlockLayout
-from magma_ext.megatron.sparse_gather import Bucket, BucketTensor, MaskRule, SparseGather, changed_ranges
+from magma_ext.megatron.sparse_gather import Bucket, BucketTensor, MaskRule, SparseGather, SyncBytes, changed_ranges
 from magma_ext.philox import keep_mask
 
 
@@ -70,11 +70,15 @@ def configure(gather: SparseGather, route: str) -> None:
         gather.max_views = 1  # runs of one range as views, longer ones by positions
 
 
-def sync_body(rank, size, seed, steps, route="in place", device="cpu"):
+PARTS = [[0, 2], [1]]  # the buckets as two parts (bucket groups), one of two dtypes
+
+
+def sync_body(rank, size, seed, steps, route="in place", device="cpu", parts=False):
     """Every rank starts from the same buckets; each step every rank changes the changed elements
     of its own shard, then syncs sparsely by ``route`` (one of :data:`ROUTES`); a dense
     all-gather of the same shards is the oracle. ``device="cuda"``: buckets on GPU ``rank``
-    (NCCL)."""
+    (NCCL). ``parts``: the buckets as the two parts :data:`PARTS`, both started before either is
+    waited for (as Megatron's overlapped bucket groups can be), the later one first."""
     import torch.distributed as dist
 
     if device == "cuda":
@@ -87,7 +91,7 @@ def sync_body(rank, size, seed, steps, route="in place", device="cpu"):
     buckets = [Bucket(torch.randn(numel, generator=gen).to(device, dtype), tensors)
                for (tensors, numel), dtype in zip(layouts, dtypes)]
     dense = [b.param_data.clone() for b in buckets]
-    gather = SparseGather(buckets, dist.group.WORLD, rank, size)
+    gather = SparseGather(buckets, dist.group.WORLD, rank, size, PARTS if parts else None)
     configure(gather, route)
     moved = []
     for step in range(1, steps + 1):
@@ -106,7 +110,13 @@ def sync_body(rank, size, seed, steps, route="in place", device="cpu"):
             gathered = torch.empty_like(reference)
             dist.all_gather_into_tensor(gathered, reference[rank * shard:(rank + 1) * shard].clone())
             reference.copy_(gathered)
-        traffic = gather.sync(rules, step)
+        if parts:
+            pending = [gather.start(rules, step, part) for part in range(len(PARTS))]
+            traffic = SyncBytes()
+            for handle in reversed(pending):
+                traffic += handle.wait()
+        else:
+            traffic = gather.sync(rules, step)
         moved.append(traffic)
         for bucket, reference in zip(buckets, dense):
             assert torch.equal(bucket.param_data, reference), step

@@ -26,8 +26,9 @@ from megatron.core.process_groups_config import ProcessGroupCollection
 from ..optimizer import Magma
 from ..pieces import declare_piece
 from .layout import TensorParallelSlice, is_paper_masked, piece_arguments, stable_name
+from .overlapped_sync import BucketGroupSync
 from .scores import CarriesMagmaScores, ShardStateFilter
-from .sparse_gather import (MaskRule, SparseGather, SyncBytes, buckets_of_chunks, layout_record,
+from .sparse_gather import (MaskRule, SparseGather, SyncBytes, bucket_group_parts, buckets_of_chunks, layout_record,
                             refuse_unsupported_sparse_gather)
 
 __all__ = ["get_megatron_magma_optimizer", "magma_optimizers", "param_sync_bytes", "param_layout_record"]
@@ -64,8 +65,10 @@ def get_megatron_magma_optimizer(
             The others run the dense base optimizer (``"magma": False``).
         sparse_param_gather: with the distributed optimizer, make its parameter all-gather
             after each step move only the elements that changed (the kept blocks of masked
-            tensors and all of the others; ``magma_ext.megatron.sparse_gather``). Not with
-            ``overlap_param_gather``. Bytes moved: :func:`param_sync_bytes`.
+            tensors and all of the others; ``magma_ext.megatron.sparse_gather``); under
+            ``overlap_param_gather``, each bucket group's gather launched from the forward
+            pre-hooks (``magma_ext.megatron.overlapped_sync``). Bytes moved:
+            :func:`param_sync_bytes`.
         **magma_options: Magma's own keywords (``keep_prob``, ``block``, ``seed``, ``tau``,
             ``score_ema``, ``base``, ``mask``, ``fused``).
 
@@ -80,9 +83,8 @@ def get_megatron_magma_optimizer(
             precision-aware optimizer, CPU offloading, coupled weight decay,
             ``overlap_param_gather_with_optimizer_step``), ``block=N`` with a masked
             row-parallel weight under tensor parallelism, ``sparse_param_gather`` without the
-            distributed optimizer, with ``overlap_param_gather``, with
-            ``reuse_grad_buf_for_mxfp8_param_ag`` or with FP8 (quantized) parameter buffers, or a
-            bad Magma option.
+            distributed optimizer, with ``reuse_grad_buf_for_mxfp8_param_ag`` or with FP8
+            (quantized) parameter buffers, or a bad Magma option.
     """
     _refuse_unsupported(config, model_chunks, magma_options)
     refuse_unsupported_sparse_gather(sparse_param_gather, config.use_distributed_optimizer,
@@ -136,7 +138,8 @@ def get_megatron_magma_optimizer(
 def param_sync_bytes(optimizer) -> SyncBytes:
     """Bytes this rank sent and received in the last step's parameter all-gather, and what a
     dense gather moves, over the parts of a Megatron optimizer; zeros for parts without a sparse
-    gather (host values: reading them does not synchronise)."""
+    gather (host values: reading them does not synchronise). Under ``overlap_param_gather`` a
+    step's gathers run in the next forward pass: the sum of each bucket group's latest gather."""
     total = SyncBytes()
     for part in getattr(optimizer, "chained_optimizers", [optimizer]):
         if isinstance(part, MagmaDistributedOptimizer):
@@ -313,11 +316,17 @@ class MagmaDistributedOptimizer(CarriesMagmaScores, ShardStateFilter, Distribute
     :meth:`enable_sparse_param_gather` its parameter all-gather moves only what changed."""
 
     sparse_gather: SparseGather | None = None
+    bucket_group_syncs: list[BucketGroupSync] = []  # under overlap_param_gather, one per bucket group
     steps_taken: int = 0  # inner steps taken, known on the host (Megatron skips on the host)
 
     @property
     def param_sync_bytes(self) -> SyncBytes:
         """Bytes of the last parameter sync (see :func:`param_sync_bytes`)."""
+        if self.bucket_group_syncs:
+            total = SyncBytes()
+            for sync in self.bucket_group_syncs:
+                total += sync.last
+            return total
         return getattr(self, "_last_sync", SyncBytes())
 
     def enable_sparse_param_gather(self, indices: dict, slices: dict, group_of: dict) -> None:
@@ -327,9 +336,19 @@ class MagmaDistributedOptimizer(CarriesMagmaScores, ShardStateFilter, Distribute
         blocks = [group["block"] for group in self.optimizer.param_groups]
         buckets, group = buckets_of_chunks(self.model_chunks, indices, slices, group_of, blocks)
         group = group if group is not None else self.data_parallel_group
+        overlapped = self.ddp_config.overlap_param_gather
+        bucket_groups, parts = bucket_group_parts(self.model_chunks)
         self.sparse_gather = SparseGather(buckets, group, torch.distributed.get_rank(group),
-                                          torch.distributed.get_world_size(group))
+                                          torch.distributed.get_world_size(group), parts if overlapped else None)
         self.steps_taken = _steps_taken(self.optimizer)
+        self._step_rules = self.mask_rules()
+        if overlapped:
+            self.bucket_group_syncs = [
+                BucketGroupSync(bucket_group, self.sparse_gather, part, lambda: self._step_rules,
+                                lambda: self.steps_taken)
+                for part, bucket_group in enumerate(bucket_groups)]
+            for sync in self.bucket_group_syncs:
+                sync.install()
 
     def mask_rules(self) -> dict[int, MaskRule]:
         """Each parameter group's mask rule, from its current options."""
@@ -337,10 +356,14 @@ class MagmaDistributedOptimizer(CarriesMagmaScores, ShardStateFilter, Distribute
 
     def step_with_ready_grads(self) -> bool:
         self.steps_taken += 1  # called only for a step that runs (Megatron skips overflows before)
+        self._step_rules = self.mask_rules()  # what the (possibly later) gathers of this step use
         return super().step_with_ready_grads()
 
     def start_param_sync_for_bucket_group_subset(self) -> None:
-        rules = self.mask_rules() if self.sparse_gather is not None else {}
+        if self.bucket_group_syncs:  # each bucket group's start_param_sync is already sparse
+            super().start_param_sync_for_bucket_group_subset()
+            return
+        rules = self._step_rules if self.sparse_gather is not None else {}
         if not any(rule.masked for rule in rules.values()):  # nothing masked: Megatron's own gather
             super().start_param_sync_for_bucket_group_subset()
             if self.sparse_gather is not None:
@@ -356,6 +379,8 @@ class MagmaDistributedOptimizer(CarriesMagmaScores, ShardStateFilter, Distribute
     def load_state_dict(self, state_dict):
         super().load_state_dict(state_dict)
         self.steps_taken = _steps_taken(self.optimizer)
+        for sync in self.bucket_group_syncs:
+            sync.synced_step = None  # the next gather of each bucket group is a dense one
 
 
 class MagmaFloat16Optimizer(CarriesMagmaScores, Float16OptimizerWithFloat16Params):

@@ -126,17 +126,22 @@ class PackedPlan:
     transport: str  # "all_gather" or "p2p"
     chunks: list[_Chunk]
 
-    def run(self, group, rank: int) -> None:
-        """COLLECTIVE: pack, move and unpack every chunk, unpacking each while the next moves."""
-        pending = None
+    def start(self, group, rank: int) -> list:
+        """COLLECTIVE: pack every chunk and launch its transfer; :meth:`finish` completes them.
+        Chunk ``c + 1`` is packed while chunk ``c`` is on the wire (each transfer waits only for
+        its own packing, queued before it)."""
+        pending = []
         for chunk in self.chunks:
             chunk.pack.run()
-            works = self._launch(chunk, group, rank)
-            if pending is not None:
-                _finish(*pending)
-            pending = (works, chunk)
-        if pending is not None:
-            _finish(*pending)
+            pending.append(self._launch(chunk, group, rank))
+        return pending
+
+    def finish(self, pending: list) -> None:
+        """Wait for each chunk's transfer in turn and unpack it (while the later ones move)."""
+        for works, chunk in zip(pending, self.chunks):
+            for work in works:
+                work.wait()
+            chunk.unpack.run()
 
     def _launch(self, chunk: _Chunk, group, rank: int) -> list:
         import torch.distributed as dist
@@ -150,12 +155,6 @@ class PackedPlan:
             if peer != rank and count:
                 ops.append(dist.P2POp(dist.irecv, slot[:count], group=group, group_peer=peer))
         return dist.batch_isend_irecv(ops) if ops else []
-
-
-def _finish(works: list, chunk: _Chunk) -> None:
-    for work in works:
-        work.wait()
-    chunk.unpack.run()
 
 
 def plan_packed(shards: list[list[torch.Tensor]], layout: list[list[torch.Tensor]], rank: int, buffer: torch.Tensor,

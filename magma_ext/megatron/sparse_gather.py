@@ -51,6 +51,7 @@ from .layout import piece_arguments
 from .packed_exchange import PackedPlan, chunk_bounds, plan_packed
 
 __all__ = ["BucketTensor", "Bucket", "BlockTable", "MaskRule", "changed_ranges", "shard_ranges", "SparseGather", "SyncBytes",
+           "PendingSync", "bucket_group_parts",
            "buckets_of_chunks", "layout_record", "buckets_of_record", "refuse_unsupported_sparse_gather", "ROUTES"]
 
 ROUTES = ("packed", "packed p2p", "in place")  # what SparseGather.route may force
@@ -130,11 +131,23 @@ def buckets_of_chunks(model_chunks, indices: dict, slices: dict, group_of: dict,
     return buckets, (groups[0] if groups else None)
 
 
+def bucket_group_parts(model_chunks) -> tuple[list, list[list[int]]]:
+    """Megatron's dense bucket groups of ``model_chunks`` and, per group, the positions of its
+    buckets in what :func:`buckets_of_chunks` returns (the :class:`SparseGather` parts)."""
+    groups, parts, count = [], [], 0
+    for chunk in model_chunks:
+        for bucket_group in chunk.bucket_groups:
+            groups.append(bucket_group)
+            parts.append(list(range(count, count + len(bucket_group.buckets))))
+            count += len(bucket_group.buckets)
+    return groups, parts
+
+
 def refuse_unsupported_sparse_gather(sparse_param_gather, use_distributed_optimizer: bool, ddp_config) -> None:
     """Raise (naming the setting) where ``sparse_param_gather`` cannot work: it is not a bool,
-    there is no distributed optimizer (so no parameter all-gather), Megatron gathers each bucket
-    from the forward pre-hooks (``overlap_param_gather``), or it zeroes the gathered buffer
-    (``reuse_grad_buf_for_mxfp8_param_ag``). ``ddp_config``: the model chunks' DDP config."""
+    there is no distributed optimizer (so no parameter all-gather), or Megatron zeroes the
+    gathered buffer (``reuse_grad_buf_for_mxfp8_param_ag``). ``ddp_config``: the model chunks'
+    DDP config."""
     if not isinstance(sparse_param_gather, bool):
         raise TypeError(f"sparse_param_gather must be a bool, got {type(sparse_param_gather).__name__}")
     if not sparse_param_gather:
@@ -142,9 +155,6 @@ def refuse_unsupported_sparse_gather(sparse_param_gather, use_distributed_optimi
     if not use_distributed_optimizer:
         raise ValueError("sparse_param_gather=True needs config.use_distributed_optimizer=True (without it "
                          "there is no parameter all-gather)")
-    if getattr(ddp_config, "overlap_param_gather", False):
-        raise ValueError("sparse_param_gather=True is not supported with ddp_config.overlap_param_gather=True "
-                         "(the gather of each bucket is launched from the forward pre-hooks)")
     if getattr(ddp_config, "reuse_grad_buf_for_mxfp8_param_ag", False):
         raise ValueError("sparse_param_gather=True is not supported with "
                          "ddp_config.reuse_grad_buf_for_mxfp8_param_ag=True (Megatron zeroes the gathered "
@@ -294,6 +304,26 @@ class _DtypePlan:
     ops: list = field(default_factory=list)  # the in-place route's point-to-point transfers
 
 
+class PendingSync:
+    """A sync in flight (:meth:`SparseGather.start`): ``wait()`` completes it, once (later calls
+    do nothing) and returns :attr:`moved`, the bytes it moves. Megatron's bucket groups hold it
+    as their ``param_gather_handle``."""
+
+    def __init__(self, moved: SyncBytes, launched: list):
+        self.moved = moved
+        self._launched = launched  # [(plan, what its launch returned)]
+
+    def wait(self) -> SyncBytes:
+        launched, self._launched = self._launched, []
+        for plan, pending in launched:
+            if plan.packed is not None:
+                plan.packed.finish(pending)
+            else:
+                for work in pending:
+                    work.wait()
+        return self.moved
+
+
 class SparseGather:
     """The sparse parameter sync of a data-parallel group's buckets.
 
@@ -304,6 +334,11 @@ class SparseGather:
     (:mod:`magma_ext.megatron.packed_exchange`); a shard's ranges in a chunk are copied as views
     when they are at most :attr:`max_views`, else by element positions built on the device.
     Each sync works out the next step's plan (views, transfers) while its own transfers run.
+
+    ``parts`` (lists of bucket positions, default one part of every bucket) are the units that
+    sync on their own (:meth:`start` ``part=``): Megatron's bucket groups, whose gathers
+    ``overlap_param_gather`` launches one at a time from the forward pre-hooks. Each part keeps
+    its own plans and gather buffers, so the syncs of several parts may be in flight at once.
     """
 
     route = "auto"  # "auto", "packed", "packed p2p" or "in place"
@@ -319,62 +354,78 @@ class SparseGather:
     chunk_bytes = 64 * 2**20  # per rank and chunk on the packed routes
     max_chunks = 8
 
-    def __init__(self, buckets: list[Bucket], group, rank: int, size: int):
+    def __init__(self, buckets: list[Bucket], group, rank: int, size: int, parts: list[list[int]] | None = None):
         for bucket in buckets:
             if bucket.param_data.numel() % size:
                 raise ValueError(f"a bucket of {bucket.param_data.numel()} elements does not split into {size} shards")
+        parts = [list(range(len(buckets)))] if parts is None else [list(part) for part in parts]
+        if sorted(i for part in parts for i in part) != list(range(len(buckets))):
+            raise ValueError(f"parts must hold every bucket position 0..{len(buckets) - 1} once, got {parts}")
         self.buckets = buckets
+        self.parts = parts
         self.tables = [BlockTable.of(bucket.tensors) for bucket in buckets]
         self.group = group
         self.rank = rank
         self.size = size
-        self._buffers: dict[torch.dtype, torch.Tensor] = {}  # the packed routes' gather buffers
-        self._prefetched = None  # (key, plans) worked out during the previous sync
+        self._buffers: dict[tuple[int, torch.dtype], torch.Tensor] = {}  # the packed routes' gather buffers
+        self._prefetched: dict[int, tuple] = {}  # per part: (key, plans) worked out during its previous sync
 
-    def layout(self, rules: dict, step: int) -> list[list[torch.Tensor]]:
-        """Per bucket, per rank, its changed ranges (shard coordinates) at ``step``."""
-        return [shard_ranges(table.changed(rules, step), b.param_data.numel(), self.size)
-                for b, table in zip(self.buckets, self.tables)]
+    def layout(self, rules: dict, step: int, part: int | None = None) -> list[list[torch.Tensor]]:
+        """Per bucket (of ``part``, default every bucket), per rank, its changed ranges (shard
+        coordinates) at ``step``."""
+        positions = range(len(self.buckets)) if part is None else self.parts[part]
+        return [shard_ranges(self.tables[i].changed(rules, step), self.buckets[i].param_data.numel(), self.size)
+                for i in positions]
 
-    def sync(self, rules: dict, step: int) -> SyncBytes:
-        """COLLECTIVE: gather the changed ranges of every rank's shard into every rank's buckets.
+    def sync(self, rules: dict, step: int, part: int = 0) -> SyncBytes:
+        """COLLECTIVE: gather the changed ranges of every rank's shard of ``part``'s buckets into
+        every rank's buckets; :meth:`start`, then :meth:`PendingSync.wait`."""
+        return self.start(rules, step, part).wait()
+
+    def start(self, rules: dict, step: int, part: int = 0) -> PendingSync:
+        """COLLECTIVE: launch the sync of ``part`` (its position in :attr:`parts`) at ``step``;
+        the returned handle's ``wait()`` completes it (until then the buckets of ``part`` are
+        not to be read, nor this part started again).
 
         Once the transfers are queued, the plan of ``step + 1`` under the same rules and settings
-        is worked out on the host while the device moves this step's data; the next call takes
-        it. A group of one rank has nothing to gather (as Megatron's own gather): no work, zero
-        bytes."""
+        is worked out on the host while the device moves this step's data; the next start of the
+        part takes it. A group of one rank has nothing to gather (as Megatron's own gather): no
+        work, zero bytes."""
+        if not isinstance(part, int) or not 0 <= part < len(self.parts):
+            raise ValueError(f"part must be a position in SparseGather.parts (0..{len(self.parts) - 1}), got {part!r}")
         if self.size == 1:
-            return SyncBytes()
-        prefetched, self._prefetched = self._prefetched, None
+            return PendingSync(SyncBytes(), [])
+        prefetched = self._prefetched.pop(part, None)
         if prefetched is not None and prefetched[0] == self._plan_key(rules, step):
             plans = prefetched[1]
         else:
-            plans = self.plan(rules, step)
-        total = SyncBytes()
+            plans = self.plan(rules, step, part)
+        total, launched = SyncBytes(), []
         for plan in plans:
             total += plan.moved
-            self._run(plan)
-        self._prefetched = (self._plan_key(rules, step + 1), self.plan(rules, step + 1))
-        return total
+            launched.append((plan, self._launch(plan)))
+        self._prefetched[part] = (self._plan_key(rules, step + 1), self.plan(rules, step + 1, part))
+        return PendingSync(total, launched)
 
     def _plan_key(self, rules: dict, step: int) -> tuple:
         settings = (self.route, self.max_padding, self.max_direct_ops, self.max_views, self.chunk_bytes,
                     self.max_chunks)
         return step, tuple(sorted(rules.items())), settings
 
-    def plan(self, rules: dict, step: int) -> list[_DtypePlan]:
-        """Per dtype, the route and the work of the sync at ``step`` (no communication).
+    def plan(self, rules: dict, step: int, part: int = 0) -> list[_DtypePlan]:
+        """Per dtype, the route and the work of ``part``'s sync at ``step`` (no communication).
         Raises ValueError, naming the attribute, for a setting out of range."""
         for name, least in (("chunk_bytes", 1), ("max_chunks", 1), ("max_views", 0), ("max_direct_ops", 0)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < least:
                 raise ValueError(f"SparseGather.{name} must be an int >= {least}, got {value!r}")
         by_dtype = defaultdict(list)
-        for bucket, ranks in zip(self.buckets, self.layout(rules, step)):
+        for position, ranks in zip(self.parts[part], self.layout(rules, step, part)):
+            bucket = self.buckets[position]
             by_dtype[bucket.param_data.dtype].append((bucket, ranks))
-        return [self._plan_dtype(dtype, members) for dtype, members in by_dtype.items()]
+        return [self._plan_dtype(part, dtype, members) for dtype, members in by_dtype.items()]
 
-    def _plan_dtype(self, dtype: torch.dtype, members: list) -> _DtypePlan:
+    def _plan_dtype(self, part: int, dtype: torch.dtype, members: list) -> _DtypePlan:
         counts = [sum(int((ranks[r][:, 1] - ranks[r][:, 0]).sum()) for _, ranks in members) for r in range(self.size)]
         item = torch.empty((), dtype=dtype).element_size()
         dense = sum(bucket.param_data.numel() // self.size for bucket, _ in members) * item
@@ -388,29 +439,27 @@ class SparseGather:
             return _DtypePlan(route, moved, ops=self._in_place_ops(members))
         bounds = chunk_bounds(width, item, self.chunk_bytes, self.max_chunks)
         shards = [[self._shard(bucket, r) for r in range(self.size)] for bucket, _ in members]
-        packed = plan_packed(shards, [ranks for _, ranks in members], self.rank, self._buffer(members, width),
+        packed = plan_packed(shards, [ranks for _, ranks in members], self.rank, self._buffer(part, members, width),
                              "all_gather" if route == "packed" else "p2p", bounds, self.max_views)
         return _DtypePlan(route, moved, packed=packed)
 
-    def _buffer(self, members: list, width: int) -> torch.Tensor:
-        """The gather buffer of ``members``' dtype, grown (by an eighth more) to hold ``size``
-        slots of ``width``; kept between steps."""
+    def _buffer(self, part: int, members: list, width: int) -> torch.Tensor:
+        """``part``'s gather buffer of ``members``' dtype, grown (by an eighth more) to hold
+        ``size`` slots of ``width``; kept between steps."""
         data = members[0][0].param_data
-        buffer = self._buffers.get(data.dtype)
+        buffer = self._buffers.get((part, data.dtype))
         needed = self.size * width
         if buffer is None or buffer.numel() < needed:
             buffer = torch.empty(needed + needed // 8, dtype=data.dtype, device=data.device)
-            self._buffers[data.dtype] = buffer
+            self._buffers[(part, data.dtype)] = buffer
         return buffer
 
-    def _run(self, plan: _DtypePlan) -> None:
+    def _launch(self, plan: _DtypePlan) -> list:
         import torch.distributed as dist
 
         if plan.packed is not None:
-            plan.packed.run(self.group, self.rank)
-        elif plan.ops:
-            for work in dist.batch_isend_irecv(plan.ops):
-                work.wait()
+            return plan.packed.start(self.group, self.rank)
+        return dist.batch_isend_irecv(plan.ops) if plan.ops else []
 
     def choose_route(self, members: list, counts: list[int]) -> str:
         """``"packed"``, ``"packed p2p"`` or ``"in place"`` for ``members`` (``[(bucket, its
@@ -454,12 +503,14 @@ class SparseGather:
                         for a, b in ranks[peer].tolist()]
         return ops
 
-    def dense_bytes(self) -> SyncBytes:
-        """What a dense all-gather of these buckets moves per rank (nothing in a group of one)."""
+    def dense_bytes(self, part: int | None = None) -> SyncBytes:
+        """What a dense all-gather of ``part``'s buckets (default every bucket) moves per rank
+        (nothing in a group of one)."""
         total = SyncBytes()
         if self.size == 1:
             return total
-        for bucket in self.buckets:
+        for position in range(len(self.buckets)) if part is None else self.parts[part]:
+            bucket = self.buckets[position]
             shard = bucket.param_data.numel() // self.size * bucket.param_data.element_size()
             total += SyncBytes(0, 0, shard, (self.size - 1) * shard)
         return total
