@@ -62,6 +62,10 @@ def parse_args():
                         help="force one route of the sparse gather (SparseGather.route)")
     parser.add_argument("--sparse-chunk-bytes", type=int, default=None,
                         help="the packed routes' bytes per rank and chunk (SparseGather.chunk_bytes)")
+    parser.add_argument("--overlap-param-gather", action="store_true",
+                        help="ddp_config.overlap_param_gather (and overlap_grad_reduce, so several bucket groups): "
+                             "with --sparse-param-gather, a step's check runs after the next forward, the last "
+                             "one after a forced sync")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     args.block = int(args.block) if args.block.isdigit() else args.block
@@ -111,7 +115,8 @@ def build(args):
     ddp = DistributedDataParallel(
         config=config, module=model,
         ddp_config=DistributedDataParallelConfig(
-            grad_reduce_in_fp32=True, overlap_grad_reduce=False, overlap_param_gather=False,
+            grad_reduce_in_fp32=True, overlap_grad_reduce=args.overlap_param_gather,
+            overlap_param_gather=args.overlap_param_gather,
             use_distributed_optimizer=args.distributed_optimizer, bucket_size=20000),
     )
     opt_config = OptimizerConfig(
@@ -257,6 +262,13 @@ def main():
         if args.sparse_chunk_bytes is not None:
             gather.chunk_bytes = args.sparse_chunk_bytes
     forward_backward = get_forward_backward_func()
+
+    def check_sync():  # the buckets against a dense gather, and what the last sync moved
+        record["sparse_is_dense"].append(sparse_sync_is_dense(optimizer))
+        traffic = param_sync_bytes(optimizer)
+        record["sync_bytes"].append([traffic.sent, traffic.received, traffic.dense_sent, traffic.dense_received])
+
+    overlapped = args.sparse_param_gather and args.overlap_param_gather
     for step in range(args.first_step, args.first_step + args.steps):
         ddp.zero_grad_buffer()
         optimizer.zero_grad()
@@ -264,6 +276,8 @@ def main():
         losses = forward_backward(
             forward_step_func=partial(forward_step, step, overflow), data_iterator=iter([batch(step)]),
             model=[ddp], num_microbatches=1, seq_length=SEQ, micro_batch_size=GLOBAL_BATCH, forward_only=False)
+        if overlapped and step > args.first_step:  # the previous step's gathers ran in this forward
+            check_sync()
         before = [p.detach().reshape(-1).clone() for p in tensors]
         snapshot = everything(magma, ddp) if overflow else None
         ok, _, _ = optimizer.step()
@@ -277,10 +291,11 @@ def main():
         record["losses"].append(loss.item() / parallel_state.get_data_parallel_world_size())
         record["ok"].append(bool(ok))
         record["masks"].append(realised_masks(magma, tensors, before))
-        if args.sparse_param_gather:
-            record["sparse_is_dense"].append(sparse_sync_is_dense(optimizer))
-            traffic = param_sync_bytes(optimizer)
-            record["sync_bytes"].append([traffic.sent, traffic.received, traffic.dense_sent, traffic.dense_received])
+        if args.sparse_param_gather and not overlapped:
+            check_sync()
+    if overlapped:
+        ddp.start_param_sync(force_sync=True)  # as disable_forward_pre_hook does, before evaluation
+        check_sync()
     record["scores"] = {str(i): e["scores"].tolist() for i, e in gather_block_scores(magma).items()}
     if args.save:
         os.makedirs(args.save, exist_ok=True)
