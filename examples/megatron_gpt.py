@@ -51,6 +51,10 @@ a dense-gather Magma run's are the dense all-gather's), each against the dense g
 ``--layout-json PATH`` writes the sparse gather's bucket layout record
 (``magma_ext.megatron.param_layout_record``), which
 ``python benchmarks/sparse_gather_projection.py PATH`` projects to other DP sizes.
+``--overlap-param-gather`` turns on Megatron's ``overlap_grad_reduce`` and
+``overlap_param_gather``: each bucket group's parameter all-gather (sparse or dense) then runs
+from the next forward pass's pre-hooks, so it has no time column of its own; tokens/s shows
+what it costs.
 """
 
 from __future__ import annotations
@@ -143,6 +147,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--param-gather", choices=("dense", "sparse", "both"), default="dense",
                    help="the distributed optimizer's parameter all-gather in the Magma run: dense (Megatron's), "
                         "sparse (only the kept blocks: sparse_param_gather=True) or both (two Magma runs)")
+    p.add_argument("--overlap-param-gather", action="store_true",
+                   help="Megatron's overlap_grad_reduce and overlap_param_gather: each bucket group's parameter "
+                        "all-gather runs from the next forward pass's pre-hooks (no param-sync time column: the "
+                        "gather is inside the forward)")
     p.add_argument("--layout-json", default=None,
                    help="write the sparse gather's bucket layout record as JSON to this file "
                         "(for benchmarks/sparse_gather_projection.py)")
@@ -190,6 +198,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                 "the distributed optimizer's parameter all-gather")
     if args.param_gather != "dense" and args.optimizer == "adam":
         p.error(f"--param-gather {args.param_gather} needs a Magma run (--optimizer magma or both)")
+    if args.overlap_param_gather and not args.distributed_optimizer:
+        p.error("--overlap-param-gather needs --distributed-optimizer (without it there is no parameter all-gather)")
     if args.layout_json and args.param_gather == "dense":
         p.error("--layout-json records the sparse gather's layout: it needs --param-gather sparse or both")
     return args
@@ -355,9 +365,9 @@ def count_parameters(model: torch.nn.Module, ctx: Parallel) -> tuple[int, int]:
 def wrap_ddp(config: TransformerConfig, model: Float16Module, args: argparse.Namespace) -> DistributedDataParallel:
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
-        overlap_grad_reduce=False,
+        overlap_grad_reduce=args.overlap_param_gather,
         use_distributed_optimizer=args.distributed_optimizer,
-        overlap_param_gather=False,
+        overlap_param_gather=args.overlap_param_gather,
     )
     return DistributedDataParallel(config=config, ddp_config=ddp_config, module=model)
 
@@ -746,7 +756,8 @@ def describe_setup(args: argparse.Namespace, ctx: Parallel, results: list[RunRes
         f"vocab {VOCAB_SIZE}, seq {args.seq_len}: {total:,} parameters ({per_rank:,} on rank 0); {args.dtype}",
         f"- parallelism: tp {ctx.tp}, dp {ctx.dp}, sequence parallel {'on' if ctx.sequence_parallel else 'off'}, "
         f"distributed optimizer {'on' if args.distributed_optimizer else 'off'} (wrapper {wrapper})"
-        + (f", parameter gather {args.param_gather}" if args.distributed_optimizer else ""),
+        + (f", parameter gather {args.param_gather}" if args.distributed_optimizer else "")
+        + (", overlap_grad_reduce and overlap_param_gather on" if args.overlap_param_gather else ""),
         f"- Magma: keep_prob {args.keep_prob:g}, block {args.block}, seed {args.seed}, lr {args.magma_lr:g}; "
         f"Adam: lr {args.lr:g}; both: betas (0.9, 0.95), weight decay 0.1, clip 1.0, "
         f"warm-up {int(0.1 * args.steps)} steps then cosine to lr/10",
