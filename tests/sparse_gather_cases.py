@@ -77,8 +77,9 @@ def sync_body(rank, size, seed, steps, route="in place", device="cpu", parts=Fal
     """Every rank starts from the same buckets; each step every rank changes the changed elements
     of its own shard, then syncs sparsely by ``route`` (one of :data:`ROUTES`); a dense
     all-gather of the same shards is the oracle. ``device="cuda"``: buckets on GPU ``rank``
-    (NCCL). ``parts``: the buckets as the two parts :data:`PARTS`, both started before either is
-    waited for (as Megatron's overlapped bucket groups can be), the later one first."""
+    (NCCL). ``parts``: the buckets as the two parts :data:`PARTS`; at odd steps both are started
+    before either is waited for (as Megatron's overlapped bucket groups can be), the later one
+    first; at even steps one ``sync`` runs them all."""
     import torch.distributed as dist
 
     if device == "cuda":
@@ -110,7 +111,7 @@ def sync_body(rank, size, seed, steps, route="in place", device="cpu", parts=Fal
             gathered = torch.empty_like(reference)
             dist.all_gather_into_tensor(gathered, reference[rank * shard:(rank + 1) * shard].clone())
             reference.copy_(gathered)
-        if parts:
+        if parts and step % 2:
             pending = [gather.start(rules, step, part) for part in range(len(PARTS))]
             traffic = SyncBytes()
             for handle in reversed(pending):

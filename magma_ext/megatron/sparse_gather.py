@@ -377,10 +377,15 @@ class SparseGather:
         return [shard_ranges(self.tables[i].changed(rules, step), self.buckets[i].param_data.numel(), self.size)
                 for i in positions]
 
-    def sync(self, rules: dict, step: int, part: int = 0) -> SyncBytes:
-        """COLLECTIVE: gather the changed ranges of every rank's shard of ``part``'s buckets into
-        every rank's buckets; :meth:`start`, then :meth:`PendingSync.wait`."""
-        return self.start(rules, step, part).wait()
+    def sync(self, rules: dict, step: int, part: int | None = None) -> SyncBytes:
+        """COLLECTIVE: gather the changed ranges of every rank's shard of ``part``'s buckets
+        (default: of every part) into every rank's buckets; :meth:`start` of each part, then
+        :meth:`PendingSync.wait` of each."""
+        pending = [self.start(rules, step, k) for k in (range(len(self.parts)) if part is None else [part])]
+        total = SyncBytes()
+        for handle in pending:
+            total += handle.wait()
+        return total
 
     def start(self, rules: dict, step: int, part: int = 0) -> PendingSync:
         """COLLECTIVE: launch the sync of ``part`` (its position in :attr:`parts`) at ``step``;
