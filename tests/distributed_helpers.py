@@ -106,6 +106,7 @@ def run_ranks(world_size: int, fn, *args, timeout: float = DEFAULT_TIMEOUT, back
                 continue
             done[rank] = (ok, payload)
     finally:
+        exit_codes = [process.exitcode for process in processes]  # before any kill: None = still running
         for process in processes:
             if process.is_alive():
                 process.kill()
@@ -115,7 +116,9 @@ def run_ranks(world_size: int, fn, *args, timeout: float = DEFAULT_TIMEOUT, back
         del store
     failures = [rank for rank, (ok, _) in done.items() if not ok]  # in order of arrival
     if failures:
-        _raise_remote(failures[0], done[failures[0]][1])
+        silent = [f"rank {rank}: " + ("still running" if code is None else f"exit code {code}")
+                  for rank, code in enumerate(exit_codes) if rank not in done]
+        _raise_remote(failures[0], done[failures[0]][1], silent)
     pending = [rank for rank in range(world_size) if rank not in done]
     if pending:
         dead = [rank for rank in pending if processes[rank].exitcode not in (None, -9)]
@@ -134,8 +137,12 @@ def _dead_without_report(processes, done, results) -> bool:
     return False
 
 
-def _raise_remote(rank: int, payload) -> None:
+def _raise_remote(rank: int, payload, silent: list[str]) -> None:
+    """Raise rank ``rank``'s exception; ``silent``: how the ranks that reported nothing ended
+    (a peer's crash shows on the others as a broken connection)."""
     pickled_exception, text = payload
+    if silent:
+        text += "\nranks that reported nothing: " + "; ".join(silent)
     cause = RankError(rank, text)
     try:
         exception = pickle.loads(pickled_exception) if pickled_exception is not None else None
