@@ -70,6 +70,16 @@ def configure(gather: SparseGather, route: str) -> None:
         gather.max_views = 1  # runs of one range as views, longer ones by positions
 
 
+def dense_gathered(data: torch.Tensor, rank: int, size: int) -> torch.Tensor:
+    """COLLECTIVE: a flat buffer as a dense all-gather of every rank's shard of it leaves it."""
+    import torch.distributed as dist
+
+    shard = data.numel() // size
+    whole = torch.empty_like(data)
+    dist.all_gather_into_tensor(whole, data[rank * shard:(rank + 1) * shard].clone())
+    return whole
+
+
 PARTS = [[0, 2], [1]]  # the buckets as two parts (bucket groups), one of two dtypes
 
 
@@ -108,9 +118,7 @@ def sync_body(rank, size, seed, steps, route="in place", device="cpu", parts=Fal
             update = torch.where(mask & mine, noise, torch.zeros_like(noise)).to(device)
             bucket.param_data += update
             reference += update
-            gathered = torch.empty_like(reference)
-            dist.all_gather_into_tensor(gathered, reference[rank * shard:(rank + 1) * shard].clone())
-            reference.copy_(gathered)
+            reference.copy_(dense_gathered(reference, rank, size))
         if parts and step % 2:
             pending = [gather.start(rules, step, part) for part in range(len(PARTS))]
             traffic = SyncBytes()

@@ -15,7 +15,7 @@ import torch
 from distributed_helpers import run_ranks
 from magma_ext.megatron.overlapped_sync import BucketGroupSync
 from magma_ext.megatron.sparse_gather import Bucket, MaskRule, SparseGather, SyncBytes, changed_ranges
-from sparse_gather_cases import as_mask, configure, random_bucket_tensors, random_rules
+from sparse_gather_cases import as_mask, configure, dense_gathered, random_bucket_tensors, random_rules
 
 
 class StandInBucketGroup:
@@ -159,9 +159,7 @@ def overlapped_body(rank, size, seed, steps, route):
     def dense_gather(members):
         def run():
             for bucket in members:
-                shard = bucket.param_data.numel() // size
-                mine = bucket.param_data[rank * shard:(rank + 1) * shard].clone()
-                dist.all_gather_into_tensor(bucket.param_data, mine)
+                bucket.param_data.copy_(dense_gathered(bucket.param_data, rank, size))
         return run
 
     state = SimpleNamespace(step=0)
@@ -195,12 +193,7 @@ def overlapped_body(rank, size, seed, steps, route):
                 mine = torch.zeros(numel, dtype=torch.bool)
                 mine[rank * shard:(rank + 1) * shard] = True
                 bucket.param_data += torch.where(mask & mine, noise, torch.zeros_like(noise))
-        expected = []
-        for bucket in buckets:
-            shard = bucket.param_data.numel() // size
-            whole = torch.empty_like(bucket.param_data)
-            dist.all_gather_into_tensor(whole, bucket.param_data[rank * shard:(rank + 1) * shard].clone())
-            expected.append(whole)
+        expected = [dense_gathered(bucket.param_data, rank, size) for bucket in buckets]
         dense_before = sum(len(g.dense) for g in groups)
         if step == 5:  # evaluation: the pre-hooks disabled, every group forced; then the next
             for group in groups:  # training forward finds them dispatched, and its backward resets them

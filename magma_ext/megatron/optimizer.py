@@ -367,9 +367,7 @@ class MagmaDistributedOptimizer(CarriesMagmaScores, ShardStateFilter, Distribute
         if not any(rule.masked for rule in rules.values()):  # nothing masked: Megatron's own gather
             super().start_param_sync_for_bucket_group_subset()
             if self.sparse_gather is not None:
-                dense = self.sparse_gather.dense_bytes()
-                self._last_sync = SyncBytes(dense.dense_sent, dense.dense_received, dense.dense_sent,
-                                            dense.dense_received)
+                self._last_sync = self.sparse_gather.dense_bytes().moved_densely()
             return
         self._last_sync = self.sparse_gather.sync(rules, self.steps_taken)
         for chunk in self.model_chunks:

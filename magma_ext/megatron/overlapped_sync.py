@@ -68,8 +68,7 @@ class BucketGroupSync:
         self.synced_step = step
         if not sparse:
             self.dense_start(force_sync=force_sync)
-            dense = self.gather.dense_bytes(self.part)
-            self.last = SyncBytes(dense.dense_sent, dense.dense_received, dense.dense_sent, dense.dense_received)
+            self.last = self.gather.dense_bytes(self.part).moved_densely()
             return
         assert group.param_gather_handle is None, "a parameter gather of this bucket group is still in flight"
         pending = self.gather.start(rules, step, self.part)

@@ -287,6 +287,11 @@ class SyncBytes:
         self.dense_received += other.dense_received
         return self
 
+    def moved_densely(self) -> SyncBytes:
+        """What a dense gather moves, as the bytes of a sync that ran one (``sent``, ``received``
+        set to the dense figures)."""
+        return SyncBytes(self.dense_sent, self.dense_received, self.dense_sent, self.dense_received)
+
     @property
     def fraction(self) -> float:
         """Sparse bytes over dense bytes (sent + received)."""
