@@ -332,6 +332,74 @@ def test_records_merge_invocations(tmp_path):
     assert records.merged_meta(study.metas, "sizes") == {"s": {"steps": 2}}  # the later invocation wins
 
 
+def _on(corpus: str, record: dict, date: str = "2026-01-01 00:00 UTC") -> dict:
+    return {**record, "date": date, "data": {"content_sha1": corpus, "files": 3}, "env": {"device_name": "GPU"}}
+
+
+def test_a_study_counts_only_the_runs_on_its_corpus(tmp_path):
+    """Runs on another corpus (another machine image) have another validation set: the study
+    keeps the corpus most runs trained on, whatever the order of the inputs, and sets the rest
+    aside, their set-ups and skips too; the page says which and why."""
+    main = [_on("a" * 40, _run("AdamW", lr, 0, 3.0 + lr)) for lr in (1e-3, 2e-3, 4e-3)]
+    other = [_on("b" * 40, _run("AdamW", 1e-3, 0, 2.0), "2026-02-01 00:00 UTC"),
+             _on("b" * 40, _run("AdamW", 8e-3, 0, 2.5), "2026-02-01 00:00 UTC")]
+    bundles = {"1.json": ("b" * 40, other, [{"id": "x", "reason": "time budget"}]), "2.json": ("a" * 40, main, [])}
+    for name, (corpus_sha1, runs, skipped) in bundles.items():
+        meta = {"mode": "sweep", "date": runs[0]["date"], "data": {"content_sha1": corpus_sha1}}
+        records.write_json(tmp_path / name, {"kind": "bundle", "meta": meta, "runs": runs, "throughput": [],
+                                             "skipped": skipped})
+    for order in (["1.json", "2.json"], ["2.json", "1.json"]):
+        study = records.load_study([str(tmp_path / name) for name in order])
+        assert study.corpus == "a" * 40 and study.runs == main and study.other_corpus_runs == other
+        assert [m["data"]["content_sha1"] for m in study.metas] == ["a" * 40] and study.skipped == []
+    lines = "\n".join(page.left_out_lines(study))
+    assert "2 runs trained on another corpus (content SHA-1 bbbbbbbbbbbb, 3 files; GPU" in lines
+    assert "s__AdamW__lr0.001__seed0, s__AdamW__lr0.008__seed0" in lines
+    # With as many runs on each, the corpus used last is the study's.
+    assert records.main_corpus(main[:2] + other) == "b" * 40
+    assert records.on_corpus(main + [_run("AdamW", 1e-3, 1, 3.0)], None) == (main + [_run("AdamW", 1e-3, 1, 3.0)], [])
+
+
+def test_resume_runs_again_what_trained_on_another_corpus(corpus_dir, first_bundle, tmp_path, capsys):
+    bundle = json.loads(first_bundle.read_text())
+    for r in bundle["runs"]:
+        r["data"] = {**r["data"], "content_sha1": "f" * 40}
+    elsewhere = tmp_path / "elsewhere.json"
+    records.write_json(elsewhere, bundle)
+    again = tmp_path / "again.json"
+    args = _sweep_args(corpus_dir, tmp_path, "--tiers", "1", "--optimizers", "AdamW", "--bundle", str(again),
+                       "--resume", f"{first_bundle},{elsewhere}")
+    assert cli.main(args) == 0
+    assert f"{len(bundle['runs'])} --resume records trained on another corpus than this machine's" in \
+        capsys.readouterr().out
+    assert json.loads(again.read_text())["runs"] == []  # the first bundle's records, on this corpus, stand
+    assert cli.main(args[:-1] + [str(elsewhere)]) == 0
+    rerun = json.loads(again.read_text())["runs"]
+    assert sorted(r["id"] for r in rerun) == sorted(r["id"] for r in bundle["runs"] if r["optimizer"] == "AdamW")
+    assert {r["data"]["content_sha1"] for r in rerun} == {r["data"]["content_sha1"]
+                                                          for r in json.loads(first_bundle.read_text())["runs"]}
+
+
+def test_a_best_lr_run_at_a_former_best_is_stale():
+    """A best-lr run stands only while its lr is its sweep's best: once the sweep is complete
+    and its best is another lr, the run is stale (run again, left off the page)."""
+    cells = plan.make_cells(definition.SECOND, tiers=[1], optimizers=["AdamW"])
+    grid = cells[0].lrs
+    sweep = [dict(_run("AdamW", lr, 0, 3.0), size="S", final_val_loss=1.0 + abs(lr - 1e-3)) for lr in grid]
+    at = {lr: dict(_run("AdamW", lr, 1, 3.0), size="S", stage="best_lr", lr_rule="best") for lr in (1e-3, 5e-3)}
+    keep, stale = plan.split_stale(sweep + list(at.values()), cells)
+    assert stale == [at[5e-3]] and keep == sweep + [at[1e-3]]
+    assert plan.split_stale(sweep[1:] + [at[5e-3]], cells) == (sweep[1:] + [at[5e-3]], [])  # sweep incomplete
+    runs = [r for r in plan.shard_runs(cells) if r.stage == "best_lr"]
+    assert plan.not_finished(runs, keep) == [runs[1]] and plan.not_finished(runs, sweep + [at[5e-3]]) == [runs[1]]
+
+
+def test_a_best_lr_seed_fills_no_gap_of_the_sweep():
+    grid = definition.SECOND.optimizers["AdamW"].lrs
+    runs = [_run("AdamW", lr, 0, 3.0) for lr in grid[1:]] + [dict(_run("AdamW", grid[0], 1, 3.0), stage="best_lr")]
+    assert summary.summarize(runs, definition.SECOND)["s"]["AdamW"].missing_lrs == [grid[0]]
+
+
 def _lion_study(edition) -> records.Study:
     meta = {"mode": "sweep", "date": "2026-01-01 00:00 UTC", "shard": 1, "num_shards": 1, "betas": [0.9, 0.95],
             "weight_decay": 0.1, "optimizers": {name: {"lrs": [1e-3, 2e-3], "description": r.description}

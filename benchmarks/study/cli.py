@@ -42,8 +42,8 @@ from . import corpus as corpus_lib  # noqa: E402
 from . import report  # noqa: E402
 from .definition import DEFAULT_EDITION, EDITIONS, THROUGHPUT_DEFAULTS, edition as edition_by_number  # noqa: E402
 from .definition import summary_line  # noqa: E402
-from .plan import assign_shards, make_cells, plan_lines  # noqa: E402
-from .records import edition_of, load_finished, load_study  # noqa: E402
+from .plan import assign_shards, make_cells, plan_lines, split_stale  # noqa: E402
+from .records import edition_of, load_finished, load_study, main_corpus, on_corpus  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 RESULTS = REPO / "benchmarks" / "results"
@@ -258,9 +258,20 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.plan:
         shards = assign_shards(cells, args.num_shards)
-        print("\n".join(plan_lines(edition, shards, load_finished(args.resume), gpus=args.gpus or 2,
-                                   corpus_note=corpus_note(edition, cells, args.data, args.corpus_add,
-                                                           args.corpus_suffixes))))
+        finished = load_finished(args.resume)
+        study_corpus = main_corpus(finished)
+        finished, elsewhere = on_corpus(finished, study_corpus)
+        finished, stale = split_stale(finished, cells)
+        lines = plan_lines(edition, shards, finished, gpus=args.gpus or 2,
+                           corpus_note=corpus_note(edition, cells, args.data, args.corpus_add, args.corpus_suffixes))
+        if elsewhere:
+            lines.insert(1, f"The plan counts the --resume records on corpus {study_corpus[:12]} (most runs); "
+                            f"{len(elsewhere)} trained on another corpus count as not run. A sweep counts those "
+                            "on the corpus it builds, and a machine of another image builds another.")
+        if stale:
+            lines.insert(1, f"{len(stale)} --resume best-lr or transfer runs ran at another lr than their rule picks "
+                            f"from the sweep now, and count as not run: {', '.join(r['id'] for r in stale)}.")
+        print("\n".join(lines))
         return 0
     import torch  # not before the arguments are checked; the report needs none
 

@@ -14,7 +14,7 @@ import shlex
 
 from .definition import Edition, spelled
 from .plan import make_cells, not_finished, shard_runs
-from .records import FINISHED, Study, merged_meta, now_utc
+from .records import FINISHED, Study, corpus_of, merged_meta, now_utc
 from .summary import CellSummary, Summary, mean, ppl, seeds_run
 
 RUNNER = "benchmarks/convergence.py"
@@ -382,6 +382,26 @@ def run_status_lines(study: Study) -> list[str]:
     return lines
 
 
+def left_out_lines(study: Study) -> list[str]:
+    """The records that count for nothing here, and why: runs on another corpus (another
+    validation set), best-lr runs at a sweep's former best."""
+    lines = []
+    by_corpus: dict[str, list[dict]] = {}
+    for r in study.other_corpus_runs:
+        by_corpus.setdefault(corpus_of(r), []).append(r)
+    for corpus, runs in sorted(by_corpus.items()):
+        dates = sorted(r.get("date", "") for r in runs)
+        devices = sorted({r.get("env", {}).get("device_name", "unknown") for r in runs})
+        lines.append(f"- {len(runs)} run{'s' * (len(runs) > 1)} trained on another corpus (content SHA-1 "
+                     f"{corpus[:12]}, {runs[0]['data']['files']:,} files; {', '.join(devices)}, {dates[0]} to "
+                     f"{dates[-1]}) are left out: their validation set is another, so their perplexities "
+                     f"compare with none here. The corpus is built from the machine's installed files, and "
+                     f"that machine's image differed: {', '.join(sorted(r['id'] for r in runs))}.")
+    for r in sorted(study.stale_runs, key=lambda r: r["id"]):
+        lines.append(f"- {r['id']} is left out: it ran at lr {r['lr']:g}, no longer the best of its sweep.")
+    return ([""] + lines) if lines else []
+
+
 def shard_note(study: Study) -> str:
     shards = sorted({(m["shard"], m["num_shards"]) for m in study.metas if m.get("mode") == "sweep"})
     if not shards:
@@ -413,7 +433,7 @@ def build_page(study: Study, summary: Summary, argv: list[str], figures: dict[st
     lines += ["## What was and was not reproduced", ""] + (
         paper_table(summary, edition) + ordering_statement(summary, edition) if summary
         else ["Nothing to compare: no run records."])
-    lines += ["", "## Runs", ""] + run_status_lines(study)
+    lines += ["", "## Runs", ""] + run_status_lines(study) + left_out_lines(study)
     if edition.plan_on_page:
         lines += missing_lines(study, edition)
     lines += ["", "## Provenance", ""] + provenance_lines(study, argv) + [""]

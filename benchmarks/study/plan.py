@@ -155,6 +155,23 @@ def not_finished(runs: list[RunSpec], finished: list[dict]) -> list[RunSpec]:
             and not (run.rule and (run.size, run.optimizer, run.seed, run.stage, run.rule) in done_rules)]
 
 
+def split_stale(records: list[dict], cells: list[Cell]) -> tuple[list[dict], list[dict]]:
+    """(the records that stand, the stale ones): a best-lr or transfer run is stale when its lr
+    is not the one its rule picks from the sweep records now (the sweep changed after it ran:
+    its runs were run again on another corpus, say). A stale run is run again and reported as
+    left out; while the sweep is incomplete, no run is judged stale."""
+    cell_of = {(c.size.name, c.spec.name): c for c in cells}
+    keep, stale = [], []
+    for r in records:
+        cell = cell_of.get((r["size"], r["optimizer"]))
+        lr = None
+        if r["stage"] != "sweep" and cell is not None:
+            run = RunSpec(r["size"], r["optimizer"], None, r["seed"], r["stage"], cell.tier.number, _done_key(r)[-1])
+            lr, _ = resolve_lr(run, cell, records)
+        (stale if lr is not None and not math.isclose(lr, r["lr"]) else keep).append(r)
+    return keep, stale
+
+
 def best_lr(records: list[dict], size: str, optimizer: str, seed: int) -> float | None:
     """The learning rate of the lowest final validation loss among finished sweep runs."""
     done = [r for r in records if r["size"] == size and r["optimizer"] == optimizer and r["seed"] == seed

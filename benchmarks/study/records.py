@@ -34,7 +34,9 @@ META: ``command``, ``date`` (:func:`now_utc`), ``mode`` ("sweep" or "throughput"
 wall seconds, tokens/s per GPU).
 
 Several invocations make one study: :func:`load_study` merges any mix of bundles, per-run files
-and folders of them, one record per run id, and :func:`merged_meta` merges their set-ups.
+and folders of them, one record per run id, and :func:`merged_meta` merges their set-ups. Edition
+2's runs count only on one corpus (:func:`main_corpus`): the corpus is built from the machine's
+installed files, so another machine image trains and validates on other bytes.
 Nothing here imports torch.
 """
 
@@ -129,6 +131,39 @@ def load_finished(paths: list[Path]) -> list[dict]:
     return records
 
 
+def corpus_of(record: dict) -> str | None:
+    """The content SHA-1 of the corpus an edition-2 run or invocation trained on (``data``);
+    None for a record that names none (edition 1's capped stream)."""
+    return (record.get("data") or {}).get("content_sha1")
+
+
+def on_corpus(records: list[dict], content_sha1: str | None) -> tuple[list[dict], list[dict]]:
+    """(the records trained on ``content_sha1`` or naming no corpus, the others): runs on
+    another corpus have another validation set, so their perplexities compare with none here."""
+    keep, drop = [], []
+    for r in records:
+        (keep if same_corpus(corpus_of(r), content_sha1) else drop).append(r)
+    return keep, drop
+
+
+def same_corpus(corpus: str | None, content_sha1: str | None) -> bool:
+    """Whether records naming ``corpus`` belong with those on ``content_sha1`` (None: unknown)."""
+    return corpus is None or content_sha1 is None or corpus == content_sha1
+
+
+def main_corpus(runs: list[dict]) -> str | None:
+    """The corpus most finished runs trained on (a tie goes to the one used last): the study's.
+    The corpus is built from the machine's installed files, so machines of another image build
+    another one."""
+    counts: dict[str, list] = {}
+    for r in runs:
+        if corpus_of(r) and r["status"] in FINISHED:
+            entry = counts.setdefault(corpus_of(r), [0, ""])
+            entry[0] += 1
+            entry[1] = max(entry[1], r.get("date", ""))
+    return max(counts, key=lambda c: tuple(counts[c])) if counts else None
+
+
 def edition_of(metas: list[dict], runs: list[dict]) -> int:
     """The study edition that the records belong to (edition 1's records name none); records
     of two editions do not make one study."""
@@ -146,6 +181,9 @@ class Study:
     throughput: list[dict] = field(default_factory=list)
     metas: list[dict] = field(default_factory=list)
     skipped: list[dict] = field(default_factory=list)
+    corpus: str | None = None  # the content SHA-1 of the corpus the study's runs trained on
+    other_corpus_runs: list[dict] = field(default_factory=list)  # runs on another corpus: left out
+    stale_runs: list[dict] = field(default_factory=list)  # best-lr runs at a sweep's former best (the report's)
 
 
 def json_files(paths: list[str]) -> list[Path]:
@@ -165,8 +203,10 @@ def load_study(paths: list[str]) -> Study:
     """Bundles, single records and folders of them (searched recursively) as one study. A run
     found twice (in a folder and in a bundle) counts once, a finished copy over a failed one;
     a skipped run that another input finished is no longer skipped (a best-lr or transfer run
-    by its rule's id too)."""
-    runs, throughput, study = {}, {}, Study()
+    by its rule's id too). Only runs on the study's corpus (:func:`main_corpus`) count; the
+    others are kept aside in ``other_corpus_runs``, and so are the set-ups of invocations that
+    trained on another corpus."""
+    run_records, skipped, throughput, study = [], [], {}, Study()
     for path in json_files(paths):
         try:
             obj = json.loads(path.read_text())
@@ -176,7 +216,7 @@ def load_study(paths: list[str]) -> Study:
         kind = obj.get("kind") if isinstance(obj, dict) else None
         if kind == "bundle":
             study.metas.append(obj.get("meta", {}))
-            study.skipped += obj.get("skipped", [])
+            skipped += [(corpus_of(obj.get("meta", {})), entry) for entry in obj.get("skipped", [])]
             records = obj.get("runs", []) + obj.get("throughput", [])
         elif kind == "meta":
             study.metas.append(obj["meta"])
@@ -187,15 +227,21 @@ def load_study(paths: list[str]) -> Study:
             continue  # not a record of this study
         for r in records:
             if r["kind"] == "run":
-                if r["id"] not in runs or (runs[r["id"]]["status"] != "ok" and r["status"] == "ok"):
-                    runs[r["id"]] = r
+                run_records.append(r)
             else:
                 throughput[(r["size"], r["optimizer"], r.get("date"))] = r
+    study.corpus = main_corpus(run_records)
+    run_records, study.other_corpus_runs = on_corpus(run_records, study.corpus)
+    study.metas = on_corpus(study.metas, study.corpus)[0]
+    runs = {}
+    for r in run_records:
+        if r["id"] not in runs or (runs[r["id"]]["status"] != "ok" and r["status"] == "ok"):
+            runs[r["id"]] = r
     study.runs = list(runs.values())
     study.throughput = list(throughput.values())
     done = set(runs) | {run_id(r["size"], r["optimizer"], None, r["seed"], r.get("lr_rule") or "best")
                         for r in study.runs if r["stage"] != "sweep"}  # skipped before their lr was known
-    study.skipped = [s for s in study.skipped if s["id"] not in done]
+    study.skipped = [s for corpus, s in skipped if s["id"] not in done and same_corpus(corpus, study.corpus)]
     return study
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from .definition import edition as edition_by_number
 from .page import build_page
+from .plan import make_cells, split_stale
 from .plots import draw
 from .records import Study, edition_of, load_study
 from .summary import summarize
@@ -30,6 +31,7 @@ def write_report(inputs: list[str], page: Path, plots_dir: Path, argv: list[str]
     study = load_study(inputs)
     edition = edition_by_number(edition_of(study.metas, study.runs))
     quick = any(m.get("quick") for m in study.metas if m.get("mode") == "sweep")
+    study.runs, study.stale_runs = split_stale(study.runs, make_cells(edition, quick=quick))
     summary = summarize(study.runs, edition, quick=quick) if study.runs else {}
     plots_dir.mkdir(parents=True, exist_ok=True)
     figures = ({name: link(path, page) for name, path in draw(summary, study.runs, plots_dir, edition).items()}

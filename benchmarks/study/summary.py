@@ -95,7 +95,8 @@ def summarize(runs: list[dict], edition: Edition, *, quick: bool = False) -> Sum
             edge = "lowest" if best == lrs[0] else "highest" if best == lrs[-1] else None
         grid = () if transfer or optimizer not in edition.optimizers else \
             edition.lrs(edition.optimizers[optimizer], quick)
-        missing = [lr for lr in grid if not any(math.isclose(lr, ran) for ran in lrs)]
+        swept = {r["lr"] for r in cell_runs if r["stage"] == "sweep"}  # a best-lr seed fills no gap
+        missing = [lr for lr in grid if not any(math.isclose(lr, ran) for ran in swept)]
         out.setdefault(size, {})[optimizer] = CellSummary(
             size, optimizer, lrs, best, [by_lr[best][s] for s in sorted(by_lr[best])], sorted(common), edge,
             {lr: score[lr] for lr in lrs}, transfer, missing)

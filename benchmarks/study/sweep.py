@@ -10,6 +10,10 @@ from has finished, and is skipped, with the reason, when that sweep cannot compl
 With ``--time-budget-s``, edition 2's runs stop at the budget, saving a checkpoint that a later
 invocation with the same ``--checkpoint-dir`` goes on from (:mod:`.trainer`); a stopped run is
 listed as skipped, with its step, so the records say what is missing.
+
+``--resume`` counts an earlier record only if it trained on the corpus built here (its content
+SHA-1) and, for a best-lr or transfer run, only while its lr is still what its rule picks from
+the sweep (:func:`.plan.split_stale`); the others are run again.
 """
 
 from __future__ import annotations
@@ -34,8 +38,9 @@ from . import corpus as corpus_lib
 from .definition import MUON_ADAMW_LR_RATIO, Edition, Recipe, Size, edition as edition_by_number
 from .environment import command_line, describe_data, environment
 from .optimizers import runs_magma_fused
-from .plan import Cell, RunSpec, assign_shards, not_finished, resolve_lr, same_budget, shard_runs, waits_for
-from .records import RecordWriter, curve, load_finished, now_utc, write_json
+from .plan import (Cell, RunSpec, assign_shards, not_finished, resolve_lr, same_budget, shard_runs, split_stale,
+                   waits_for)
+from .records import RecordWriter, corpus_of, curve, load_finished, now_utc, on_corpus, write_json
 from .trainer import Diverged, RunJob, load_split, train_run
 
 REPO = Path(__file__).resolve().parents[2]
@@ -222,7 +227,6 @@ def run_sweep(args, edition: Edition, cells: list[Cell], device: torch.device, s
     if other:
         print(f"warning: {len(other)} --resume records have another budget (steps, batch, seq_len) than this "
               f"plan's and are left out, e.g. {other[0]['id']} ({other[0]['steps']} steps)", flush=True)
-    runs = not_finished(shard_runs(shard), finished)
     cell_of = {(c.size.name, c.spec.name): c for c in shard}
     work_dir = default_work_dir(edition.number)
     slots = [(None, 1)] if edition.harness == "demo" else make_slots(args, device)
@@ -237,8 +241,6 @@ def run_sweep(args, edition: Edition, cells: list[Cell], device: torch.device, s
         try:
             corpus = corpus_lib.build(args.data, cache_dir, extra_roots=args.corpus_add,
                                       suffixes=args.corpus_suffixes, max_bytes=args.max_bytes)
-            corpus_lib.check_fits(corpus.train_bytes, {cell_of[(r.size, r.optimizer)].size for r in runs},
-                                  f"the corpus ({corpus.manifest['source']})")
         except corpus_lib.CorpusTooSmall as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
@@ -246,6 +248,24 @@ def run_sweep(args, edition: Edition, cells: list[Cell], device: torch.device, s
         local_data = None
         if len(slots) == 1:  # one slot: the runs train in this process, on one copy of the data
             local_data = (load_split(str(corpus.train_path), device), load_split(str(corpus.val_path), device))
+    finished, elsewhere = on_corpus(finished, data_description.get("content_sha1"))
+    if elsewhere:
+        print(f"warning: {len(elsewhere)} --resume records trained on another corpus than this machine's "
+              f"(content SHA-1 {corpus_of(elsewhere[0])[:12]}, here {data_description['content_sha1'][:12]}): "
+              f"their validation set is another, so they count for nothing here and are run again",
+              flush=True)
+    finished, stale = split_stale(finished, shard)
+    for r in stale:
+        print(f"warning: --resume record {r['id']} ran at lr {r['lr']:g}, which is no longer what its rule picks "
+              "from the sweep: it is run again", flush=True)
+    runs = not_finished(shard_runs(shard), finished)
+    if corpus is not None:
+        try:
+            corpus_lib.check_fits(corpus.train_bytes, {cell_of[(r.size, r.optimizer)].size for r in runs},
+                                  f"the corpus ({corpus.manifest['source']})")
+        except corpus_lib.CorpusTooSmall as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
     checkpoint_dir = (None if args.checkpoint_dir == "" else
                       Path(args.checkpoint_dir) if args.checkpoint_dir else work_dir / "checkpoints")
 
