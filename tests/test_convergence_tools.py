@@ -350,34 +350,40 @@ def test_a_study_counts_only_the_runs_on_its_corpus(tmp_path):
                                              "skipped": skipped})
     for order in (["1.json", "2.json"], ["2.json", "1.json"]):
         study = records.load_study([str(tmp_path / name) for name in order])
-        assert study.corpus == "a" * 40 and study.runs == main and study.other_corpus_runs == other
+        assert study.corpora == {"s": "a" * 40} and study.runs == main and study.other_corpus_runs == other
         assert [m["data"]["content_sha1"] for m in study.metas] == ["a" * 40] and study.skipped == []
     lines = "\n".join(page.left_out_lines(study))
     assert "2 runs trained on another corpus (content SHA-1 bbbbbbbbbbbb, 3 files; GPU" in lines
     assert "s__AdamW__lr0.001__seed0, s__AdamW__lr0.008__seed0" in lines
-    # With as many runs on each, the corpus used last is the study's.
-    assert records.main_corpus(main[:2] + other) == "b" * 40
-    assert records.on_corpus(main + [_run("AdamW", 1e-3, 1, 3.0)], None) == (main + [_run("AdamW", 1e-3, 1, 3.0)], [])
+    # With as many runs on each, the corpus used last is the study's; each size has its own.
+    larger = [_on("c" * 40, _run("AdamW", 1e-3, 0, 3.0, size="m"))]
+    assert records.study_corpora(main[:2] + other + larger) == {"s": "b" * 40, "m": "c" * 40}
+    no_corpus = _run("AdamW", 1e-3, 1, 3.0)
+    assert records.on_corpora(main + larger + [no_corpus], {"s": "b" * 40}) == (larger + [no_corpus], main)
 
 
 def test_resume_runs_again_what_trained_on_another_corpus(corpus_dir, first_bundle, tmp_path, capsys):
-    bundle = json.loads(first_bundle.read_text())
-    for r in bundle["runs"]:
-        r["data"] = {**r["data"], "content_sha1": "f" * 40}
+    """A size whose --resume runs trained on another corpus (another machine image) is refused,
+    unless --switch-corpus; runs on a size's minority corpus are run again."""
+    first = json.loads(first_bundle.read_text())
+    here = first["runs"][0]["data"]["content_sha1"]
     elsewhere = tmp_path / "elsewhere.json"
-    records.write_json(elsewhere, bundle)
+    records.write_json(elsewhere, {**first, "runs": [{**r, "data": {**r["data"], "content_sha1": "f" * 40}}
+                                                     for r in first["runs"]]})
     again = tmp_path / "again.json"
     args = _sweep_args(corpus_dir, tmp_path, "--tiers", "1", "--optimizers", "AdamW", "--bundle", str(again),
-                       "--resume", f"{first_bundle},{elsewhere}")
-    assert cli.main(args) == 0
-    assert f"{len(bundle['runs'])} --resume records trained on another corpus than this machine's" in \
-        capsys.readouterr().out
-    assert json.loads(again.read_text())["runs"] == []  # the first bundle's records, on this corpus, stand
-    assert cli.main(args[:-1] + [str(elsewhere)]) == 0
+                       "--resume", str(elsewhere))
+    assert cli.main(args) == 2 and not again.exists()
+    assert (f"error: the --resume runs of size tinyS trained on corpus ffffffffffff, but this machine builds "
+            f"{here[:12]}") in capsys.readouterr().err
+    assert cli.main(args + ["--switch-corpus"]) == 0
+    assert "6 --resume records trained on another corpus than their size's (ffffffffffff)" in capsys.readouterr().out
     rerun = json.loads(again.read_text())["runs"]
-    assert sorted(r["id"] for r in rerun) == sorted(r["id"] for r in bundle["runs"] if r["optimizer"] == "AdamW")
-    assert {r["data"]["content_sha1"] for r in rerun} == {r["data"]["content_sha1"]
-                                                          for r in json.loads(first_bundle.read_text())["runs"]}
+    assert sorted(r["id"] for r in rerun) == sorted(r["id"] for r in first["runs"] if r["optimizer"] == "AdamW")
+    assert {r["data"]["content_sha1"] for r in rerun} == {here}
+    # This corpus's records (the first bundle's and the rerun's) outnumber the others: nothing to run.
+    args[-1] = f"{first_bundle},{elsewhere},{again}"
+    assert cli.main(args) == 0 and json.loads(again.read_text())["runs"] == []
 
 
 def test_a_best_lr_run_at_a_former_best_is_stale():

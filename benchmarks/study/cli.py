@@ -43,7 +43,7 @@ from . import report  # noqa: E402
 from .definition import DEFAULT_EDITION, EDITIONS, THROUGHPUT_DEFAULTS, edition as edition_by_number  # noqa: E402
 from .definition import summary_line  # noqa: E402
 from .plan import assign_shards, make_cells, plan_lines, split_stale  # noqa: E402
-from .records import edition_of, load_finished, load_study, main_corpus, on_corpus  # noqa: E402
+from .records import edition_of, load_finished, load_study, on_corpora, study_corpora  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 RESULTS = REPO / "benchmarks" / "results"
@@ -102,6 +102,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--gpus", type=int, default=None,
                    help="edition 2: how many GPUs to use (default every visible one); for --plan, the "
                         "machine the estimates are for (default 2)")
+    p.add_argument("--switch-corpus", action="store_true",
+                   help="edition 2: train a size here even though its --resume runs trained on another corpus "
+                        "(another machine image); those runs then count for nothing and are run again")
     p.add_argument("--checkpoint-dir", default=None,
                    help="edition 2: where runs keep checkpoints ('' for none; default under the temporary folder)")
     p.add_argument("--cache-dir", default=None, help="edition 2: where the corpus is built (default likewise)")
@@ -259,15 +262,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.plan:
         shards = assign_shards(cells, args.num_shards)
         finished = load_finished(args.resume)
-        study_corpus = main_corpus(finished)
-        finished, elsewhere = on_corpus(finished, study_corpus)
+        corpora = study_corpora(finished)
+        finished, elsewhere = on_corpora(finished, corpora)
         finished, stale = split_stale(finished, cells)
         lines = plan_lines(edition, shards, finished, gpus=args.gpus or 2,
                            corpus_note=corpus_note(edition, cells, args.data, args.corpus_add, args.corpus_suffixes))
         if elsewhere:
-            lines.insert(1, f"The plan counts the --resume records on corpus {study_corpus[:12]} (most runs); "
-                            f"{len(elsewhere)} trained on another corpus count as not run. A sweep counts those "
-                            "on the corpus it builds, and a machine of another image builds another.")
+            lines.insert(1, "The plan counts the --resume records on each size's corpus (most of its runs: "
+                            + ", ".join(f"{size} {sha[:12]}" for size, sha in sorted(corpora.items()))
+                            + f"); {len(elsewhere)} trained on another corpus count as not run. A machine of "
+                            "another image builds another corpus, and a sweep there refuses those sizes.")
         if stale:
             lines.insert(1, f"{len(stale)} --resume best-lr or transfer runs ran at another lr than their rule picks "
                             f"from the sweep now, and count as not run: {', '.join(r['id'] for r in stale)}.")

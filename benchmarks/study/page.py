@@ -276,13 +276,17 @@ def data_line(study: Study, data: dict) -> str:
                 f"training bytes, the last {data['val_bytes']:,} bytes of the fixed-order stream for "
                 f"validation (SHA-1 {', '.join(hashes)}"
                 f"{'; WARNING: the inputs used different validation splits' if len(hashes) > 1 else ''}).")
-    contents = sorted({m["data"]["content_sha1"] for m in study.metas if m.get("data", {}).get("content_sha1")})
-    return (f"Data: {data['source']}: {data['files']:,} files in sorted path order ({data['duplicates_dropped']:,} "
-            f"files whose bytes repeat an earlier file's dropped), {data['bytes']:,} bytes (file list SHA-1 "
-            f"{data['file_list_sha1'][:12]}, content SHA-1 {', '.join(c[:12] for c in contents)}); "
-            f"{data['val_bytes']:,} bytes in {data['val_chunks']} chunks of {data['chunk_bytes']:,} spread over the "
-            f"stream held out for validation, {data['train_bytes']:,} for training."
-            + (" WARNING: the inputs used different corpora." if len(contents) > 1 else ""))
+    described = {}  # each size's corpus, as its runs recorded it
+    for r in sorted(study.runs, key=lambda r: r.get("date", "")):
+        if corpus_of(r) and corpus_of(r) == study.corpora.get(r["size"]):
+            described.setdefault(r["size"], r["data"])
+    return "\n\n".join(
+        f"Data{f' of size {size}' if size else ''}: {d['source']}: {d['files']:,} files in sorted path order "
+        f"({d['duplicates_dropped']:,} files whose bytes repeat an earlier file's dropped), {d['bytes']:,} bytes "
+        f"(file list SHA-1 {d['file_list_sha1'][:12]}, content SHA-1 {d['content_sha1'][:12]}); "
+        f"{d['val_bytes']:,} bytes in {d['val_chunks']} chunks of {d['chunk_bytes']:,} spread over the stream held "
+        f"out for validation, {d['train_bytes']:,} for training."
+        for size, d in (described or {"": data}).items())
 
 
 def setup_lines(study: Study, edition: Edition) -> list[str]:

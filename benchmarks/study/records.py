@@ -35,7 +35,7 @@ wall seconds, tokens/s per GPU).
 
 Several invocations make one study: :func:`load_study` merges any mix of bundles, per-run files
 and folders of them, one record per run id, and :func:`merged_meta` merges their set-ups. Edition
-2's runs count only on one corpus (:func:`main_corpus`): the corpus is built from the machine's
+2's runs of a size count only on one corpus (:func:`study_corpora`): the corpus is built from the machine's
 installed files, so another machine image trains and validates on other bytes.
 Nothing here imports torch.
 """
@@ -137,12 +137,16 @@ def corpus_of(record: dict) -> str | None:
     return (record.get("data") or {}).get("content_sha1")
 
 
-def on_corpus(records: list[dict], content_sha1: str | None) -> tuple[list[dict], list[dict]]:
-    """(the records trained on ``content_sha1`` or naming no corpus, the others): runs on
-    another corpus have another validation set, so their perplexities compare with none here."""
+Corpora = dict[str, str]  # size -> the content SHA-1 of the corpus its runs count on
+
+
+def on_corpora(records: list[dict], corpora: Corpora) -> tuple[list[dict], list[dict]]:
+    """(the run records trained on their size's corpus in ``corpora``, or naming none, the
+    others): runs on another corpus have another validation set, so their perplexities compare
+    with none of the study's. Each size has its own corpus (a larger size may need more bytes)."""
     keep, drop = [], []
     for r in records:
-        (keep if same_corpus(corpus_of(r), content_sha1) else drop).append(r)
+        (keep if same_corpus(corpus_of(r), corpora.get(r["size"])) else drop).append(r)
     return keep, drop
 
 
@@ -151,17 +155,17 @@ def same_corpus(corpus: str | None, content_sha1: str | None) -> bool:
     return corpus is None or content_sha1 is None or corpus == content_sha1
 
 
-def main_corpus(runs: list[dict]) -> str | None:
-    """The corpus most finished runs trained on (a tie goes to the one used last): the study's.
-    The corpus is built from the machine's installed files, so machines of another image build
-    another one."""
-    counts: dict[str, list] = {}
+def study_corpora(runs: list[dict]) -> Corpora:
+    """Each size's corpus: the one most of its finished runs trained on (a tie goes to the one
+    used last). The corpus is built from the machine's installed files, so a machine of another
+    image builds another one."""
+    counts: dict[str, dict[str, list]] = {}
     for r in runs:
         if corpus_of(r) and r["status"] in FINISHED:
-            entry = counts.setdefault(corpus_of(r), [0, ""])
+            entry = counts.setdefault(r["size"], {}).setdefault(corpus_of(r), [0, ""])
             entry[0] += 1
             entry[1] = max(entry[1], r.get("date", ""))
-    return max(counts, key=lambda c: tuple(counts[c])) if counts else None
+    return {size: max(found, key=lambda c: tuple(found[c])) for size, found in counts.items()}
 
 
 def edition_of(metas: list[dict], runs: list[dict]) -> int:
@@ -181,9 +185,13 @@ class Study:
     throughput: list[dict] = field(default_factory=list)
     metas: list[dict] = field(default_factory=list)
     skipped: list[dict] = field(default_factory=list)
-    corpus: str | None = None  # the content SHA-1 of the corpus the study's runs trained on
+    corpora: Corpora = field(default_factory=dict)  # the corpus each size's runs count on
     other_corpus_runs: list[dict] = field(default_factory=list)  # runs on another corpus: left out
     stale_runs: list[dict] = field(default_factory=list)  # best-lr runs at a sweep's former best (the report's)
+
+    def counts(self, corpus: str | None) -> bool:
+        """Whether an invocation that trained on ``corpus`` belongs to the study (its set-up, its skips)."""
+        return corpus is None or not self.corpora or corpus in self.corpora.values()
 
 
 def json_files(paths: list[str]) -> list[Path]:
@@ -203,7 +211,7 @@ def load_study(paths: list[str]) -> Study:
     """Bundles, single records and folders of them (searched recursively) as one study. A run
     found twice (in a folder and in a bundle) counts once, a finished copy over a failed one;
     a skipped run that another input finished is no longer skipped (a best-lr or transfer run
-    by its rule's id too). Only runs on the study's corpus (:func:`main_corpus`) count; the
+    by its rule's id too). Only runs on their size's corpus (:func:`study_corpora`) count; the
     others are kept aside in ``other_corpus_runs``, and so are the set-ups of invocations that
     trained on another corpus."""
     run_records, skipped, throughput, study = [], [], {}, Study()
@@ -230,9 +238,9 @@ def load_study(paths: list[str]) -> Study:
                 run_records.append(r)
             else:
                 throughput[(r["size"], r["optimizer"], r.get("date"))] = r
-    study.corpus = main_corpus(run_records)
-    run_records, study.other_corpus_runs = on_corpus(run_records, study.corpus)
-    study.metas = on_corpus(study.metas, study.corpus)[0]
+    study.corpora = study_corpora(run_records)
+    run_records, study.other_corpus_runs = on_corpora(run_records, study.corpora)
+    study.metas = [m for m in study.metas if study.counts(corpus_of(m))]
     runs = {}
     for r in run_records:
         if r["id"] not in runs or (runs[r["id"]]["status"] != "ok" and r["status"] == "ok"):
@@ -241,7 +249,7 @@ def load_study(paths: list[str]) -> Study:
     study.throughput = list(throughput.values())
     done = set(runs) | {run_id(r["size"], r["optimizer"], None, r["seed"], r.get("lr_rule") or "best")
                         for r in study.runs if r["stage"] != "sweep"}  # skipped before their lr was known
-    study.skipped = [s for corpus, s in skipped if s["id"] not in done and same_corpus(corpus, study.corpus)]
+    study.skipped = [s for corpus, s in skipped if s["id"] not in done and study.counts(corpus)]
     return study
 
 

@@ -11,9 +11,11 @@ With ``--time-budget-s``, edition 2's runs stop at the budget, saving a checkpoi
 invocation with the same ``--checkpoint-dir`` goes on from (:mod:`.trainer`); a stopped run is
 listed as skipped, with its step, so the records say what is missing.
 
-``--resume`` counts an earlier record only if it trained on the corpus built here (its content
-SHA-1) and, for a best-lr or transfer run, only while its lr is still what its rule picks from
-the sweep (:func:`.plan.split_stale`); the others are run again.
+``--resume`` counts an earlier record only if it trained on its size's corpus (its content
+SHA-1: the one built here for the sizes this invocation trains, else the one most of the size's
+records name) and, for a best-lr or transfer run, only while its lr is still what its rule picks
+from the sweep (:func:`.plan.split_stale`); the others are run again. A machine whose corpus is
+not the one a size's records trained on refuses to train that size unless ``--switch-corpus``.
 """
 
 from __future__ import annotations
@@ -40,7 +42,8 @@ from .environment import command_line, describe_data, environment
 from .optimizers import runs_magma_fused
 from .plan import (Cell, RunSpec, assign_shards, not_finished, resolve_lr, same_budget, shard_runs, split_stale,
                    waits_for)
-from .records import RecordWriter, corpus_of, curve, load_finished, now_utc, on_corpus, write_json
+from .records import (RecordWriter, corpus_of, curve, load_finished, now_utc, on_corpora, study_corpora,
+                      write_json)
 from .trainer import Diverged, RunJob, load_split, train_run
 
 REPO = Path(__file__).resolve().parents[2]
@@ -248,12 +251,22 @@ def run_sweep(args, edition: Edition, cells: list[Cell], device: torch.device, s
         local_data = None
         if len(slots) == 1:  # one slot: the runs train in this process, on one copy of the data
             local_data = (load_split(str(corpus.train_path), device), load_split(str(corpus.val_path), device))
-    finished, elsewhere = on_corpus(finished, data_description.get("content_sha1"))
+    here = data_description.get("content_sha1")
+    corpora, trained = study_corpora(finished), {c.size.name for c in shard}
+    moved = sorted(size for size in trained if here and corpora.get(size, here) != here)
+    if moved and not args.switch_corpus:
+        print(f"error: the --resume runs of size {', '.join(moved)} trained on corpus "
+              f"{', '.join(corpora[size][:12] for size in moved)}, but this machine builds {here[:12]} "
+              f"({data_description['source']}): runs here would not compare with them. Run where that corpus "
+              "builds (the same machine image), or pass --switch-corpus to run that size again here.",
+              file=sys.stderr)
+        return 2
+    corpora.update({size: here for size in trained if here})
+    finished, elsewhere = on_corpora(finished, corpora)
     if elsewhere:
-        print(f"warning: {len(elsewhere)} --resume records trained on another corpus than this machine's "
-              f"(content SHA-1 {corpus_of(elsewhere[0])[:12]}, here {data_description['content_sha1'][:12]}): "
-              f"their validation set is another, so they count for nothing here and are run again",
-              flush=True)
+        print(f"warning: {len(elsewhere)} --resume records trained on another corpus than their size's "
+              f"({', '.join(sorted({corpus_of(r)[:12] for r in elsewhere}))}): their validation set is another, "
+              "so they count for nothing and are run again", flush=True)
     finished, stale = split_stale(finished, shard)
     for r in stale:
         print(f"warning: --resume record {r['id']} ran at lr {r['lr']:g}, which is no longer what its rule picks "
