@@ -189,7 +189,7 @@ class Study:
     other_corpus_runs: list[dict] = field(default_factory=list)  # runs on another corpus: left out
     stale_runs: list[dict] = field(default_factory=list)  # best-lr runs at a sweep's former best (the report's)
 
-    def counts(self, corpus: str | None) -> bool:
+    def admits(self, corpus: str | None) -> bool:
         """Whether an invocation that trained on ``corpus`` belongs to the study (its set-up, its skips)."""
         return corpus is None or not self.corpora or corpus in self.corpora.values()
 
@@ -240,7 +240,7 @@ def load_study(paths: list[str]) -> Study:
                 throughput[(r["size"], r["optimizer"], r.get("date"))] = r
     study.corpora = study_corpora(run_records)
     run_records, study.other_corpus_runs = on_corpora(run_records, study.corpora)
-    study.metas = [m for m in study.metas if study.counts(corpus_of(m))]
+    study.metas = [m for m in study.metas if study.admits(corpus_of(m))]
     runs = {}
     for r in run_records:
         if r["id"] not in runs or (runs[r["id"]]["status"] != "ok" and r["status"] == "ok"):
@@ -249,7 +249,7 @@ def load_study(paths: list[str]) -> Study:
     study.throughput = list(throughput.values())
     done = set(runs) | {run_id(r["size"], r["optimizer"], None, r["seed"], r.get("lr_rule") or "best")
                         for r in study.runs if r["stage"] != "sweep"}  # skipped before their lr was known
-    study.skipped = [s for corpus, s in skipped if s["id"] not in done and study.counts(corpus)]
+    study.skipped = [s for corpus, s in skipped if s["id"] not in done and study.admits(corpus)]
     return study
 
 
