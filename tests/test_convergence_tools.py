@@ -193,6 +193,22 @@ def test_plan_prints_every_run_with_tokens_and_minutes(corpus_dir, capsys):
     assert "M__AdamW__lrS-best+1__seed0" in out and "S__Muon__lr0.05__seed0" in out
 
 
+def test_plan_counts_each_size_on_its_corpus(first_bundle, tmp_path, capsys):
+    first = json.loads(first_bundle.read_text())
+    sweep = [r for r in first["runs"] if r["stage"] == "sweep" and r["optimizer"] == "AdamW"]
+    elsewhere = tmp_path / "elsewhere.json"
+    records.write_json(elsewhere, {**first, "runs": [{**r, "data": {**r["data"], "content_sha1": "f" * 40}}
+                                                     for r in sweep]})
+    plan_args = ["--edition", "2", "--quick", "--tiers", "1", "--optimizers", "AdamW", "--plan", "--resume"]
+    assert cli.main(plan_args + [f"{first_bundle},{elsewhere}"]) == 0
+    out = capsys.readouterr().out
+    here = first["runs"][0]["data"]["content_sha1"][:12]
+    assert f"0 runs to go ({len(first['runs'])} finished runs from --resume left out)" in out
+    assert f"(most of its runs: tinyS {here}); 2 trained on another corpus count as not run" in out
+    assert cli.main(plan_args + [str(elsewhere)]) == 0  # alone, the other corpus is the size's
+    assert "1 runs to go (2 finished runs from --resume left out)" in capsys.readouterr().out
+
+
 def test_transfer_takes_the_point_below_at_the_top_of_the_grid():
     grid = (1e-3, 2e-3, 4e-3)
     cells = plan.make_cells(dataclasses.replace(definition.SECOND, optimizers={
