@@ -41,7 +41,7 @@ from pathlib import Path  # noqa: E402
 from . import corpus as corpus_lib  # noqa: E402
 from . import report  # noqa: E402
 from .definition import DEFAULT_EDITION, EDITIONS, THROUGHPUT_DEFAULTS, edition as edition_by_number  # noqa: E402
-from .definition import summary_line  # noqa: E402
+from .definition import LARGER_CORPUS_FLAGS, summary_line  # noqa: E402
 from .plan import assign_shards, make_cells, plan_lines, split_stale  # noqa: E402
 from .records import edition_of, load_finished, load_study, on_corpora, study_corpora  # noqa: E402
 
@@ -235,7 +235,8 @@ def corpus_note(edition, cells, data: str | None, extra_roots: list[str],
     usable = int(total * (1 - corpus_lib.VAL_FRACTION))
     short = largest.training_bytes_needed - usable
     verdict = ("enough, unless de-duplication removes more than the difference" if short <= 0
-               else f"NOT ENOUGH: {short:,} bytes short even before de-duplication")
+               else f"NOT ENOUGH: {short:,} bytes short even before de-duplication (on the GPU machine, "
+                    f"tier 3 runs on its own with {LARGER_CORPUS_FLAGS})")
     return [f"corpus on this machine: {len(files):,} files, {total:,} bytes before de-duplication, about {usable:,} "
             f"for training ({source}); the largest planned run (size {largest.name}) needs "
             f"{largest.training_bytes_needed:,} training bytes: {verdict}. A sweep builds and checks the corpus "

@@ -370,6 +370,13 @@ SIDE_BY_SIDE = {"S": 1, "M": 1}
 # at 3.2M tokens/s: 5-31 s more, the most for the first compile on a fresh machine.
 RUN_START_S = 30.0
 
+# The default corpus (the Python tree) of the H200 machine image holds about 475M training bytes:
+# enough for S, not for M (655M). Tier 3 adds these folders and file kinds, which built 715M
+# training bytes there (benchmarks/results/convergence2/corpus_M_probe_h200_2026-12-03.log);
+# `--plan` suggests them when the corpus falls short.
+LARGER_CORPUS_FLAGS = ("--corpus-add /usr/include,/usr/local/cuda/include,/usr/share/doc,/usr/lib/python3/dist-packages "
+                       "--corpus-suffixes .py,.h,.rst,.txt,.c,.cc,.cpp,.hpp,.cuh,.cu,.md,.pyi")
+
 # Llama shapes with head_dim 64 and depth/width of GaLore's Llamas (60M: 512 x 8, 130M: 768 x 12);
 # with the byte vocabulary the embedding and LM head are only 2 x 256 x dim parameters.
 # S: 10.82M parameters, 6,000 x 128 x 256 = 196.6M tokens (18.2 per parameter);
