@@ -131,6 +131,22 @@ def test_runs_stopped_by_the_budget_go_on_in_the_next_invocation(corpus_dir, tmp
     assert records.load_study([str(cut), str(rest)]).skipped == []  # the best-lr run too, skipped by its rule
 
 
+def test_finish_only_judges_a_run_by_the_walls_of_finished_runs(corpus_dir, first_bundle, tmp_path, capsys):
+    """--finish-only starts a run only if it can finish: by the median wall time of the size's
+    finished runs on this device when there are enough, not by the plan's estimate."""
+    first = json.loads(first_bundle.read_text())
+    slow = tmp_path / "slow.json"
+    records.write_json(slow, {**first, "runs": [{**r, "wall_s": 1e6} for r in first["runs"]
+                                                if r["optimizer"] == "Magma-Adam"]})
+    budget = ["--tiers", "1", "--bundle", str(tmp_path / "b.json"), "--finish-only", "--time-budget-s", "1000"]
+    assert cli.main(_sweep_args(corpus_dir, tmp_path, *budget, "--resume", str(slow))) == 0
+    skipped = json.loads((tmp_path / "b.json").read_text())["skipped"]
+    assert [s["id"].split("__")[1] for s in skipped] == ["AdamW"] * 3
+    assert "the run needs about 1000000 s" in skipped[0]["reason"]
+    assert cli.main(_sweep_args(corpus_dir, tmp_path, *budget, "--optimizers", "AdamW")) == 0  # the estimate
+    assert len(json.loads((tmp_path / "b.json").read_text())["runs"]) == 3
+
+
 def _tree(root: Path) -> dict[str, bytes]:
     rng = random.Random(1)
     files = {"pkg/a.py": _text(rng, 300).encode(), "pkg/b.txt": _text(rng, 200).encode(),

@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -49,8 +50,13 @@ from .trainer import Diverged, RunJob, load_split, train_run
 REPO = Path(__file__).resolve().parents[2]
 # Seconds a stopping run needs after its budget: finish the step, save the checkpoint, exit.
 STOP_MARGIN_S = 30.0
-# A run is not started with less than this left of the budget (start-up alone takes most of it).
-MIN_LAUNCH_S = 90.0
+# A run is not started with less than this left of the budget: its start-up (15-25 s for size S
+# on an H200) would take most of it. A run started with less than it needs stops at the budget
+# with a checkpoint, which the next call on the same machine goes on from.
+MIN_LAUNCH_S = 45.0
+# Finished runs of a size, on this device at this parallelism, that replace the plan's estimate
+# of a run's wall time (--finish-only) with their median.
+MEASURED_WALLS = 3
 POLL_S = 0.5
 
 
@@ -317,6 +323,16 @@ def run_sweep(args, edition: Edition, cells: list[Cell], device: torch.device, s
             return ("skip", note)
         return ("go", lr, note)
 
+    def expected_wall_s(run: RunSpec, size: Size) -> float:
+        """A run's wall seconds: the median of this size's straight runs finished so far on this
+        device at this parallelism (this invocation's and --resume's), else the plan's estimate."""
+        walls = [r["wall_s"] for r in records_so_far()
+                 if r["size"] == size.name and r["status"] == "ok" and not r.get("resumed_at")
+                 and r.get("side_by_side") == args.parallel and r.get("env", {}).get("device_name") == env["device_name"]]
+        if len(walls) >= MEASURED_WALLS:
+            return statistics.median(walls)
+        return size.wall_s(args.parallel) if size.tokens_per_s else size.estimate_s(run.optimizer)
+
     def budget_reason(run: RunSpec, size: Size) -> tuple[str | None, float | None]:
         """(why not to start the run, or None; the time.time() it must stop at, or None)."""
         if args.time_budget_s is None:
@@ -331,7 +347,7 @@ def run_sweep(args, edition: Edition, cells: list[Cell], device: torch.device, s
                         f"> {args.time_budget_s:.0f} s"), None
             return None, None
         usable = left - STOP_MARGIN_S
-        expected = size.wall_s(args.parallel) if size.tokens_per_s else size.estimate_s(run.optimizer)
+        expected = expected_wall_s(run, size)
         if usable < MIN_LAUNCH_S or (args.finish_only and expected > usable):
             return f"time budget: {usable:.0f} s usable, the run needs about {expected:.0f} s", None
         return None, time.time() + usable
