@@ -276,9 +276,9 @@ def data_line(study: Study, data: dict) -> str:
                 f"training bytes, the last {data['val_bytes']:,} bytes of the fixed-order stream for "
                 f"validation (SHA-1 {', '.join(hashes)}"
                 f"{'; WARNING: the inputs used different validation splits' if len(hashes) > 1 else ''}).")
-    described = {}  # each size's corpus, as its runs recorded it
+    described = {}  # each size's corpus, as its runs recorded it (load_study kept one per size)
     for r in sorted(study.runs, key=lambda r: r.get("date", "")):
-        if corpus_of(r) and corpus_of(r) == study.corpora.get(r["size"]):
+        if corpus_of(r):
             described.setdefault(r["size"], r["data"])
     return "\n\n".join(
         f"Data{f' of size {size}' if size else ''}: {d['source']}: {d['files']:,} files in sorted path order "
