@@ -318,6 +318,28 @@ def test_report_page_lists_the_runs_the_paper_and_what_is_missing(first_bundle, 
     assert "![final validation perplexity against learning rate](page/ppl_vs_lr.png)" in text
 
 
+def test_report_page_gives_each_skip_once(first_bundle, tmp_path):
+    """A skipped planned run appears once, with its reason, among the missing runs; a skipped
+    run outside the plan (another lr, say) keeps its line under "Runs"."""
+    bundle = json.loads(first_bundle.read_text())
+    planned, unplanned = "tinyS__RMSProp__lr0.001__seed0", "tinyS__RMSProp__lr0.3__seed0"
+    bundle["skipped"] = [{"id": planned, "reason": "time budget: 0 s usable"},
+                         {"id": unplanned, "reason": "time budget: 0 s usable"}]
+    records.write_json(tmp_path / "b.json", bundle)
+    study = records.load_study([str(tmp_path / "b.json")])
+    text = page.build_page(study, summary.summarize(study.runs, definition.SECOND), ["--inputs", "x"], {},
+                           edition=definition.SECOND)
+    assert text.count(planned) == 1 and f"  - {planned} (skipped: time budget: 0 s usable)" in text
+    assert f"- {unplanned}: skipped: time budget: 0 s usable" in text
+    assert "2 skipped (the planned ones are listed below with the missing runs)." in text
+
+
+def test_throughput_table_gives_the_fastest_optimizer_step_beside_the_median():
+    row = {"opt_step_ms_median": 0.7056, "opt_step_ms_min": 0.1292}
+    assert page.opt_step_ms(row) == "0.706 (0.129)"
+    assert page.opt_step_ms({"opt_step_ms_median": 0.7056}) == "0.706"  # older records lack the minimum
+
+
 def test_records_round_trip_a_bundle(tmp_path):
     meta = {"command": "python benchmarks/convergence.py", "date": "2026-01-01 00:00 UTC", "mode": "sweep",
             "shard": 1, "num_shards": 1, "optimizers": {"AdamW": {"lrs": [1e-3, 2e-3], "description": "d"}}}

@@ -349,7 +349,7 @@ def run_sweep(args, edition: Edition, cells: list[Cell], device: torch.device, s
         usable = left - STOP_MARGIN_S
         expected = expected_wall_s(run, size)
         if usable < MIN_LAUNCH_S or (args.finish_only and expected > usable):
-            return f"time budget: {usable:.0f} s usable, the run needs about {expected:.0f} s", None
+            return f"time budget: {max(usable, 0):.0f} s usable, the run needs about {expected:.0f} s", None
         return None, time.time() + usable
 
     def launch(run: RunSpec, lr: float, note: str, slot) -> Running:
