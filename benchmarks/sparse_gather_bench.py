@@ -14,9 +14,9 @@ the buckets several ways, each timed with CUDA events around the sync alone:
   overlap), into a copy of the buckets that serves as the oracle;
 - *in place*: ``SparseGather.sync`` with the in-place point-to-point route forced;
 - *packed (one chunk)*: the packed all-gather route forced, its buffer moved whole;
-- *packed (N MiB chunks)*, *packed p2p (N MiB chunks)*: the packed route and its unpadded
-  point-to-point transport, in chunks of N MiB per rank (``SparseGather.chunk_bytes``), for each
-  N of ``--chunk-mib``.
+- *packed (N MiB chunks)*, *packed p2p (N MiB chunks)*, *packed broadcast (N MiB chunks)*: the
+  packed route and its unpadded point-to-point and broadcast transports, in chunks of N MiB per
+  rank (``SparseGather.chunk_bytes``), for each N of ``--chunk-mib``.
 
 After every step each sparse copy must equal the dense one bit for bit (the script fails if
 not). Reported per keep_prob: median milliseconds after ``--warmup`` steps, the ratio to dense,
@@ -56,7 +56,7 @@ def variants(chunk_mib: list[int]) -> dict[str, dict]:
     """Each timed sync's name and the SparseGather settings that make it."""
     out = {"in place": dict(route="in place"), "packed (one chunk)": dict(route="packed", max_chunks=1)}
     for mib in chunk_mib:
-        for route in ("packed", "packed p2p"):
+        for route in ("packed", "packed p2p", "packed broadcast"):
             out[f"{route} ({mib} MiB chunks)"] = dict(route=route, chunk_bytes=mib * 2**20)
     return out
 

@@ -58,7 +58,7 @@ def parse_args():
     parser.add_argument("--overflow-at", type=int, default=-1, help="make this step's gradients inf")
     parser.add_argument("--sparse-param-gather", action="store_true",
                         help="gather only kept blocks, and check each step against a dense all-gather")
-    parser.add_argument("--sparse-route", choices=["auto", "in-place", "packed", "packed-p2p"], default="auto",
+    parser.add_argument("--sparse-route", choices=["auto", "in-place", "packed", "packed-p2p", "packed-broadcast"], default="auto",
                         help="force one route of the sparse gather (SparseGather.route)")
     parser.add_argument("--sparse-chunk-bytes", type=int, default=None,
                         help="the packed routes' bytes per rank and chunk (SparseGather.chunk_bytes)")

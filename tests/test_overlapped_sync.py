@@ -207,7 +207,7 @@ def overlapped_body(rank, size, seed, steps, route):
     return sparse_steps
 
 
-@pytest.mark.parametrize("route", ["in place", "packed chunks", "packed p2p chunks"])
+@pytest.mark.parametrize("route", ["in place", "packed chunks", "packed p2p chunks", "packed broadcast chunks"])
 @pytest.mark.parametrize("size, seed", [(2, 11), (3, 12)])
 def test_bucket_groups_gathered_as_the_forward_pre_hooks_do_equal_a_dense_gather(size, seed, route):
     sparse_steps = run_ranks(size, overlapped_body, size, seed, 7, route)

@@ -11,7 +11,8 @@ import torch
 
 from distributed_helpers import run_ranks
 from magma_ext.megatron.sparse_gather import MaskRule, changed_ranges, shard_ranges
-from sparse_gather_cases import EXACT_ROUTES, ROUTES, as_mask, brute_force_changed, random_bucket_tensors, random_rules, sync_body
+from sparse_gather_cases import (BROADCAST_RANGES, BROADCAST_SHARD, EXACT_ROUTES, ROUTES, as_mask, broadcast_transport_body,
+                                 brute_force_changed, random_bucket_tensors, random_rules, sync_body)
 
 
 @pytest.mark.parametrize("size", [1, 2, 3, 8])
@@ -89,6 +90,22 @@ def check_traffic(results, size, route):
         assert all(sent <= dense_sent for sent, _, dense_sent, _ in step)
     if route in EXACT_ROUTES:  # ranks send what they changed, so some step has unequal counts
         assert any(len({sent for sent, _, _, _ in step}) > 1 for step in zip(*results))
+
+
+@pytest.mark.parametrize("size, collectives", [
+    (2, ["all_gather_into_tensor", "broadcast", "broadcast"]),  # chunk 0 filled by both ranks
+    (3, ["broadcast"] * 4)])  # rank 2 fills no chunk: two broadcasts, then one, then one
+def test_the_broadcast_transport_gathers_filled_chunks_and_broadcasts_the_rest(size, collectives):
+    """The "broadcast" transport moves a chunk that every rank fills by one all-gather (it has no
+    padding), any other by one broadcast from each rank with elements in it (none from a rank
+    without); every rank's buffer ends as every rank's changes leave it."""
+    results = run_ranks(size, broadcast_transport_body, size)
+    expected = torch.arange(size * BROADCAST_SHARD, dtype=torch.float32)
+    for r in range(size):
+        for a, b in BROADCAST_RANGES[r]:
+            expected[r * BROADCAST_SHARD + a:r * BROADCAST_SHARD + b] += 100 * (r + 1)
+    for calls, data in results:
+        assert calls == collectives and data == expected.tolist()
 
 
 def test_the_route_follows_padding_and_transfers():

@@ -1,6 +1,6 @@
 """benchmarks/sparse_gather_bench.py on 2 CPU ranks (gloo): it checks every step of every sparse
 variant against a dense all-gather and writes its table; the unpadded ones (in place, packed
-p2p) move the same bytes, no more than the padded packed route, whatever its chunks."""
+p2p, packed broadcast) move the same bytes, no more than the padded packed route, whatever its chunks."""
 
 from __future__ import annotations
 
@@ -24,8 +24,9 @@ def test_the_route_benchmark_checks_every_step_and_writes_its_table(tmp_path):
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     rows = [line.split("|")[1:-1] for line in table.read_text().splitlines() if line.startswith("| 0.")]
-    names = ("dense", "in place", "packed (one chunk)", "packed (64 MiB chunks)", "packed p2p (64 MiB chunks)")
+    names = ("dense", "in place", "packed (one chunk)", "packed (64 MiB chunks)", "packed p2p (64 MiB chunks)",
+             "packed broadcast (64 MiB chunks)")
     assert [(r[0].strip(), r[1].strip()) for r in rows] == [(k, name) for k in ("0.5", "0.1") for name in names]
     for k in range(2):
-        dense, in_place, packed, chunked, p2p = (float(r[5]) for r in rows[len(names) * k:len(names) * (k + 1)])
-        assert dense == 1.0 and 0 < in_place == p2p <= packed == chunked <= 1.0
+        dense, in_place, packed, chunked, p2p, broadcast = (float(r[5]) for r in rows[len(names) * k:len(names) * (k + 1)])
+        assert dense == 1.0 and 0 < in_place == p2p == broadcast <= packed == chunked <= 1.0

@@ -9,12 +9,18 @@ elements into its own slot, the slots move, and it copies the other ranks' eleme
 their shards of its buckets. Chunk ``c + 1``'s transfer is launched before chunk ``c`` is
 unpacked, so the copies run while the next chunk is on the wire.
 
-Two transports move a chunk's slots:
+Three transports move a chunk's slots:
 
 - ``"all_gather"``: one in-place ``all_gather_into_tensor`` of the chunk (every slot padded to
   ``hi - lo``; the padding is sent, its contents never read).
 - ``"p2p"``: one ``batch_isend_irecv``: each rank sends the elements its stream has in the chunk
   to every other rank and receives theirs, nothing padded.
+- ``"broadcast"``: nothing padded either, by collectives: a chunk that every rank's stream fills
+  moves as ``"all_gather"`` does (it has no padding); any other chunk moves as one in-place
+  ``broadcast`` of each rank's filled part of its slot from that rank, grouped into one NCCL group
+  where the backend coalesces (NCCL; an uneven all-gather made of broadcasts, as
+  ``torch.distributed.all_gather`` makes one of uneven tensors), issued one by one elsewhere
+  (gloo).
 
 Everything a step needs (its copies as views of the shards and of the buffer, its transfers) is
 built by :func:`plan_packed` on the host, where the previous step's sync works it out while the
@@ -123,7 +129,7 @@ class _Chunk:
 class PackedPlan:
     """One dtype's packed exchange at one step, ready to run (:meth:`run`)."""
 
-    transport: str  # "all_gather" or "p2p"
+    transport: str  # "all_gather", "p2p" or "broadcast"
     chunks: list[_Chunk]
 
     def start(self, group, rank: int) -> list:
@@ -146,8 +152,11 @@ class PackedPlan:
     def _launch(self, chunk: _Chunk, group, rank: int) -> list:
         import torch.distributed as dist
 
-        if self.transport == "all_gather":
+        filled = all(count == len(slot) for slot, count in zip(chunk.slots, chunk.counts))
+        if self.transport == "all_gather" or (self.transport == "broadcast" and filled):
             return [dist.all_gather_into_tensor(chunk.whole, chunk.slots[rank], group=group, async_op=True)]
+        if self.transport == "broadcast":
+            return _broadcasts(chunk, group)
         ops, mine = [], chunk.slots[rank][:chunk.counts[rank]]
         for peer, (slot, count) in enumerate(zip(chunk.slots, chunk.counts)):
             if peer != rank and len(mine):
@@ -155,6 +164,25 @@ class PackedPlan:
             if peer != rank and count:
                 ops.append(dist.P2POp(dist.irecv, slot[:count], group=group, group_peer=peer))
         return dist.batch_isend_irecv(ops) if ops else []
+
+
+def _broadcasts(chunk: _Chunk, group) -> list:
+    """Each rank's filled part of its slot, broadcast from it in place: one NCCL group where the
+    backend coalesces (as ``batch_isend_irecv`` decides), else one broadcast after another."""
+    import torch.distributed as dist
+    from torch.distributed.distributed_c10d import _coalescing_manager, _get_default_group
+
+    parts = [(peer, slot[:count]) for peer, (slot, count) in enumerate(zip(chunk.slots, chunk.counts)) if count]
+    if not parts:
+        return []
+    device = chunk.whole.device
+    process_group = group if group is not None else _get_default_group()
+    if type(process_group) is dist.ProcessGroup and process_group._get_backend(device).supports_coalescing:
+        with _coalescing_manager(process_group, device, async_ops=True) as manager:
+            for peer, part in parts:
+                dist.broadcast(part, group=process_group, group_src=peer, async_op=True)
+        return manager.works  # the group's work; the broadcasts' own are placeholders
+    return [dist.broadcast(part, group=process_group, group_src=peer, async_op=True) for peer, part in parts]
 
 
 def plan_packed(shards: list[list[torch.Tensor]], layout: list[list[torch.Tensor]], rank: int, buffer: torch.Tensor,

@@ -6,7 +6,7 @@ model again. A block Magma masked this step did not change, and every rank knows
 those are without being told: a mask is a function of (seed, tensor index, block, step). So
 every rank computes the same *compact layout*: for every rank's shard, the element ranges that
 changed (the kept blocks of masked tensors, and all of every tensor that is not masked). Each
-rank then moves its ranges by one of three routes, per dtype, chosen from the layout alone (so
+rank then moves its ranges by one of four routes, per dtype, chosen from the layout alone (so
 every rank chooses the same; :meth:`SparseGather.choose_route`):
 
 - *packed* (what the default rule mostly takes): each rank packs its own ranges into its slot of
@@ -16,6 +16,9 @@ every rank chooses the same; :meth:`SparseGather.choose_route`):
 - *packed p2p*: the same packed buffers, moved unpadded by point-to-point transfers (one
   ``batch_isend_irecv`` per chunk, one send to and one receive from each other rank): a rank
   sends exactly its changed elements. Taken only when forced, until it is measured.
+- *packed broadcast*: the same packed buffers, moved unpadded by collectives: a chunk every
+  rank fills by ``all_gather_into_tensor``, the others by one grouped broadcast from each rank
+  (an uneven all-gather). Taken only when forced, until it is measured.
 - *in place*: each rank sends each of its ranges, straight from its bucket, to every other
   rank, which receives it straight into its own bucket; all of these point-to-point transfers
   are one ``torch.distributed.batch_isend_irecv`` (one NCCL group). Nothing is packed, copied or
@@ -54,7 +57,8 @@ __all__ = ["BucketTensor", "Bucket", "BlockTable", "MaskRule", "changed_ranges",
            "PendingSync", "bucket_group_parts",
            "buckets_of_chunks", "layout_record", "buckets_of_record", "refuse_unsupported_sparse_gather", "ROUTES"]
 
-ROUTES = ("packed", "packed p2p", "in place")  # what SparseGather.route may force
+ROUTES = ("packed", "packed p2p", "packed broadcast", "in place")  # what SparseGather.route may force
+TRANSPORTS = {"packed": "all_gather", "packed p2p": "p2p", "packed broadcast": "broadcast"}  # of the packed routes
 
 
 @dataclass(frozen=True)
@@ -333,9 +337,9 @@ class SparseGather:
     """The sparse parameter sync of a data-parallel group's buckets.
 
     Per dtype, the changed ranges move by the route :meth:`choose_route` picks (see the module's
-    description); set :attr:`route` to ``"packed"``, ``"packed p2p"`` or ``"in place"`` to force
-    one. The packed routes move each rank's packed ranges in chunks of about :attr:`chunk_bytes`
-    per rank (at most :attr:`max_chunks`), unpacking one chunk while the next is on the wire
+    description); set :attr:`route` to one of :data:`ROUTES` to force it. The packed routes move
+    each rank's packed ranges in chunks of about :attr:`chunk_bytes` per rank (at most
+    :attr:`max_chunks`), unpacking one chunk while the next is on the wire
     (:mod:`magma_ext.megatron.packed_exchange`); a shard's ranges in a chunk are copied as views
     when they are at most :attr:`max_views`, else by element positions built on the device.
     Each sync works out the next step's plan (views, transfers) while its own transfers run.
@@ -346,13 +350,14 @@ class SparseGather:
     its own plans and gather buffers, so the syncs of several parts may be in flight at once.
     """
 
-    route = "auto"  # "auto", "packed", "packed p2p" or "in place"
+    route = "auto"  # "auto" or one of ROUTES
     # auto takes the in-place route only where packing would pad past max_padding times the
     # changed elements. On 2 x H200 (NVLink, DP 2; benchmarks/results/sparse_gather_routes_*.md)
     # the packed route was the faster one at keep_prob 0.5 and 0.1 (padding 1.10x and 1.31x); by
     # the bytes per millisecond of each route there, in place would pay from about 1.3x (keep 0.5)
     # to 2.3x (keep 0.1) of padding. Larger data-parallel sizes are not measured yet, nor is
-    # "packed p2p" (the packed streams moved unpadded), which auto does not take yet.
+    # "packed p2p" or "packed broadcast" (the packed streams moved unpadded), which auto does not
+    # take yet.
     max_padding = 2.0
     max_direct_ops = 1024  # sends + receives one rank may post on the in-place route
     max_views = 256  # on the packed routes, a shard's run of more ranges than this goes by positions
@@ -450,7 +455,7 @@ class SparseGather:
         bounds = chunk_bounds(width, item, self.chunk_bytes, self.max_chunks)
         shards = [[self._shard(bucket, r) for r in range(self.size)] for bucket, _ in members]
         packed = plan_packed(shards, [ranks for _, ranks in members], self.rank, self._buffer(part, members, width),
-                             "all_gather" if route == "packed" else "p2p", bounds, self.max_views)
+                             TRANSPORTS[route], bounds, self.max_views)
         return _DtypePlan(route, moved, packed=packed)
 
     def _buffer(self, part: int, members: list, width: int) -> torch.Tensor:
@@ -472,15 +477,14 @@ class SparseGather:
         return dist.batch_isend_irecv(plan.ops) if plan.ops else []
 
     def choose_route(self, members: list, counts: list[int]) -> str:
-        """``"packed"``, ``"packed p2p"`` or ``"in place"`` for ``members`` (``[(bucket, its
-        ranges per rank)]``) whose ranks change ``counts`` elements: :attr:`route` unless it is
-        ``"auto"``; then in place where the packed route would move more than
-        :attr:`max_padding` times the changed elements and no rank posts more than
-        :attr:`max_direct_ops` transfers, else packed. The same on every rank (it reads the whole
-        layout)."""
+        """One of :data:`ROUTES` for ``members`` (``[(bucket, its ranges per rank)]``) whose
+        ranks change ``counts`` elements: :attr:`route` unless it is ``"auto"``; then in place
+        where the packed route would move more than :attr:`max_padding` times the changed
+        elements and no rank posts more than :attr:`max_direct_ops` transfers, else packed. The
+        same on every rank (it reads the whole layout)."""
         if self.route != "auto":
             if self.route not in ROUTES:
-                raise ValueError(f"route must be 'auto', 'packed', 'packed p2p' or 'in place', got {self.route!r}")
+                raise ValueError(f"SparseGather.route must be 'auto' or one of {ROUTES}, got {self.route!r}")
             return self.route
         padded = self.size * max(counts, default=0)
         if padded > self.max_padding * sum(counts) and self.direct_ops(members) <= self.max_direct_ops:
