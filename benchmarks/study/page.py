@@ -392,7 +392,8 @@ def run_status_lines(study: Study, listed_below: set[str]) -> list[str]:
     lines = [f"{len(study.runs)} runs: {ok} finished, "
              f"{sum(r['status'] == 'diverged' for r in study.runs)} diverged, "
              f"{sum(r['status'] == 'error' for r in study.runs)} failed; {len(study.skipped)} skipped"
-             + (" (the planned ones are listed below with the missing runs)." if listed_below else ".")]
+             + (" (the planned ones are listed below with the missing runs)."
+                if any(s["id"] in listed_below for s in study.skipped) else ".")]
     for r in sorted(study.runs, key=lambda r: r["id"]):
         if r["status"] != "ok":
             lines.append(f"- {r['id']}: {r['status']}: {r['error']}")
