@@ -591,3 +591,34 @@ def test_corpus_suffixes_choose_the_default_corpus_files(tmp_path, monkeypatch, 
     with pytest.raises(SystemExit):
         cli.main(["--edition", "2", "--plan", "--corpus-suffixes", ".py", "--data", str(tree)])
     assert "--corpus-suffixes" in capsys.readouterr().err
+
+
+def _throughput_row(optimizer, when, tokens_per_s, opt_median, opt_min, windows):
+    return {"kind": "throughput", "size": "S", "optimizer": optimizer, "magma_fused": optimizer != "AdamW",
+            "env": {"device": "cuda:0", "device_name": "GPU"}, "num_parameters": 1e7, "batch_size": 2, "seq_len": 8,
+            "dtype": "bfloat16", "warmup_steps": 1, "repeats": len(windows), "timed_steps": 2,
+            "opt_step_timer": "cuda events", "date": when, "measurement": when, "tokens_per_s": tokens_per_s,
+            "step_ms": sorted(windows)[len(windows) // 2], "step_ms_windows": windows,
+            "opt_step_ms_median": opt_median, "opt_step_ms_min": opt_min, "state_bytes": 2**20,
+            "peak_mem_bytes": None}
+
+
+def test_throughput_table_compares_only_rows_measured_together_and_flags_disturbed_ones():
+    old, new = "2026-01-01 00:00 UTC", "2026-02-01 00:00 UTC"
+    rows = [_throughput_row("AdamW", old, 100.0, 0.2, 0.19, [1.0]),
+            _throughput_row("Magma-Adam", old, 50.0, 0.1, 0.09, [2.0]),
+            _throughput_row("AdamW", new, 80.0, 0.5, 0.2, [1.0, 1.5, 2.0]),
+            _throughput_row("Magma-Adam", new, 60.0, 0.15, 0.1, [1.2, 1.3, 1.4])]
+    lines = page.throughput_table(rows, definition.SECOND)
+    headers = [i for i, line in enumerate(lines) if line.startswith("Model S")]
+    assert len(headers) == 2 and new in lines[headers[0]] and old in lines[headers[1]]  # the newest first
+    first, second = lines[headers[0]:headers[1]], lines[headers[1]:]
+    assert any(line.startswith("| Magma-Adam |") and "| 0.750x |" in line and "| 1.50 [1.00, 2.00] |" not in line
+               for line in first)
+    assert any(line.startswith("| AdamW |") and "| 1.50 [1.00, 2.00] |" in line for line in first)
+    assert any(line.startswith("| Magma-Adam |") and "| 0.500x |" in line and "| 2.00 |" in line for line in second)
+    disturbed = [line for line in lines if line.startswith("Disturbed")]
+    assert len(disturbed) == 1 and "for AdamW." in disturbed[0] and disturbed[0] in first
+    # Records older than the "measurement" field fall back to their own date.
+    legacy = [{k: v for k, v in r.items() if k != "measurement"} for r in rows]
+    assert page.throughput_table(legacy, definition.SECOND) == lines

@@ -84,31 +84,69 @@ def sweep_table(summary: Summary, runs: list[dict]) -> list[str]:
 
 
 def throughput_table(rows: list[dict], edition: Edition) -> list[str]:
+    """One table per size and measurement (an invocation of ``--mode throughput``), the newest
+    first: ratios are only taken between rows measured side by side."""
     if not rows:
         return ["No throughput records were given (`--mode throughput`).", ""]
     lines = []
     reference = edition.reference
-    for size in sorted({r["size"] for r in rows}):
-        here = sorted((r for r in rows if r["size"] == size), key=lambda r: edition.optimizer_rank(r["optimizer"]))
-        base = next((r for r in here if r["optimizer"] == reference), None)
-        first = here[0]
-        lines += [f"Model {size} ({first['num_parameters'] / 1e6:.1f}M parameters), batch {first['batch_size']} x "
-                  f"{first['seq_len']} tokens, {first['dtype']}, {first['env']['device_name']}, "
-                  f"{first['warmup_steps']} warm-up steps then the median of {first['repeats']} windows of "
-                  f"{first['timed_steps']} steps (optimizer step: median over all timed steps, "
-                  f"{first['opt_step_timer']}){compiled(first)}; {first['date']}.", "",
-                  f"| optimizer | fused | tokens/s | vs {reference} | step ms | optimizer step ms: median (min) | vs {reference} "
-                  "| state MiB | peak MiB |",
-                  "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
-        for r in here:
-            speed = f"{r['tokens_per_s'] / base['tokens_per_s']:.3f}x" if base else "n/a"
-            opt = f"{r['opt_step_ms_median'] / base['opt_step_ms_median']:.2f}x" if base else "n/a"
-            peak = f"{r['peak_mem_bytes'] / 2**20:,.0f}" if r["peak_mem_bytes"] else "n/a"
-            lines.append(f"| {r['optimizer']} | {fused_label(r, edition)} | {r['tokens_per_s']:,.0f} | {speed} | "
-                         f"{r['step_ms']:.2f} | {opt_step_ms(r)} | {opt} | "
-                         f"{r['state_bytes'] / 2**20:,.1f} | {peak} |")
-        lines.append("")
+    measurements = sorted({(r["size"], measured(r)) for r in rows}, key=lambda m: (m[0], "" if m[1] is None else m[1]))
+    for size in sorted({size for size, _ in measurements}):
+        for _, when in reversed([m for m in measurements if m[0] == size]):
+            here = sorted((r for r in rows if r["size"] == size and measured(r) == when),
+                          key=lambda r: edition.optimizer_rank(r["optimizer"]))
+            lines += measurement_table(here, reference, edition)
     return lines
+
+
+def measured(row: dict) -> str | None:
+    """The invocation a throughput row came from: its ``measurement`` (the invocation's start),
+    or, in records older than that field, its own date."""
+    return row.get("measurement", row.get("date"))
+
+
+def measurement_table(here: list[dict], reference: str, edition: Edition) -> list[str]:
+    base = next((r for r in here if r["optimizer"] == reference), None)
+    first = here[0]
+    lines = [f"Model {first['size']} ({first['num_parameters'] / 1e6:.1f}M parameters), batch {first['batch_size']} x "
+             f"{first['seq_len']} tokens, {first['dtype']}, {first['env']['device_name']}, "
+             f"{first['warmup_steps']} warm-up steps then the median of {first['repeats']} "
+             f"window{'s' if first['repeats'] != 1 else ''} of {first['timed_steps']} steps"
+             f"{', the optimizers taking turns' if first['repeats'] > 1 else ''} "
+             f"(optimizer step: median over all timed steps, {first['opt_step_timer']})"
+             f"{compiled(first)}; {measured(first)}.", "",
+             f"| optimizer | fused | tokens/s | vs {reference} | step ms: median [windows' range] "
+             f"| optimizer step ms: median (min) | vs {reference} | state MiB | peak MiB |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in here:
+        speed = f"{r['tokens_per_s'] / base['tokens_per_s']:.3f}x" if base else "n/a"
+        opt = f"{r['opt_step_ms_median'] / base['opt_step_ms_median']:.2f}x" if base else "n/a"
+        peak = f"{r['peak_mem_bytes'] / 2**20:,.0f}" if r["peak_mem_bytes"] else "n/a"
+        lines.append(f"| {r['optimizer']} | {fused_label(r, edition)} | {r['tokens_per_s']:,.0f} | {speed} | "
+                     f"{step_ms(r)} | {opt_step_ms(r)} | {opt} | "
+                     f"{r['state_bytes'] / 2**20:,.1f} | {peak} |")
+    lines.append("")
+    disturbed = [r["optimizer"] for r in here if is_disturbed(r)]
+    if disturbed:
+        lines += [f"Disturbed: the optimizer step's median is more than {DISTURBED} times its fastest step for "
+                  f"{', '.join(disturbed)}. A step of fixed work does not vary that much on a quiet GPU, so "
+                  "the machine (its host or its clocks) slowed these windows; compare the fastest steps, and "
+                  "read the ratios of this table as noise-bound.", ""]
+    return lines
+
+
+DISTURBED = 2.0
+
+
+def is_disturbed(record: dict) -> bool:
+    fastest = record.get("opt_step_ms_min")
+    return fastest is not None and record["opt_step_ms_median"] > DISTURBED * fastest
+
+
+def step_ms(record: dict) -> str:
+    windows = record.get("step_ms_windows") or []
+    spread = f" [{min(windows):.2f}, {max(windows):.2f}]" if len(windows) > 1 else ""
+    return f"{record['step_ms']:.2f}{spread}"
 
 
 def opt_step_ms(record: dict) -> str:

@@ -23,7 +23,8 @@ the curves ``train_loss`` / ``val_loss`` (``[step, loss]`` pairs, :func:`curve`)
 its ``data`` describes the corpus (:func:`.corpus.describe`): file list and content SHA-1.
 
 ``"throughput"``: one optimizer's step timing of ``--mode throughput`` (size, optimizer,
-tokens_per_s, step_ms, opt_step_ms_median, state_bytes, peak_mem_bytes, ...).
+tokens_per_s, step_ms, step_ms_windows, opt_step_ms_median, opt_step_ms_min, state_bytes,
+peak_mem_bytes, ``measurement``: the invocation's META date, shared by the rows timed side by side, ...).
 
 META: ``command``, ``date`` (:func:`now_utc`), ``mode`` ("sweep" or "throughput"), ``edition``
 (absent in edition 1's records), ``quick``,

@@ -136,7 +136,7 @@ def run_throughput(args, edition: Edition, size: Size, specs: list[Recipe], devi
                   "opt_step_ms_median": statistics.median(opt_ms), "opt_step_ms_min": min(opt_ms),
                   "opt_step_timer": "cuda events" if device.type == "cuda" else "perf_counter",
                   "state_bytes": runs[0]["state_bytes"], "peak_mem_bytes": max(peaks) if peaks else None,
-                  "command": meta["command"], "date": now_utc(), "env": meta["env"]}
+                  "command": meta["command"], "date": now_utc(), "measurement": meta["date"], "env": meta["env"]}
         if edition.number > 1:
             record.update(edition=edition.number, compile=args.compile)
         writer.add("throughput", record, throughput_filename(size.name, spec.name))
