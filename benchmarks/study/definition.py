@@ -358,8 +358,10 @@ FIRST = Edition(
 # torch.compile, fused AdamW), in tokens per second; they feed --plan and --time-budget-s.
 # S measured on one H200 on 2026-11-26 (benchmarks/results/convergence2/throughput_S_h200_2026-11-26.json):
 # 3.18M tokens/s for one run alone (`--mode throughput --size S`), 3.26M for four side by side
-# (a 400-step --parallel 4 sweep): one run already fills the GPU. M is still a placeholder.
-TOKENS_PER_S = {"S": 3.2e6, "M": 0.6e6}
+# (a 400-step --parallel 4 sweep): one run already fills the GPU. M is still an estimate: S's
+# figure scaled by the training FLOPs per token (6 x parameters + 12 x layers x dim x seq_len:
+# 72M for S, 189M for M), so 1.2M tokens/s, about 9 minutes of steps a run.
+TOKENS_PER_S = {"S": 3.2e6, "M": 1.2e6}
 # Where each size's figures were measured (None: a placeholder still).
 MEASURED_TOKENS_PER_S = {"S": "one H200, 2026-11-26", "M": None}
 # Runs per GPU as separate processes: the smallest count that reaches the aggregate above.
