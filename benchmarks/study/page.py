@@ -88,14 +88,14 @@ def throughput_table(rows: list[dict], edition: Edition) -> list[str]:
     first: ratios are only taken between rows measured side by side."""
     if not rows:
         return ["No throughput records were given (`--mode throughput`).", ""]
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["size"], measured(r) or ""), []).append(r)
+    newest_first = sorted(groups, key=lambda key: key[1], reverse=True)
     lines = []
-    reference = edition.reference
-    measurements = sorted({(r["size"], measured(r)) for r in rows}, key=lambda m: (m[0], "" if m[1] is None else m[1]))
-    for size in sorted({size for size, _ in measurements}):
-        for _, when in reversed([m for m in measurements if m[0] == size]):
-            here = sorted((r for r in rows if r["size"] == size and measured(r) == when),
-                          key=lambda r: edition.optimizer_rank(r["optimizer"]))
-            lines += measurement_table(here, reference, edition)
+    for key in sorted(newest_first, key=lambda key: key[0]):  # a stable sort: by size, then the newest first
+        here = sorted(groups[key], key=lambda r: edition.optimizer_rank(r["optimizer"]))
+        lines += measurement_table(here, edition.reference, edition)
     return lines
 
 
