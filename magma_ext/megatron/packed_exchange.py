@@ -124,6 +124,11 @@ class _Chunk:
     pack: _Copies
     unpack: _Copies
 
+    @property
+    def padded(self) -> bool:
+        """Whether some rank's stream ends before its slot does."""
+        return any(count < len(slot) for slot, count in zip(self.slots, self.counts))
+
 
 @dataclass
 class PackedPlan:
@@ -152,8 +157,7 @@ class PackedPlan:
     def _launch(self, chunk: _Chunk, group, rank: int) -> list:
         import torch.distributed as dist
 
-        filled = all(count == len(slot) for slot, count in zip(chunk.slots, chunk.counts))
-        if self.transport == "all_gather" or (self.transport == "broadcast" and filled):
+        if self.transport == "all_gather" or (self.transport == "broadcast" and not chunk.padded):
             return [dist.all_gather_into_tensor(chunk.whole, chunk.slots[rank], group=group, async_op=True)]
         if self.transport == "broadcast":
             return _broadcasts(chunk, group)
