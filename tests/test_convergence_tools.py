@@ -225,6 +225,30 @@ def test_plan_counts_each_size_on_its_corpus(first_bundle, tmp_path, capsys):
     assert "1 runs to go (2 finished runs from --resume left out)" in capsys.readouterr().out
 
 
+def test_measured_walls_are_an_optimizers_own_once_it_has_enough():
+    """Muon's step costs far more than the others': a size's median wall would under-estimate its
+    runs, so an optimizer's own straight runs set its estimate once there are MEASURED_WALLS."""
+    def run(optimizer, wall, **extra):
+        return {"size": "S", "optimizer": optimizer, "status": "ok", "wall_s": wall, **extra}
+    others = [run("AdamW", w) for w in (70.0, 80.0, 90.0)]
+    muon = [run("Muon", w) for w in (170.0, 180.0)] + [run("Muon", 1.0, resumed_at=[5000])]
+    assert plan.measured_wall_s(others + muon, "S", "Muon") == 90.0  # 2 straight of its own: the size's
+    assert plan.measured_wall_s(others + muon + [run("Muon", 200.0)], "S", "Muon") == 180.0
+    assert plan.measured_wall_s(others + muon, "S", "AdamW") == 80.0
+    assert plan.measured_wall_s(others, "S", "AdamW", lambda r: r["wall_s"] > 75) is None
+    assert plan.measured_wall_s(others + [run("AdamW", 1e9, status="diverged")], "M", "AdamW") is None
+
+
+def test_plan_estimates_runs_left_by_the_walls_of_finished_ones(first_bundle, tmp_path, capsys):
+    first = json.loads(first_bundle.read_text())
+    sweep = tmp_path / "sweep.json"
+    records.write_json(sweep, {**first, "runs": [{**r, "wall_s": 60.0 if r["optimizer"] == "AdamW" else 600.0}
+                                                 for r in first["runs"] if r["stage"] == "sweep"]})
+    assert cli.main(["--edition", "2", "--quick", "--tiers", "1", "--plan", "--resume", str(sweep)]) == 0
+    best_lr_lines = [line for line in capsys.readouterr().out.splitlines() if "__lrbest__" in line]
+    assert best_lr_lines and all(line.endswith(" 5.50") for line in best_lr_lines)  # the median of 60 and 600
+
+
 def test_transfer_takes_the_point_below_at_the_top_of_the_grid():
     grid = (1e-3, 2e-3, 4e-3)
     cells = plan.make_cells(dataclasses.replace(definition.SECOND, optimizers={

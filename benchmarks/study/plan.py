@@ -5,6 +5,7 @@ rate, and what the runs are estimated to cost."""
 from __future__ import annotations
 
 import math
+import statistics
 from dataclasses import dataclass, field, replace
 
 from .definition import INVOCATION_OVERHEAD_S, MEASURED_TOKENS_PER_S, Edition, Recipe, Size, Tier
@@ -19,6 +20,8 @@ PROCESS_OVERHEAD_BYTES = 2 * 2**30
 # Bytes of saved activations per token, layer and model dimension under bf16 autocast with a
 # fused attention kernel (the usual estimate for a pre-norm transformer block: 34).
 ACTIVATION_BYTES_PER_TOKEN_LAYER_DIM = 34
+# Finished straight runs that replace an estimate of a run's wall seconds with their median.
+MEASURED_WALLS = 3
 
 
 @dataclass(frozen=True)
@@ -215,6 +218,19 @@ def resolve_lr(run: RunSpec, cell: Cell, records: list[dict]) -> tuple[float | N
 # ---------------------------------------------------------------------------- estimates
 
 
+def measured_wall_s(records: list[dict], size: str, optimizer: str, keep=lambda record: True) -> float | None:
+    """The median wall seconds of the finished straight (never resumed) runs of ``size`` that
+    ``keep`` accepts: those of ``optimizer`` when there are MEASURED_WALLS of them (an optimizer's
+    step can cost far more than another's: Muon's Newton-Schulz iterations), else those of every
+    optimizer of the size; None with fewer still."""
+    straight = [r for r in records if r["size"] == size and r["status"] == "ok" and not r.get("resumed_at")
+                and keep(r)]
+    for walls in ([r["wall_s"] for r in straight if r["optimizer"] == optimizer], [r["wall_s"] for r in straight]):
+        if len(walls) >= MEASURED_WALLS:
+            return statistics.median(walls)
+    return None
+
+
 def memory_estimate_bytes(size: Size, num_parameters: int, corpus_bytes: int) -> int:
     """Rough GPU memory of one run: float32 weights, gradients and two moments (16 bytes per
     parameter), bf16 activations, the logits, the corpus on the device and the process."""
@@ -256,7 +272,9 @@ def plan_lines(edition: Edition, shards: list[list[Cell]], finished: list[dict],
                      "together; definition.TOKENS_PER_S"
                      + ("" if all(measured.values()) else ": measure a placeholder with --mode throughput and a "
                         "short --parallel sweep, then replace it") + f"), plus {sizes[0].setup_s:.0f} s of start-up "
-                     "per run (shared by the runs beside it).")
+                     "per run (shared by the runs beside it). Where --resume holds "
+                     f"{MEASURED_WALLS} finished straight runs of a size at its planned parallelism, the median of "
+                     "their wall times replaces the estimate (of the run's own optimizer where it has that many).")
     for size in sizes:
         params = Llama(size.model_config()).num_parameters()
         lines.append(f"size {size.name}: {params / 1e6:.2f}M parameters (dim {size.dim} x {size.layers} layers x "
@@ -295,7 +313,9 @@ def plan_lines(edition: Edition, shards: list[list[Cell]], finished: list[dict],
             for run in runs:
                 cell = by_cell[(run.size, run.optimizer)]
                 size = cell.size
-                s = size.estimate_s(run.optimizer)
+                wall = measured_wall_s(finished, size.name, run.optimizer,
+                                       lambda r: r.get("side_by_side", 1) == size.side_by_side)
+                s = size.estimate_s(run.optimizer) if wall is None else wall / size.side_by_side
                 seconds += s
                 tokens += size.tokens
                 lr = (f"{run.lr:g}" if run.lr is not None else

@@ -23,7 +23,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -41,8 +40,8 @@ from . import corpus as corpus_lib
 from .definition import MUON_ADAMW_LR_RATIO, Edition, Recipe, Size, edition as edition_by_number
 from .environment import command_line, describe_data, environment
 from .optimizers import runs_magma_fused
-from .plan import (Cell, RunSpec, assign_shards, not_finished, resolve_lr, same_budget, shard_runs, split_stale,
-                   waits_for)
+from .plan import (Cell, RunSpec, assign_shards, measured_wall_s, not_finished, resolve_lr, same_budget, shard_runs,
+                   split_stale, waits_for)
 from .records import (RecordWriter, corpus_of, curve, load_finished, now_utc, on_corpora, study_corpora,
                       write_json)
 from .trainer import Diverged, RunJob, load_split, train_run
@@ -54,9 +53,6 @@ STOP_MARGIN_S = 30.0
 # on an H200) would take most of it. A run started with less than it needs stops at the budget
 # with a checkpoint, which the next call on the same machine goes on from.
 MIN_LAUNCH_S = 45.0
-# Finished runs of a size, on this device at this parallelism, that replace the plan's estimate
-# of a run's wall time (--finish-only) with their median.
-MEASURED_WALLS = 3
 POLL_S = 0.5
 
 
@@ -324,13 +320,14 @@ def run_sweep(args, edition: Edition, cells: list[Cell], device: torch.device, s
         return ("go", lr, note)
 
     def expected_wall_s(run: RunSpec, size: Size) -> float:
-        """A run's wall seconds: the median of this size's straight runs finished so far on this
-        device at this parallelism (this invocation's and --resume's), else the plan's estimate."""
-        walls = [r["wall_s"] for r in records_so_far()
-                 if r["size"] == size.name and r["status"] == "ok" and not r.get("resumed_at")
-                 and r.get("side_by_side") == args.parallel and r.get("env", {}).get("device_name") == env["device_name"]]
-        if len(walls) >= MEASURED_WALLS:
-            return statistics.median(walls)
+        """A run's wall seconds: the median of the straight runs finished so far on this device
+        at this parallelism (this invocation's and --resume's; :func:`.plan.measured_wall_s`),
+        else the plan's estimate."""
+        measured = measured_wall_s(records_so_far(), size.name, run.optimizer,
+                                   lambda r: r.get("side_by_side") == args.parallel
+                                   and r.get("env", {}).get("device_name") == env["device_name"])
+        if measured is not None:
+            return measured
         return size.wall_s(args.parallel) if size.tokens_per_s else size.estimate_s(run.optimizer)
 
     def budget_reason(run: RunSpec, size: Size) -> tuple[str | None, float | None]:
