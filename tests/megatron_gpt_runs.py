@@ -34,6 +34,7 @@ from megatron.core.transformer import TransformerConfig  # noqa: E402
 from megatron.core.transformer.module import Float16Module  # noqa: E402
 
 from magma_ext.megatron import get_megatron_magma_optimizer, magma_optimizers, param_sync_bytes  # noqa: E402
+from magma_ext.megatron.sparse_gather import ROUTES  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 from megatron_gpt import block_spec  # noqa: E402  (the example's sequence-parallel norms)
@@ -58,7 +59,8 @@ def parse_args():
     parser.add_argument("--overflow-at", type=int, default=-1, help="make this step's gradients inf")
     parser.add_argument("--sparse-param-gather", action="store_true",
                         help="gather only kept blocks, and check each step against a dense all-gather")
-    parser.add_argument("--sparse-route", choices=["auto", "in-place", "packed", "packed-p2p", "packed-broadcast"], default="auto",
+    parser.add_argument("--sparse-route", choices=["auto"] + [route.replace(" ", "-") for route in ROUTES],
+                        default="auto",
                         help="force one route of the sparse gather (SparseGather.route)")
     parser.add_argument("--sparse-chunk-bytes", type=int, default=None,
                         help="the packed routes' bytes per rank and chunk (SparseGather.chunk_bytes)")
