@@ -202,11 +202,24 @@ def test_a_sweep_fails_before_any_run_when_the_corpus_is_too_small(tmp_path, cap
 def test_plan_prints_every_run_with_tokens_and_minutes(corpus_dir, capsys):
     assert cli.main(["--edition", "2", "--plan", "--data", str(corpus_dir)]) == 0
     out = capsys.readouterr().out
-    assert "PLACEHOLDER" in out and "10.82M parameters" in out and "29.17M parameters" in out
+    assert "10.82M parameters" in out and "29.17M parameters" in out
+    for size, where in definition.MEASURED_TOKENS_PER_S.items():
+        rate = definition.TOKENS_PER_S[size] / 1e6
+        assert f"{size} {rate:.2f}M (" + (f"measured on {where})" if where else "PLACEHOLDER") in out
     assert "  tier 1: 36 runs, 7.08B tokens," in out and "  tier 2: 36 runs, 7.08B tokens," in out
     assert "  tier 3: 8 runs, 5.24B tokens," in out and "total: 80 runs, 19.40B tokens" in out
     assert "per GPU planned" in out and "NOT ENOUGH" in out  # the test corpus feeds no real run
     assert "M__AdamW__lrS-best+1__seed0" in out and "S__Muon__lr0.05__seed0" in out
+
+
+def test_plan_flags_a_throughput_not_measured_yet(corpus_dir, monkeypatch, capsys):
+    monkeypatch.setitem(plan.MEASURED_TOKENS_PER_S, "M", None)
+    monkeypatch.setitem(plan.MEASURED_SIDE_BY_SIDE, "S", False)
+    assert cli.main(["--edition", "2", "--plan", "--data", str(corpus_dir)]) == 0
+    out = capsys.readouterr().out
+    assert f"M {definition.TOKENS_PER_S['M'] / 1e6:.2f}M (PLACEHOLDER, not measured)" in out
+    assert "measure a placeholder with --mode throughput" in out
+    assert "1 run per GPU planned (not measured, definition.SIDE_BY_SIDE)" in out
 
 
 def test_plan_counts_each_size_on_its_corpus(first_bundle, tmp_path, capsys):

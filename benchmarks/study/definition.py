@@ -358,14 +358,16 @@ FIRST = Edition(
 # torch.compile, fused AdamW), in tokens per second; they feed --plan and --time-budget-s.
 # S measured on one H200 on 2026-11-26 (benchmarks/results/convergence2/throughput_S_h200_2026-11-26.json):
 # 3.18M tokens/s for one run alone (`--mode throughput --size S`), 3.26M for four side by side
-# (a 400-step --parallel 4 sweep): one run already fills the GPU. M is still an estimate: S's
-# figure scaled by the training FLOPs per token (6 x parameters + 12 x layers x dim x seq_len:
-# 72M for S, 189M for M), so 1.2M tokens/s, about 9 minutes of steps a run.
-TOKENS_PER_S = {"S": 3.2e6, "M": 1.2e6}
+# (a 400-step --parallel 4 sweep): one run already fills the GPU. M measured on one H200 on
+# 2026-12-03 by tier 3's first run, M__AdamW__lr0.001__seed0 (tier3_h200_2026-12-03_call22.json):
+# 36.7 ms a step over its 10,000 steps, 1.78M tokens/s alone, 414 s of wall time.
+TOKENS_PER_S = {"S": 3.2e6, "M": 1.78e6}
 # Where each size's figures were measured (None: a placeholder still).
-MEASURED_TOKENS_PER_S = {"S": "one H200, 2026-11-26", "M": None}
+MEASURED_TOKENS_PER_S = {"S": "one H200, 2026-11-26", "M": "one H200, 2026-12-03"}
 # Runs per GPU as separate processes: the smallest count that reaches the aggregate above.
+# Measured for S only; M does 2.6x S's FLOPs per token, so one M run fills the GPU at least as well.
 SIDE_BY_SIDE = {"S": 1, "M": 1}
+MEASURED_SIDE_BY_SIDE = {"S": True, "M": False}
 # Wall seconds a run spends outside its training steps: process start, imports, loading the
 # corpus onto the GPU, torch.compile (the FX graph cache makes later compiles of a size cheap).
 # The 13 S runs of 2026-11-26 on H200s took 67-93 s each against 62 s of steps and evaluations

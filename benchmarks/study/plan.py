@@ -8,7 +8,7 @@ import math
 import statistics
 from dataclasses import dataclass, field, replace
 
-from .definition import INVOCATION_OVERHEAD_S, MEASURED_TOKENS_PER_S, Edition, Recipe, Size, Tier
+from .definition import INVOCATION_OVERHEAD_S, MEASURED_SIDE_BY_SIDE, MEASURED_TOKENS_PER_S, Edition, Recipe, Size, Tier
 from .records import run_id
 
 # A device call runs at most 10 minutes; what it can give to runs, start-up and copies aside.
@@ -292,8 +292,9 @@ def plan_lines(edition: Edition, shards: list[list[Cell]], finished: list[dict],
             if size.wall_s(k) > DEVICE_CALL_S:
                 wall += (": longer than one device call, so it goes on from its checkpoint in the next call on "
                          "the same machine")
+            how = "measured" if MEASURED_SIDE_BY_SIDE.get(size.name) else "not measured"
             lines.append(f"  side by side: {k} run{'s' * (k > 1)} per GPU planned "
-                         f"({'measured' if measured[size.name] else 'placeholder'}, definition.SIDE_BY_SIDE); about {fits} fit "
+                         f"({how}, definition.SIDE_BY_SIDE); about {fits} fit "
                          f"in {GPU_MEMORY_BYTES / 2**30:.0f} GiB by a memory estimate of {memory / 2**30:.1f} GiB per "
                          f"run (the corpus on the GPU included); {wall}")
     lines += corpus_note or []
