@@ -147,6 +147,30 @@ def test_finish_only_judges_a_run_by_the_walls_of_finished_runs(corpus_dir, firs
     assert len(json.loads((tmp_path / "b.json").read_text())["runs"]) == 3
 
 
+def test_finish_only_counts_only_the_steps_a_checkpoint_leaves(corpus_dir, first_bundle, tmp_path):
+    """A run with a checkpoint needs its start-up and the share of its steps still to train:
+    --finish-only starts it where the whole run would not fit (one of another set-up is then
+    trained afresh)."""
+    import torch
+
+    first = json.loads(first_bundle.read_text())
+    slow = tmp_path / "slow.json"
+    records.write_json(slow, {**first, "runs": [{**r, "wall_s": 2000.0} for r in first["runs"]
+                                                if r["optimizer"] == "Magma-Adam"]})
+    sweep = sorted((r for r in first["runs"] if r["optimizer"] == "AdamW" and r["stage"] == "sweep"),
+                   key=lambda r: r["lr"])
+    steps = sweep[0]["steps"]
+    (tmp_path / "checkpoints").mkdir()
+    torch.save({"key": "another set-up", "step": steps - 1}, tmp_path / "checkpoints" / f"{sweep[0]['id']}.pt")
+    bundle = tmp_path / "b.json"
+    assert cli.main(_sweep_args(corpus_dir, tmp_path, "--tiers", "1", "--optimizers", "AdamW", "--finish-only",
+                                "--time-budget-s", "1000", "--resume", str(slow), "--bundle", str(bundle))) == 0
+    out = json.loads(bundle.read_text())
+    assert [r["id"] for r in out["runs"]] == [sweep[0]["id"]] and out["runs"][0]["resumed_at"] == []
+    reasons = {s["id"]: s["reason"] for s in out["skipped"]}
+    assert reasons[sweep[1]["id"]].endswith("the run needs about 2000 s")
+
+
 def _tree(root: Path) -> dict[str, bytes]:
     rng = random.Random(1)
     files = {"pkg/a.py": _text(rng, 300).encode(), "pkg/b.txt": _text(rng, 200).encode(),

@@ -82,7 +82,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="seconds since the process started after which no run goes on (edition 2: runs "
                         "stop there with a checkpoint)")
     p.add_argument("--finish-only", action="store_true",
-                   help="edition 2: start only runs that the budget lets finish (by the estimates)")
+                   help="edition 2: start only runs that the budget lets finish (by the estimates; a run "
+                        "with a checkpoint by the steps it has left)")
     p.add_argument("--steps", type=int, default=None, help="override every size's steps (experiments)")
     p.add_argument("--data", default=None, help="text file or folder to train on instead of the default corpus")
     p.add_argument("--corpus-add", default=None,

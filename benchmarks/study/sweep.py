@@ -44,7 +44,7 @@ from .plan import (Cell, RunSpec, assign_shards, measured_wall_s, not_finished, 
                    split_stale, waits_for)
 from .records import (RecordWriter, corpus_of, curve, load_finished, now_utc, on_corpora, study_corpora,
                       write_json)
-from .trainer import Diverged, RunJob, load_split, train_run
+from .trainer import Diverged, RunJob, checkpointed_step, load_split, train_run
 
 REPO = Path(__file__).resolve().parents[2]
 # Seconds a stopping run needs after its budget: finish the step, save the checkpoint, exit.
@@ -65,10 +65,16 @@ def default_work_dir(edition_number: int) -> Path:
 # ---------------------------------------------------------------------------- one run
 
 
+def trained_id(run: RunSpec, lr: float) -> str:
+    """The id of the record (and the checkpoint) of ``run`` trained at ``lr``: its learning rate
+    in place of its rule."""
+    return RunSpec(run.size, run.optimizer, lr, run.seed, run.stage).run_id
+
+
 def base_record(edition: Edition, run: RunSpec, lr: float, note: str, size: Size, spec: Recipe,
                 device: torch.device, dtype: str, compile_mode: str, slot: tuple[int | None, int]) -> dict:
     """The fields a run's record has before it trains."""
-    record = {"kind": "run", "id": RunSpec(size.name, spec.name, lr, run.seed, run.stage).run_id,
+    record = {"kind": "run", "id": trained_id(run, lr),
               "size": size.name, "optimizer": spec.name, "lr": lr, "seed": run.seed, "stage": run.stage,
               "steps": size.steps, "batch_size": size.batch_size, "seq_len": size.seq_len, "tokens": size.tokens,
               "eval_every": size.eval_every, "eval_batches": size.eval_batches,
@@ -319,18 +325,20 @@ def run_sweep(args, edition: Edition, cells: list[Cell], device: torch.device, s
             return ("skip", note)
         return ("go", lr, note)
 
-    def expected_wall_s(run: RunSpec, size: Size) -> float:
+    def expected_wall_s(run: RunSpec, lr: float, size: Size) -> float:
         """A run's wall seconds: the median of the straight runs finished so far on this device
         at this parallelism (this invocation's and --resume's; :func:`.plan.measured_wall_s`),
-        else the plan's estimate."""
+        else the plan's estimate; of a run with a checkpoint, its start-up and the share of its
+        steps still to train."""
         measured = measured_wall_s(records_so_far(), size.name, run.optimizer,
                                    lambda r: r.get("side_by_side") == args.parallel
                                    and r.get("env", {}).get("device_name") == env["device_name"])
-        if measured is not None:
-            return measured
-        return size.wall_s(args.parallel) if size.tokens_per_s else size.estimate_s(run.optimizer)
+        whole = measured if measured is not None else (
+            size.wall_s(args.parallel) if size.tokens_per_s else size.estimate_s(run.optimizer))
+        done = checkpointed_step(str(checkpoint_dir), trained_id(run, lr)) if checkpoint_dir else 0
+        return whole - max(whole - size.setup_s, 0.0) * done / size.steps
 
-    def budget_reason(run: RunSpec, size: Size) -> tuple[str | None, float | None]:
+    def budget_reason(run: RunSpec, lr: float, size: Size) -> tuple[str | None, float | None]:
         """(why not to start the run, or None; the time.time() it must stop at, or None)."""
         if args.time_budget_s is None:
             return None, None
@@ -344,7 +352,7 @@ def run_sweep(args, edition: Edition, cells: list[Cell], device: torch.device, s
                         f"> {args.time_budget_s:.0f} s"), None
             return None, None
         usable = left - STOP_MARGIN_S
-        expected = expected_wall_s(run, size)
+        expected = expected_wall_s(run, lr, size)
         if usable < MIN_LAUNCH_S or (args.finish_only and expected > usable):
             return f"time budget: {max(usable, 0):.0f} s usable, the run needs about {expected:.0f} s", None
         return None, time.time() + usable
@@ -358,7 +366,7 @@ def run_sweep(args, edition: Edition, cells: list[Cell], device: torch.device, s
         if edition.harness == "demo":
             return Running(run, lr, record, record=run_demo(dict(record), run, lr, size, spec, local_data, device,
                                                              args.dtype, edition.weight_decay))
-        _, stop_at = budget_reason(run, size)
+        _, stop_at = budget_reason(run, lr, size)
         job = RunJob(record["id"], asdict(size), spec.name, lr, run.seed, edition.weight_decay,
                      str(corpus.train_path), str(corpus.val_path), device="cuda" if device.type == "cuda" else "cpu",
                      dtype=args.dtype, compile=args.compile,
@@ -419,7 +427,7 @@ def run_sweep(args, edition: Edition, cells: list[Cell], device: torch.device, s
                     if state[0] == "skip":
                         skip(run, state[1])
                         continue
-                    reason, _ = budget_reason(run, cell_of[(run.size, run.optimizer)].size)
+                    reason, _ = budget_reason(run, state[1], cell_of[(run.size, run.optimizer)].size)
                     if reason:
                         skip(run, reason)
                         continue

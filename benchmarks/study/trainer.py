@@ -110,6 +110,22 @@ def checkpoint_key(job: RunJob, recipe: Recipe) -> str:
     return hashlib.sha1(json.dumps(what, sort_keys=True).encode()).hexdigest()
 
 
+def checkpoint_path(checkpoint_dir: str, run_id: str) -> Path:
+    """Where a run keeps its checkpoint."""
+    return Path(checkpoint_dir) / f"{run_id}.pt"
+
+
+def checkpointed_step(checkpoint_dir: str, run_id: str) -> int:
+    """The step a run's checkpoint holds, 0 when it has none, read without loading its tensors.
+
+    The checkpoint's key is not checked here: :func:`train_run` starts afresh from one of
+    another set-up, so this is an estimate of the steps left, for budgets."""
+    path = checkpoint_path(checkpoint_dir, run_id)
+    if not path.is_file():
+        return 0
+    return int(torch.load(path, map_location="cpu", mmap=True, weights_only=False)["step"])
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -167,7 +183,7 @@ def train_run(job: RunJob, recipe: Recipe, train_data: torch.Tensor, val_data: t
     warmup = max(1, steps // 10)
 
     key = checkpoint_key(job, recipe)
-    ckpt_path = Path(job.checkpoint_dir) / f"{job.run_id}.pt" if job.checkpoint_dir else None
+    ckpt_path = checkpoint_path(job.checkpoint_dir, job.run_id) if job.checkpoint_dir else None
     step, losses, val_curve, resumed_at, saved_timing = 0, [], [], [], None
     if ckpt_path is not None and ckpt_path.is_file():
         saved = torch.load(ckpt_path, map_location=device, weights_only=False)
