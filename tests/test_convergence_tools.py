@@ -233,6 +233,7 @@ def test_plan_prints_every_run_with_tokens_and_minutes(corpus_dir, capsys):
     assert "  tier 1: 36 runs, 7.08B tokens," in out and "  tier 2: 36 runs, 7.08B tokens," in out
     assert "  tier 3: 8 runs, 5.24B tokens," in out and "total: 80 runs, 19.40B tokens" in out
     assert "per GPU planned" in out and "NOT ENOUGH" in out  # the test corpus feeds no real run
+    assert out.count("per GPU planned (measured,") == sum(definition.MEASURED_SIDE_BY_SIDE.values())
     assert "M__AdamW__lrS-best+1__seed0" in out and "S__Muon__lr0.05__seed0" in out
 
 
@@ -243,7 +244,7 @@ def test_plan_flags_a_throughput_not_measured_yet(corpus_dir, monkeypatch, capsy
     out = capsys.readouterr().out
     assert f"M {definition.TOKENS_PER_S['M'] / 1e6:.2f}M (PLACEHOLDER, not measured)" in out
     assert "measure a placeholder with --mode throughput" in out
-    assert "1 run per GPU planned (not measured, definition.SIDE_BY_SIDE)" in out
+    assert out.count("1 run per GPU planned (not measured, definition.SIDE_BY_SIDE)") == 2
 
 
 def test_plan_counts_each_size_on_its_corpus(first_bundle, tmp_path, capsys):
