@@ -684,3 +684,19 @@ def test_throughput_table_compares_only_rows_measured_together_and_flags_disturb
     # Records older than the "measurement" field fall back to their own date.
     legacy = [{k: v for k, v in r.items() if k != "measurement"} for r in rows]
     assert page.throughput_table(legacy, definition.SECOND) == lines
+
+
+def test_run_speeds_compare_optimizers_only_on_the_same_kind_of_device():
+    """A study whose runs of one size ran on two kinds of card gives a row per device, each
+    against the reference's runs on that device; a run without a device name counts as unknown."""
+    def timed(optimizer, device, tokens_per_s):
+        env = {"device_name": device} if device else {}
+        return {**_run(optimizer, 1e-3, 0, 3.0), "tokens_per_s": tokens_per_s, "env": env}
+    runs = [timed("AdamW", "H200", 200.0), timed("AdamW", "H100", 100.0), timed("Magma-Adam", "H100", 110.0),
+            timed("Magma-Adam", "H200", 190.0), timed("Magma-Adam", None, 50.0)]
+    lines = page.run_speed_table(records.Study(runs=runs), definition.SECOND)
+    rows = [line for line in lines if line.startswith("| s |")]
+    assert "| s | Magma-Adam | 1 | 1 | H100 | 110 [110, 110] | 1.100x |" in rows
+    assert "| s | Magma-Adam | 1 | 1 | H200 | 190 [190, 190] | 0.950x |" in rows
+    assert "| s | Magma-Adam | 1 | 1 | unknown | 50 [50, 50] | n/a |" in rows
+    assert "| s | AdamW | 1 | 1 | H100 | 100 [100, 100] | 1.000x |" in rows and len(rows) == 5

@@ -163,26 +163,29 @@ def compiled(record: dict) -> str:
 
 def run_speed_table(study: Study, edition: Edition) -> list[str]:
     """Training tokens/s of the study's own runs (evaluations and warm-up steps excluded), per
-    size and optimizer, and what each sweep invocation trained per device."""
+    size, device and optimizer, each against the reference's runs of that size on that kind of
+    device (a ratio across devices would measure the cards, not the optimizers), and what each
+    sweep invocation trained per device."""
     runs = [r for r in study.runs if r["status"] == "ok" and r.get("tokens_per_s")]
     if not runs:
         return []
     lines = ["Training speed of the runs themselves (tokens/s of one run, evaluations and its first "
-             "steps excluded; runs that shared a GPU each count their own share):", "",
+             "steps excluded; runs that shared a GPU each count their own share; ratios are taken "
+             "between runs on the same kind of device):", "",
              "| size | optimizer | runs | side by side | device | tokens/s per run: mean [min, max] "
              f"| vs {edition.reference} |",
              "|---|---|---:|---|---|---|---:|"]
     for size in sorted({r["size"] for r in runs}, key=lambda s: min(r["num_parameters"] for r in runs
                                                                     if r["size"] == s)):
-        here = [r for r in runs if r["size"] == size]
-        base = [r["tokens_per_s"] for r in here if r["optimizer"] == edition.reference]
-        for name in sorted({r["optimizer"] for r in here}, key=edition.optimizer_rank):
-            speeds = [r["tokens_per_s"] for r in here if r["optimizer"] == name]
-            shared = sorted({r.get("side_by_side") or 1 for r in here if r["optimizer"] == name})
-            devices = sorted({r["env"]["device_name"] for r in here if r["optimizer"] == name and r.get("env")})
-            ratio = f"{mean(speeds) / mean(base):.3f}x" if base else "n/a"
-            lines.append(f"| {size} | {name} | {len(speeds)} | {', '.join(map(str, shared))} | {', '.join(devices)} | "
-                         f"{mean(speeds):,.0f} [{min(speeds):,.0f}, {max(speeds):,.0f}] | {ratio} |")
+        for device in sorted({device_name(r) for r in runs if r["size"] == size}):
+            here = [r for r in runs if r["size"] == size and device_name(r) == device]
+            base = [r["tokens_per_s"] for r in here if r["optimizer"] == edition.reference]
+            for name in sorted({r["optimizer"] for r in here}, key=edition.optimizer_rank):
+                speeds = [r["tokens_per_s"] for r in here if r["optimizer"] == name]
+                shared = sorted({r.get("side_by_side") or 1 for r in here if r["optimizer"] == name})
+                ratio = f"{mean(speeds) / mean(base):.3f}x" if base else "n/a"
+                lines.append(f"| {size} | {name} | {len(speeds)} | {', '.join(map(str, shared))} | {device} | "
+                             f"{mean(speeds):,.0f} [{min(speeds):,.0f}, {max(speeds):,.0f}] | {ratio} |")
     aggregates = [m for m in study.metas if m.get("mode") == "sweep" and m.get("aggregate")]
     if aggregates:
         lines += ["", "Per sweep invocation, all its runs together (start-ups, compilation and evaluations "
@@ -194,6 +197,10 @@ def run_speed_table(study: Study, edition: Edition) -> list[str]:
                              f"{a['devices']} device(s), {a['runs_per_device']} run(s) per device: "
                              f"{a['tokens_per_s_per_device']:,.0f} tokens/s per device.")
     return lines + [""]
+
+
+def device_name(run: dict) -> str:
+    return (run.get("env") or {}).get("device_name") or "unknown"
 
 
 # ---------------------------------------------------------------------------- the paper's claim
