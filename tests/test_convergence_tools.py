@@ -17,7 +17,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks.study import cli, corpus, definition, page, plan, plots, records, summary  # noqa: E402
+from benchmarks.study import cli, corpus, definition, page, plan, plots, records, report, summary  # noqa: E402
 
 STUDY = REPO / "benchmarks" / "study"
 RESULTS = REPO / "benchmarks" / "results"
@@ -572,17 +572,18 @@ def test_page_is_built_from_the_recipe_data(monkeypatch):
                                                  "tiny__Lion__lrbest__seed1"]
 
 
-def test_committed_page_is_what_the_committed_records_give():
-    """The first edition's bundles under benchmarks/results/convergence/ still load, and the
-    page built from them is the committed one, but for the time it was generated."""
-    study = records.load_study([str(RESULTS / "convergence")])
-    assert (len(study.runs), len(study.throughput)) == (63, 2)
-    assert records.edition_of(study.metas, study.runs) == 1
-    argv = ["--inputs", "benchmarks/results/convergence/", "--page", "benchmarks/results/convergence.md"]
-    figures = {"val_curves": "convergence/val_curves.png", "ppl_vs_lr": "convergence/ppl_vs_lr.png"}
-    built = page.build_page(study, summary.summarize(study.runs, definition.FIRST), argv, figures,
-                            edition=definition.FIRST).splitlines()
-    committed = (RESULTS / "convergence.md").read_text().splitlines()
+@pytest.mark.parametrize("name,edition_number,counts", [("convergence", 1, (63, 2, 0)), ("convergence2", 2, (76, 8, 2))])
+def test_committed_page_is_what_the_committed_records_give(name, edition_number, counts):
+    """Each edition's committed bundles still load, and the page built from them is the
+    committed one, but for the time it was generated: neither was edited by hand or left behind
+    its records."""
+    study, edition, summ = report.load_report([str(RESULTS / name)])
+    assert edition is definition.edition(edition_number)
+    assert (len(study.runs), len(study.throughput), len(study.stale_runs)) == counts
+    argv = ["--inputs", f"benchmarks/results/{name}/", "--page", f"benchmarks/results/{name}.md"]
+    figures = {"val_curves": f"{name}/val_curves.png", "ppl_vs_lr": f"{name}/ppl_vs_lr.png"}
+    built = page.build_page(study, summ, argv, figures, edition=edition).splitlines()
+    committed = (RESULTS / f"{name}.md").read_text().splitlines()
     generated = [i for i, line in enumerate(committed) if line.startswith("Page generated ")]
     assert generated and [line for i, line in enumerate(built) if i not in generated] == \
         [line for i, line in enumerate(committed) if i not in generated]

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .definition import edition as edition_by_number
+from .definition import Edition, edition as edition_by_number
 from .page import build_page
 from .plan import make_cells, split_stale
 from .plots import draw
 from .records import Study, edition_of, load_study
-from .summary import summarize
+from .summary import Summary, summarize
 
 
 def link(path: Path, page: Path) -> str:
@@ -25,14 +25,21 @@ def link(path: Path, page: Path) -> str:
     return target.relative_to(here).as_posix() if target.is_relative_to(here) else target.as_posix()
 
 
-def write_report(inputs: list[str], page: Path, plots_dir: Path, argv: list[str]) -> Study:
-    """Load ``inputs``, draw the plots into ``plots_dir`` and write the page; ``argv`` is the
-    report's command line, for the page's provenance."""
+def load_report(inputs: list[str]) -> tuple[Study, Edition, Summary]:
+    """The study ``inputs`` hold, as the page sees it: its edition, its runs with those at a
+    sweep's former best lr set aside, and their summary (empty without runs)."""
     study = load_study(inputs)
     edition = edition_by_number(edition_of(study.metas, study.runs))
     quick = any(m.get("quick") for m in study.metas if m.get("mode") == "sweep")
     study.runs, study.stale_runs = split_stale(study.runs, make_cells(edition, quick=quick))
     summary = summarize(study.runs, edition, quick=quick) if study.runs else {}
+    return study, edition, summary
+
+
+def write_report(inputs: list[str], page: Path, plots_dir: Path, argv: list[str]) -> Study:
+    """Load ``inputs``, draw the plots into ``plots_dir`` and write the page; ``argv`` is the
+    report's command line, for the page's provenance."""
+    study, edition, summary = load_report(inputs)
     plots_dir.mkdir(parents=True, exist_ok=True)
     figures = ({name: link(path, page) for name, path in draw(summary, study.runs, plots_dir, edition).items()}
                if summary else {})
