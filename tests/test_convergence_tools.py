@@ -448,6 +448,22 @@ def test_records_merge_invocations(tmp_path):
     assert records.merged_meta(study.metas, "sizes") == {"s": {"steps": 2}}  # the later invocation wins
 
 
+def test_a_run_skipped_by_several_invocations_counts_once_with_the_newest_reason(tmp_path):
+    """Files named against their dates (an H200 bundle sorts after an H100 one) still give the
+    newest invocation's reason, once per run, and the page counts each skipped run once."""
+    run = records.run_id("s", "AdamW", 2e-3, 0)
+    dates = {"z_old.json": "2026-01-01 00:00 UTC", "a_new.json": "2026-01-03 00:00 UTC",
+             "m_mid.json": "2026-01-02 00:00 UTC"}
+    for name, date in dates.items():
+        records.write_json(tmp_path / name, {"kind": "bundle", "meta": {"mode": "sweep", "date": date},
+                                             "runs": [_run("AdamW", 1e-3, 0, 3.0)], "throughput": [],
+                                             "skipped": [{"id": run, "reason": f"budget of {date}"}]})
+    for order in (sorted(dates), sorted(dates, reverse=True)):
+        study = records.load_study([str(tmp_path / name) for name in order])
+        assert study.skipped == [{"id": run, "reason": "budget of 2026-01-03 00:00 UTC"}]
+    assert page.run_status_lines(study, set())[0] == "1 runs: 1 finished, 0 diverged, 0 failed; 1 skipped."
+
+
 def _on(corpus: str, record: dict, date: str = "2026-01-01 00:00 UTC") -> dict:
     return {**record, "date": date, "data": {"content_sha1": corpus, "files": 3}, "env": {"device_name": "GPU"}}
 

@@ -212,7 +212,8 @@ def load_study(paths: list[str]) -> Study:
     """Bundles, single records and folders of them (searched recursively) as one study. A run
     found twice (in a folder and in a bundle) counts once, a finished copy over a failed one;
     a skipped run that another input finished is no longer skipped (a best-lr or transfer run
-    by its rule's id too). Only runs on their size's corpus (:func:`study_corpora`) count; the
+    by its rule's id too), and one that several invocations skipped counts once, with the
+    reason of the newest (by its bundle's date, whatever the order of the inputs). Only runs on their size's corpus (:func:`study_corpora`) count; the
     others are kept aside in ``other_corpus_runs``, and so are the set-ups of invocations that
     trained on another corpus."""
     run_records, skipped, throughput, study = [], [], {}, Study()
@@ -225,7 +226,8 @@ def load_study(paths: list[str]) -> Study:
         kind = obj.get("kind") if isinstance(obj, dict) else None
         if kind == "bundle":
             study.metas.append(obj.get("meta", {}))
-            skipped += [(corpus_of(obj.get("meta", {})), entry) for entry in obj.get("skipped", [])]
+            meta = obj.get("meta", {})
+            skipped += [(meta.get("date") or "", corpus_of(meta), entry) for entry in obj.get("skipped", [])]
             records = obj.get("runs", []) + obj.get("throughput", [])
         elif kind == "meta":
             study.metas.append(obj["meta"])
@@ -250,7 +252,11 @@ def load_study(paths: list[str]) -> Study:
     study.throughput = list(throughput.values())
     done = set(runs) | {run_id(r["size"], r["optimizer"], None, r["seed"], r.get("lr_rule") or "best")
                         for r in study.runs if r["stage"] != "sweep"}  # skipped before their lr was known
-    study.skipped = [s for corpus, s in skipped if s["id"] not in done and study.admits(corpus)]
+    newest = {}  # a run skipped by several invocations keeps the newest one's reason
+    for _, corpus, s in sorted(skipped, key=lambda entry: entry[0]):
+        if s["id"] not in done and study.admits(corpus):
+            newest[s["id"]] = s
+    study.skipped = list(newest.values())
     return study
 
 
