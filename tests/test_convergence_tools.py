@@ -717,3 +717,14 @@ def test_run_speeds_compare_optimizers_only_on_the_same_kind_of_device():
     assert "| s | Magma-Adam | 1 | 1 | H200 | 190 [190, 190] | 0.950x |" in rows
     assert "| s | Magma-Adam | 1 | 1 | unknown | 50 [50, 50] | n/a |" in rows
     assert "| s | AdamW | 1 | 1 | H100 | 100 [100, 100] | 1.000x |" in rows and len(rows) == 5
+
+
+def test_a_final_evaluation_on_another_sample_is_not_joined_to_the_curve():
+    """Edition 2's last evaluation uses more batches (another sample of the validation split)
+    than the periodic ones, so the plot marks it apart; runs without those fields, or whose
+    final evaluation is the periodic one, are plotted as one line."""
+    run = _run("AdamW", 1e-3, 0, 3.0)
+    assert plots.final_evaluation_apart([{**run, "eval_batches": 8, "final_eval_batches": 32}]) == (32, 8)
+    assert plots.final_evaluation_apart([{**run, "eval_batches": 8, "final_eval_batches": None}]) is None
+    assert plots.final_evaluation_apart([{**run, "eval_batches": 8, "final_eval_batches": 8}]) is None
+    assert plots.final_evaluation_apart([run]) is None

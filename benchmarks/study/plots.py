@@ -31,13 +31,23 @@ def mean_curve(runs: list[dict], key: str) -> tuple[list[float], list[float]]:
     return steps, [mean(c[s] for c in curves) for s in steps]
 
 
+def final_evaluation_apart(runs: list[dict]) -> tuple[int, int] | None:
+    """(batches of the final evaluation, of the periodic ones) where the runs' last point was
+    measured on another sample of the validation split than the points before it, else None:
+    the curve must not join the two, or a sample's offset reads as a change of the loss."""
+    sizes = {(r.get("final_eval_batches") or r.get("eval_batches"), r.get("eval_batches")) for r in runs}
+    apart = [(final, periodic) for final, periodic in sizes if periodic and final != periodic]
+    return apart[0] if apart else None
+
+
 def plot_val_curves(summary: Summary, path: Path, edition: Edition) -> None:
     """Per size: validation loss at each optimizer's best lr (mean over seeds), the whole run
-    and the second half of it."""
+    and the second half of it; a final evaluation on a larger sample than the periodic ones is
+    a separate star, not joined to the line."""
     plt = _pyplot()
     fig, axes = plt.subplots(len(summary), 2, figsize=(12, 4.2 * len(summary)), squeeze=False)
     for row, (size, cells) in enumerate(summary.items()):
-        tail_values = []
+        tail_values, apart = [], None
         for name, cell in cells.items():
             steps, losses = mean_curve(cell.best_runs, "val_loss")
             if not steps:
@@ -45,8 +55,14 @@ def plot_val_curves(summary: Summary, path: Path, edition: Edition) -> None:
             tokens_per_step = cell.best_runs[0]["batch_size"] * cell.best_runs[0]["seq_len"]
             x = [s * tokens_per_step / 1e6 for s in steps]
             label = f"{name} (lr {cell.best_lr:g}, {len(cell.best_runs)} seed{'s' * (len(cell.best_runs) > 1)})"
+            final = final_evaluation_apart(cell.best_runs)
+            apart = apart or final
+            joined = len(x) - 1 if final and len(x) > 1 else len(x)
             for ax in axes[row]:
-                ax.plot(x, losses, marker="o", markersize=3, color=color(name, edition), label=label)
+                line, = ax.plot(x[:joined], losses[:joined], marker="o", markersize=3, color=color(name, edition),
+                                label=label)
+                ax.plot(x[joined:], losses[joined:], marker="*", markersize=9, linestyle="none",
+                        color=line.get_color())
             half = [(xi, li) for xi, li in zip(x, losses) if xi >= x[-1] / 2]
             tail_values += [li for _, li in half]
             axes[row][1].set_xlim(left=half[0][0])
@@ -59,6 +75,9 @@ def plot_val_curves(summary: Summary, path: Path, edition: Edition) -> None:
             ax.set_xlabel("training tokens (M)")
             ax.set_ylabel("val loss (nats per byte)")
             ax.grid(alpha=0.3)
+        if apart:
+            axes[row][0].plot([], [], marker="*", markersize=9, linestyle="none", color="gray",
+                              label=f"final evaluation: {apart[0]} batches (the others {apart[1]})")
         axes[row][0].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
