@@ -213,9 +213,9 @@ def load_study(paths: list[str]) -> Study:
     found twice (in a folder and in a bundle) counts once, a finished copy over a failed one;
     a skipped run that another input finished is no longer skipped (a best-lr or transfer run
     by its rule's id too), and one that several invocations skipped counts once, with the
-    reason of the newest (by its bundle's date, whatever the order of the inputs). Only runs on their size's corpus (:func:`study_corpora`) count; the
-    others are kept aside in ``other_corpus_runs``, and so are the set-ups of invocations that
-    trained on another corpus."""
+    reason of the newest (by its bundle's date, whatever the order of the inputs). Only runs on
+    their size's corpus (:func:`study_corpora`) count; the others are kept aside in
+    ``other_corpus_runs``, and so are the set-ups of invocations that trained on another corpus."""
     run_records, skipped, throughput, study = [], [], {}, Study()
     for path in json_files(paths):
         try:
@@ -225,8 +225,8 @@ def load_study(paths: list[str]) -> Study:
             continue
         kind = obj.get("kind") if isinstance(obj, dict) else None
         if kind == "bundle":
-            study.metas.append(obj.get("meta", {}))
             meta = obj.get("meta", {})
+            study.metas.append(meta)
             skipped += [(meta.get("date") or "", corpus_of(meta), entry) for entry in obj.get("skipped", [])]
             records = obj.get("runs", []) + obj.get("throughput", [])
         elif kind == "meta":
