@@ -457,7 +457,7 @@ def left_out_lines(study: Study) -> list[str]:
         by_corpus.setdefault(corpus_of(r), []).append(r)
     for corpus, runs in sorted(by_corpus.items()):
         dates = sorted(r.get("date", "") for r in runs)
-        devices = sorted({r.get("env", {}).get("device_name", "unknown") for r in runs})
+        devices = sorted({device_name(r) for r in runs})
         lines.append(f"- {len(runs)} run{'s' * (len(runs) > 1)} trained on another corpus (content SHA-1 "
                      f"{corpus[:12]}, {runs[0]['data']['files']:,} files; {', '.join(devices)}, {dates[0]} to "
                      f"{dates[-1]}) are left out: their validation set is another, so their perplexities "
