@@ -361,8 +361,8 @@ FIRST = Edition(
 # (a 400-step --parallel 4 sweep): one run already fills the GPU. M measured on one H200 on
 # 2026-12-03 by tier 3's first run, M__AdamW__lr0.001__seed0 (tier3_h200_2026-12-03_call22.json):
 # 36.7 ms a step over its 10,000 steps, 1.78M tokens/s alone, 414 s of wall time.
-# On one H100 (2026-12-06, tier3_h100_2026-12-06_call23.json to call25) M runs reached 1.63M tokens/s
-# (AdamW and Magma-Adam alike) in 416-439 s of wall time.
+# On one H100 (2026-12-06, tier3_h100_2026-12-06_call23.json to call28) M runs reached 1.60-1.63M
+# tokens/s (AdamW, Magma-Adam, RMSProp and Magma-RMSProp alike) in 416-446 s of wall time.
 TOKENS_PER_S = {"S": 3.2e6, "M": 1.78e6}
 # Where each size's figures were measured (None: a placeholder still).
 MEASURED_TOKENS_PER_S = {"S": "one H200, 2026-11-26", "M": "one H200, 2026-12-03"}
