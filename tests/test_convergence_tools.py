@@ -728,3 +728,16 @@ def test_a_final_evaluation_on_another_sample_is_not_joined_to_the_curve():
     assert plots.final_evaluation_apart([{**run, "eval_batches": 8, "final_eval_batches": None}]) is None
     assert plots.final_evaluation_apart([{**run, "eval_batches": 8, "final_eval_batches": 8}]) is None
     assert plots.final_evaluation_apart([run]) is None
+
+
+def test_provenance_lists_each_command_once_in_the_order_it_first_ran():
+    """Commands come from bundles' metas and from records; a command that names an earlier
+    bundle in --resume sorts by when it ran, not by its text, and an undated one comes last."""
+    def meta(command, date):
+        return {"command": command, "date": date} if date else {"command": command}
+    study = records.Study(
+        metas=[meta("z first", "2026-12-03 09:00 UTC"), meta("c third", "2026-12-06 14:30 UTC"),
+               meta("b undated", None), meta("a second", "2026-12-06 13:05 UTC")],
+        runs=[{**_run("AdamW", 1e-3, 0, 3.0), "command": "z first", "date": "2026-12-07 10:00 UTC"},
+              {**_run("AdamW", 5e-3, 0, 3.0), "command": "y own record", "date": "2026-12-06 13:05 UTC"}])
+    assert page.commands_in_order(study) == ["z first", "a second", "y own record", "c third", "b undated"]

@@ -384,9 +384,19 @@ def setup_lines(study: Study, edition: Edition) -> list[str]:
     return lines
 
 
+def commands_in_order(study: Study) -> list[str]:
+    """The commands behind the records, each once, in the order they first ran (by the date of
+    their bundle or record; undated ones last)."""
+    first: dict[str, str] = {}
+    for source in study.metas + study.runs + study.throughput:
+        command, date = source.get("command"), source.get("date") or "~"
+        if command and date < first.get(command, "~~"):
+            first[command] = date
+    return sorted(first, key=lambda command: (first[command], command))
+
+
 def provenance_lines(study: Study, argv: list[str]) -> list[str]:
-    commands = sorted({m["command"] for m in study.metas if m.get("command")}
-                      | {r["command"] for r in study.runs + study.throughput if r.get("command")})
+    commands = commands_in_order(study)
     devices = sorted({r["env"]["device_name"] for r in study.runs + study.throughput if r.get("env")})
     dates = sorted({r["date"] for r in study.runs + study.throughput if r.get("date")})
     envs = sorted({(r["env"]["torch"], r["env"]["python"], r["env"].get("git_commit") or "unknown")
