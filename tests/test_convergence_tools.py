@@ -741,3 +741,20 @@ def test_provenance_lists_each_command_once_in_the_order_it_first_ran():
         runs=[{**_run("AdamW", 1e-3, 0, 3.0), "command": "z first", "date": "2026-12-07 10:00 UTC"},
               {**_run("AdamW", 5e-3, 0, 3.0), "command": "y own record", "date": "2026-12-06 13:05 UTC"}])
     assert page.commands_in_order(study) == ["z first", "a second", "y own record", "c third", "b undated"]
+
+
+def test_run_speed_ratios_within_the_spread_of_runs_are_marked():
+    """A ratio whose runs' range overlaps the reference's is marked, and the page states the
+    widest spread of one optimizer's runs on one device; single runs have no range to judge."""
+    def timed(optimizer, tokens_per_s):
+        return {**_run(optimizer, 1e-3, 0, 3.0), "tokens_per_s": tokens_per_s, "env": {"device_name": "H200"}}
+    runs = [timed("AdamW", 100.0), timed("AdamW", 140.0), timed("Magma-Adam", 90.0), timed("Magma-Adam", 110.0),
+            timed("RMSProp", 200.0), timed("RMSProp", 210.0), timed("Muon", 120.0)]
+    lines = page.run_speed_table(records.Study(runs=runs), definition.SECOND)
+    rows = {line.split(" | ")[1]: line for line in lines if line.startswith("| s |")}
+    assert rows["Magma-Adam"].endswith("| 0.833x (overlaps) |")
+    assert rows["RMSProp"].endswith("| 1.708x |") and rows["Muon"].endswith("| 1.000x |")
+    assert rows["AdamW"].endswith("| 1.000x |")
+    spread = [line for line in lines if line.startswith("Runs of one optimizer")]
+    assert len(spread) == 1 and "up to 1.40x (AdamW at s on H200)" in spread[0]
+    assert spread[0].endswith("says nothing about the optimizers.")  # no end-to-end table to point to

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import shlex
+from collections import defaultdict
 
 from .definition import Edition, spelled
 from .plan import make_cells, not_finished, shard_runs
@@ -184,8 +185,11 @@ def run_speed_table(study: Study, edition: Edition) -> list[str]:
                 speeds = [r["tokens_per_s"] for r in here if r["optimizer"] == name]
                 shared = sorted({r.get("side_by_side") or 1 for r in here if r["optimizer"] == name})
                 ratio = f"{mean(speeds) / mean(base):.3f}x" if base else "n/a"
+                if base and name != edition.reference and ranges_overlap(speeds, base):
+                    ratio += " (overlaps)"
                 lines.append(f"| {size} | {name} | {len(speeds)} | {', '.join(map(str, shared))} | {device} | "
                              f"{mean(speeds):,.0f} [{min(speeds):,.0f}, {max(speeds):,.0f}] | {ratio} |")
+    lines += run_speed_spread_lines(runs, edition, compared_end_to_end=bool(study.throughput))
     aggregates = [m for m in study.metas if m.get("mode") == "sweep" and m.get("aggregate")]
     if aggregates:
         lines += ["", "Per sweep invocation, all its runs together (start-ups, compilation and evaluations "
@@ -197,6 +201,29 @@ def run_speed_table(study: Study, edition: Edition) -> list[str]:
                              f"{a['devices']} device(s), {a['runs_per_device']} run(s) per device: "
                              f"{a['tokens_per_s_per_device']:,.0f} tokens/s per device.")
     return lines + [""]
+
+
+def ranges_overlap(speeds: list[float], base: list[float]) -> bool:
+    """Whether two sets of runs' [min, max] ranges overlap, both holding more than one run."""
+    return len(speeds) > 1 and len(base) > 1 and min(speeds) <= max(base) and min(base) <= max(speeds)
+
+
+def run_speed_spread_lines(runs: list[dict], edition: Edition, compared_end_to_end: bool) -> list[str]:
+    """How far runs of one optimizer on one kind of device differ from one another: the spread
+    that the run-speed ratios must exceed to say anything about the optimizers; with
+    ``compared_end_to_end``, where the page compares them instead."""
+    cells: dict[tuple, list[float]] = defaultdict(list)
+    for r in runs:
+        cells[(r["size"], device_name(r), r["optimizer"])].append(r["tokens_per_s"])
+    spreads = [(max(v) / min(v), key) for key, v in cells.items() if len(v) > 1]
+    if not spreads:
+        return []
+    widest, (size, device, name) = max(spreads)
+    return ["", f"Runs of one optimizer on one kind of device differ by up to {widest:.2f}x ({name} at {size} "
+                f"on {device}): the machines themselves vary that much, so a ratio marked \"overlaps\" "
+                f"(its runs' range overlaps {edition.reference}'s) is within that spread and says nothing "
+                "about the optimizers" + ("; the end-to-end tables above, where the optimizers take turns in "
+                                          "one process, compare them." if compared_end_to_end else ".")]
 
 
 def device_name(run: dict) -> str:
