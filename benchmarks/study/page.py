@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import math
 import shlex
-from collections import defaultdict
 
 from .definition import Edition, spelled
 from .plan import make_cells, not_finished, shard_runs
@@ -176,6 +175,7 @@ def run_speed_table(study: Study, edition: Edition) -> list[str]:
              "| size | optimizer | runs | side by side | device | tokens/s per run: mean [min, max] "
              f"| vs {edition.reference} |",
              "|---|---|---:|---|---|---|---:|"]
+    spreads = []  # (max / min of one optimizer's runs, its size, device and name)
     for size in sorted({r["size"] for r in runs}, key=lambda s: min(r["num_parameters"] for r in runs
                                                                     if r["size"] == s)):
         for device in sorted({device_name(r) for r in runs if r["size"] == size}):
@@ -187,9 +187,12 @@ def run_speed_table(study: Study, edition: Edition) -> list[str]:
                 ratio = f"{mean(speeds) / mean(base):.3f}x" if base else "n/a"
                 if base and name != edition.reference and ranges_overlap(speeds, base):
                     ratio += " (overlaps)"
+                if len(speeds) > 1:
+                    spreads.append((max(speeds) / min(speeds), size, device, name))
                 lines.append(f"| {size} | {name} | {len(speeds)} | {', '.join(map(str, shared))} | {device} | "
                              f"{mean(speeds):,.0f} [{min(speeds):,.0f}, {max(speeds):,.0f}] | {ratio} |")
-    lines += run_speed_spread_lines(runs, edition, compared_end_to_end=bool(study.throughput))
+    if spreads:
+        lines += run_speed_spread_lines(max(spreads), edition, compared_end_to_end=bool(study.throughput))
     aggregates = [m for m in study.metas if m.get("mode") == "sweep" and m.get("aggregate")]
     if aggregates:
         lines += ["", "Per sweep invocation, all its runs together (start-ups, compilation and evaluations "
@@ -208,18 +211,12 @@ def ranges_overlap(speeds: list[float], base: list[float]) -> bool:
     return len(speeds) > 1 and len(base) > 1 and min(speeds) <= max(base) and min(base) <= max(speeds)
 
 
-def run_speed_spread_lines(runs: list[dict], edition: Edition, compared_end_to_end: bool) -> list[str]:
-    """How far runs of one optimizer on one kind of device differ from one another: the spread
-    that the run-speed ratios must exceed to say anything about the optimizers; with
-    ``compared_end_to_end``, where the page compares them instead."""
-    cells: dict[tuple, list[float]] = defaultdict(list)
-    for r in runs:
-        cells[(r["size"], device_name(r), r["optimizer"])].append(r["tokens_per_s"])
-    spreads = [(max(v) / min(v), key) for key, v in cells.items() if len(v) > 1]
-    if not spreads:
-        return []
-    widest, (size, device, name) = max(spreads)
-    return ["", f"Runs of one optimizer on one kind of device differ by up to {widest:.2f}x ({name} at {size} "
+def run_speed_spread_lines(widest: tuple, edition: Edition, compared_end_to_end: bool) -> list[str]:
+    """The widest spread of one optimizer's runs on one kind of device, ``(max / min, size,
+    device, name)``: what a run-speed ratio must exceed to say anything about the optimizers;
+    with ``compared_end_to_end``, where the page compares them instead."""
+    spread, size, device, name = widest
+    return ["", f"Runs of one optimizer on one kind of device differ by up to {spread:.2f}x ({name} at {size} "
                 f"on {device}): the machines themselves vary that much, so a ratio marked \"overlaps\" "
                 f"(its runs' range overlaps {edition.reference}'s) is within that spread and says nothing "
                 "about the optimizers" + ("; the end-to-end tables above, where the optimizers take turns in "
