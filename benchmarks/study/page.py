@@ -413,15 +413,15 @@ def commands_in_order(study: Study) -> list[str]:
     their bundle or record; undated ones last)."""
     first: dict[str, str] = {}
     for source in study.metas + study.runs + study.throughput:
-        command, date = source.get("command"), source.get("date") or "~"
-        if command and date < first.get(command, "~~"):
+        command, date = source.get("command"), source.get("date") or "~"  # "~" sorts after every date
+        if command and (command not in first or date < first[command]):
             first[command] = date
     return sorted(first, key=lambda command: (first[command], command))
 
 
 def provenance_lines(study: Study, argv: list[str]) -> list[str]:
     commands = commands_in_order(study)
-    devices = sorted({r["env"]["device_name"] for r in study.runs + study.throughput if r.get("env")})
+    devices = sorted({device_name(r) for r in study.runs + study.throughput if r.get("env")})
     dates = sorted({r["date"] for r in study.runs + study.throughput if r.get("date")})
     envs = sorted({(r["env"]["torch"], r["env"]["python"], r["env"].get("git_commit") or "unknown")
                    for r in study.runs + study.throughput if r.get("env")})
