@@ -71,8 +71,7 @@ def _optimizer(model, options):
 
 
 def _exchanges(optimizer):
-    plans = getattr(optimizer, "_plans", {})
-    return [plan.exchange for device_plans in plans.values() for plan in device_plans if plan.exchange]
+    return optimizer._planner.exchanges()
 
 
 def _train_step(model, optimizer, args, generator, opt_ms, host_ms=None):
@@ -143,8 +142,7 @@ def _measure(model, args, rank, world):
 def _exchange_cost(model, optimizer, args, generator) -> dict:
     """The score all-reduce alone (on a buffer of its size) and inside the optimizer step: the
     step timed with and without it (without, the scores are wrong but the kernels the same)."""
-    plans = [plan for device_plans in getattr(optimizer, "_plans", {}).values() for plan in device_plans]
-    exchanges = [plan.exchange for plan in plans if plan.exchange is not None]
+    exchanges = _exchanges(optimizer)
     if not exchanges:
         return {}
     buffers = [torch.zeros((e.num_rows, 3), device="cuda") for e in exchanges]

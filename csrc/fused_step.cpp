@@ -121,8 +121,8 @@ void check_inputs(const char* op, const Inputs& in, double keep_prob) {
     MAGMA_CHECK(in.block_sizes[i] >= 1, op, ": block_sizes[", i, "] must be >= 1");
     MAGMA_CHECK(in.offsets[i] >= 0 && in.offsets[i] + p.numel() <= std::abs(in.logical_numels[i]),
                 op, ": piece ", i, " lies outside its logical tensor");
-    MAGMA_CHECK(in.tensor_indices[i] >= 0 && in.tensor_indices[i] <= int64_t{UINT32_MAX},
-                op, ": tensor_indices[", i, "] must fit in 32 bits");
+    MAGMA_CHECK(in.tensor_indices[i] >= 0 && in.tensor_indices[i] < (int64_t{1} << 62),
+                op, ": tensor_indices[", i, "] must be in [0, 2**62)");
     const Piece piece = make_piece(p.numel(), in.block_sizes[i], in.offsets[i]);
     check_state(in.scores[i], "scores", i, num_blocks(piece));
     MAGMA_CHECK(in.offsets[i] / in.block_sizes[i] + num_blocks(piece) <= (int64_t{1} << 32),
@@ -195,7 +195,7 @@ class Packer {
     args_.piece[c] = piece;
     args_.sum_row[c] = rows_ == Rows::kOfList ? sum_row : args_.block_start[c];
     args_.first_block[c] = static_cast<uint32_t>(in_.offsets[i] / in_.block_sizes[i]);  // checked
-    args_.tensor_index[c] = static_cast<uint32_t>(in_.tensor_indices[i]);
+    args_.tensor_index[c] = static_cast<uint64_t>(in_.tensor_indices[i]);  // checked
     args_.work_start[c + 1] = args_.work_start[c] + units;
     args_.block_start[c + 1] = args_.block_start[c] + num_blocks(piece);
     args_.count = c + 1;

@@ -14,7 +14,7 @@ The three ops take the same leading arguments:
     list without master weights) and one-element float32 step counts that already hold this
     step's count (the caller increments them before the step and subtracts ``found_inf`` after).
 ``tensor_indices, block_sizes, offsets, logical_numels``
-    per piece: its logical tensor's index (< 2**32), block size, the piece's element offset in
+    per piece: its logical tensor's index (< 2**62), block size, the piece's element offset in
     its logical tensor and that tensor's size (docs/ALGORITHM.md section 3); the size negated
     for a piece of a column slice (``Piece.split``), whose blocks continue in the other slices
     and so always take the two-pass route through ``block_sums``.

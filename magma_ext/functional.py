@@ -13,6 +13,7 @@ completes, in place, the sums of blocks that other ranks hold pieces of (rows of
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -25,6 +26,7 @@ from .reference import BlockIndex, build_block_index, finalize_and_apply, magma_
 from .types import GroupTensors, Hyper
 
 BlockSumReducer = Callable[[torch.Tensor], None]
+_warned_no_extension = False
 
 
 @dataclass
@@ -53,6 +55,20 @@ def extension_loaded() -> bool:
 def extension_error() -> str:
     """Why the compiled CUDA ops are not there."""
     return _ops.load_error()
+
+
+def warn_no_extension() -> None:
+    """Warn, once per process, that CUDA parameters run the PyTorch path."""
+    global _warned_no_extension
+    if not _warned_no_extension:
+        _warned_no_extension = True
+        warnings.warn(
+            "Magma got CUDA parameters but runs its PyTorch path, about 4x slower than the fused "
+            f"CUDA step: {extension_error()}. Build the extension with "
+            "`pip install --no-build-isolation .` under a CUDA build of torch with nvcc "
+            "(see README.md), or pass fused=False to silence this.",
+            stacklevel=5,
+        )
 
 
 def fusable(p: torch.Tensor) -> bool:

@@ -11,7 +11,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 MAX_BLOCK_INDEX = 2**32  # the block index fills the low 32 bits of the Philox subsequence
-MAX_TENSOR_INDEX = 2**32  # the tensor index fills the high 32 bits
+# the tensor index's low 32 bits fill its high 32 bits, the next 30 the high half of the offset's
+# counter (docs/ALGORITHM.md section 4)
+MAX_TENSOR_INDEX = 2**62
 
 
 def check_block_option(block) -> None:

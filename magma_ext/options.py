@@ -1,4 +1,6 @@
-"""Validation of Magma's hyperparameters, shared by the constructor and ``add_param_group``."""
+"""Validation of Magma's arguments: hyperparameters (the constructor, ``add_param_group``,
+groups edited between steps and loaded from checkpoints), parameters, gradients and process
+groups. Every error names the argument."""
 
 from __future__ import annotations
 
@@ -6,9 +8,17 @@ import numbers
 
 import torch
 
+from . import functional
 from .layout import check_block_option
 from .philox import check_seed
 from .types import BASES, MASKS
+
+try:  # torch.distributed may be missing from a build (it is present in every official wheel)
+    from torch.distributed import ProcessGroup
+except ImportError:  # pragma: no cover - a torch built without distributed support
+    ProcessGroup = None
+
+REAL_FLOATS = frozenset((torch.float16, torch.bfloat16, torch.float32, torch.float64))
 
 # The keys check_group_options reads: a group is checked again when one of them changes.
 OPTION_KEYS = ("lr", "betas", "eps", "weight_decay", "base", "mask", "keep_prob", "tau",
@@ -85,3 +95,74 @@ def check_group_options(group: dict) -> None:
     check_block_option(group["block"])
     group["seed"] = check_seed(group["seed"])
     _check_bool("magma", group["magma"])
+
+
+def check_group(group: dict, where: str = "", params=None) -> None:
+    """Check a whole parameter group (every hyperparameter, and ``params`` against
+    ``fused=True``); ``where`` prefixes the message (which group, say)."""
+    try:
+        check_group_options(group)
+        if group["fused"] not in (None, True, False):
+            raise TypeError(f"fused must be None, True or False, got {group['fused']!r}")
+        for name in ("master_weights", "capturable"):
+            _check_bool(name, group[name])
+    except (TypeError, ValueError) as error:
+        if not where:
+            raise
+        raise type(error)(f"{where}{error}") from None
+    if group["fused"] and not functional.extension_loaded():
+        raise RuntimeError(
+            f"{where}fused=True needs magma_ext's CUDA extension, which is not loaded "
+            f"({functional.extension_error()}); reinstall with a CUDA-enabled torch and nvcc, or use fused=None"
+        )
+    if group["fused"] and params is not None:
+        check_fused_params(params, where)
+
+
+def check_fused_params(params, where: str = "") -> None:
+    """Every parameter is one the CUDA ops take (``fused=True``)."""
+    bad = [p for p in params if not functional.fusable(p)]
+    if bad:
+        raise RuntimeError(
+            f"{where}fused=True requires every parameter to be a contiguous CUDA tensor of dtype float32, "
+            f"bfloat16 or float16; got {bad[0].dtype} on {bad[0].device}"
+            f"{'' if bad[0].is_contiguous() else ' (not contiguous)'}"
+        )
+
+
+def check_params(params: list, seen: set[int]) -> None:
+    """New parameters are real floating-point tensors, none listed twice (``seen``: ids of the
+    parameters already in the optimizer, updated)."""
+    for p in params:
+        if not isinstance(p, torch.Tensor):
+            raise TypeError(f"params must contain tensors, got {type(p).__name__}")
+        if p.is_complex() or not p.is_floating_point():
+            raise TypeError(f"params must be real floating-point tensors, got dtype {p.dtype}")
+        if id(p) in seen:
+            raise ValueError("a parameter appears more than once in params; list each parameter once")
+        seen.add(id(p))
+
+
+def check_grad(p: torch.Tensor) -> None:
+    """A parameter's gradient is one the step can take: dense, real floating point, its shape."""
+    grad = p.grad
+    if grad.layout is not torch.strided:
+        raise TypeError(f"Magma does not support sparse gradients (grad layout {grad.layout})")
+    if grad.dtype not in REAL_FLOATS:
+        raise TypeError(f"Magma needs real floating-point gradients, got grad dtype {grad.dtype}")
+    if grad.shape != p.shape:
+        raise ValueError(f"grad shape {tuple(grad.shape)} does not match param shape {tuple(p.shape)}")
+
+
+def process_groups(process_group) -> list:
+    """The ``process_group`` argument as a list of groups, checked."""
+    if process_group is None:
+        return []
+    groups = list(process_group) if isinstance(process_group, (list, tuple)) else [process_group]
+    if not groups:
+        raise ValueError("process_group: an empty list; pass None for no group")
+    for group in groups:
+        if ProcessGroup is None or not isinstance(group, ProcessGroup):
+            raise TypeError("process_group must be a torch.distributed.ProcessGroup, a list of them "
+                            f"or None, got {type(group).__name__}")
+    return groups

@@ -1,9 +1,12 @@
 """The random-number contract of docs/ALGORITHM.md section 4, in torch integer ops.
 
-Masks come from cuRAND's Philox4_32_10.  A block's draw at step ``t`` is the first word of
-``curand()`` after ``curand_init(seed, (tensor_index << 32) | block_index, 4 * t)``.  Because
-the offset is a multiple of four, that word is word 0 of the Philox block whose 128-bit counter
-is ``(t_lo, t_hi, block_index, tensor_index)`` under the 64-bit key ``seed``.
+Masks come from cuRAND's Philox4_32_10.  A block's draw at step ``t`` (< 2**32) is the first
+word of ``curand()`` after ``curand_init(seed, (low << 32) | block_index, 4 * ((high << 32) + t))``,
+where ``low`` and ``high`` are the low 32 and high 30 bits of the tensor index (< 2**62).
+Because the offset is a multiple of four, that word is word 0 of the Philox block whose 128-bit
+counter is ``(t, high, block_index, low)`` under the 64-bit key ``seed``.  A tensor index below
+2**32 draws what the first version of the contract (``(tensor_index << 32) | block_index``,
+``4 * t``) drew.
 
 Everything here works on int64 tensors holding unsigned 32-bit values, so it runs on any
 device; the 32x32 -> 64-bit products are split into 16-bit halves to stay inside int64.
@@ -70,17 +73,19 @@ def check_seed(seed) -> int:
 def philox_first_word(
     seed: int, tensor_index: torch.Tensor, block_index: torch.Tensor, step: torch.Tensor
 ) -> torch.Tensor:
-    """Word 0 of ``curand()`` after ``curand_init(seed, (tensor_index << 32) | block_index, 4 * step)``.
+    """Word 0 of ``curand()`` after ``curand_init(seed, (low << 32) | block_index, 4 * ((high << 32) + step))``,
+    ``low`` and ``high`` the tensor index's low 32 and high 30 bits (docs/ALGORITHM.md section 4).
 
     All three tensors are int64 and broadcast together; the result is int64 in ``[0, 2**32)``.
     """
     seed = check_seed(seed)
     step = step.to(torch.int64)
+    tensor_index = tensor_index.to(torch.int64)
     counter = (
         step & MASK32,
-        (step >> 32) & MASK32,
+        ((step >> 32) + (tensor_index >> 32)) & MASK32,
         block_index.to(torch.int64) & MASK32,
-        tensor_index.to(torch.int64) & MASK32,
+        tensor_index & MASK32,
     )
     return philox4x32_10(counter, seed)[0]
 

@@ -24,7 +24,7 @@ distributed optimizer, ZeRO-style sharding done by hand) declares what each slic
   it, not from the piece.
 * ``group`` is the process group whose ranks hold the other pieces of the logical tensor; the
   block sums of blocks split between ranks are all-reduced over it (one collective per group
-  and step, see ``magma_ext.distributed``). ``None`` means that there are no other pieces:
+  and step, see ``magma_ext.exchange``). ``None`` means that there are no other pieces:
   the piece must then be the whole tensor. Several pieces of one logical tensor may also live
   on one rank, as long as they do not overlap.
 * ``split=(part, parts)`` describes a tensor cut along dimension 1 into ``parts`` equal column
@@ -60,12 +60,14 @@ from dataclasses import dataclass
 
 import torch
 
-from .layout import MAX_TENSOR_INDEX, numel_of
+from .layout import MAX_TENSOR_INDEX, BlockLayout, block_size_for, numel_of
+from .names import name_index
 
 try:  # torch.distributed may be missing from a build (it is present in every official wheel)
     from torch.distributed import ProcessGroup
+    from torch.distributed.tensor import DTensor
 except ImportError:  # pragma: no cover - a torch built without distributed support
-    ProcessGroup = None
+    ProcessGroup = DTensor = None
 
 PIECE_ATTRIBUTE = "_magma_piece"
 
@@ -106,36 +108,40 @@ def _as_split(split, shape: tuple[int, ...]) -> tuple[int, int]:
     return part, parts
 
 
-def _is_dtensor(tensor) -> bool:
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # pragma: no cover - a torch built without distributed support
-        return False
-    return isinstance(tensor, DTensor)
+def is_dtensor(tensor) -> bool:
+    """Whether ``tensor`` is a ``torch.distributed.tensor.DTensor``."""
+    return DTensor is not None and isinstance(tensor, DTensor)
 
 
 @dataclass(frozen=True)
 class Piece:
-    """A tensor that is elements ``[offset, offset + numel)`` of flattened logical tensor ``index``.
+    """Elements ``[offset, offset + numel)`` of flattened logical tensor ``index``: what one
+    tensor handed to the optimizer is.
 
     Args:
-        index: the logical tensor's tensor index, ``0 <= index < 2**32``; the same on every
+        index: the logical tensor's tensor index, ``0 <= index < 2**62``; the same on every
             rank and under every sharding (it keys the mask generator).
-        offset: the piece's first element in the flattened (row-major) logical tensor, >= 0.
+        offset: the piece's first element in the flattened (row-major) logical tensor, or in
+            its column slice (``split``), >= 0.
+        numel: the piece's elements, >= 0.
         shape: the logical tensor's shape (a tuple of sizes >= 0; a list or torch.Size is
             converted).
-        group: the ``torch.distributed.ProcessGroup`` whose ranks hold the other pieces of the
-            logical tensor, or ``None`` when there are none (the piece is the whole tensor).
+        group: the ``torch.distributed.ProcessGroup`` whose ranks hold the logical tensor's
+            other pieces, or ``None``: no other pieces (a piece declared without a group must
+            then be the whole tensor, see :func:`declare_piece`; the optimizer's exchange also
+            describes pieces of other ranks without their group).
         split: ``(part, parts)``: the piece lies in column slice ``part`` of ``parts`` (dimension
             1 cut into equal slices) and ``offset`` counts elements of that slice; ``(0, 1)``,
             the default, is no cut.
 
-    The piece's own size is the tensor's: a ``Piece`` alone does not know it, see
-    :func:`declare_piece`, which checks that the piece fits its logical tensor.
+    Raises:
+        TypeError, ValueError: a field of the wrong type or out of range, or a piece reaching
+            past the end of its logical tensor (or column slice).
     """
 
     index: int
     offset: int
+    numel: int
     shape: tuple[int, ...]
     group: ProcessGroup | None = None
     split: tuple[int, int] = (0, 1)
@@ -143,19 +149,31 @@ class Piece:
     def __post_init__(self):
         index = _as_int(self.index, "index")
         if not 0 <= index < MAX_TENSOR_INDEX:
-            raise ValueError(f"index must be in [0, 2**32), got {index}")
+            raise ValueError(f"index must be in [0, 2**62), got {index}")
         offset = _as_int(self.offset, "offset")
         if offset < 0:
             raise ValueError(f"offset must be >= 0, got {offset}")
+        numel = _as_int(self.numel, "numel")
+        if numel < 0:
+            raise ValueError(f"numel must be >= 0, got {numel}")
         if self.group is not None and (ProcessGroup is None or not isinstance(self.group, ProcessGroup)):
             raise TypeError(
                 "group must be a torch.distributed.ProcessGroup or None, got "
                 f"{type(self.group).__name__} (a rank outside a group gets no ProcessGroup for it)"
             )
+        shape = _as_shape(self.shape)
         object.__setattr__(self, "index", index)
         object.__setattr__(self, "offset", offset)
-        object.__setattr__(self, "shape", _as_shape(self.shape))
-        object.__setattr__(self, "split", _as_split(self.split, self.shape))
+        object.__setattr__(self, "numel", numel)
+        object.__setattr__(self, "shape", shape)
+        object.__setattr__(self, "split", _as_split(self.split, shape))
+        if offset + numel > self.slice_numel:
+            where = "its logical tensor" if self.parts == 1 else f"column slice {self.split[0]} of {self.parts}"
+            raise ValueError(
+                f"offset: a piece of {numel} elements at offset {offset} reaches element "
+                f"{offset + numel}, past the end of {where} of shape {self.slice_shape} "
+                f"({self.slice_numel} elements)"
+            )
 
     @property
     def logical_numel(self) -> int:
@@ -179,6 +197,26 @@ class Piece:
         """Elements of the column slice the piece lies in: where ``offset`` counts."""
         return numel_of(self.slice_shape)
 
+    @property
+    def is_whole(self) -> bool:
+        """Whether the piece is its whole logical tensor."""
+        return self.parts == 1 and self.offset == 0 and self.numel == self.logical_numel
+
+    def blocks(self, block) -> BlockLayout:
+        """The blocks of the logical tensor this piece overlaps, under the ``block`` option.
+
+        Raises ValueError for ``block=N`` on a piece of a column slice, whose N-element chunks
+        of the flattened logical tensor would cut across the slices.
+        """
+        if self.parts > 1 and not isinstance(block, str):
+            raise ValueError(
+                f"block={block!r}: tensor index {self.index} is declared a piece of column slice "
+                f"{self.split[0]} of {self.parts} (a row-parallel weight), whose N-element blocks "
+                "would cut across the slices; use block='row' or block='tensor' for it"
+            )
+        return BlockLayout(numel=self.numel, block_size=block_size_for(self.slice_shape, block),
+                           offset=self.offset, logical_numel=self.slice_numel, sliced=self.parts > 1)
+
     def __copy__(self) -> Piece:
         return self
 
@@ -194,42 +232,39 @@ def declare_piece(tensor: torch.Tensor, *, index: int, offset: int, shape, group
     """Declare ``tensor`` to be elements ``[offset, offset + tensor.numel())`` of logical tensor ``index``
     (of its column slice ``split[0]`` of ``split[1]``, see :class:`Piece`).
 
+    ``index`` is the logical tensor's tensor index, or its name in the unsplit model (a str:
+    the index is then :func:`magma_ext.name_index` of it, what ``Magma(model.named_parameters())``
+    gives the whole tensor in one process).
+
     Attaches a :class:`Piece` to the tensor object (replacing an earlier declaration) and
     returns the tensor. Declare before the optimizer's first step: a parameter's tensor index
-    and layout are frozen in its state then.
+    and blocks are frozen in its state then.
 
     Raises:
         TypeError: ``tensor`` is not a tensor, an argument has the wrong type, or ``group`` is
             not a ProcessGroup (or None), or a DTensor is given an offset or group.
-        ValueError: ``index`` outside [0, 2**32), a negative ``offset`` or size in ``shape``,
+        ValueError: ``index`` outside [0, 2**62), a negative ``offset`` or size in ``shape``,
             a piece reaching past the end of its logical tensor (or column slice), ``group=None``
             with a piece that is not the whole tensor, or a ``split`` whose part is out of range
             or whose slice count does not divide ``shape[1]``.
     """
     if not isinstance(tensor, torch.Tensor):
         raise TypeError(f"tensor must be a torch.Tensor, got {type(tensor).__name__}")
-    piece = Piece(index=index, offset=offset, shape=shape, group=group, split=split)
-    numel = tensor.numel()
-    logical = piece.slice_numel
-    if _is_dtensor(tensor) and (piece.offset != 0 or piece.group is not None or piece.parts != 1):
+    if isinstance(index, str):
+        index = name_index(index)
+    piece = Piece(index=index, offset=offset, numel=tensor.numel(), shape=shape, group=group, split=split)
+    if is_dtensor(tensor) and not (piece.is_whole and piece.group is None):
         raise TypeError(
             "a DTensor describes its own sharding: declare only its tensor index "
             "(offset=0, shape=its global shape, group=None, no split)"
         )
-    if piece.offset + numel > logical:
-        where = "its logical tensor" if piece.parts == 1 else f"column slice {piece.split[0]} of {piece.parts}"
-        raise ValueError(
-            f"offset: a piece of {numel} elements at offset {piece.offset} reaches element "
-            f"{piece.offset + numel}, past the end of {where} of shape {piece.slice_shape} "
-            f"({logical} elements)"
-        )
     if piece.group is None and piece.parts != 1:
         raise ValueError("split: a piece of a column slice needs the process group holding the other slices")
-    if piece.group is None and (piece.offset != 0 or numel != logical):
+    if piece.group is None and not piece.is_whole:
         raise ValueError(
             f"group=None declares the whole tensor, but this piece holds [{piece.offset}, "
-            f"{piece.offset + numel}) of {logical} elements; pass the process group that holds "
-            "the other pieces"
+            f"{piece.offset + piece.numel}) of {piece.logical_numel} elements; pass the process group "
+            "that holds the other pieces"
         )
     setattr(tensor, PIECE_ATTRIBUTE, piece)
     return tensor
@@ -244,18 +279,22 @@ def piece_of(tensor: torch.Tensor) -> Piece | None:
 
 
 def number_parameters(params) -> None:
-    """Declare each parameter a whole piece of itself, with tensor index = its position.
+    """Declare each parameter a whole piece of itself, with the tensor index one process gives
+    it: its name's (:func:`magma_ext.name_index`) for ``(name, tensor)`` pairs such as
+    ``model.named_parameters()``, else its position.
 
-    ``params`` is what an optimizer takes: an iterable of tensors, or of parameter-group dicts
-    (positions then count over the groups in order, as the optimizer counts them). Afterwards
-    an optimizer built from any subset of these parameters (``ZeroRedundancyOptimizer``'s
-    per-rank optimizer) gives each one the tensor index it has in the full list, so every
-    rank draws the single-process masks.
+    ``params`` is what an optimizer takes: an iterable of tensors or of ``(name, tensor)``
+    pairs, or of parameter-group dicts (positions then count over the groups in order, as the
+    optimizer counts them). Afterwards an optimizer built from any subset of these parameters
+    (``ZeroRedundancyOptimizer``'s per-rank optimizer) gives each one the tensor index it has in
+    the full list, so every rank draws the single-process masks.
 
     Raises:
-        TypeError: ``params`` is a set (no order), or holds something that is not a tensor.
-        ValueError: a parameter appears twice, or was already declared a piece of a larger
-            tensor (a ``group`` is set): numbering it as whole would lose that.
+        TypeError: ``params`` is a set (no order), or holds something that is neither a tensor
+            nor a ``(str, tensor)`` pair.
+        ValueError: a parameter appears twice, two names give one index (see
+            :func:`magma_ext.names.canonical_name`), or a parameter was already declared a piece
+            of a larger tensor (a ``group`` is set): numbering it as whole would lose that.
     """
     tensors = []
     for entry in _ordered(params, "params"):
@@ -266,6 +305,15 @@ def number_parameters(params) -> None:
             tensors += [members] if isinstance(members, torch.Tensor) else list(_ordered(members, "a group's params"))
         else:
             tensors.append(entry)
+    names = [None] * len(tensors)
+    for position, entry in enumerate(tensors):
+        if isinstance(entry, tuple) and len(entry) == 2 and isinstance(entry[0], str):
+            names[position], tensors[position] = entry
+    named = {}
+    for name in filter(None, names):
+        if named.setdefault(name_index(name), name) != name:
+            raise ValueError(f"the names {named[name_index(name)]!r} and {name!r} give one tensor index; "
+                             "each parameter needs a name of its own")
     seen = set()
     for position, tensor in enumerate(tensors):
         if not isinstance(tensor, torch.Tensor):
@@ -280,9 +328,9 @@ def number_parameters(params) -> None:
                 f"{earlier.index} (offset {earlier.offset}, shape {earlier.shape}) held with a "
                 "process group; number_parameters is for whole parameters"
             )
-    for position, tensor in enumerate(tensors):
+    for position, (name, tensor) in enumerate(zip(names, tensors)):
         # a DTensor's shape is its global shape, so this declares its index only
-        declare_piece(tensor, index=position, offset=0, shape=tuple(tensor.shape))
+        declare_piece(tensor, index=position if name is None else name, offset=0, shape=tuple(tensor.shape))
 
 
 def _ordered(params, what: str):

@@ -65,16 +65,17 @@ class Moments:
     block_sums: torch.Tensor  # (blocks, 3) for mask "magma", else (0, 3)
 
 
-def _flat(tensors: list[torch.Tensor]) -> torch.Tensor:
-    return torch.cat([t.reshape(-1) for t in tensors])
-
-
 def block_sums(products: list[list[torch.Tensor]], index: BlockIndex) -> torch.Tensor:
-    """Sum each list of per-element products over every block: shape (blocks, len(products))."""
-    data = torch.stack([_flat(p) for p in products], dim=1)
-    if data.shape[0] == 0:
-        return data.new_zeros((0, len(products)))
-    return torch.segment_reduce(data, "sum", lengths=index.lengths, axis=0)
+    """Sum each list of per-element products over every block: shape (blocks, len(products)).
+
+    Tensor by tensor, so that a block's sums do not depend on the other tensors of the list
+    (a model split into pipeline stages gives each stage's optimizer other lists).
+    """
+    per_tensor = index.lengths.split(index.blocks_per_tensor)
+    sums = [torch.segment_reduce(torch.stack([p[i].reshape(-1) for p in products], dim=1), "sum",
+                                 lengths=lengths, axis=0)
+            for i, lengths in enumerate(per_tensor) if lengths.numel()]
+    return torch.cat(sums) if sums else products[0][0].new_zeros((0, len(products)))
 
 
 def alignment(dot: torch.Tensor, m_sq: torch.Tensor, g_sq: torch.Tensor) -> torch.Tensor:
@@ -151,8 +152,10 @@ def finalize_and_apply(
         block_steps = torch.repeat_interleave(torch.stack(moments.steps).to(torch.int64), index.block_counts)
         keep_block = keep_mask(h.seed, index.tensor_index, index.block_index, block_steps, h.keep_prob)
         if h.mask == "magma":
-            new_scores = updated_scores(_flat(tensors.scores), moments.block_sums, h)
-            scores = list(new_scores.split(index.blocks_per_tensor))
+            # tensor by tensor, as the sums: a block's score does not depend on the other tensors
+            sums = moments.block_sums.split(index.blocks_per_tensor)
+            scores = [updated_scores(old, block_sums, h) for old, block_sums in zip(tensors.scores, sums)]
+            new_scores = torch.cat(scores)
             scale_block = torch.where(keep_block, new_scores, torch.zeros_like(new_scores))
         else:
             scale_block = keep_block.to(torch.float32) / h.keep_prob

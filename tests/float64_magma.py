@@ -71,8 +71,10 @@ def keep_threshold(keep_prob: float) -> int:
 
 
 def first_word(seed: int, tensor_index: int, block_index: int, step: int) -> int:
-    """The contract's draw: the first word after curand_init(seed, (tensor << 32) | block, 4 * step)."""
-    return curand_words(seed, (tensor_index << 32) | block_index, 4 * step, 1)[0]
+    """The contract's draw: the first word after curand_init(seed, (low << 32) | block,
+    4 * ((high << 32) + step)), low and high the tensor index's low 32 and high 30 bits."""
+    low, high = tensor_index % 2**32, tensor_index >> 32
+    return curand_words(seed, (low << 32) | block_index, 4 * ((high << 32) + step), 1)[0]
 
 
 def keep_block(seed: int, tensor_index: int, block_index: int, step: int, keep_prob: float) -> bool:

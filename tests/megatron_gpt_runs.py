@@ -39,7 +39,7 @@ from magma_ext.megatron.sparse_gather import ROUTES  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 from megatron_gpt import block_spec  # noqa: E402  (the example's sequence-parallel norms)
 from magma_ext.megatron.scores import gather_block_scores  # noqa: E402
-from magma_ext.shards import view_of  # noqa: E402
+from magma_ext.views import view_of  # noqa: E402
 
 VOCAB, SEQ, GLOBAL_BATCH = 256, 32, 8
 

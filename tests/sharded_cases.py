@@ -345,7 +345,7 @@ def llama_fsdp_body(rank, world_size, steps):
         dist.all_reduce(mean)
         losses.append(mean.item() / world_size)
         history.append([p.full_tensor().cpu().clone() for p in model.parameters()])
-    exchanges = [plan.exchange for plans in optimizer._plans.values() for plan in plans if plan.exchange]
+    exchanges = optimizer._planner.exchanges()
     traffic = dict(collectives=sum(e.collectives_per_step for e in exchanges),
                    bytes=sum(e.bytes_per_step for e in exchanges))
     return losses, (history if rank == 0 else None), traffic

@@ -181,6 +181,21 @@ def test_seed_above_2_to_the_63_matches_reference(mask):
     _assert_lists_close(tensors, expected)
 
 
+@pytest.mark.parametrize("tensor_index", [2**32 - 1, 2**32, 2**32 + 5, 2**61 + 12345, 2**62 - 1])
+@pytest.mark.parametrize("mask", ["magma", "skip"])
+@requires_gpu
+def test_tensor_indices_of_names_match_reference(tensor_index, mask):
+    """Indices of 32 bits and more (names' indices, docs/ALGORITHM.md section 4): the high bits
+    reach the kernels' Philox offset as they reach the reference's."""
+    tensors = _pieces(30000, [9000, 12001], 300, tensor_index=tensor_index)
+    expected = _clone(tensors)
+    hyper = _hyper(mask=mask)
+    for _ in range(3):
+        fused_step(tensors, hyper)
+        magma_step(expected, hyper, build_block_index(expected.layouts, expected.tensor_indices, "cuda"))
+        _assert_lists_close(tensors, expected)
+
+
 @requires_gpu
 def test_tensor_over_2_to_the_31_elements():
     numel = 2**31 + 4099

@@ -23,6 +23,7 @@ with atol = n * 2**-24 * sum|x_i| per row and sum.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import random
 import re
 
@@ -30,8 +31,8 @@ import pytest
 import torch
 
 from distributed_helpers import RankError, run_ranks
-from magma_ext.distributed import BYTES_PER_SHARED_BLOCK, BlockSumExchange, PieceDescriptor
-from magma_ext.layout import BlockLayout
+from magma_ext.exchange import BYTES_PER_SHARED_BLOCK, BlockSumExchange, PieceRecord
+from magma_ext.pieces import Piece
 from test_pieces import brute_force_layout, random_cuts, random_shape
 
 RANDOM_CASES = 30
@@ -43,6 +44,15 @@ GROUPS = {
     4: {"world": (0, 1, 2, 3), "world2": (0, 1, 2, 3), "pair01": (0, 1), "pair23": (2, 3),
         "trio": (1, 2, 3), "solo0": (0,)},
 }
+
+
+def D(index, offset, numel, shape, block, name="p", kind="tensor", split=(0, 1)) -> PieceRecord:
+    """The record of a piece without a process group."""
+    return PieceRecord(Piece(index, offset, numel, shape, split=split), block, name, kind)
+
+
+def _with_group(record: PieceRecord, group) -> PieceRecord:
+    return record._replace(piece=dataclasses.replace(record.piece, group=group))
 
 
 # ---------------------------------------------------------------- what runs on every rank
@@ -79,7 +89,7 @@ class _Counter:
 
 
 def _random_spec(world_size: int, case: int) -> list[tuple[str | None, int, list]]:
-    """[(group name or None, tensor index, [(rank, descriptor), ...])], the same on every rank."""
+    """[(group name or None, tensor index, [(rank, record), ...])], the same on every rank."""
     rng = random.Random(1000 * world_size + case)
     names = list(GROUPS[world_size]) + [None]
     spec = []
@@ -90,9 +100,8 @@ def _random_spec(world_size: int, case: int) -> list[tuple[str | None, int, list
             numel = 1
             for size in shape:
                 numel *= size
-            block = rng.choice([1, 7, 300, max(numel, 1)])
-            spec.append((None, index, [(rng.randrange(world_size),
-                                        PieceDescriptor(index, 0, numel, shape, block, f"t{index}"))]))
+            block = rng.choice([1, 7, 300, "tensor"])
+            spec.append((None, index, [(rng.randrange(world_size), D(index, 0, numel, shape, block, f"t{index}"))]))
         else:
             holders = list(GROUPS[world_size][name])
             holders = rng.sample(holders, rng.randint(1, len(holders)))
@@ -103,30 +112,30 @@ def _random_spec(world_size: int, case: int) -> list[tuple[str | None, int, list
 
 
 def _fixed_specs(world_size: int) -> list:
-    D = PieceDescriptor
     if world_size == 2:
         return [
             # one block ("tensor") split over both ranks, rank 0 holding two pieces of it
-            [("world", 0, [(0, D(0, 0, 3, (4, 5), 20, "w")), (1, D(0, 3, 10, (4, 5), 20, "w")),
-                           (0, D(0, 13, 7, (4, 5), 20, "w"))])],
+            [("world", 0, [(0, D(0, 0, 3, (4, 5), "tensor", "w")), (1, D(0, 3, 10, (4, 5), "tensor", "w")),
+                           (0, D(0, 13, 7, (4, 5), "tensor", "w"))])],
             # a group of one rank with two local pieces of one block: added up, no collective
-            [("solo1", 0, [(1, D(0, 0, 5, (9,), 9, "s")), (1, D(0, 5, 4, (9,), 9, "s"))]),
+            [("solo1", 0, [(1, D(0, 0, 5, (9,), "tensor", "s")), (1, D(0, 5, 4, (9,), "tensor", "s"))]),
              ("pair", 1, [(0, D(1, 0, 1, (1,), 1, "one"))])],
         ]
     return [
         # a block over 3 ranks of the trio; rank 0 holds nothing of the world group's tensor
-        [("trio", 0, [(1, D(0, 0, 4, (12,), 12, "a")), (2, D(0, 4, 1, (12,), 12, "a")),
-                      (3, D(0, 5, 7, (12,), 12, "a")), (2, D(0, 12, 0, (12,), 12, "a"))]),
+        [("trio", 0, [(1, D(0, 0, 4, (12,), "tensor", "a")), (2, D(0, 4, 1, (12,), "tensor", "a")),
+                      (3, D(0, 5, 7, (12,), "tensor", "a")), (2, D(0, 12, 0, (12,), "tensor", "a"))]),
          ("world", 1, [(1, D(1, 0, 6, (2, 5), 7, "b")), (3, D(1, 6, 4, (2, 5), 7, "b"))]),
          ("solo0", 2, [(0, D(2, 0, 3, (3,), 1, "c"))])],
     ]
 
 
-def _local_rows(descriptors, values) -> torch.Tensor:
+def _local_rows(records, values) -> torch.Tensor:
     rows = [torch.zeros(0, 3)]
-    for d in descriptors:
+    for record in records:
+        d = record.piece
         if d.numel:
-            lengths = torch.tensor(BlockLayout(d.numel, d.block_size, d.offset, d.logical_numel).lengths())
+            lengths = torch.tensor(record.layout.lengths())
             piece = values[d.index][d.offset:d.offset + d.numel]
             rows.append(torch.segment_reduce(piece, "sum", lengths=lengths, axis=0))
     return torch.cat(rows)
@@ -136,12 +145,12 @@ def _whole_block_sums(spec, values):
     """index -> (float64 sums of each block over the held elements, sum |x|, elements held)."""
     out = {}
     for _, index, pieces in spec:
-        d0 = pieces[0][1]
+        d0, block_size = pieces[0][1].piece, pieces[0][1].layout.block_size
         held = torch.zeros(d0.logical_numel, dtype=torch.bool)
-        for _, d in pieces:
-            held[d.offset:d.offset + d.numel] = True
-        blocks = -(-d0.logical_numel // d0.block_size)
-        block_of = torch.arange(d0.logical_numel) // d0.block_size
+        for _, record in pieces:
+            held[record.piece.offset:record.piece.offset + record.piece.numel] = True
+        blocks = -(-d0.logical_numel // block_size)
+        block_of = torch.arange(d0.logical_numel) // block_size
         x = values[index].double() * held[:, None]
         sums = torch.zeros(blocks, 3, dtype=torch.float64).index_add_(0, block_of, x)
         abs_sums = torch.zeros(blocks, 3, dtype=torch.float64).index_add_(0, block_of, x.abs())
@@ -154,20 +163,19 @@ def _run_spec(rank: int, world_size: int, spec, groups: dict, case: int, integer
     generator = torch.Generator().manual_seed(case)
     values = {}
     for _, index, pieces in spec:
-        shape = (pieces[0][1].logical_numel, 3)
+        shape = (pieces[0][1].piece.logical_numel, 3)
         values[index] = (torch.randint(-8, 9, shape, generator=generator).float() if integers
                          else torch.randn(shape, generator=generator))
-    mine = [(d, None if name is None else groups[name])
+    mine = [_with_group(d, None if name is None else groups[name])
             for name, _, pieces in spec for r, d in pieces if r == rank]
     random.Random(case * 97 + rank).shuffle(mine)  # each rank its own order
     joined = sorted({name for name, _, _ in spec if name is not None and rank in GROUPS[world_size][name]})
     if rank % 2:
         joined.reverse()
-    descriptors = [d for d, _ in mine]
 
     with _Counter("all_gather_object") as counted_build:
         exchange = BlockSumExchange.build(mine, "cpu", groups=[groups[name] for name in joined])
-    block_sums = _local_rows(descriptors, values)
+    block_sums = _local_rows(mine, values)
     before = block_sums.clone()
     with _Counter("all_reduce") as counted_reduce:
         assert exchange.reduce_(block_sums) is block_sums
@@ -175,12 +183,12 @@ def _run_spec(rank: int, world_size: int, spec, groups: dict, case: int, integer
     # independent expectations: the whole-block sums, and the cost from the brute-force layout
     whole = _whole_block_sums(spec, values)
     expected, tolerance, keys = [], [], []
-    for d in descriptors:
-        sums, abs_sums, counts = whole[d.index]
-        span = slice(d.first_block, d.first_block + d.num_blocks)
+    for record in mine:
+        sums, abs_sums, counts = whole[record.piece.index]
+        span = slice(record.layout.first_block, record.layout.first_block + record.layout.num_blocks)
         expected.append(sums[span])
         tolerance.append(counts[span, None] * U * abs_sums[span])
-        keys += [(d.index, b) for b in range(span.start, span.stop)]
+        keys += [(record.piece.index, b) for b in range(span.start, span.stop)]
     expected = torch.cat(expected) if expected else torch.zeros(0, 3, dtype=torch.float64)
     tolerance = torch.cat(tolerance) if tolerance else torch.zeros(0, 3, dtype=torch.float64)
     error = (block_sums.double() - expected).abs()
@@ -208,8 +216,7 @@ def _run_spec(rank: int, world_size: int, spec, groups: dict, case: int, integer
 
 
 def _validation_cases(world_size: int) -> dict:
-    """name -> {rank: [(descriptor, group name or None)]} (+ "groups": names joined by rank)."""
-    D = PieceDescriptor
+    """name -> {rank: [(record, group name or None)]} (+ "groups": names joined by rank)."""
     last = world_size - 1
     cases = {
         "overlap_across_ranks": {0: [(D(0, 0, 10, (20,), 4, "w"), "world")],
@@ -220,8 +227,8 @@ def _validation_cases(world_size: int) -> dict:
                         last: [(D(0, 10, 10, (20,), 4, "w"), "world")]},
         "block_sizes_differ": {0: [(D(0, 0, 10, (20,), 4, "w"), "world")],
                                last: [(D(0, 10, 10, (20,), 5, "w"), "world")]},
-        "outside_on_last_rank": {0: [(D(0, 0, 10, (20,), 4, "w"), "world")],
-                                 last: [(D(0, 30, 1, (20,), 4, "w"), "world")]},
+        "blocks_cut_across_slices_on_last_rank": {0: [(D(0, 0, 6, (4, 6), "row", "w", split=(0, 2)), "world")],
+                                                  last: [(D(0, 6, 6, (4, 6), 3, "w", split=(0, 2)), "world")]},
         "overlap_on_last_rank_only": {0: [(D(0, 10, 10, (20,), 4, "w"), "world")],
                                       last: [(D(0, 0, 5, (20,), 4, "a"), "world"),
                                              (D(0, 3, 5, (20,), 4, "b"), "world")]},
@@ -229,7 +236,7 @@ def _validation_cases(world_size: int) -> dict:
                                 last: [(D(1, 0, 5, (20,), 4, "v"), None)]},
         "two_groups_one_tensor": {last: [(D(0, 0, 5, (20,), 4, "a"), "world"),
                                          (D(0, 5, 5, (20,), 4, "b"), "world2" if world_size == 4 else "pair")]},
-        "not_a_descriptor": {last: [("w", "world")]},
+        "not_a_record": {last: [("w", "world")]},
     }
     out = {}
     for name, pieces in cases.items():
@@ -247,7 +254,8 @@ def _validation_cases(world_size: int) -> dict:
 def _validate(rank: int, world_size: int, groups: dict) -> dict:
     out = {}
     for name, case in _validation_cases(world_size).items():
-        mine = [(d, None if g is None else groups[g]) for d, g in case["pieces"].get(rank, [])]
+        mine = [d if isinstance(d, str) else _with_group(d, None if g is None else groups[g])
+                for d, g in case["pieces"].get(rank, [])]
         try:
             exchange = BlockSumExchange.build(mine, "cpu", groups=[groups[g] for g in case["groups"][rank]])
         except (ValueError, TypeError) as error:
@@ -266,13 +274,13 @@ def _api_checks(rank: int, world_size: int, groups: dict) -> dict:
     out = {}
     shard = torch.zeros(3)
     declare_piece(shard, index=5, offset=3 * rank, shape=(3 * world_size,), group=dist.group.WORLD)
-    out["piece"] = piece_of(shard) == Piece(5, 3 * rank, (3 * world_size,), dist.group.WORLD)
+    out["piece"] = piece_of(shard) == Piece(5, 3 * rank, 3, (3 * world_size,), dist.group.WORLD)
     out["deepcopy_shares_piece"] = piece_of(copy.deepcopy(shard)) is piece_of(shard)
     try:
         number_parameters([shard])
     except ValueError as error:
         out["number_sharded"] = str(error)
-    exchange = BlockSumExchange.build([(PieceDescriptor.of(piece_of(shard), 3, "tensor"), dist.group.WORLD)], "cpu")
+    exchange = BlockSumExchange.build([PieceRecord(piece_of(shard), "tensor")], "cpu")
     sums = torch.full((1, 3), float(rank + 1))
     exchange.reduce_(sums)
     out["whole_tensor_block"] = sums.tolist()
@@ -292,13 +300,13 @@ def _api_checks(rank: int, world_size: int, groups: dict) -> dict:
         mesh = init_device_mesh("cpu", (world_size,))
         weight = distribute_tensor(torch.zeros(4, 3), mesh, [Shard(0)])
         declare_piece(weight, index=2, offset=0, shape=(4, 3))
-        out["dtensor_index"] = piece_of(weight) == Piece(2, 0, (4, 3))
+        out["dtensor_index"] = piece_of(weight) == Piece(2, 0, 12, (4, 3))
         try:
             declare_piece(weight, index=2, offset=0, shape=(4, 3), group=dist.group.WORLD)
         except TypeError as error:
             out["dtensor_group"] = str(error)
         number_parameters([torch.zeros(1), weight])
-        out["dtensor_numbered"] = piece_of(weight) == Piece(1, 0, (4, 3))
+        out["dtensor_numbered"] = piece_of(weight) == Piece(1, 0, 12, (4, 3))
     return out
 
 
@@ -364,8 +372,8 @@ EXPECTED_ERRORS = {
     "kinds_mixed": ("ValueError", r"^tensor index 0 has kind 'dtensor' in 'w' on rank 0 but 'tensor' in 'w' "
                                   r"on rank {last}; give one logical tensor one way$"),
     "block_sizes_differ": ("ValueError", r"^tensor index 0 has block size 4 in 'w' on rank 0 but 5"),
-    "outside_on_last_rank": ("ValueError", r"^piece 'w' \(tensor index 0\): holds \[30, 31\), outside its "
-                                           r"logical tensor of shape \(20,\) \(20 elements\) \(on rank {last}\)$"),
+    "blocks_cut_across_slices_on_last_rank": ("ValueError", r"^block=3: tensor index 0 is declared a piece of "
+                                                            r"column slice 0 of 2 \(a row-parallel weight\)"),
     "overlap_on_last_rank_only": ("ValueError", r"^pieces of tensor index 0 overlap: 'a' holds \[0, 5\) on rank "
                                                 r"{last} and 'b' holds \[3, 8\) on rank {last}$"),
     "whole_without_group": ("ValueError", r"^piece 'v' \(tensor index 1\) on rank {last} holds \[0, 5\) of 20 "
@@ -374,8 +382,7 @@ EXPECTED_ERRORS = {
     "two_groups_one_tensor": ("ValueError", r"^tensor index 0 on rank {last}: 'a' names process group '.*' "
                                             r"\(ranks \[0, 1.*\]\) but 'b' names process group '.*' \(ranks "
                                             r"\[0, 1.*\]\); all pieces of a logical tensor must name one group$"),
-    "not_a_descriptor": ("TypeError", r"^pieces\[0\] must be a \(PieceDescriptor, ProcessGroup or None\) pair, "
-                                      r"got a str for the descriptor$"),
+    "not_a_record": ("TypeError", r"^records\[0\] must be a PieceRecord, got str$"),
 }
 
 
@@ -416,16 +423,15 @@ def test_pieces_with_process_groups_and_reduce_checks(ranks):
 
 def test_build_without_process_groups_needs_no_distributed():
     # one process, torch.distributed never initialized: whole tensors only (group None)
-    D = PieceDescriptor
-    exchange = BlockSumExchange.build([(D(0, 0, 5, (5,), 2, "a"), None), (D(1, 0, 0, (0,), 1, "e"), None)], "cpu")
+    exchange = BlockSumExchange.build([D(0, 0, 5, (5,), 2, "a"), D(1, 0, 0, (0,), 1, "e")], "cpu")
     assert (exchange.num_rows, exchange.collectives_per_step, exchange.bytes_per_step) == (3, 0, 0)
     sums = torch.arange(9.0).view(3, 3)
     assert torch.equal(exchange.reduce_(sums), torch.arange(9.0).view(3, 3))
     with pytest.raises(ValueError, match=r"piece 'a' \(tensor index 0\) on rank 0 holds \[0, 3\) of 5 elements "
                                          r"without a process group"):
-        BlockSumExchange.build([(D(0, 0, 3, (5,), 2, "a"), None)], "cpu")
+        BlockSumExchange.build([D(0, 0, 3, (5,), 2, "a")], "cpu")
     with pytest.raises(ValueError, match=r"pieces of tensor index 0 overlap"):
-        BlockSumExchange.build([(D(0, 0, 5, (5,), 2, "a"), None), (D(0, 0, 5, (5,), 2, "b"), None)], "cpu")
+        BlockSumExchange.build([D(0, 0, 5, (5,), 2, "a"), D(0, 0, 5, (5,), 2, "b")], "cpu")
 
 
 def _fail_on_rank_1(rank: int) -> None:

@@ -8,7 +8,7 @@ import torch
 import torch.distributed as dist
 
 from magma_ext import Magma, declare_piece
-from magma_ext.optimizer import _groups
+from magma_ext.options import process_groups
 
 
 @pytest.fixture
@@ -21,7 +21,7 @@ def one_rank():
 def test_process_group_takes_a_list_of_groups_and_checks_it(one_rank):
     other = dist.new_group([0])
     p = torch.nn.Parameter(torch.randn(4))
-    assert _groups(Magma([p], process_group=[one_rank, other]).process_group) == [one_rank, other]
+    assert process_groups(Magma([p], process_group=[one_rank, other]).process_group) == [one_rank, other]
     with pytest.raises(TypeError, match="process_group must be a torch.distributed.ProcessGroup, a list"):
         Magma([p], process_group=[one_rank, "world"])
     with pytest.raises(ValueError, match="process_group: an empty list"):
@@ -35,7 +35,7 @@ def test_an_empty_rank_joins_every_listed_group(one_rank):
     optimizer = Magma([{"params": [held]}, {"params": []}], process_group=[one_rank, other])
     held.grad = torch.randn(6)
     optimizer.step()
-    empty = next(plan for key, plan in optimizer._plans.items() if isinstance(key, tuple) and "empty" in key)
+    empty = next(plan for key, plan in optimizer._planner._plans.items() if "empty" in key)
     assert [ranks for ranks, _ in empty.layouts] == [(0,), (0,)]
 
 

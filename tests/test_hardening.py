@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from helpers import assert_scaled_close, assert_snapshots_equal, snapshot
-from magma_ext import Magma, optimizer as optimizer_module
+import magma_ext
+from magma_ext import Magma, functional
 
 SHAPES = [(4, 3), (5,), (2, 3, 2)]
 
@@ -184,9 +185,12 @@ def test_python_number_step_loads_as_a_tensor():
 # ---------------------------------------------------------------- 5. named parameters
 
 def test_named_parameters_are_accepted_and_kept():
+    """Names are kept as torch.optim keeps them, and key the masks (docs/ALGORITHM.md section 4):
+    plain tensors numbered with the same names follow the same trajectory."""
     model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))
     twin = copy.deepcopy(model)
     named = Magma(model.named_parameters(), lr=0.1, seed=2)
+    magma_ext.number_parameters(twin.named_parameters())
     plain = Magma(twin.parameters(), lr=0.1, seed=2)
     assert named.param_groups[0]["param_names"] == ["0.weight", "0.bias", "1.weight", "1.bias"]
     assert named.state_dict()["param_groups"][0]["param_names"] == named.param_groups[0]["param_names"]
@@ -280,10 +284,10 @@ def test_values_written_into_param_groups_are_checked_before_a_step(key, value, 
 # ---------------------------------------------------------------- 9. no silent slow path
 
 def test_cuda_params_without_the_extension_warn_once(monkeypatch):
-    monkeypatch.setattr(optimizer_module, "_warned_no_extension", False)
-    monkeypatch.setattr(optimizer_module.functional, "extension_error", lambda: "import magma_ext._C failed: X")
+    monkeypatch.setattr(functional, "_warned_no_extension", False)
+    monkeypatch.setattr(functional, "extension_error", lambda: "import magma_ext._C failed: X")
     with pytest.warns(UserWarning, match=r"PyTorch path.*import magma_ext._C failed: X.*pip install"):
-        optimizer_module._warn_no_extension()
+        functional.warn_no_extension()
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        optimizer_module._warn_no_extension()
+        functional.warn_no_extension()

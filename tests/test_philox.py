@@ -80,12 +80,14 @@ def test_vectorised_first_word_matches_oracle(seed):
     gen = torch.Generator().manual_seed(seed % 1000)
     n = 200
     tensor_index = torch.randint(0, 2**32, (n,), generator=gen, dtype=torch.int64)
+    tensor_index[n // 2:] = torch.randint(0, 2**62, (n - n // 2,), generator=gen, dtype=torch.int64)  # names'
     block_index = torch.randint(0, 2**32, (n,), generator=gen, dtype=torch.int64)
     step = torch.randint(1, 2**40, (n,), generator=gen, dtype=torch.int64)
-    # Edges of every field: all-ones indices, steps around the 32-bit carry.
-    tensor_index[:4] = torch.tensor([0, 2**32 - 1, 0, 2**32 - 1])
-    block_index[:4] = torch.tensor([0, 2**32 - 1, 2**32 - 1, 0])
-    step[:4] = torch.tensor([1, 2**32 - 1, 2**32, 2**32 + 1])
+    step[n // 2:] = torch.randint(1, 2**32, (n - n // 2,), generator=gen, dtype=torch.int64)
+    # Edges of every field: all-ones indices, steps around the 32-bit carry, the largest index.
+    tensor_index[:6] = torch.tensor([0, 2**32 - 1, 0, 2**32 - 1, 2**32, 2**62 - 1])
+    block_index[:6] = torch.tensor([0, 2**32 - 1, 2**32 - 1, 0, 0, 2**32 - 1])
+    step[:6] = torch.tensor([1, 2**32 - 1, 2**32, 2**32 + 1, 1, 2**32 - 1])
     words = philox.philox_first_word(seed, tensor_index, block_index, step)
     expected = [oracle.first_word(seed, int(t), int(b), int(s))
                 for t, b, s in zip(tensor_index, block_index, step)]

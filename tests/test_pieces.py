@@ -14,13 +14,13 @@ import random
 import pytest
 import torch
 
-from magma_ext.distributed import PieceDescriptor, shared_block_layout
+from magma_ext.exchange import PieceRecord, shared_block_layout
 from magma_ext.layout import BlockLayout
 from magma_ext.pieces import PIECE_ATTRIBUTE, Piece, declare_piece, number_parameters, piece_of
 
 # ---------------------------------------------------------------- random cuts and the brute force
 
-BLOCK_CHOICES = (1, 7, 300, "whole")
+BLOCK_CHOICES = (1, 7, 300, "tensor")
 
 
 def random_shape(rng: random.Random) -> tuple[int, ...]:
@@ -31,10 +31,10 @@ def random_shape(rng: random.Random) -> tuple[int, ...]:
 
 
 def random_cuts(rng: random.Random, holders: list[list[int]], *, first_index: int = 0,
-                gaps: bool = True) -> list[tuple[int, list[tuple[int, PieceDescriptor]]]]:
+                gaps: bool = True) -> list[tuple[int, list[tuple[int, PieceRecord]]]]:
     """For each entry of ``holders`` (the ranks that may hold pieces of one logical tensor), a
     random logical tensor cut at random offsets into pieces (empty, one-element and several per
-    rank included), some pieces left out when ``gaps``: ``[(index, [(rank, descriptor), ...])]``."""
+    rank included), some pieces left out when ``gaps``: ``[(index, [(rank, record), ...])]``."""
     out = []
     for k, ranks in enumerate(holders):
         index = first_index + k
@@ -43,7 +43,6 @@ def random_cuts(rng: random.Random, holders: list[list[int]], *, first_index: in
         for size in shape:
             numel *= size
         block = rng.choice(BLOCK_CHOICES)
-        block_size = max(numel, 1) if block == "whole" else block
         cuts = sorted(rng.randint(0, numel) for _ in range(rng.randint(0, 2 * len(ranks) + 2)))
         if numel and rng.random() < 0.3:  # a one-element piece
             start = rng.randrange(numel)
@@ -53,39 +52,39 @@ def random_cuts(rng: random.Random, holders: list[list[int]], *, first_index: in
         for start, end in zip(bounds, bounds[1:]):
             if gaps and end > start and rng.random() < 0.1:
                 continue
-            d = PieceDescriptor(index, start, end - start, shape, block_size, f"t{index}")
-            pieces.append((rng.choice(ranks), d))
+            record = PieceRecord(Piece(index, start, end - start, shape), block, f"t{index}")
+            pieces.append((rng.choice(ranks), record))
         out.append((index, pieces))
     return out
 
 
-def by_rank(cuts, world_size: int, rng: random.Random) -> list[list[PieceDescriptor]]:
-    """Each rank's descriptors, in a random order of its own."""
+def by_rank(cuts, world_size: int, rng: random.Random) -> list[list[PieceRecord]]:
+    """Each rank's records, in a random order of its own."""
     lists = [[] for _ in range(world_size)]
     for _, pieces in cuts:
-        for rank, d in pieces:
-            lists[rank].append(d)
-    for descriptors in lists:
-        rng.shuffle(descriptors)
+        for rank, record in pieces:
+            lists[rank].append(record)
+    for records in lists:
+        rng.shuffle(records)
     return lists
 
 
-def brute_force_layout(descriptors_by_rank):
+def brute_force_layout(records_by_rank):
     """Element by element: which (rank, row) touches each block; shared = two or more."""
     touched = {}
     num_rows = []
-    for rank, descriptors in enumerate(descriptors_by_rank):
+    for rank, records in enumerate(records_by_rank):
         row = 0
-        for d in descriptors:
-            layout = BlockLayout(d.numel, d.block_size, d.offset, d.logical_numel)
+        for record in records:
+            d, layout = record.piece, record.layout
             for element in range(d.offset, d.offset + d.numel):
-                block = element // d.block_size
+                block = element // layout.block_size
                 touched.setdefault((d.index, block), set()).add((rank, row + block - layout.first_block))
             row += layout.num_blocks
         num_rows.append(row)
     blocks = sorted(key for key, holders in touched.items() if len(holders) >= 2)
     pairs = [sorted((row, p) for p, key in enumerate(blocks) for r, row in touched[key] if r == rank)
-             for rank in range(len(descriptors_by_rank))]
+             for rank in range(len(records_by_rank))]
     return dict(
         blocks=tuple(blocks),
         holders=tuple(len({r for r, _ in touched[key]}) for key in blocks),
@@ -98,10 +97,11 @@ def brute_force_layout(descriptors_by_rank):
 # ---------------------------------------------------------------- Piece and declare_piece
 
 def test_piece_normalizes_and_is_frozen():
-    piece = Piece(index=3, offset=5, shape=torch.Size([4, 5]))
+    piece = Piece(index=3, offset=5, numel=2, shape=torch.Size([4, 5]))
     assert piece.shape == (4, 5) and type(piece.shape) is tuple
-    assert piece.logical_numel == 20 and piece.group is None
-    assert Piece(3, 5, [4, 5]) == piece and hash(Piece(3, 5, [4, 5])) == hash(piece)
+    assert piece.logical_numel == 20 and piece.group is None and not piece.is_whole
+    assert Piece(3, 5, 2, [4, 5]) == piece and hash(Piece(3, 5, 2, [4, 5])) == hash(piece)
+    assert Piece(3, 0, 20, (4, 5)).is_whole
     with pytest.raises(dataclasses.FrozenInstanceError):
         piece.offset = 0
     tensor = declare_piece(torch.zeros(20), index=3, offset=0, shape=(4, 5))
@@ -109,8 +109,8 @@ def test_piece_normalizes_and_is_frozen():
 
 
 PIECE_ERRORS = [
-    (dict(index=-1, offset=0, shape=(2,)), ValueError, r"index must be in \[0, 2\*\*32\), got -1"),
-    (dict(index=2**32, offset=0, shape=(2,)), ValueError, r"index must be in \[0, 2\*\*32\)"),
+    (dict(index=-1, offset=0, shape=(2,)), ValueError, r"index must be in \[0, 2\*\*62\), got -1"),
+    (dict(index=2**62, offset=0, shape=(2,)), ValueError, r"index must be in \[0, 2\*\*62\)"),
     (dict(index=True, offset=0, shape=(2,)), TypeError, r"index must be an int, got bool"),
     (dict(index=1.0, offset=0, shape=(2,)), TypeError, r"index must be an int, got float"),
     (dict(index=0, offset=-1, shape=(2,)), ValueError, r"offset must be >= 0, got -1"),
@@ -134,7 +134,7 @@ PIECE_ERRORS = [
 @pytest.mark.parametrize("kwargs, error, pattern", PIECE_ERRORS)
 def test_piece_and_declare_piece_reject(kwargs, error, pattern):
     with pytest.raises(error, match=pattern):
-        Piece(**kwargs)
+        Piece(numel=2, **kwargs)
     tensor = torch.zeros(2)
     with pytest.raises(error, match=pattern):
         declare_piece(tensor, **kwargs)
@@ -165,19 +165,23 @@ def test_declare_piece_rejects_pieces_that_do_not_fit(tensor, kwargs, error, pat
 
 
 def test_a_column_slice_counts_offsets_in_its_slice():
-    piece = Piece(index=1, offset=3, shape=[6, 8], split=[1, 4])
-    assert piece.split == (1, 4) and piece.parts == 4
+    piece = Piece(index=1, offset=3, numel=9, shape=[6, 8], split=[1, 4])
+    assert piece.split == (1, 4) and piece.parts == 4 and not piece.is_whole
     assert piece.slice_shape == (6, 2) and piece.slice_numel == 12 and piece.logical_numel == 48
-    assert Piece(index=1, offset=0, shape=(6, 8)).slice_shape == (6, 8)  # not cut
+    assert Piece(index=1, offset=0, numel=48, shape=(6, 8)).slice_shape == (6, 8)  # not cut
+    with pytest.raises(ValueError, match=r"reaches element 13, past the end of column slice 1 of 4"):
+        Piece(index=1, offset=3, numel=10, shape=[6, 8], split=[1, 4])
+    with pytest.raises(ValueError, match=r"numel must be >= 0, got -1"):
+        Piece(index=1, offset=0, numel=-1, shape=(6, 8))
 
 
 def test_declare_piece_attaches_and_replaces():
     param = torch.nn.Parameter(torch.zeros(4, 5))
     assert piece_of(param) is None
     assert declare_piece(param, index=7, offset=0, shape=[20]) is param
-    assert piece_of(param) == Piece(7, 0, (20,)) == getattr(param, PIECE_ATTRIBUTE)
+    assert piece_of(param) == Piece(7, 0, 20, (20,)) == getattr(param, PIECE_ATTRIBUTE)
     declare_piece(param, index=8, offset=0, shape=(4, 5))
-    assert piece_of(param) == Piece(8, 0, (4, 5))
+    assert piece_of(param) == Piece(8, 0, 20, (4, 5))
     # an empty piece anywhere inside its logical tensor (its end included) is valid only with a
     # group; as a whole tensor an empty piece is the empty tensor
     declare_piece(torch.zeros(0), index=1, offset=0, shape=(0, 3))
@@ -190,11 +194,11 @@ def test_declare_piece_attaches_and_replaces():
 def test_number_parameters_uses_positions_over_groups():
     params = [torch.nn.Parameter(torch.zeros(n)) for n in (3, 0, 1, 4, 2)]
     number_parameters([{"params": params[:2]}, {"params": params[2], "lr": 1.0}, {"params": params[3:]}])
-    assert [piece_of(p) for p in params] == [Piece(i, 0, tuple(p.shape)) for i, p in enumerate(params)]
+    assert [piece_of(p) for p in params] == [Piece(i, 0, p.numel(), tuple(p.shape)) for i, p in enumerate(params)]
     model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.Linear(2, 1, bias=False))
     number_parameters(model.parameters())  # a generator
     assert [piece_of(p).index for p in model.parameters()] == [0, 1, 2]
-    assert piece_of(model[1].weight) == Piece(2, 0, (1, 2))
+    assert piece_of(model[1].weight) == Piece(2, 0, 2, (1, 2))
     # a subset of the parameters (a ZeroRedundancyOptimizer rank's share) keeps the indices
     subset = list(model.parameters())[1:]
     assert [piece_of(p).index for p in subset] == [1, 2]
@@ -219,21 +223,24 @@ def test_number_parameters_rejects_duplicates_before_declaring():
     assert piece_of(a) is None and piece_of(b) is None
 
 
-def test_descriptor_of_piece():
-    piece = Piece(4, 30, (10, 6))
-    assert PieceDescriptor.of(piece, 12, "row", name="w") == PieceDescriptor(4, 30, 12, (10, 6), 6, "w", "tensor")
-    assert PieceDescriptor.of(piece, 12, "tensor").block_size == 60
-    assert PieceDescriptor.of(piece, 12, 7, kind="dtensor").block_size == 7
-    d = PieceDescriptor(0, 5, 10, (100,), 4)
-    layout = BlockLayout(10, 4, 5, 100)
-    assert (d.first_block, d.num_blocks) == (layout.first_block, layout.num_blocks) == (1, 3)
-    assert PieceDescriptor(0, 5, 0, (100,), 4).num_blocks == 0
+def test_a_piece_knows_its_blocks():
+    piece = Piece(4, 30, 12, (10, 6))
+    assert piece.blocks("row") == BlockLayout(12, 6, 30, 60)
+    assert piece.blocks("tensor").block_size == 60 and piece.blocks(7).block_size == 7
+    record = PieceRecord(Piece(0, 5, 10, (100,)), 4, "w")
+    assert (record.layout.first_block, record.layout.num_blocks) == (1, 3)
+    assert PieceRecord(Piece(0, 5, 0, (100,)), 4).layout.num_blocks == 0
+    assert record.label() == "piece 'w' (tensor index 0)"
+    sliced = Piece(1, 3, 9, (6, 8), split=(1, 4))
+    assert sliced.blocks("row") == BlockLayout(9, 2, 3, 12, sliced=True)
+    with pytest.raises(ValueError, match=r"block=5: tensor index 1 is declared a piece of column slice 1 of 4"):
+        sliced.blocks(5)
 
 
 # ---------------------------------------------------------------- the shared-block layout
 
-def D(index, offset, numel, shape, block_size, name="p", kind="tensor", part=0, parts=1):
-    return PieceDescriptor(index, offset, numel, shape, block_size, name, kind, part, parts)
+def D(index, offset, numel, shape, block, name="p", kind="tensor", part=0, parts=1):
+    return PieceRecord(Piece(index, offset, numel, shape, split=(part, parts)), block, name, kind)
 
 
 LAYOUT_ERRORS = [
@@ -242,10 +249,6 @@ LAYOUT_ERRORS = [
      r"^pieces of tensor index 0 overlap: 'a' holds \[0, 10\) on rank 0 and 'b' holds \[9, 11\) on rank 0$"),
     ([[D(0, 0, 10, (20,), 3, "a")], [], [D(0, 5, 10, (20,), 3, "c")]], ValueError,
      r"^pieces of tensor index 0 overlap: 'a' holds \[0, 10\) on rank 0 and 'c' holds \[5, 15\) on rank 2$"),
-    # a range outside the logical tensor
-    ([[D(1, 15, 6, (4, 5), 3, "w")]], ValueError,
-     r"^piece 'w' \(tensor index 1\): holds \[15, 21\), outside its logical tensor of shape \(4, 5\) "
-     r"\(20 elements\) \(on rank 0\)$"),
     # disagreements between ranks
     ([[D(2, 0, 10, (4, 5), 5, "x")], [D(2, 10, 10, (20,), 5, "y")]], ValueError,
      r"^tensor index 2 has logical shape \(4, 5\) in 'x' on rank 0 but \(20,\) in 'y' on rank 1$"),
@@ -255,23 +258,15 @@ LAYOUT_ERRORS = [
      r"^tensor index 3 has kind 'dtensor' in 'x' on rank 0 but 'tensor' in 'x' on rank 1; "
      r"give one logical tensor one way$"),
     # the RNG's fields
-    ([[D(0, 0, 1, (2**33,), 1, "big")]], ValueError,
-     r"^piece 'big' \(tensor index 0\): a tensor of 8589934592 elements in blocks of 1 has more "
-     r"than 2\*\*32 blocks; use a larger block \(on rank 0\)$"),
-    ([[D(2**32, 0, 1, (1,), 1, "i")]], ValueError, r"the tensor index must be an int in \[0, 2\*\*32\)"),
-    # malformed descriptors
-    ([[D(0, -1, 1, (2,), 1)]], ValueError, r"offset and numel must be ints >= 0, got -1 and 1"),
-    ([[D(0, 0, 1, (2,), 0)]], ValueError, r"block_size must be an int >= 1, got 0"),
-    ([[D(0, 0, 1, [2], 1)]], ValueError, r"the logical shape must be a tuple of ints >= 0, got \[2\]"),
-    ([[D(0, 0, 1, (2,), 1, name=None)]], ValueError, r"name and kind must be strings"),
-    ([[(0, 0, 1, (2,), 1)]], ValueError, r"rank 0 sent a tuple, not a PieceDescriptor"),
+    ([[D(0, 2**33 - 1, 1, (2**33,), 1, "big")]], ValueError,
+     r"^a tensor of 8589934592 elements in blocks of 1 has more than 2\*\*32 blocks; use a larger block$"),
 ]
 
 
-@pytest.mark.parametrize("descriptors, error, pattern", LAYOUT_ERRORS)
-def test_shared_block_layout_rejects(descriptors, error, pattern):
+@pytest.mark.parametrize("records, error, pattern", LAYOUT_ERRORS)
+def test_shared_block_layout_rejects(records, error, pattern):
     with pytest.raises(error, match=pattern):
-        shared_block_layout(descriptors)
+        shared_block_layout(records)
 
 
 def test_shared_block_layout_names_ranks_and_allows_2_to_32_blocks():
@@ -309,9 +304,9 @@ def test_shared_block_layout_matches_brute_force(world_size):
     for case in range(40):
         holders = [rng.sample(range(world_size), rng.randint(1, world_size))
                    for _ in range(rng.randint(1, 5))]
-        descriptors = by_rank(random_cuts(rng, holders), world_size, rng)
-        layout = shared_block_layout(descriptors)
-        assert dataclasses.asdict(layout) == brute_force_layout(descriptors), (world_size, case)
+        records = by_rank(random_cuts(rng, holders), world_size, rng)
+        layout = shared_block_layout(records)
+        assert dataclasses.asdict(layout) == brute_force_layout(records), (world_size, case)
         assert layout.cross_rank == any(h >= 2 for h in layout.holders)
 
 
@@ -326,16 +321,17 @@ def test_pieces_of_column_slices_share_every_row_they_cross():
     # a (4, 6) tensor in 2 column slices of (4, 3), row blocks of 3 elements per slice:
     # rank 0 holds slice 0 rows 0-3 (cut at element 5); rank 1 holds slice 1 whole
     layout = shared_block_layout([
-        [D(0, 0, 5, (4, 6), 3, "a", part=0, parts=2), D(0, 5, 7, (4, 6), 3, "b", part=0, parts=2)],
-        [D(0, 0, 12, (4, 6), 3, "c", part=1, parts=2)],
+        [D(0, 0, 5, (4, 6), "row", "a", part=0, parts=2), D(0, 5, 7, (4, 6), "row", "b", part=0, parts=2)],
+        [D(0, 0, 12, (4, 6), "row", "c", part=1, parts=2)],
     ])
     assert layout.blocks == ((0, 0), (0, 1), (0, 2), (0, 3))
     assert layout.holders == (2, 2, 2, 2)
     assert layout.rows == ((0, 1, 2, 3, 4), (0, 1, 2, 3))
     assert layout.positions == ((0, 1, 1, 2, 3), (0, 1, 2, 3))
     with pytest.raises(ValueError, match="column slice count 2 in 'a' on rank 0 but 1"):
-        shared_block_layout([[D(0, 0, 6, (4, 6), 3, "a", part=0, parts=2)], [D(0, 6, 3, (4, 6), 3, "b")]])
+        shared_block_layout([[D(0, 0, 6, (4, 6), "row", "a", part=0, parts=2)], [D(0, 6, 3, (4, 6), 3, "b")]])
     with pytest.raises(ValueError, match=r"pieces of tensor index 0 overlap"):
-        shared_block_layout([[D(0, 0, 6, (4, 6), 3, "a", part=1, parts=2)], [D(0, 3, 3, (4, 6), 3, "b", part=1, parts=2)]])
-    with pytest.raises(ValueError, match=r"outside column slice 1 of 2"):
-        shared_block_layout([[D(0, 10, 3, (4, 6), 3, "a", part=1, parts=2)]])
+        shared_block_layout([[D(0, 0, 6, (4, 6), "row", "a", part=1, parts=2)],
+                             [D(0, 3, 3, (4, 6), "row", "b", part=1, parts=2)]])
+    with pytest.raises(ValueError, match=r"past the end of column slice 1 of 2"):
+        D(0, 10, 3, (4, 6), "row", "a", part=1, parts=2)

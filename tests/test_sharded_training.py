@@ -128,7 +128,7 @@ def test_exchange_rows_follow_the_fused_paths_order(monkeypatch):
     exchange must be told the pieces in that order, not in the group's."""
     import torch.distributed as dist
 
-    from magma_ext import Magma, declare_piece, functional, optimizer as optimizer_module
+    from magma_ext import Magma, declare_piece, functional, plan as plan_module
 
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     try:
@@ -138,13 +138,13 @@ def test_exchange_rows_follow_the_fused_paths_order(monkeypatch):
             declare_piece(p, index=10 + index, offset=0, shape=(6,), group=dist.group.WORLD)
         captured = []
         monkeypatch.setattr(functional, "use_fused", lambda fused, params: True)  # plan as on a GPU
-        monkeypatch.setattr(optimizer_module.BlockSumExchange, "build",
-                            classmethod(lambda cls, pieces, device, groups=(): captured.append(pieces)))
+        monkeypatch.setattr(plan_module.BlockSumExchange, "build",
+                            classmethod(lambda cls, records, device, groups=(): captured.append(records)))
         optimizer = Magma(params)
         for p in params:
             p.grad = torch.randn_like(p)
-        device_plan = optimizer._plan(("key",), optimizer.param_groups[0], params, {id(p): 0 for p in params})[0]
-        assert device_plan.plan.row_order == [0, 2, 1]
-        assert [descriptor.index for descriptor, _ in captured[0]] == [10, 12, 11]
+        ((_, group_plan),) = optimizer._planner.plan(optimizer.param_groups, optimizer.state, [])
+        assert group_plan.devices[0].plan.row_order == [0, 2, 1]
+        assert [record.piece.index for record in captured[0]] == [10, 12, 11]
     finally:
         dist.destroy_process_group()

@@ -21,7 +21,7 @@ import torch
 
 from ..layout import piece_blocks
 from ..pieces import piece_of
-from ..shards import view_of
+from ..views import view_of
 
 SCORES_KEY = "magma_scores"
 MAGMA_STATE_KEYS = ("magma_score", "magma_tensor_index")

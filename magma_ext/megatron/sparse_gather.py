@@ -49,7 +49,6 @@ import torch
 from ..layout import BlockLayout
 from ..philox import PHILOX_M0, PHILOX_M1, _round_keys, check_seed, keep_threshold
 from ..pieces import Piece
-from ..shards import ParamView
 from .layout import piece_arguments
 from .packed_exchange import PackedPlan, chunk_bounds, plan_packed
 
@@ -127,7 +126,7 @@ def buckets_of_chunks(model_chunks, indices: dict, slices: dict, group_of: dict,
                                             split_group=None, replica_group=None)
                     block = blocks[group_of[param]]
                     tensors.append(BucketTensor(start=bucket.param_to_index[param][0], index=indices[param],
-                                                layout=ParamView(param, Piece(**whole), "tensor").layout(block),
+                                                layout=Piece(**whole, numel=param.numel()).blocks(block),
                                                 rule=group_of[param]))
                 buckets.append(Bucket(bucket.param_data, tensors))
     if any(g is not groups[0] for g in groups):

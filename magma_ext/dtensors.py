@@ -1,37 +1,24 @@
-"""How the optimizer sees a parameter that is, or holds, a piece of a larger logical tensor.
+"""DTensor parameters (FSDP2's ``fully_shard``, HSDP): their local shards as pieces, their scores.
 
-Three kinds of parameter reach :class:`magma_ext.Magma`:
-
-- a plain tensor: a whole logical tensor, numbered by its position (docs/ALGORITHM.md section 3);
-- a tensor declared with :func:`magma_ext.pieces.declare_piece` (or numbered by
-  :func:`~magma_ext.pieces.number_parameters`): elements ``[offset, offset + numel)`` of logical
-  tensor ``index``, the other pieces on the ranks of the piece's process group;
-- a ``DTensor`` (FSDP2's ``fully_shard``): its global shape is the logical shape, ``to_local()``
-  is the piece, and ``Shard(0)`` on one mesh dimension (the other dimensions ``Replicate()``,
-  as HSDP has them) says where the piece starts and which ranks hold the others.
-
-:func:`view_of` turns each into a :class:`ParamView`: the local tensor the kernels work on and
-its :class:`~magma_ext.pieces.Piece` (None for a whole tensor numbered by position).
+A ``DTensor``'s global shape is its logical shape and ``to_local()`` its piece: ``Shard(0)`` on
+one mesh dimension (the other dimensions ``Replicate()``, as HSDP has them) says where the piece
+starts and which ranks hold the others (docs/ALGORITHM.md section 7). Its score is a DTensor
+too, so that ``torch.distributed.checkpoint`` reshards it.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 
-from .layout import BlockLayout, block_size_for, layout_for
-from .pieces import Piece, piece_of
+from .layout import BlockLayout, layout_for
+from .pieces import Piece, is_dtensor
 
 try:
     from torch.distributed.tensor import DTensor, Replicate, Shard
 except ImportError:  # pragma: no cover - a torch built without distributed support
     DTensor = Replicate = Shard = None
-
-
-def is_dtensor(tensor) -> bool:
-    return DTensor is not None and isinstance(tensor, DTensor)
 
 
 def local(tensor):
@@ -52,42 +39,6 @@ def locals_of(tensors) -> list:
     if DTensor is None:
         return list(tensors)
     return [t._local_tensor if type(t) is DTensor else local(t) for t in tensors]
-
-
-@dataclass(frozen=True)
-class ParamView:
-    """A parameter as the step sees it."""
-
-    local: torch.Tensor  # the local tensor when planned (its size, device, dtype); steps read local(p)
-    piece: Piece | None  # None: a whole tensor, numbered by position
-    kind: str  # "tensor" (plain or declared) or "dtensor"
-
-    def layout(self, block) -> BlockLayout:
-        """Its blocks under the ``block`` option: those of its logical tensor it overlaps."""
-        if self.piece is None:
-            return layout_for(tuple(self.local.shape), block)
-        if self.piece.parts > 1 and not isinstance(block, str):
-            raise ValueError(
-                f"block={block!r}: tensor index {self.piece.index} is declared a piece of column slice "
-                f"{self.piece.split[0]} of {self.piece.parts} (a row-parallel weight), whose N-element "
-                "blocks would cut across the slices; use block='row' or block='tensor' for it"
-            )
-        return BlockLayout(
-            numel=self.local.numel(), block_size=block_size_for(self.piece.slice_shape, block),
-            offset=self.piece.offset, logical_numel=self.piece.slice_numel, sliced=self.piece.parts > 1,
-        )
-
-
-def view_of(p: torch.Tensor, position_index: int, block, name: str) -> ParamView:
-    """The :class:`ParamView` of parameter ``p`` whose positional tensor index is ``position_index``.
-
-    Raises ValueError, naming the parameter, for a DTensor placement the step cannot honour.
-    """
-    declared = piece_of(p)
-    if not is_dtensor(p):
-        return ParamView(p, declared, "tensor")
-    index = declared.index if declared is not None else position_index
-    return ParamView(local(p), dtensor_piece(p, index, block, name), "dtensor")
 
 
 def _shard_placement(p, block, name: str) -> tuple[int, int] | None:
@@ -123,18 +74,19 @@ def dtensor_piece(p, index: int, block, name: str) -> Piece:
     """
     placement = _shard_placement(p, block, name)
     shape = tuple(p.shape)
+    numel = local(p).numel()
     if placement is None:
-        return Piece(index=index, offset=0, shape=shape)
+        return Piece(index=index, offset=0, numel=numel, shape=shape)
     from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
     mesh_dim, dim = placement
     _, global_offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
     per_slice = math.prod(shape) // shape[dim] if shape[dim] else 0
-    return Piece(index=index, offset=global_offset[dim] * per_slice, shape=shape,
+    return Piece(index=index, offset=global_offset[dim] * per_slice, numel=numel, shape=shape,
                  group=p.device_mesh.get_group(mesh_dim))
 
 
-def new_score(p: torch.Tensor, view: ParamView, layout: BlockLayout, block) -> torch.Tensor:
+def new_score(p: torch.Tensor, layout: BlockLayout, block) -> torch.Tensor:
     """A fresh score (0.5 per block) shaped so that checkpoint tools can reshard it.
 
     A DTensor's score is a DTensor too, over the logical tensor's blocks: ``Replicate()`` when
@@ -143,8 +95,8 @@ def new_score(p: torch.Tensor, view: ParamView, layout: BlockLayout, block) -> t
     ``block=N`` a sharded DTensor keeps a plain tensor of the blocks its shard overlaps; its
     checkpoints hold all the blocks' scores (:func:`full_block_scores`).
     """
-    device = view.local.device
-    if view.kind != "dtensor":
+    device = local(p).device
+    if not is_dtensor(p):
         return torch.full((layout.num_blocks,), 0.5, dtype=torch.float32, device=device)
     logical_blocks = layout_for(tuple(p.shape), block).num_blocks
     if _one_block(p, block):
@@ -184,18 +136,19 @@ def _owned(layout: BlockLayout) -> tuple[int, int]:
     return -(-layout.offset // size), -(-(layout.offset + layout.numel) // size)
 
 
-def full_block_scores(p, view: ParamView, layout: BlockLayout, block, score: torch.Tensor):
+def full_block_scores(p, piece: Piece, block, score: torch.Tensor):
     """COLLECTIVE over the shard group: the scores of all the logical tensor's blocks, as a
     ``Replicate()`` DTensor that checkpoint tools save once and reshard (each block's score is
     taken from the piece holding the block's first element)."""
     import torch.distributed as dist
 
+    layout = piece.blocks(block)
     logical_blocks = layout_for(tuple(p.shape), block).num_blocks
     full = torch.zeros(logical_blocks, dtype=torch.float32, device=score.device)
     lo, hi = _owned(layout)
     if hi > lo:
         full[lo:hi] = score[lo - layout.first_block:hi - layout.first_block]
-    dist.all_reduce(full, group=view.piece.group)
+    dist.all_reduce(full, group=piece.group)
     return DTensor.from_local(full, p.device_mesh, [Replicate()] * p.device_mesh.ndim, run_check=False)
 
 
@@ -204,7 +157,7 @@ def local_block_scores(full: torch.Tensor, layout: BlockLayout) -> torch.Tensor:
     return local(full)[layout.first_block:layout.first_block + layout.num_blocks].clone()
 
 
-def empty_shard_score_source(p, view: ParamView, block) -> tuple[object, int] | None:
+def empty_shard_score_source(p, piece: Piece, block) -> tuple[object, int] | None:
     """(process group, global source rank) when ``p``'s score is one replicated entry and some
     rank of its shard group holds an empty shard, else None.
 
@@ -212,11 +165,11 @@ def empty_shard_score_source(p, view: ParamView, block) -> tuple[object, int] | 
     parameters these are (shards follow ``torch.chunk``), so all join one broadcast from the
     group's first rank, whose shard starts the tensor and is never empty.
     """
-    if view.kind != "dtensor" or view.piece is None or view.piece.group is None or not _one_block(p, block):
+    if not is_dtensor(p) or piece.group is None or not _one_block(p, block):
         return None
     import torch.distributed as dist
 
-    group = view.piece.group
+    group = piece.group
     size, ranks = p.shape[_shard_placement(p, block, "")[1]], dist.get_world_size(group)
     if size == 0:
         return None

@@ -1,45 +1,43 @@
 """Adding up the block sums of blocks split between ranks (docs/ALGORITHM.md sections 1 and 3).
 
-In sharded training a rank holds pieces of logical tensors (``magma_ext.pieces``). Per parameter
-group and device the optimizer computes ``block_sums``, a float32 tensor of shape ``(B, 3)``:
-the partial sums ``<m, g>``, ``||m||^2``, ``||g||^2`` of each block of each local piece, in the
-step's list order (piece 0's blocks, then piece 1's, ...), where piece ``i``'s blocks are those of
-``BlockLayout(numel, block_size, offset, logical_numel)``. A block that several pieces overlap
-needs the sum of all their rows before its score is formed; this module adds them up::
+In sharded training a rank holds pieces of logical tensors (:class:`magma_ext.pieces.Piece`).
+Per parameter group and device the optimizer computes ``block_sums``, a float32 tensor of shape
+``(B, 3)``: the partial sums ``<m, g>``, ``||m||^2``, ``||g||^2`` of each block of each local
+piece, in the step's list order (piece 0's blocks, then piece 1's, ...), where piece ``i``'s
+blocks are ``pieces[i].blocks(block)``. A block that several pieces overlap needs the sum of
+all their rows before its score is formed; this module adds them up::
 
-    exchange = BlockSumExchange.build([(descriptor, group), ...], device)   # collective, once
+    exchange = BlockSumExchange.build([PieceRecord(piece, block, name), ...], device)  # collective, once
     ...
     exchange.reduce_(block_sums)   # every step, between the sums pass and the score pass
 
 Masks are never communicated: they depend only on the tensor index and the block index.
 
-**Descriptors.** A :class:`PieceDescriptor` is plain, picklable data: ``(index, offset, numel,
-shape, block_size, name, kind)`` (see the class); :meth:`PieceDescriptor.of` makes one from a
-:class:`~magma_ext.pieces.Piece`. Descriptors are checked by :meth:`PieceDescriptor.problem` and
-:func:`shared_block_layout`, never when constructed, so that a bad one on one rank can be
-reported on every rank (below).
+**Records.** A :class:`PieceRecord` is a piece with what the other ranks need beside it: the
+``block`` option that cuts it, a name for error messages and its kind ("tensor" for a declared
+piece, "dtensor" for a DTensor shard). Ranks exchange records without their process groups.
 
-**The layout** (:func:`shared_block_layout`, pure, the same on every rank): given the
-descriptors of every rank of a group, the *shared blocks* are the blocks that two or more
-pieces overlap (on two ranks, or two pieces on one rank), sorted by (tensor index, block
-index); each rank maps its local rows to positions in a buffer of one row per shared block.
-Only a piece's first and last block can be shared (pieces do not overlap), so the layout costs
-O(pieces log pieces), whatever the tensors' sizes; pieces of column slices (``Piece.split``)
-share every block they overlap with the other slices and cost O(their blocks).
+**The layout** (:func:`shared_block_layout`, pure, the same on every rank): given the records
+of every rank of a group, the *shared blocks* are the blocks that two or more pieces overlap
+(on two ranks, or two pieces on one rank), sorted by (tensor index, block index); each rank maps
+its local rows to positions in a buffer of one row per shared block. Only a piece's first and
+last block can be shared (pieces do not overlap), so the layout costs O(pieces log pieces),
+whatever the tensors' sizes; pieces of column slices (``Piece.split``) share every block they
+overlap with the other slices and cost O(their blocks).
 
 **build** is collective over every process group that a piece names or that ``groups`` lists:
 every member rank of such a group must call it (with ``groups`` naming the groups it holds no
 piece of, e.g. a rank of a data-parallel group whose shard of this parameter group is empty).
 Groups are visited in an order all ranks agree on (sorted by their ranks, then name) and each
-does one ``all_gather_object`` of the descriptors of its pieces. A problem found locally (a bad
-descriptor, overlapping local pieces, a piece of a group the rank is not in) is not raised
-before the exchanges, which would leave the other ranks waiting: it is sent along, and after
-the exchanges every member of a group raises the error of the lowest-numbered failing rank of
-the first (in the agreed order) group that has one. Errors found in the gathered descriptors
-(pieces of different ranks overlapping, different logical shapes, block sizes or kinds for one
-tensor index, a range outside the logical tensor, more than 2**32 blocks) are computed from
-identical data on every rank, so every rank raises the same ``ValueError``. With an NCCL group,
-``all_gather_object`` uses the current CUDA device: set it first (``torch.cuda.set_device``).
+does one ``all_gather_object`` of the records of its pieces. A problem found locally (blocks a
+piece cannot have, overlapping local pieces, a piece of a group the rank is not in) is not
+raised before the exchanges, which would leave the other ranks waiting: it is sent along, and
+after the exchanges every member of a group raises the error of the lowest-numbered failing
+rank of the first (in the agreed order) group that has one. Errors found in the gathered
+records (pieces of different ranks overlapping, different logical shapes, block sizes or kinds
+for one tensor index) are computed from identical data on every rank, so every rank raises the
+same ``ValueError``. With an NCCL group, ``all_gather_object`` uses the current CUDA device: set
+it first (``torch.cuda.set_device``).
 
 **reduce_** does, per group with shared blocks held by two or more ranks, exactly one
 ``torch.distributed.all_reduce(SUM)`` of a ``(shared blocks, 3)`` buffer, with index tensors
@@ -55,115 +53,45 @@ process groups on different ranks, or with a group on one rank and without one o
 from __future__ import annotations
 
 import bisect
+import dataclasses
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
-from .layout import MAX_BLOCK_INDEX, MAX_TENSOR_INDEX, block_size_for, numel_of, piece_blocks
+from .layout import BlockLayout
 from .pieces import Piece, ProcessGroup
 
-__all__ = ["PieceDescriptor", "SharedLayout", "shared_block_layout", "BlockSumExchange"]
+__all__ = ["PieceRecord", "SharedLayout", "shared_block_layout", "BlockSumExchange"]
 
 SUMS = 3  # <m, g>, ||m||^2, ||g||^2
 BYTES_PER_SHARED_BLOCK = SUMS * 4  # float32
 
 
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+class PieceRecord(NamedTuple):
+    """A local piece as the exchange sees it: the piece, the ``block`` option cutting it into
+    blocks, a name for errors (may differ between ranks) and its kind (one tensor index must
+    have one kind on every rank)."""
 
-
-@dataclass(frozen=True)
-class PieceDescriptor:
-    """What the other ranks need to know about one local piece (picklable plain data).
-
-    Attributes:
-        index: tensor index of the logical tensor, in [0, 2**32).
-        offset: first element of the piece in the flattened logical tensor.
-        numel: elements of the piece (0: an empty piece, no blocks).
-        shape: the logical tensor's shape.
-        block_size: elements per block (``layout.block_size_for(shape, block)``).
-        name: how errors name the piece (a parameter name, say); may differ between ranks.
-        kind: how the piece was described ("tensor" for a declared piece, "dtensor" for a
-            DTensor shard, ...): one tensor index must have one kind on every rank.
-        part, parts: the piece lies in column slice ``part`` of ``parts`` of its logical tensor
-            (see :class:`~magma_ext.pieces.Piece`); ``offset`` counts elements of that slice, and
-            blocks are numbered as in the logical tensor, so pieces of different slices share
-            blocks (their sums add up) but never overlap.
-    """
-
-    index: int
-    offset: int
-    numel: int
-    shape: tuple[int, ...]
-    block_size: int
+    piece: Piece
+    block: str | int
     name: str = ""
     kind: str = "tensor"
-    part: int = 0
-    parts: int = 1
-
-    @classmethod
-    def of(cls, piece: Piece, numel: int, block, *, name: str = "", kind: str = "tensor") -> PieceDescriptor:
-        """The descriptor of a piece of ``numel`` elements under the ``block`` option."""
-        return cls(piece.index, piece.offset, numel, piece.shape, block_size_for(piece.slice_shape, block),
-                   name, kind, *piece.split)
 
     @property
-    def logical_numel(self) -> int:
-        return numel_of(self.shape)
-
-    @property
-    def slice_numel(self) -> int:
-        """Elements of the column slice the piece lies in (the logical tensor when not cut)."""
-        if not _is_int(self.parts) or self.parts <= 1 or len(self.shape) < 2:
-            return self.logical_numel
-        return self.logical_numel // self.parts
-
-    @property
-    def first_block(self) -> int:
-        return piece_blocks(self.offset, self.numel, self.block_size)[0]
-
-    @property
-    def num_blocks(self) -> int:
-        """Blocks overlapping the piece: its rows in ``block_sums``."""
-        return piece_blocks(self.offset, self.numel, self.block_size)[1]
+    def layout(self) -> BlockLayout:
+        """The piece's blocks: its rows in ``block_sums``."""
+        return self.piece.blocks(self.block)
 
     def label(self) -> str:
-        return f"piece {self.name!r} (tensor index {self.index!r})"
+        return f"piece {self.name!r} (tensor index {self.piece.index})"
 
-    def problem(self) -> str | None:
-        """What is wrong with this descriptor on its own, or None."""
-        try:
-            return self._problem()
-        except Exception as error:  # a field of a type nobody expected
-            return f"{self.label()}: invalid descriptor ({type(error).__name__}: {error})"
-
-    def _problem(self) -> str | None:
-        label = self.label()
-        if not isinstance(self.name, str) or not isinstance(self.kind, str):
-            return f"{label}: name and kind must be strings"
-        if not _is_int(self.index) or not 0 <= self.index < MAX_TENSOR_INDEX:
-            return f"{label}: the tensor index must be an int in [0, 2**32)"
-        if not (isinstance(self.shape, tuple) and all(_is_int(s) and s >= 0 for s in self.shape)):
-            return f"{label}: the logical shape must be a tuple of ints >= 0, got {self.shape!r}"
-        if not _is_int(self.block_size) or self.block_size < 1:
-            return f"{label}: block_size must be an int >= 1, got {self.block_size!r}"
-        if not (_is_int(self.offset) and _is_int(self.numel)) or self.offset < 0 or self.numel < 0:
-            return f"{label}: offset and numel must be ints >= 0, got {self.offset!r} and {self.numel!r}"
-        if not (_is_int(self.part) and _is_int(self.parts)) or not 0 <= self.part < self.parts or (
-                self.parts > 1 and (len(self.shape) < 2 or self.shape[1] % self.parts)):
-            return (f"{label}: column slice {self.part!r} of {self.parts!r} does not cut a logical tensor "
-                    f"of shape {self.shape} along dimension 1")
-        logical = self.slice_numel
-        if self.offset + self.numel > logical:
-            where = "its logical tensor" if self.parts == 1 else f"column slice {self.part} of {self.parts}"
-            return (f"{label}: holds [{self.offset}, {self.offset + self.numel}), outside {where} "
-                    f"of shape {self.shape} ({logical} elements)")
-        if -(-logical // self.block_size) > MAX_BLOCK_INDEX:
-            return (f"{label}: a tensor of {logical} elements in blocks of {self.block_size} has "
-                    "more than 2**32 blocks; use a larger block")
-        return None
+    def sent(self) -> PieceRecord:
+        """The record as other ranks receive it: without the process group, which only names
+        something in this process."""
+        return self._replace(piece=dataclasses.replace(self.piece, group=None))
 
 
 @dataclass(frozen=True)
@@ -174,10 +102,10 @@ class SharedLayout:
         blocks: ``(tensor index, block index)`` of each shared block, sorted: the buffer's rows.
         holders: how many distinct ranks hold part of each shared block.
         rows: per rank (position in the group), its rows (into its ``block_sums``, whose rows
-            are its descriptors' blocks in list order) that belong to a shared block, ascending.
+            are its records' blocks in list order) that belong to a shared block, ascending.
         positions: per rank, the buffer row of each of those rows (two local pieces of one block
             give two rows with the same position).
-        num_rows: per rank, the rows of its ``block_sums`` (blocks of all its descriptors).
+        num_rows: per rank, the rows of its ``block_sums`` (blocks of all its records).
     """
 
     blocks: tuple[tuple[int, int], ...]
@@ -192,52 +120,49 @@ class SharedLayout:
         return any(count >= 2 for count in self.holders)
 
 
-def shared_block_layout(descriptors_by_rank: Sequence[Sequence[PieceDescriptor]],
+def shared_block_layout(records_by_rank: Sequence[Sequence[PieceRecord]],
                         ranks: Sequence[int] | None = None) -> SharedLayout:
-    """Validate the descriptors of every rank of a group and lay out their shared blocks.
+    """Check the records of every rank of a group together and lay out their shared blocks.
 
-    ``descriptors_by_rank[r]`` lists rank ``r``'s pieces in its step order; ``ranks`` gives the
+    ``records_by_rank[r]`` lists rank ``r``'s pieces in its step order; ``ranks`` gives the
     ranks' numbers for error messages (default 0, 1, ...). Pure and deterministic: every rank
     computes the same layout, or raises the same ``ValueError``.
 
     Raises:
-        ValueError: a descriptor's own problem (see :meth:`PieceDescriptor.problem`), pieces of
-            one tensor index that overlap (on one rank or on two), or that disagree on the
-            logical shape, the block size or the kind.
+        ValueError: pieces of one tensor index that overlap (on one rank or on two), or that
+            disagree on the logical shape, the block size, the column slices or the kind.
     """
-    ranks = list(range(len(descriptors_by_rank))) if ranks is None else list(ranks)
-    if len(ranks) != len(descriptors_by_rank):
-        raise ValueError(f"{len(descriptors_by_rank)} ranks' descriptors but {len(ranks)} rank numbers")
-    by_index: dict[int, list[tuple[int, PieceDescriptor, int]]] = defaultdict(list)
+    ranks = list(range(len(records_by_rank))) if ranks is None else list(ranks)
+    if len(ranks) != len(records_by_rank):
+        raise ValueError(f"{len(records_by_rank)} ranks' records but {len(ranks)} rank numbers")
+    by_index: dict[int, list[tuple[int, PieceRecord, BlockLayout, int]]] = defaultdict(list)
     num_rows = []
-    for r, descriptors in enumerate(descriptors_by_rank):
+    for r, records in enumerate(records_by_rank):
         row = 0
-        for d in descriptors:
-            if not isinstance(d, PieceDescriptor):
-                raise ValueError(f"rank {ranks[r]} sent a {type(d).__name__}, not a PieceDescriptor")
-            problem = d.problem()
-            if problem is not None:
-                raise ValueError(f"{problem} (on rank {ranks[r]})")
-            by_index[d.index].append((r, d, row))
-            row += d.num_blocks
+        for record in records:
+            layout = record.layout
+            by_index[record.piece.index].append((r, record, layout, row))
+            row += layout.num_blocks
         num_rows.append(row)
     touched: dict[tuple[int, int], list[tuple[int, int]]] = defaultdict(list)
     for index in sorted(by_index):
         entries = by_index[index]
         _check_agreement(entries, ranks)
-        held = sorted((e for e in entries if e[1].numel), key=lambda e: (e[1].part, e[1].offset, e[0]))
-        for (ra, a, _), (rb, b, _) in zip(held, held[1:]):
-            if a.part == b.part and a.offset + a.numel > b.offset:
+        held = sorted((e for e in entries if e[1].piece.numel),
+                      key=lambda e: (e[1].piece.split[0], e[1].piece.offset, e[0]))
+        for (ra, a, _, _), (rb, b, _, _) in zip(held, held[1:]):
+            pa, pb = a.piece, b.piece
+            if pa.split == pb.split and pa.offset + pa.numel > pb.offset:
                 raise ValueError(
-                    f"pieces of tensor index {index} overlap: {a.name!r} holds [{a.offset}, "
-                    f"{a.offset + a.numel}) on rank {ranks[ra]} and {b.name!r} holds [{b.offset}, "
-                    f"{b.offset + b.numel}) on rank {ranks[rb]}"
+                    f"pieces of tensor index {index} overlap: {a.name!r} holds [{pa.offset}, "
+                    f"{pa.offset + pa.numel}) on rank {ranks[ra]} and {b.name!r} holds [{pb.offset}, "
+                    f"{pb.offset + pb.numel}) on rank {ranks[rb]}"
                 )
-        for r, d, row in held:
-            first, last = d.first_block, d.first_block + d.num_blocks - 1
+        for r, record, layout, row in held:
+            first, last = layout.first_block, layout.first_block + layout.num_blocks - 1
             # pieces of one slice overlap each other's blocks only at their ends; pieces of
             # different column slices can share every block (every row runs through each slice)
-            inner = range(first + 1, last) if d.parts > 1 else ()
+            inner = range(first + 1, last) if record.piece.parts > 1 else ()
             for block in (first, *inner, *((last,) if last != first else ())):
                 touched[(index, block)].append((r, row + block - first))
     blocks = sorted(key for key, holders in touched.items() if len(holders) >= 2)
@@ -257,16 +182,19 @@ def shared_block_layout(descriptors_by_rank: Sequence[Sequence[PieceDescriptor]]
 
 
 def _check_agreement(entries, ranks) -> None:
-    """Pieces of one tensor index agree on kind, logical shape and block size."""
-    r0, d0, _ = entries[0]
-    for field, what in (("kind", "kind"), ("shape", "logical shape"), ("block_size", "block size"),
-                        ("parts", "column slice count")):
-        for r, d, _ in entries[1:]:
-            if getattr(d, field) != getattr(d0, field):
+    """Pieces of one tensor index agree on kind, logical shape, block size and column slices."""
+    facts = (("kind", "kind", lambda record, layout: record.kind),
+             ("logical shape", "shape", lambda record, layout: record.piece.shape),
+             ("block size", "block_size", lambda record, layout: layout.block_size),
+             ("column slice count", "parts", lambda record, layout: record.piece.parts))
+    r0, first, layout0, _ = entries[0]
+    for what, field, fact in facts:
+        for r, record, layout, _ in entries[1:]:
+            if fact(record, layout) != fact(first, layout0):
                 hint = "; give one logical tensor one way" if field == "kind" else ""
                 raise ValueError(
-                    f"tensor index {d0.index} has {what} {getattr(d0, field)!r} in {d0.name!r} on rank "
-                    f"{ranks[r0]} but {getattr(d, field)!r} in {d.name!r} on rank {ranks[r]}{hint}"
+                    f"tensor index {first.piece.index} has {what} {fact(first, layout0)!r} in {first.name!r} "
+                    f"on rank {ranks[r0]} but {fact(record, layout)!r} in {record.name!r} on rank {ranks[r]}{hint}"
                 )
 
 
@@ -309,14 +237,14 @@ class BlockSumExchange:
                                   for plan in plans if plan.collective)
 
     @classmethod
-    def build(cls, pieces: Iterable[tuple[PieceDescriptor, ProcessGroup | None]], device, *,
+    def build(cls, records: Iterable[PieceRecord], device, *,
               groups: Iterable[ProcessGroup] = ()) -> BlockSumExchange:
-        """COLLECTIVE: exchange the local pieces' descriptors and lay out the shared blocks.
+        """COLLECTIVE: exchange the local pieces' records and lay out the shared blocks.
 
         Args:
-            pieces: ``(descriptor, group)`` for every local piece, in the step's list order
-                (the order of ``block_sums``' rows); ``group`` is the process group holding
-                the piece's logical tensor's other pieces, or None (a whole tensor).
+            records: a :class:`PieceRecord` of every local piece, in the step's list order (the
+                order of ``block_sums``' rows); its piece's ``group`` holds the logical tensor's
+                other pieces (None: a whole tensor).
             device: the device of ``block_sums``; the index tensors are built there.
             groups: process groups to join although no local piece names them (this rank
                 holds nothing of them this time); every member of a group must call ``build``.
@@ -329,27 +257,22 @@ class BlockSumExchange:
         import torch.distributed as dist
 
         device = _normalize_device(device)
-        pieces = list(pieces)
+        records = list(records)
         initialized = dist.is_available() and dist.is_initialized()
         me = dist.get_rank() if initialized else 0
         error = None  # (exception type name, message) of the first local problem
-        descriptors, piece_groups = [], []
-        for i, item in enumerate(pieces):
-            descriptor, group = item if isinstance(item, tuple) and len(item) == 2 else (item, None)
-            if error is None and not isinstance(descriptor, PieceDescriptor):
-                error = ("TypeError", f"pieces[{i}] must be a (PieceDescriptor, ProcessGroup or None) "
-                                      f"pair, got a {type(descriptor).__name__} for the descriptor")
-            if error is None and group is not None and not _is_group(group):
-                error = ("TypeError", f"pieces[{i}] ({getattr(descriptor, 'name', '')!r}): group must be "
-                                      f"a ProcessGroup or None, got {type(group).__name__}")
-            descriptors.append(descriptor)
-            piece_groups.append(group if _is_group(group) else None)
+        for i, record in enumerate(records):
+            if not isinstance(record, PieceRecord):
+                error = ("TypeError", f"records[{i}] must be a PieceRecord, got {type(record).__name__}")
+                records = []
+                break
         extra = []
         for group in groups:
             if not _is_group(group):
                 error = error or ("TypeError", f"groups must hold ProcessGroups, got {type(group).__name__}")
             else:
                 extra.append(group)
+        piece_groups = [record.piece.group for record in records]
         named = [g for g in piece_groups if g is not None] + extra
         if named and not initialized:
             raise RuntimeError("BlockSumExchange.build: pieces name process groups but "
@@ -363,11 +286,11 @@ class BlockSumExchange:
         # a group this rank is not in (a caller's mistake, reported below) is not joined
         ordered = sorted(key for key in by_key if me in key[0])
         if error is None:
-            error = _local_problem(descriptors, keys, me)
+            error = _local_problem(records, keys, me)
 
         gathered = []
         for key in ordered:
-            mine = [d for d, k in zip(descriptors, keys) if k == key] if error is None else []
+            mine = [r.sent() for r, k in zip(records, keys) if k == key] if error is None else []
             received = [None] * len(key[0])
             dist.all_gather_object(received, (mine, error), group=by_key[key])
             gathered.append(received)
@@ -380,18 +303,19 @@ class BlockSumExchange:
         if error is not None:
             raise (TypeError if error[0] == "TypeError" else ValueError)(error[1])
 
+        sizes = [record.layout.num_blocks for record in records]
         row_starts, row = [], 0
-        for d in descriptors:
+        for size in sizes:
             row_starts.append(row)
-            row += d.num_blocks
+            row += size
         plans, layouts = [], []
         for key, received in zip(ordered, gathered):
             ranks = key[0]
             layout = shared_block_layout([mine for mine, _ in received], ranks)
             layouts.append((ranks, layout))
             local = [start for start, k in zip(row_starts, keys) if k == key]
-            sizes = [d.num_blocks for d, k in zip(descriptors, keys) if k == key]
-            plan = _plan(by_key[key], ranks, layout, ranks.index(me), local, sizes, device, row)
+            group_sizes = [size for size, k in zip(sizes, keys) if k == key]
+            plan = _plan(by_key[key], ranks, layout, ranks.index(me), local, group_sizes, device, row)
             if plan is not None:
                 plans.append(plan)
         return cls(row, device, plans, layouts)
@@ -469,29 +393,31 @@ def _plan(group, ranks, layout: SharedLayout, me: int, local_starts: list[int], 
     )
 
 
-def _local_problem(descriptors, keys, me) -> tuple[str, str] | None:
+def _local_problem(records, keys, me) -> tuple[str, str] | None:
     """The first problem one rank can see in its own pieces, as (exception type, message)."""
     try:
-        shared_block_layout([descriptors], [me])
+        shared_block_layout([records], [me])
     except ValueError as error:
         return ("ValueError", str(error))
     first_group = {}
-    for d, group in zip(descriptors, keys):
-        if group is None and (d.offset != 0 or d.numel != d.logical_numel or d.parts != 1):
-            return ("ValueError", f"{d.label()} on rank {me} holds [{d.offset}, {d.offset + d.numel}) "
-                                  f"of {d.logical_numel} elements without a process group: a piece "
-                                  "without one must be the whole tensor")
+    for record, group in zip(records, keys):
+        piece = record.piece
+        if group is None and not piece.is_whole:
+            return ("ValueError", f"{record.label()} on rank {me} holds [{piece.offset}, "
+                                  f"{piece.offset + piece.numel}) of {piece.logical_numel} elements"
+                                  f"{'' if piece.parts == 1 else f' of column slice {piece.split[0]}'} without "
+                                  "a process group: a piece without one must be the whole tensor")
         if group is not None and me not in group[0]:
-            return ("ValueError", f"{d.label()}: rank {me} is not a member of its process group "
+            return ("ValueError", f"{record.label()}: rank {me} is not a member of its process group "
                                   f"(ranks {list(group[0])})")
-        earlier = first_group.setdefault(d.index, (d, group))
+        earlier = first_group.setdefault(piece.index, (record, group))
         if earlier[1] != group:
             def show(key):
                 if key is None:
                     return "no process group"
                 return f"process group {key[1]!r} (ranks {list(key[0])})"
-            return ("ValueError", f"tensor index {d.index} on rank {me}: {earlier[0].name!r} names "
-                                  f"{show(earlier[1])} but {d.name!r} names {show(group)}; all pieces of "
+            return ("ValueError", f"tensor index {piece.index} on rank {me}: {earlier[0].name!r} names "
+                                  f"{show(earlier[1])} but {record.name!r} names {show(group)}; all pieces of "
                                   "a logical tensor must name one group")
     return None
 

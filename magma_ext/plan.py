@@ -1,0 +1,238 @@
+"""Planning each parameter group's step: what stays the same while its parameters do.
+
+Per group and device: how the step sees each parameter (:mod:`magma_ext.views`), its tensor
+index (:mod:`magma_ext.identity`), the kernels' plan (:func:`magma_ext.functional.plan_step`),
+the exchange that completes the sums of blocks split across ranks
+(:class:`magma_ext.exchange.BlockSumExchange`) and the replicated scores that ranks with an
+empty shard receive by broadcast (:mod:`magma_ext.dtensors`). Plans are cached under the
+group's parameters and options.
+
+Building a sharded group's exchange is collective: groups are planned in ``param_groups``
+order on every rank, and a rank holding no piece of a scored group still joins the exchange
+of every group in ``process_groups`` (docs/ALGORITHM.md section 7).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+
+import torch
+
+from . import dtensors, functional, identity
+from .exchange import BlockSumExchange, PieceRecord
+from .options import REAL_FLOATS, check_fused_params, check_grad
+from .state import check_state_fits, wants_master
+from .types import GroupTensors, Hyper
+from .views import ParamView, view_of
+
+_CACHE_LIMIT = 64
+
+
+@dataclass
+class DevicePlan:
+    """A group's parameters on one device, how the step sees them, and the plan of their step."""
+
+    params: list[torch.Tensor]
+    views: list[ParamView]
+    plan: functional.StepPlan
+    exchange: BlockSumExchange | None  # completes the sums of blocks split across ranks
+    # (position, process group, source rank) of replicated scores that a rank with an empty
+    # shard cannot update itself: the shard group's first rank sends them after the step
+    score_broadcasts: list[tuple[int, object, int]]
+
+    def __post_init__(self):
+        self.has_dtensors = any(view.kind == "dtensor" for view in self.views)
+
+    def tensors(self, states: list[dict]) -> GroupTensors:
+        """The lists of the step: the local pieces of parameters, grads and state."""
+        layouts, params = self.plan.layouts, self.params
+        masters = [s.get("master_param") for s in states]
+        if not self.has_dtensors:  # the common case, kept free of per-tensor calls
+            return GroupTensors(
+                params=params, grads=[p.grad for p in params],
+                exp_avgs=[s["exp_avg"] for s in states], exp_avg_sqs=[s["exp_avg_sq"] for s in states],
+                scores=[s["magma_score"] for s in states], steps=[s["step"] for s in states],
+                master_params=masters, layouts=layouts, tensor_indices=self.plan.tensor_indices,
+            )
+        return GroupTensors(
+            params=dtensors.locals_of(params), grads=dtensors.locals_of([p.grad for p in params]),
+            exp_avgs=dtensors.locals_of([s["exp_avg"] for s in states]),
+            exp_avg_sqs=dtensors.locals_of([s["exp_avg_sq"] for s in states]),
+            scores=[dtensors.local_score(s["magma_score"], layout) for s, layout in zip(states, layouts)],
+            steps=[s["step"] for s in states],
+            master_params=[None if m is None else dtensors.local(m) for m in masters],
+            layouts=layouts, tensor_indices=self.plan.tensor_indices,
+        )
+
+    def run(self, states: list[dict], hyper: Hyper, grad_scale, found_inf) -> None:
+        """One step of these parameters, then the scores' broadcasts to empty shards."""
+        reduce = self.exchange.reduce_ if self.exchange is not None else None
+        functional.magma(self.plan, self.tensors(states), hyper, grad_scale, found_inf, reduce)
+        for position, group, source in self.score_broadcasts:
+            dtensors.broadcast_score(states[position]["magma_score"], group, source)
+
+
+@dataclass
+class GroupPlan:
+    """A parameter group's step: one plan per device, or, on a rank that holds no piece of a
+    scored group, the exchange it still joins."""
+
+    devices: list[DevicePlan]
+    empty_exchange: BlockSumExchange | None = None
+
+    def new_views(self, state) -> list[tuple[torch.Tensor, ParamView, object]]:
+        """(parameter, view, blocks) of the parameters that have no state yet."""
+        return [(p, view, layout) for device in self.devices
+                for p, view, layout in zip(device.params, device.views, device.plan.layouts) if not state[p]]
+
+    def run(self, state, hyper: Hyper, grad_scale, found_inf) -> None:
+        if self.empty_exchange is not None:  # no piece here; the others still add up
+            self.empty_exchange.reduce_(torch.zeros((0, 3), dtype=torch.float32, device=self.empty_exchange.device))
+        for device in self.devices:
+            device.run([state[p] for p in device.params], hyper, grad_scale, found_inf)
+
+
+class StepPlanner:
+    """Plans the groups of one optimizer and keeps the plans while their parameters stay."""
+
+    def __init__(self):
+        self._plans: dict = {}
+
+    def plan(self, param_groups: list[dict], state, process_groups: list) -> list[tuple[dict, GroupPlan]]:
+        """COLLECTIVE for sharded groups on their first step: the plan of every group with
+        gradients (and of scored groups without, where ``process_groups`` are given: see
+        ``Magma(process_group=)``), in order.
+
+        Checks every group's gradients and, for a group not planned before, its parameters'
+        devices and state; raises before any state exists or changes.
+        """
+        work = [params_with_grad(group) for group in param_groups]
+        keys = [_plan_key(group, params, process_groups) for group, params in zip(param_groups, work)]
+        names = None
+        for group, params, key in zip(param_groups, work, keys):
+            if params and key not in self._plans:
+                names = names or parameter_names(param_groups)
+                _check_layouts(group, params, state, names)
+        new = [p for params in work for p in params if not state[p]]
+        held = identity.held_indices(param_groups, state.values()) if new else set()
+        indices = identity.new_tensor_indices(param_groups, held, new) if new else {}
+        plans = []
+        for group, params, key in zip(param_groups, work, keys):
+            if params:
+                plans.append((group, self._group_plan(key, group, params, state, indices, param_groups,
+                                                      process_groups)))
+            elif process_groups and _scored(group):
+                plans.append((group, GroupPlan([], self._empty_exchange(group, process_groups))))
+        return plans
+
+    def exchanges(self) -> list[BlockSumExchange]:
+        """The exchanges of the cached plans (for tests and benchmarks: their sizes and costs)."""
+        found = []
+        for plan in self._plans.values():
+            if isinstance(plan, BlockSumExchange):
+                found.append(plan)
+            else:
+                found += [device.exchange for device in plan.devices if device.exchange is not None]
+        return found
+
+    def _group_plan(self, key, group, params, state, new_indices, param_groups, process_groups) -> GroupPlan:
+        plan = self._plans.get(key)
+        if plan is None:
+            if len(self._plans) >= _CACHE_LIMIT:
+                self._plans.clear()
+            names = parameter_names(param_groups)
+            plan = GroupPlan([self._device_plan(group, device, members, state, new_indices, names, process_groups)
+                              for device, members in _by_device(params).items()])
+            self._plans[key] = plan
+        return plan
+
+    def _device_plan(self, group, device, params, state, new_indices, names, process_groups) -> DevicePlan:
+        block = group["block"]
+        positional = [state[p]["magma_tensor_index"] if state[p] else new_indices[id(p)] for p in params]
+        views = [view_of(p, index, block, names[id(p)]) for p, index in zip(params, positional)]
+        layouts = [view.layout(block) for view in views]
+        indices = [view.piece.index for view in views]
+        masters = [("master_param" in state[p]) if state[p] else wants_master(p, group) for p in params]
+        if group["fused"] is None and device.type == "cuda" and not functional.extension_loaded():
+            functional.warn_no_extension()
+        plan = functional.plan_step(device, [view.local for view in views], masters, layouts, indices, group["fused"])
+        exchange, broadcasts = None, []
+        if _scored(group):
+            broadcasts = [(i, *source) for i, (p, view) in enumerate(zip(params, views))
+                          if (source := dtensors.empty_shard_score_source(p, view.piece, block)) is not None]
+            if any(view.sharded for view in views) or process_groups:
+                # in the order of block_sums' rows, which the fused path groups by parameter kind
+                records = [PieceRecord(views[i].piece, block, names[id(params[i])], views[i].kind)
+                           for i in plan.row_order]
+                exchange = BlockSumExchange.build(records, device, groups=process_groups)
+        return DevicePlan(params, views, plan, exchange, broadcasts)
+
+    def _empty_exchange(self, group: dict, process_groups: list) -> BlockSumExchange:
+        """The exchange a rank with no piece of ``group`` joins (collective when first built)."""
+        key = (id(group), "empty", tuple(map(id, process_groups)))
+        if key not in self._plans:
+            self._plans[key] = BlockSumExchange.build([], _exchange_device(process_groups[0]),
+                                                      groups=process_groups)
+        return self._plans[key]
+
+
+def params_with_grad(group: dict) -> list[torch.Tensor]:
+    """The group's parameters that have a gradient, each gradient checked."""
+    params = []
+    for p in group["params"]:
+        grad = p.grad
+        if grad is None:
+            continue
+        if grad.layout is not torch.strided or grad.dtype not in REAL_FLOATS or grad.shape != p.shape:
+            check_grad(p)
+        params.append(p)
+    if params and group["fused"]:
+        check_fused_params(params)
+    return params
+
+
+def parameter_names(param_groups: list[dict]) -> dict[int, str]:
+    """How errors name each parameter, by ``id``: its ``param_names`` entry, else its position."""
+    names, position = {}, 0
+    for group in param_groups:
+        labels = group.get("param_names") or [None] * len(group["params"])
+        for p, label in zip(group["params"], labels):
+            names[id(p)] = repr(label) if label is not None else f"#{position}"
+            position += 1
+    return names
+
+
+def _check_layouts(group: dict, params: list[torch.Tensor], state, names: dict[int, str]) -> None:
+    """Grads on their params' devices; state shaped like its parameter; block unchanged."""
+    for p in params:
+        if p.grad.device != p.device:
+            raise ValueError(f"grad on {p.grad.device} but param on {p.device}")
+        if state[p]:
+            check_state_fits(state[p], p, group, f"parameter {names[id(p)]}")
+
+
+def _scored(group: dict) -> bool:
+    """Whether the group's step forms scores (and so needs whole-block sums)."""
+    return group["magma"] and group["mask"] == "magma"
+
+
+def _plan_key(group: dict, params: list[torch.Tensor], process_groups: list) -> tuple:
+    return (id(group), group["block"], group["fused"], _scored(group), tuple(map(id, params)),
+            tuple(map(id, process_groups)))
+
+
+def _exchange_device(process_group) -> torch.device:
+    """Where an empty rank's block sums live: its CUDA device under NCCL, else the CPU."""
+    import torch.distributed as dist
+
+    if dist.get_backend(process_group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _by_device(params):
+    grouped = defaultdict(list)
+    for p in params:
+        grouped[p.device].append(p)
+    return grouped
