@@ -1,7 +1,6 @@
 """Convergence study of Magma against other optimizers: the command line.
 
-The study lives in ``benchmarks/study/`` (usage: ``benchmarks/study/cli.py``). Edition 1 (issue 9):
-results in ``benchmarks/results/convergence.md``; edition 2 (issue 13, the default for new runs):
+The study lives in ``benchmarks/study/`` (usage: ``benchmarks/study/cli.py``); its results are
 ``benchmarks/results/convergence2.md``. ``python benchmarks/convergence.py --help``.
 """
 

@@ -1,16 +1,14 @@
-# One device call of the convergence study (edition 2) on a lent GPU machine (the `device`
-# tool's `run`; carry a prebuilt magma_ext/_C*.so to skip the build):
+# One device call of the convergence study on a lent GPU machine (the `device` tool's `run`;
+# carry a prebuilt magma_ext/_C*.so to skip the build):
 #
 #   bash benchmarks/study_device_run.sh NAME BUDGET_S [convergence.py options, default --tiers 1,2]
-#
-# Tier 3 (size M) needs a larger corpus than the default one: pass `--tiers 3` and the flags of
-# benchmarks/study/definition.py's LARGER_CORPUS_FLAGS (`--plan` prints them when they are needed).
 #
 # Resumes from every committed bundle under benchmarks/results/convergence2/ and from the bundles
 # earlier calls left in /tmp/study on the same (still warm) machine, whose runs' checkpoints are
 # there too; runs what is left for BUDGET_S seconds; copies its bundle, /tmp/study/NAME.json, to
 # $OUT for benchmarks/results/convergence2/. Calls chained within the machine's idle time go on
-# where the last one stopped.
+# where the last one stopped. Tiers whose sizes train on different corpora (S; M and L) run in
+# separate calls.
 
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 export MAX_JOBS=16 TORCH_CUDA_ARCH_LIST=9.0 PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
@@ -20,7 +18,7 @@ python3 -c 'import magma_ext, sys; sys.exit(0 if magma_ext.has_cuda_extension() 
   python3 -m pip install -q --no-build-isolation --no-deps -e . > "${OUT:-/tmp/out}/build.log" 2>&1
 python3 -c 'import magma_ext; print("magma_ext CUDA extension:", magma_ext.has_cuda_extension())'
 resume=$(ls benchmarks/results/convergence2/*.json /tmp/study/*.json 2>/dev/null | grep -v "/throughput_" | paste -sd, -)
-python3 benchmarks/convergence.py ${@:---tiers 1,2} --time-budget-s "$budget" --resume "$resume" --out '' \
+python3 benchmarks/convergence.py ${@:---tiers 1,2} --time-budget-s "$budget" --resume "$resume" \
   --bundle "/tmp/study/$name.json" 2>&1 | grep -v ": skipped (" | tail -40
 status=${PIPESTATUS[0]}
 cp "/tmp/study/$name.json" "${OUT:-/tmp/out}/" 2>/dev/null

@@ -1,13 +1,13 @@
-"""The corpus of edition 2, built reproducibly on the machine where the study runs.
+"""The corpus of the study, built reproducibly on the machine where the study runs.
 
 The GPU machines reach no registry, so the corpus is what the installed Python already holds:
-every ``*.py``, ``*.h``, ``*.rst`` and ``*.txt`` file under its standard library and its
-site-packages (:func:`python_roots`) and under any folders added with ``--corpus-add`` (say
-``/usr/include`` or the CUDA toolkit's headers, where the Python tree alone is too small), or,
-with ``--data``, a file or every regular file under a folder. The files are read in the order
-of their sorted absolute paths and concatenated; a file whose bytes equal an earlier file's is
-dropped (site-packages hold many copies of the same licence or vendored module), and so are
-empty ones.
+the files of a size's corpus (:data:`.definition.CORPORA`: by default every ``*.py``, ``*.h``,
+``*.rst`` and ``*.txt`` file) under its standard library and its site-packages
+(:func:`python_roots`) and under the corpus's added folders (say ``/usr/include``, where the
+Python tree alone is too small), or, with ``--data``, a file or every regular file under a
+folder. The files are read in the order of their sorted absolute paths and concatenated; a file
+whose bytes equal an earlier file's is dropped (site-packages hold many copies of the same
+licence or vendored module), and so are empty ones.
 
 The stream is cut into equal chunks (at least :data:`MIN_CHUNKS`, at most :data:`CHUNK_BYTES`
 each); every ``1 / val_fraction``-th chunk, starting in the middle of the first stride, is
@@ -34,7 +34,8 @@ import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
 
-SUFFIXES = (".py", ".h", ".rst", ".txt")
+from .definition import SUFFIXES
+
 VAL_FRACTION = 0.01
 CHUNK_BYTES = 2**16  # small, so that the validation chunks sample many packages
 MIN_CHUNKS = 200
@@ -43,7 +44,7 @@ _SKIP_DIRS = frozenset({"__pycache__"})
 
 
 class CorpusTooSmall(ValueError):
-    """The corpus cannot feed a planned run without showing it a byte twice."""
+    """The corpus cannot feed a planned run in the passes its size allows."""
 
 
 def python_roots() -> list[Path]:
@@ -63,14 +64,6 @@ def _walk(root: Path, suffixes: tuple[str, ...] | None) -> list[Path]:
     return found
 
 
-def checked_suffixes(suffixes) -> tuple[str, ...]:
-    """``suffixes`` as a tuple; ValueError unless each is a dot and a name (``.py``)."""
-    suffixes = tuple(suffixes)
-    if not suffixes or any(not x.startswith(".") or len(x) < 2 for x in suffixes):
-        raise ValueError(f"--corpus-suffixes: each must be a dot and a name, like .py; got {list(suffixes)}")
-    return suffixes
-
-
 def list_files(data: str | Path | None = None, extra_roots: list[str] | tuple = (),
                suffixes: tuple[str, ...] = SUFFIXES) -> tuple[str, list[Path]]:
     """(a description of the source, its files in sorted order of their resolved paths).
@@ -82,8 +75,8 @@ def list_files(data: str | Path | None = None, extra_roots: list[str] | tuple = 
     if data is None:
         missing = [r for r in extra_roots if not os.path.isdir(r)]
         if missing:
-            raise FileNotFoundError(f"--corpus-add: no such folder(s) {missing}")
-        roots, suffixes = python_roots() + [Path(os.path.realpath(r)) for r in extra_roots], checked_suffixes(suffixes)
+            raise FileNotFoundError(f"the corpus's added folder(s) {missing} are missing on this machine")
+        roots = python_roots() + [Path(os.path.realpath(r)) for r in extra_roots]
         source = (f"every {', '.join('*' + s for s in suffixes)} file under the installed Python's standard "
                   f"library and site-packages" + (" and the added folders" if extra_roots else "")
                   + f" ({', '.join(str(r) for r in roots)})")
@@ -145,15 +138,13 @@ class Corpus:
 
 
 def build(data: str | Path | None, cache_dir: Path, *, extra_roots: list[str] | tuple = (),
-          suffixes: tuple[str, ...] = SUFFIXES, val_fraction: float = VAL_FRACTION, max_bytes: int | None = None,
-          log=print) -> Corpus:
+          suffixes: tuple[str, ...] = SUFFIXES, val_fraction: float = VAL_FRACTION, log=print) -> Corpus:
     """The corpus of ``data``, ``extra_roots`` and ``suffixes`` (see :func:`list_files`) in
-    ``cache_dir``, built unless a build of the same files and split is there already.
-    ``max_bytes`` caps the stream (its first bytes)."""
+    ``cache_dir``, built unless a build of the same files and split is there already."""
     source, files = list_files(data, extra_roots, suffixes)
     if not files:
         raise CorpusTooSmall(f"no files for the corpus: {source}")
-    key = hashlib.sha1(json.dumps([FORMAT, fingerprint(files), val_fraction, max_bytes]).encode()).hexdigest()[:16]
+    key = hashlib.sha1(json.dumps([FORMAT, fingerprint(files), val_fraction]).encode()).hexdigest()[:16]
     folder = Path(cache_dir) / f"corpus-{key}"
     if (folder / "manifest.json").is_file():
         return Corpus(folder, json.loads((folder / "manifest.json").read_text()))
@@ -161,8 +152,6 @@ def build(data: str | Path | None, cache_dir: Path, *, extra_roots: list[str] | 
     stream, used, seen = bytearray(), [], set()
     duplicates = empty = unreadable = 0
     for f in files:
-        if max_bytes is not None and len(stream) >= max_bytes:
-            break
         try:
             blob = f.read_bytes()
         except OSError:
@@ -177,7 +166,7 @@ def build(data: str | Path | None, cache_dir: Path, *, extra_roots: list[str] | 
             continue
         seen.add(digest)
         used.append(f)
-        stream += blob if max_bytes is None else blob[: max_bytes - len(stream)]
+        stream += blob
     if len(stream) < MIN_CHUNKS:
         raise CorpusTooSmall(f"{source} holds only {len(stream)} bytes")
 
@@ -190,7 +179,7 @@ def build(data: str | Path | None, cache_dir: Path, *, extra_roots: list[str] | 
         "source": source, "suffixes": list(suffixes) if data is None else None,
         "roots": [str(r) for r in python_roots()] + list(extra_roots) if data is None else [str(data)],
         "files": len(used), "duplicates_dropped": duplicates, "empty_skipped": empty, "unreadable": unreadable,
-        "max_bytes": max_bytes, "bytes": len(stream),
+        "bytes": len(stream),
         "file_list_sha1": hashlib.sha1("\n".join(str(f) for f in used).encode()).hexdigest(),
         "content_sha1": hashlib.sha1(stream).hexdigest(),
         "val_fraction": val_fraction, "chunk_bytes": chunk, "chunks": count, "val_chunks": len(val_chunks),
@@ -221,22 +210,29 @@ def windows(train_bytes: int, seq_len: int) -> int:
     return max(0, (train_bytes - 1) // seq_len)
 
 
+def passes(train_bytes: int, size) -> float:
+    """How often a run of ``size`` reads the training windows of a corpus of ``train_bytes``
+    (at most 1: no byte seen twice)."""
+    have = windows(train_bytes, size.seq_len)
+    return size.steps * size.batch_size / have if have else math.inf
+
+
 def check_fits(train_bytes: int, sizes, what: str = "the corpus") -> None:
-    """Raise :class:`CorpusTooSmall` unless every size's run reads only unseen bytes."""
+    """Raise :class:`CorpusTooSmall` unless every size's run fits in the passes it allows
+    (``max_passes``: 1 reads only unseen bytes)."""
     for size in sorted(sizes, key=lambda s: -s.tokens):
-        needed = size.steps * size.batch_size
-        have = windows(train_bytes, size.seq_len)
-        if needed > have:
+        if passes(train_bytes, size) > size.max_passes:
+            needed = math.ceil(size.steps * size.batch_size / size.max_passes) * size.seq_len + 1
+            limit = "to see no byte twice" if size.max_passes == 1 else f"in at most {size.max_passes} passes"
             raise CorpusTooSmall(
-                f"{what} has {train_bytes:,} training bytes ({have:,} windows of {size.seq_len}); a run of size "
-                f"{size.name} reads {size.steps:,} steps x {size.batch_size} x {size.seq_len} = {size.tokens:,} "
-                f"tokens, so it needs {size.training_bytes_needed:,} training bytes to see no byte twice: "
-                f"{size.training_bytes_needed - train_bytes:,} more. Use a larger corpus (--data), fewer --steps, "
-                "or leave that size out (--sizes, --tiers).")
+                f"{what} has {train_bytes:,} training bytes ({windows(train_bytes, size.seq_len):,} windows of "
+                f"{size.seq_len}); a run of size {size.name} reads {size.steps:,} steps x {size.batch_size} x "
+                f"{size.seq_len} = {size.tokens:,} tokens, so it needs {needed:,} training bytes {limit}: "
+                f"{needed - train_bytes:,} more. Use a larger corpus (--data) or leave that size's tier out (--tiers).")
 
 
 def describe(manifest: dict) -> dict:
     """The corpus as every run record carries it."""
-    keys = ("source", "files", "duplicates_dropped", "max_bytes", "bytes", "file_list_sha1", "content_sha1",
+    keys = ("source", "files", "duplicates_dropped", "bytes", "file_list_sha1", "content_sha1",
             "val_fraction", "chunk_bytes", "val_chunks", "train_bytes", "val_bytes", "val_sha1")
     return {key: manifest[key] for key in keys}

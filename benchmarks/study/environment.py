@@ -1,9 +1,7 @@
-"""Where, with what and on which data an invocation ran: the ``env``, ``data`` and ``command``
-of its records."""
+"""Where and with what an invocation ran: the ``env`` and ``command`` of its records."""
 
 from __future__ import annotations
 
-import hashlib
 import os
 import platform
 import shlex
@@ -38,13 +36,5 @@ def environment(device: torch.device) -> dict:
 
 def command_line() -> str:
     """This process's command line, as one would type it again from the current folder."""
-    script = Path(sys.argv[0])
-    program = (["-m", __package__] if script.name == "__main__.py" and __package__
-               else [os.path.relpath(script, Path.cwd())])
-    return "python " + " ".join(shlex.quote(a) for a in program + sys.argv[1:])
-
-
-def describe_data(path: str | None, train_data: torch.Tensor, val_data: torch.Tensor, max_bytes: int) -> dict:
-    source = path or f"Python {platform.python_version()} standard library (*.py)"
-    return {"source": source, "max_bytes": max_bytes, "train_bytes": len(train_data), "val_bytes": len(val_data),
-            "val_sha1": hashlib.sha1(val_data.numpy().tobytes()).hexdigest()[:12]}
+    program = os.path.relpath(sys.argv[0], Path.cwd())
+    return "python " + " ".join(shlex.quote(a) for a in [program] + sys.argv[1:])

@@ -19,7 +19,7 @@ class MuonWithAdamW(torch.optim.Optimizer):
 
     Its ``param_groups`` are the inner optimizers' own group dicts, so an LR scheduler that
     scales this optimizer's groups scales both inner optimizers (each from its own base lr). Its
-    state dict holds both inner optimizers' (a checkpoint of edition 2 saves it).
+    state dict holds both inner optimizers' (a run's checkpoint saves it).
     """
 
     def __init__(self, muon_params: list[torch.Tensor], adamw_groups: list[dict], *, lr: float,
@@ -86,7 +86,7 @@ def build_adamw(model, lr, seed, device, weight_decay):
 
 def build_magma(model, lr, seed, device, weight_decay, *, base: str, mask: str, keep_prob: float,
                 tau: float | None = None):
-    extra = {} if tau is None else {"tau": tau}  # edition 1 left tau at Magma's default, 2
+    extra = {} if tau is None else {"tau": tau}  # masks other than "magma" compute no score
     return Magma(param_groups(model, weight_decay=weight_decay), lr=lr, betas=BETAS, base=base,
                  mask=mask, keep_prob=keep_prob, seed=seed, fused=magma_fused_flag(device), **extra)
 

@@ -1,10 +1,10 @@
 """The Markdown page of the study, as text: set-up, results, cost, the check of the paper's
-claim, the runs and their provenance.
+claim, the runs, the planned runs that have no record yet (:mod:`.plan`) and their provenance.
 
 Optimizer names, their order, the fused paths, the recipe text and the claim come from the
-edition of the records (:mod:`.definition`); the numbers from the records. Nothing here knows a
-particular optimizer. An edition with ``plan_on_page`` also gets the paper's numbers beside its
-own, the speed of its runs, and the planned runs that have no record yet (:mod:`.plan`).
+study's definition (:mod:`.definition`); the numbers from the records. Nothing here knows a
+particular optimizer. A size whose runs read their training bytes more than once says how often
+beside each of its results (:func:`.summary.size_label`).
 """
 
 from __future__ import annotations
@@ -13,12 +13,12 @@ import math
 import shlex
 
 from .definition import Edition, spelled
-from .plan import make_cells, not_finished, shard_runs
+from .plan import make_cells, not_finished, ordered_runs
 from .records import FINISHED, Study, corpus_of, merged_meta, now_utc
-from .summary import CellSummary, Summary, mean, ppl, seeds_run
+from .summary import CellSummary, Summary, mean, ppl, seeds_run, size_label
 
 RUNNER = "benchmarks/convergence.py"
-REPORTER = "benchmarks/plot_convergence.py"
+REPORTER = "benchmarks/convergence.py report"
 # The figures of :mod:`.plots` by name, with the text that stands for them.
 FIGURES = {"val_curves": "validation loss at the best learning rate",
            "ppl_vs_lr": "final validation perplexity against learning rate"}
@@ -63,7 +63,7 @@ def results_table(summary: Summary) -> list[str]:
             edge = f" ({cell.edge} of grid)" if cell.edge else ""
             if not cell.complete:
                 edge += f" (best of {len(cell.lrs)} of {len(cell.lrs) + len(cell.missing_lrs)} lrs run)"
-            lines.append(f"| {size} | {name} | {cell.best_lr:g}{edge} | {fmt_ppl(cell)} | "
+            lines.append(f"| {size_label(size, cells)} | {name} | {cell.best_lr:g}{edge} | {fmt_ppl(cell)} | "
                          f"{mean(walls):.1f} | {f'{max(peaks) / 2**20:,.0f}' if peaks else 'n/a'} |")
     return lines
 
@@ -79,7 +79,7 @@ def sweep_table(summary: Summary, runs: list[dict]) -> list[str]:
                 m = mean(ppl(r) for r in here)
                 value = f"{m:.4f}" if math.isfinite(m) else "diverged"
                 parts.append(f"{lr:g}: {'**' + value + '**' if lr == cell.best_lr else value} ({len(here)})")
-            lines.append(f"| {size} | {name} | {'; '.join(parts)} |")
+            lines.append(f"| {size_label(size, cells)} | {name} | {'; '.join(parts)} |")
     return lines
 
 
@@ -244,7 +244,8 @@ def paper_table(summary: Summary, edition: Edition) -> list[str]:
         return []
     names = [n for n in edition.optimizers if any(n in t for t in paper.table.values())
              or any(n in cells for cells in summary.values())]
-    head = ["optimizer"] + [f"paper {s}" for s in paper.table] + [f"ours {s}" for s in summary]
+    head = ["optimizer"] + [f"paper {s}" for s in paper.table] + [f"ours {size_label(s, c)}"
+                                                                  for s, c in summary.items()]
     lines = [f"The paper's numbers ({paper.table_source}) and this study's best mean final validation "
              f"perplexity, each with its difference to {reference} (the paper's Adam) at the same size:", "",
              "| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
@@ -301,7 +302,7 @@ def ordering_statement(summary: Summary, edition: Edition) -> list[str]:
     for size, cells in summary.items():
         finite = sorted((c.mean_ppl, name) for name, c in cells.items())
         order = " < ".join(f"{name} ({p:.4f})" if math.isfinite(p) else f"{name} (diverged)" for p, name in finite)
-        lines.append(f"**{size}.** Measured order: {order}.")
+        lines.append(f"**{size_label(size, cells)}.** Measured order: {order}.")
         held, checked = 0, 0
         for a, b in relations:
             if a not in cells or b not in cells:
@@ -345,13 +346,7 @@ def ordering_statement(summary: Summary, edition: Edition) -> list[str]:
 
 
 def data_line(study: Study, data: dict) -> str:
-    """Where the training bytes came from: edition 1's capped stream, or edition 2's corpus."""
-    if "content_sha1" not in data:
-        hashes = sorted({m["data"]["val_sha1"] for m in study.metas if m.get("data")})
-        return (f"Data: {data['source']}, capped at {data['max_bytes']:,} bytes: {data['train_bytes']:,} "
-                f"training bytes, the last {data['val_bytes']:,} bytes of the fixed-order stream for "
-                f"validation (SHA-1 {', '.join(hashes)}"
-                f"{'; WARNING: the inputs used different validation splits' if len(hashes) > 1 else ''}).")
+    """Where each size's training bytes came from: its corpus, as its runs recorded it."""
     described = {}  # each size's corpus, as its runs recorded it (load_study kept one per size)
     for r in sorted(study.runs, key=lambda r: r.get("date", "")):
         if corpus_of(r):
@@ -394,10 +389,11 @@ def setup_lines(study: Study, edition: Edition) -> list[str]:
                                    and r["size"] == size and r["stage"] == "transfer"})
                 if lrs or not transfer:
                     grids.append(f"{size}: {', '.join(f'{lr:g}' for lr in lrs)}")
-                else:  # edition 2's tier 3: no sweep, the lrs chosen at a smaller size
+                else:  # tier 3: no sweep, the lrs chosen at a smaller size
                     grids.append(f"{size}: {', '.join(f'{lr:g} ({rule})' for lr, rule in transfer)}")
             lines.append(f"| {name} | {o['description']} | {'; '.join(grids) or 'not run'} |")
         lines += ["", edition.shared_recipe.format(betas=tuple(meta["betas"]), weight_decay=meta["weight_decay"])]
+        lines += passes_lines(study)
     fused = {r["magma_fused"] for r in study.runs if uses_magma(r["optimizer"], edition)}
     if fused:
         lines.append("")
@@ -406,6 +402,18 @@ def setup_lines(study: Study, edition: Edition) -> list[str]:
             "the PyTorch reference path (no CUDA extension or no GPU)." if fused == {False} else
             "a mix of the fused CUDA path and the reference path."))
     return lines
+
+
+def passes_lines(study: Study) -> list[str]:
+    """What a size whose runs read their training bytes more than once does instead."""
+    read: dict[str, float] = {}
+    for r in study.runs:
+        if (r.get("passes") or 1) > 1:
+            read[r["size"]] = max(read.get(r["size"], 1), r["passes"])
+    return ["", " ".join(
+        f"Size {size}'s runs read their training bytes {most:.2f} times (its corpus holds fewer than a run's "
+        "tokens): once every window has been read, a run reads them all again in a new shuffled order; each of "
+        "its results says so." for size, most in sorted(read.items()))] if read else []
 
 
 def commands_in_order(study: Study) -> list[str]:
@@ -438,7 +446,7 @@ def planned_runs(study: Study, edition: Edition) -> list[tuple[int, list]]:
     """(tier number, its planned runs in the order a sweep runs them), tier by tier."""
     quick = any(m.get("quick") for m in study.metas if m.get("mode") == "sweep")
     cells = make_cells(edition, quick=quick)
-    return [(number, shard_runs([c for c in cells if c.tier.number == number]))
+    return [(number, ordered_runs([c for c in cells if c.tier.number == number]))
             for number in dict.fromkeys(c.tier.number for c in cells)]
 
 
@@ -503,7 +511,8 @@ def left_out_lines(study: Study) -> list[str]:
 
 
 def shard_note(study: Study) -> str:
-    shards = sorted({(m["shard"], m["num_shards"]) for m in study.metas if m.get("mode") == "sweep"})
+    """The shards of the older invocations, which still name them."""
+    shards = sorted({(m["shard"], m["num_shards"]) for m in study.metas if m.get("mode") == "sweep" and "shard" in m})
     if not shards:
         return ""
     return f"; this study ran as shard(s) {', '.join(f'{i}/{n}' for i, n in shards)}"
@@ -528,15 +537,13 @@ def build_page(study: Study, summary: Summary, argv: list[str], figures: dict[st
     else:
         lines += ["## Results", "", "No run records were given.", ""]
     lines += ["## End-to-end cost", ""] + throughput_table(study.throughput, edition)
-    if edition.plan_on_page:
-        lines += run_speed_table(study, edition)
+    lines += run_speed_table(study, edition)
     lines += ["## What was and was not reproduced", ""] + (
         paper_table(summary, edition) + ordering_statement(summary, edition) if summary
         else ["Nothing to compare: no run records."])
-    tiers = planned_runs(study, edition) if edition.plan_on_page else []
+    tiers = planned_runs(study, edition)
     lines += ["", "## Runs", ""] + run_status_lines(study, {run.run_id for _, runs in tiers for run in runs})
     lines += left_out_lines(study)
-    if edition.plan_on_page:
-        lines += missing_lines(study, tiers)
+    lines += missing_lines(study, tiers)
     lines += ["", "## Provenance", ""] + provenance_lines(study, argv) + [""]
     return "\n".join(lines)

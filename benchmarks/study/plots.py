@@ -6,7 +6,7 @@ import math
 from pathlib import Path
 
 from .definition import Edition
-from .summary import Summary, mean, ppl
+from .summary import Summary, mean, ppl, size_label
 
 
 def _pyplot():
@@ -71,7 +71,7 @@ def plot_val_curves(summary: Summary, path: Path, edition: Edition) -> None:
             pad = 0.05 * (hi - lo) + 1e-3
             axes[row][1].set_ylim(lo - pad, hi + pad)
         for ax, title in zip(axes[row], ("whole run", "second half")):
-            ax.set_title(f"{size}: validation loss at the best lr, {title}", fontsize=10)
+            ax.set_title(f"{size_label(size, cells)}: validation loss at the best lr, {title}", fontsize=10)
             ax.set_xlabel("training tokens (M)")
             ax.set_ylabel("val loss (nats per byte)")
             ax.grid(alpha=0.3)
@@ -113,7 +113,8 @@ def plot_ppl_vs_lr(summary: Summary, runs: list[dict], path: Path, edition: Edit
         ax.set_ylim(best * 0.98, top)
         ax.set_xlabel("peak learning rate")
         ax.set_ylabel("final validation perplexity (per byte)")
-        ax.set_title(f"{size}: final val perplexity vs lr (top edge: ^ above the axis, x diverged)", fontsize=9)
+        ax.set_title(f"{size_label(size, cells)}: final val perplexity vs lr (top edge: ^ above the axis, "
+                     "x diverged)", fontsize=9)
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=8)
     fig.tight_layout()

@@ -1,44 +1,39 @@
-"""The records of the study: the JSON that the runner writes and the report reads.
+"""The records of the study: the JSON bundles that the runner writes and the report reads.
 
-Every file holds one JSON object whose ``"kind"`` says what it is:
-
-``"bundle"`` (``--bundle``): everything one invocation wrote, rewritten after every record::
+Every invocation writes one bundle (``--bundle``), rewritten after every record::
 
     {"kind": "bundle", "meta": META, "runs": [RUN, ...], "throughput": [THROUGHPUT, ...],
      "skipped": [{"id": RUN_ID, "reason": "..."}, ...]}
 
-``"meta"`` (``--out``, beside the per-run files): ``{"kind": "meta", "meta": META}``.
+RUN: one training run. ``id`` is :func:`run_id`; ``size``, ``optimizer``, ``lr``, ``seed``,
+``stage`` ("sweep", "best_lr" or "transfer"), ``tier``, ``lr_rule`` (how a best-lr or transfer run
+chose its lr: "best", "S-best", "S-best+1"), ``lr_note``, the budget (``steps``, ``batch_size``,
+``seq_len``, ``tokens``, ``eval_every``, ``eval_batches``, ``final_eval_batches``, ``model``,
+``dtype``, ``compile``), ``optimizer_description``, ``magma_fused``, ``status`` ("ok",
+"diverged" or "error"), ``error``, ``wall_s``, ``train_time_s``, ``eval_time_s``, ``warmup_s``,
+``timed_steps``, ``resumed_at`` (steps at which it went on from a checkpoint); a finished run adds
+``final_train_loss``, ``final_val_loss``, ``final_val_ppl``, ``ms_per_step``, ``tokens_per_s``,
+``peak_mem_bytes``, ``num_parameters``, ``passes`` (how often it read its training bytes; absent
+in records older than that field, which read them once at most) and the curves ``train_loss`` /
+``val_loss`` (``[step, loss]`` pairs, :func:`curve`); then ``edition``, ``command``, ``date``,
+``env`` and ``data`` of its invocation, ``data`` describing the corpus (:func:`.corpus.describe`):
+file list and content SHA-1. Older records also hold ``gpu`` and ``side_by_side``.
 
-``"run"``: one training run, also one file per run under ``--out``. ``id`` is :func:`run_id`;
-``size``, ``optimizer``, ``lr``, ``seed``, ``stage`` ("sweep", "best_lr" or "transfer"), the budget
-(``steps``, ``batch_size``, ``seq_len``, ``tokens``, ``eval_every``, ``eval_batches``, ``model``,
-``dtype``), ``optimizer_description``, ``magma_fused``, ``status`` ("ok", "diverged" or
-"error"), ``error``, ``wall_s``; a finished run adds ``final_train_loss``, ``final_val_loss``,
-``final_val_ppl``, ``ms_per_step``, ``tokens_per_s``, ``peak_mem_bytes``, ``num_parameters`` and
-the curves ``train_loss`` / ``val_loss`` (``[step, loss]`` pairs, :func:`curve`); then
-``command``, ``date``, ``env`` and ``data`` of its invocation. Edition 2 adds ``edition``,
-``tier``, ``lr_rule`` (how a best-lr or transfer run chose its lr: "best", "S-best", "S-best+1"),
-``lr_note``, ``compile``, ``side_by_side``, ``gpu``, ``train_time_s``, ``eval_time_s``,
-``warmup_s``, ``timed_steps`` and ``resumed_at`` (steps at which it went on from a checkpoint);
-its ``data`` describes the corpus (:func:`.corpus.describe`): file list and content SHA-1.
+THROUGHPUT: one optimizer's step timing of ``--mode throughput`` (size, optimizer, tokens_per_s,
+step_ms, step_ms_windows, opt_step_ms_median, opt_step_ms_min, state_bytes, peak_mem_bytes,
+``measurement``: the invocation's META date, shared by the rows timed side by side, ...).
 
-``"throughput"``: one optimizer's step timing of ``--mode throughput`` (size, optimizer,
-tokens_per_s, step_ms, step_ms_windows, opt_step_ms_median, opt_step_ms_min, state_bytes,
-peak_mem_bytes, ``measurement``: the invocation's META date, shared by the rows timed side by side, ...).
+META: ``command``, ``date`` (:func:`now_utc`), ``mode`` ("sweep" or "throughput"), ``edition``,
+``quick``, ``env``, ``data``; a sweep adds ``time_budget_s``, ``sizes``, ``optimizers`` (name ->
+lrs, description), ``weight_decay``, ``betas``, ``muon_adamw_lr_ratio``, ``planned_runs``,
+``resumed_from``, ``tiers``, ``compile`` and, when the invocation ends, ``aggregate`` (tokens
+trained, wall seconds, tokens/s per GPU). Older metas also hold ``shard``/``num_shards``,
+``parallel`` and ``gpus``.
 
-META: ``command``, ``date`` (:func:`now_utc`), ``mode`` ("sweep" or "throughput"), ``edition``
-(absent in edition 1's records), ``quick``,
-``env``, ``data``; a sweep adds ``shard``, ``num_shards``, ``time_budget_s``, ``sizes``,
-``optimizers`` (name -> lrs, description), ``weight_decay``, ``betas``,
-``muon_adamw_lr_ratio``, ``planned_runs`` and ``resumed_from``; edition 2 adds ``tiers``,
-``parallel``, ``gpus``, ``compile`` and, when the invocation ends, ``aggregate`` (tokens trained,
-wall seconds, tokens/s per GPU).
-
-Several invocations make one study: :func:`load_study` merges any mix of bundles, per-run files
-and folders of them, one record per run id, and :func:`merged_meta` merges their set-ups. Edition
-2's runs of a size count only on one corpus (:func:`study_corpora`): the corpus is built from the machine's
-installed files, so another machine image trains and validates on other bytes.
-Nothing here imports torch.
+Several invocations make one study: :func:`load_study` merges bundles and folders of them, one
+record per run id, and :func:`merged_meta` merges their set-ups. A size's runs count only on one
+corpus (:func:`study_corpora`): the corpus is built from the machine's installed files, so another
+machine image trains and validates on other bytes. Nothing here imports torch.
 """
 
 from __future__ import annotations
@@ -57,15 +52,6 @@ def run_id(size: str, optimizer: str, lr: float | None, seed: int, rule: str | N
     """A run's id; ``lr`` None names a run before its learning rate is known by the rule that
     will choose it ("best" unless told: the best of the size's seed-0 sweep)."""
     return f"{size}__{optimizer}__lr{(rule or 'best') if lr is None else f'{lr:g}'}__seed{seed}"
-
-
-def throughput_filename(size: str, optimizer: str) -> str:
-    return f"throughput__{size}__{optimizer}.json"
-
-
-def meta_filename(meta: dict) -> str:
-    shard = f"shard{meta['shard']}of{meta['num_shards']}" if meta["mode"] == "sweep" else meta["mode"]
-    return f"meta__{shard}.json"
 
 
 def now_utc() -> str:
@@ -87,24 +73,18 @@ def write_json(path: Path, obj) -> None:
     os.replace(tmp, path)
 
 
-class RecordWriter:
-    """Writes each record to ``out_dir`` (if any) and rewrites the one ``bundle`` file after
-    every record, so a run killed midway still leaves everything finished so far."""
+class BundleWriter:
+    """Rewrites the one ``bundle`` file after every record, so a run killed midway still leaves
+    everything finished so far."""
 
-    def __init__(self, out_dir: Path | None, bundle: Path | None, meta: dict):
-        self.out_dir, self.bundle = out_dir, bundle
+    def __init__(self, bundle: Path, meta: dict):
+        self.bundle = bundle
         self.contents = {"kind": "bundle", "meta": meta, **{section: [] for section in SECTIONS}}
-        for path in (out_dir, bundle.parent if bundle else None):
-            if path is not None:
-                path.mkdir(parents=True, exist_ok=True)
-        if out_dir is not None:  # the set-up the report describes, beside the per-run files
-            write_json(out_dir / meta_filename(meta), {"kind": "meta", "meta": meta})
+        bundle.parent.mkdir(parents=True, exist_ok=True)
         self.flush()
 
-    def add(self, section: str, record: dict, filename: str | None = None) -> None:
+    def add(self, section: str, record: dict) -> None:
         self.contents[section].append(record)
-        if self.out_dir is not None and filename:
-            write_json(self.out_dir / filename, record)
         self.flush()
 
     def set_meta(self, key: str, value) -> None:
@@ -113,8 +93,7 @@ class RecordWriter:
         self.flush()
 
     def flush(self) -> None:
-        if self.bundle is not None:
-            write_json(self.bundle, self.contents)
+        write_json(self.bundle, self.contents)
 
 
 # ---------------------------------------------------------------------------- reading
@@ -133,8 +112,8 @@ def load_finished(paths: list[Path]) -> list[dict]:
 
 
 def corpus_of(record: dict) -> str | None:
-    """The content SHA-1 of the corpus an edition-2 run or invocation trained on (``data``);
-    None for a record that names none (edition 1's capped stream)."""
+    """The content SHA-1 of the corpus a run or invocation trained on (``data``); None for one
+    that names none (a throughput invocation)."""
     return (record.get("data") or {}).get("content_sha1")
 
 
@@ -169,15 +148,6 @@ def study_corpora(runs: list[dict]) -> Corpora:
     return {size: max(found, key=lambda c: tuple(found[c])) for size, found in counts.items()}
 
 
-def edition_of(metas: list[dict], runs: list[dict]) -> int:
-    """The study edition that the records belong to (edition 1's records name none); records
-    of two editions do not make one study."""
-    found = {m.get("edition", 1) for m in metas} | {r.get("edition", 1) for r in runs}
-    if len(found) > 1:
-        raise ValueError(f"the inputs hold records of editions {sorted(found)}: report each edition on its own")
-    return found.pop() if found else 1
-
-
 @dataclass
 class Study:
     """Everything the inputs hold, runs de-duplicated by id."""
@@ -195,7 +165,8 @@ class Study:
         return corpus is None or not self.corpora or corpus in self.corpora.values()
 
 
-def json_files(paths: list[str]) -> list[Path]:
+def bundle_files(paths: list[str]) -> list[Path]:
+    """The JSON files among ``paths``, folders searched recursively."""
     files = []
     for raw in paths:
         path = Path(raw)
@@ -208,39 +179,32 @@ def json_files(paths: list[str]) -> list[Path]:
     return files
 
 
-def load_study(paths: list[str]) -> Study:
-    """Bundles, single records and folders of them (searched recursively) as one study. A run
-    found twice (in a folder and in a bundle) counts once, a finished copy over a failed one;
-    a skipped run that another input finished is no longer skipped (a best-lr or transfer run
-    by its rule's id too), and one that several invocations skipped counts once, with the
-    reason of the newest (by its bundle's date, whatever the order of the inputs). Only runs on
-    their size's corpus (:func:`study_corpora`) count; the others are kept aside in
+def load_study(paths: list[str], edition: int) -> Study:
+    """Bundles and folders of them (searched recursively) as one study; ValueError for a bundle
+    of another ``edition`` than the study's. A run found twice counts once, a finished copy over
+    a failed one; a skipped run that another input finished is no longer skipped (a best-lr or
+    transfer run by its rule's id too), and one that several invocations skipped counts once,
+    with the reason of the newest (by its bundle's date, whatever the order of the inputs). Only
+    runs on their size's corpus (:func:`study_corpora`) count; the others are kept aside in
     ``other_corpus_runs``, and so are the set-ups of invocations that trained on another corpus."""
     run_records, skipped, throughput, study = [], [], {}, Study()
-    for path in json_files(paths):
+    for path in bundle_files(paths):
         try:
             obj = json.loads(path.read_text())
         except (OSError, ValueError) as exc:
             print(f"warning: skipping {path}: {exc}", file=sys.stderr)
             continue
-        kind = obj.get("kind") if isinstance(obj, dict) else None
-        if kind == "bundle":
-            meta = obj.get("meta", {})
-            study.metas.append(meta)
-            skipped += [(meta.get("date") or "", corpus_of(meta), entry) for entry in obj.get("skipped", [])]
-            records = obj.get("runs", []) + obj.get("throughput", [])
-        elif kind == "meta":
-            study.metas.append(obj["meta"])
-            records = []
-        elif kind in ("run", "throughput"):
-            records = [obj]
-        else:
+        if not isinstance(obj, dict) or obj.get("kind") != "bundle":
             continue  # not a record of this study
-        for r in records:
-            if r["kind"] == "run":
-                run_records.append(r)
-            else:
-                throughput[(r["size"], r["optimizer"], r.get("date"))] = r
+        meta = obj.get("meta", {})
+        if meta.get("edition") != edition:
+            raise ValueError(f"{path} holds records of edition {meta.get('edition', 1)}, not {edition}: edition 1's "
+                             "code was removed after commit 30d8086 (its page stays as it was)")
+        study.metas.append(meta)
+        skipped += [(meta.get("date") or "", corpus_of(meta), entry) for entry in obj.get("skipped", [])]
+        run_records += obj.get("runs", [])
+        for r in obj.get("throughput", []):
+            throughput[(r["size"], r["optimizer"], r.get("date"))] = r
     study.corpora = study_corpora(run_records)
     run_records, study.other_corpus_runs = on_corpora(run_records, study.corpora)
     study.metas = [m for m in study.metas if study.admits(corpus_of(m))]

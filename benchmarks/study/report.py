@@ -1,20 +1,19 @@
 """Report of the convergence study: plots and a Markdown page from the run records.
 
-The inputs are JSON files (single records or the bundles of ``--bundle``) and folders (searched
-recursively), merged by :func:`.records.load_study`; they must all belong to one edition of the
-study, whose definition then shapes the page. The page goes to one file, the plots beside it in
-a folder named after the page unless told otherwise.
+The inputs are bundles (``--bundle``) and folders of them (searched recursively), merged by
+:func:`.records.load_study`; the study's definition (:mod:`.definition`) shapes the page. The
+page goes to one file, the plots beside it in a folder named after the page.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from .definition import Edition, edition as edition_by_number
+from .definition import EDITION, Edition
 from .page import build_page
 from .plan import make_cells, split_stale
 from .plots import draw
-from .records import Study, edition_of, load_study
+from .records import Study, load_study
 from .summary import Summary, summarize
 
 
@@ -28,8 +27,8 @@ def link(path: Path, page: Path) -> str:
 def load_report(inputs: list[str]) -> tuple[Study, Edition, Summary]:
     """The study ``inputs`` hold, as the page sees it: its edition, its runs with those at a
     sweep's former best lr set aside, and their summary (empty without runs)."""
-    study = load_study(inputs)
-    edition = edition_by_number(edition_of(study.metas, study.runs))
+    edition = EDITION
+    study = load_study(inputs, edition.number)
     quick = any(m.get("quick") for m in study.metas if m.get("mode") == "sweep")
     study.runs, study.stale_runs = split_stale(study.runs, make_cells(edition, quick=quick))
     summary = summarize(study.runs, edition, quick=quick) if study.runs else {}

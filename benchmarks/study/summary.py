@@ -5,7 +5,7 @@ The best learning rate of a (size, optimizer) cell is the one with the lowest me
 validation perplexity over the seeds that every learning rate of the cell ran (seed 0 alone
 where only the best learning rate got more seeds); the summary then gives the mean and the
 range over all seeds at that learning rate. A diverged run counts as infinite perplexity. A
-transfer cell (edition 2's tier 3: two learning rates chosen at another size) has no grid of its
+transfer cell (tier 3: two learning rates chosen at another size) has no grid of its
 own, so it has no edge and no stable range. A cell whose sweep lacks some of its grid's learning
 rates says which (``missing_lrs``): its best learning rate is then only the best of those run.
 """
@@ -103,6 +103,20 @@ def summarize(runs: list[dict], edition: Edition, *, quick: bool = False) -> Sum
     params = {r["size"]: r["num_parameters"] for r in runs if r.get("num_parameters")}
     sizes = sorted(out, key=lambda s: (params.get(s, 0), s))
     return {s: {o: out[s][o] for o in sorted(out[s], key=edition.optimizer_rank)} for s in sizes}
+
+
+def passes(cells: dict[str, CellSummary]) -> float | None:
+    """How often the best runs of a size's cells read their training bytes, where more than once
+    (the most of them; a size's runs share one corpus and one budget, so one number)."""
+    most = max((r.get("passes") or 1 for cell in cells.values() for r in cell.best_runs), default=1)
+    return most if most > 1 else None
+
+
+def size_label(size: str, cells: dict[str, CellSummary]) -> str:
+    """The size's name, with the passes over its training bytes where its runs read them more than
+    once: every result of such a size says so."""
+    read = passes(cells)
+    return size if read is None else f"{size} ({read:.2f} passes)"
 
 
 def seeds_run(runs: list[dict], size: str) -> str:

@@ -1,6 +1,7 @@
 """``--mode throughput``: whole training steps and the optimizer step alone, timed for every
-optimizer in one process (with ``--compile``, the model compiled as edition 2's runs are; the
-warm-up steps absorb the compilation)."""
+optimizer in one process, the model compiled on CUDA as the study's runs are (the warm-up steps
+absorb the compilation). The data are a few fixed batches of random bytes: their content does not
+change the time of a step."""
 
 from __future__ import annotations
 
@@ -11,12 +12,15 @@ from contextlib import nullcontext
 
 import torch
 
-from magma_ext.demo import Llama, batches, load_corpus
+from magma_ext.demo import Llama
 
-from .definition import DEFAULT_MAX_BYTES, Edition, Recipe, Size
-from .environment import command_line, describe_data, environment
+from .definition import Edition, Recipe, Size
+from .environment import command_line, environment
 from .optimizers import build, runs_magma_fused
-from .records import RecordWriter, now_utc, throughput_filename
+from .records import BundleWriter, now_utc
+
+WARMUP_STEPS = 10
+TIMED_STEPS = 30
 
 
 def state_bytes(optimizer: torch.optim.Optimizer) -> int:
@@ -28,8 +32,8 @@ def state_bytes(optimizer: torch.optim.Optimizer) -> int:
     return total
 
 
-def time_window(size: Size, spec: Recipe, device: torch.device, dtype: str, train_data,
-                warmup: int, timed: int, compile_mode: str = "none", weight_decay: float = 0.1) -> dict:
+def time_window(size: Size, spec: Recipe, device: torch.device, dtype: str, warmup: int, timed: int,
+                compile_mode: str = "none", weight_decay: float = 0.1) -> dict:
     """One fresh model and optimizer: ``warmup`` steps, then ``timed`` whole training steps
     (forward, backward, clipping, optimizer) timed together and each optimizer step alone
     (CUDA events on a GPU); the peak memory counts from before the model was built."""
@@ -47,8 +51,9 @@ def time_window(size: Size, spec: Recipe, device: torch.device, dtype: str, trai
         model, mode=None if compile_mode == "default" else compile_mode)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if dtype == "bfloat16" else nullcontext()
     # A few fixed batches already on the device: the step is timed, not the data pipeline.
-    data_iter = batches(train_data, size.batch_size, size.seq_len, seed=0, device=device)
-    fixed = [next(data_iter) for _ in range(4)]
+    windows = torch.randint(0, 256, (4, size.batch_size, size.seq_len + 1),
+                            generator=torch.Generator().manual_seed(0)).to(device)
+    fixed = [(w[:, :-1], w[:, 1:]) for w in windows]
     opt_ms, events = [], []
 
     def step(i: int, timing: bool) -> None:
@@ -93,19 +98,14 @@ def time_window(size: Size, spec: Recipe, device: torch.device, dtype: str, trai
 
 def run_throughput(args, edition: Edition, size: Size, specs: list[Recipe], device: torch.device) -> int:
     """Every optimizer's windows in turn, round after round, so that drifts of the machine
-    (clocks, other load) spread over all optimizers instead of favouring one. The data are the
-    demo's (a few fixed batches: their content does not change the time of a step)."""
-    max_bytes = args.max_bytes or DEFAULT_MAX_BYTES
-    train_data, val_data = load_corpus(args.data, max_bytes=max_bytes)
+    (clocks, other load) spread over all optimizers instead of favouring one."""
     meta = {"command": command_line(), "date": now_utc(), "mode": "throughput", "quick": args.quick,
-            "env": environment(device), "data": describe_data(args.data, train_data, val_data, max_bytes)}
-    if edition.number > 1:
-        meta.update(edition=edition.number, compile=args.compile)
-    writer = RecordWriter(args.out, args.bundle, meta)
+            "env": environment(device), "data": {"source": "random bytes"}, "edition": edition.number,
+            "compile": args.compile}
+    writer = BundleWriter(args.bundle, meta)
     print(f"throughput: {size.name} model, batch {size.batch_size} x {size.seq_len}, {args.dtype}, "
-          f"compile {args.compile}, "
-          f"{args.repeats} rounds of {args.warmup_steps} warm-up + {args.timed_steps} timed steps per optimizer, "
-          f"on {meta['env']['device_name']}", flush=True)
+          f"compile {args.compile}, {args.repeats} rounds of {WARMUP_STEPS} warm-up + {TIMED_STEPS} timed steps "
+          f"per optimizer, on {meta['env']['device_name']}", flush=True)
     windows: dict[str, list[dict]] = {spec.name: [] for spec in specs}
     errors: dict[str, str] = {}
     for _ in range(args.repeats):
@@ -113,13 +113,12 @@ def run_throughput(args, edition: Edition, size: Size, specs: list[Recipe], devi
             if spec.name in errors:
                 continue
             try:
-                windows[spec.name].append(time_window(size, spec, device, args.dtype, train_data,
-                                                      args.warmup_steps, args.timed_steps, args.compile,
-                                                      edition.weight_decay))
+                windows[spec.name].append(time_window(size, spec, device, args.dtype, WARMUP_STEPS,
+                                                      TIMED_STEPS, args.compile, edition.weight_decay))
             except Exception as exc:  # noqa: BLE001 -- keep the other rows
                 errors[spec.name] = f"{type(exc).__name__}: {exc}"
                 print(f"{spec.name}: ERROR {errors[spec.name]}", flush=True)
-    tokens = args.timed_steps * size.batch_size * size.seq_len
+    tokens = TIMED_STEPS * size.batch_size * size.seq_len
     for spec in specs:
         if spec.name in errors:
             continue
@@ -130,16 +129,15 @@ def run_throughput(args, edition: Edition, size: Size, specs: list[Recipe], devi
         record = {"kind": "throughput", "size": size.name, "optimizer": spec.name, "description": spec.description,
                   "magma_fused": runs_magma_fused(spec, device), "dtype": args.dtype,
                   "batch_size": size.batch_size, "seq_len": size.seq_len, "num_parameters": runs[0]["num_parameters"],
-                  "warmup_steps": args.warmup_steps, "timed_steps": args.timed_steps, "repeats": len(runs),
-                  "tokens_per_s": tokens / window, "step_ms": 1000 * window / args.timed_steps,
-                  "step_ms_windows": [1000 * r["window_s"] / args.timed_steps for r in runs],
+                  "warmup_steps": WARMUP_STEPS, "timed_steps": TIMED_STEPS, "repeats": len(runs),
+                  "tokens_per_s": tokens / window, "step_ms": 1000 * window / TIMED_STEPS,
+                  "step_ms_windows": [1000 * r["window_s"] / TIMED_STEPS for r in runs],
                   "opt_step_ms_median": statistics.median(opt_ms), "opt_step_ms_min": min(opt_ms),
                   "opt_step_timer": "cuda events" if device.type == "cuda" else "perf_counter",
                   "state_bytes": runs[0]["state_bytes"], "peak_mem_bytes": max(peaks) if peaks else None,
-                  "command": meta["command"], "date": now_utc(), "measurement": meta["date"], "env": meta["env"]}
-        if edition.number > 1:
-            record.update(edition=edition.number, compile=args.compile)
-        writer.add("throughput", record, throughput_filename(size.name, spec.name))
+                  "command": meta["command"], "date": now_utc(), "measurement": meta["date"], "env": meta["env"],
+                  "edition": edition.number, "compile": args.compile}
+        writer.add("throughput", record)
         memory = f"  peak {record['peak_mem_bytes'] / 2**20:,.0f} MiB" if record["peak_mem_bytes"] else ""
         print(f"{spec.name:<14} {record['tokens_per_s']:>12,.0f} tok/s  step {record['step_ms']:.2f} ms  "
               f"optimizer {record['opt_step_ms_median']:.3f} ms  state {record['state_bytes'] / 2**20:,.1f} MiB"

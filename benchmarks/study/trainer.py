@@ -1,4 +1,4 @@
-"""The training loop of edition 2: one run, as fast as one process can make it.
+"""The training loop of the study: one run, as fast as one process can make it.
 
 Model, initialisation and schedule are the demo's (``magma_ext.demo``: :class:`Llama`,
 ``lr_multiplier``), so a run differs from the demo's loop only in what makes it fast and in
@@ -8,7 +8,9 @@ how it reads data:
 - no host sync per step: each step's loss stays on the device until an evaluation reads the
   losses since the last one (that is also where a non-finite loss is noticed);
 - the training split lives on the device and a step's windows are gathered there, in a seeded
-  random order without replacement (no byte is read twice; :func:`.corpus.check_fits`);
+  random order without replacement (no byte is read twice; :func:`.corpus.check_fits`), or,
+  where the size allows more passes than one and the corpus is short, in a new random order
+  for each further pass;
 - the learning rate is set in the optimizer's groups before each step (no scheduler object),
   so a checkpoint holds only the model, the optimizer and the step.
 
@@ -26,7 +28,7 @@ import math
 import os
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -34,6 +36,7 @@ import torch
 from magma_ext.demo import Llama
 from magma_ext.demo.train import lr_multiplier
 
+from . import corpus as corpus_lib
 from .definition import Recipe, Size
 from .optimizers import build
 
@@ -48,34 +51,19 @@ class Diverged(FloatingPointError):
 
 @dataclass
 class RunJob:
-    """Everything one run needs, as JSON: what the sweep hands a worker process."""
+    """Everything one run needs besides its data. ``data_sha1`` (the corpus's content SHA-1)
+    keeps a checkpoint from being taken up on other data of the same length."""
 
     run_id: str
-    size: dict  # the fields of a Size
-    optimizer: str
+    size: Size
     lr: float
     seed: int
     weight_decay: float
-    train_path: str
-    val_path: str
-    device: str = "cpu"
+    data_sha1: str | None = None
     dtype: str = "float32"
     compile: str = "none"
     checkpoint_dir: str | None = None
     stop_at: float | None = None  # time.time() after which the run checkpoints and stops
-    threads: int | None = None
-    extra: dict = field(default_factory=dict)  # goes into the record as it is
-
-    @property
-    def size_spec(self) -> Size:
-        return Size(**self.size)
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self))
-
-    @classmethod
-    def from_json(cls, text: str) -> RunJob:
-        return cls(**json.loads(text))
 
 
 def load_split(path: str, device: torch.device) -> torch.Tensor:
@@ -104,26 +92,15 @@ def eval_windows(val: torch.Tensor, size: Size, batches: int) -> list[torch.Tens
 
 def checkpoint_key(job: RunJob, recipe: Recipe) -> str:
     """What a checkpoint must match to be taken up: the run, its recipe, its data."""
-    what = {"run": job.run_id, "size": job.size, "lr": job.lr, "seed": job.seed, "weight_decay": job.weight_decay,
-            "recipe": [recipe.description, dict(recipe.options)], "dtype": job.dtype,
-            "data": [os.path.getsize(job.train_path), os.path.getsize(job.val_path), job.extra.get("data_sha1")]}
+    what = {"run": job.run_id, "size": asdict(job.size), "lr": job.lr, "seed": job.seed,
+            "weight_decay": job.weight_decay, "recipe": [recipe.description, dict(recipe.options)], "dtype": job.dtype,
+            "data": job.data_sha1}
     return hashlib.sha1(json.dumps(what, sort_keys=True).encode()).hexdigest()
 
 
 def checkpoint_path(checkpoint_dir: str, run_id: str) -> Path:
     """Where a run keeps its checkpoint."""
     return Path(checkpoint_dir) / f"{run_id}.pt"
-
-
-def checkpointed_step(checkpoint_dir: str, run_id: str) -> int:
-    """The step a run's checkpoint holds, 0 when it has none, read without loading its tensors.
-
-    The checkpoint's key is not checked here: :func:`train_run` starts afresh from one of
-    another set-up, so this is an estimate of the steps left, for budgets."""
-    path = checkpoint_path(checkpoint_dir, run_id)
-    if not path.is_file():
-        return 0
-    return int(torch.load(path, map_location="cpu", mmap=True, weights_only=False)["step"])
 
 
 def _sync(device: torch.device) -> None:
@@ -166,6 +143,16 @@ class Timing:
                 "warmup_s": self.warmup_s, "wall_s": self.wall_s}
 
 
+def window_order(windows: int, needed: int, seed: int) -> torch.Tensor:
+    """The first ``needed`` training windows a run reads, as indices into the ``windows`` of its
+    split: a seeded random order without replacement, then, if ``needed`` exceeds ``windows``,
+    another random order of every window for each further pass. The same seed gives the same
+    order on every device, and a first pass's order does not depend on the passes after it."""
+    generator = torch.Generator().manual_seed(seed)
+    orders = [torch.randperm(windows, generator=generator) for _ in range(math.ceil(needed / windows))]
+    return torch.cat(orders)[:needed]
+
+
 def train_run(job: RunJob, recipe: Recipe, train_data: torch.Tensor, val_data: torch.Tensor,
               device: torch.device, log=print) -> dict:
     """Train one run, or go on with it from its checkpoint; see the module's docstring.
@@ -174,7 +161,7 @@ def train_run(job: RunJob, recipe: Recipe, train_data: torch.Tensor, val_data: t
     not) when the run stopped at ``job.stop_at`` before its last step. Raises :class:`Diverged`.
     """
     call_start = time.perf_counter()
-    size = job.size_spec
+    size = job.size
     steps, batch, seq = size.steps, size.batch_size, size.seq_len
     torch.manual_seed(job.seed)
     model = Llama(size.model_config()).to(device)
@@ -200,13 +187,11 @@ def train_run(job: RunJob, recipe: Recipe, train_data: torch.Tensor, val_data: t
     net = model if job.compile == "none" else torch.compile(
         model, mode=None if job.compile == "default" else job.compile)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if job.dtype == "bfloat16" else nullcontext()
-    windows = (len(train_data) - 1) // seq
-    if windows < steps * batch:
-        raise ValueError(f"{job.run_id}: the training split holds {windows:,} windows, the run needs "
-                         f"{steps * batch:,} (see corpus.check_fits)")
-    # The same seed gives the same windows in the same order on every device.
-    order = torch.randperm(windows, generator=torch.Generator().manual_seed(job.seed))[: steps * batch]
-    starts = (order * seq).to(device)
+    windows, passes = corpus_lib.windows(len(train_data), seq), corpus_lib.passes(len(train_data), size)
+    if passes > size.max_passes:
+        raise ValueError(f"{job.run_id}: the training split holds {windows:,} windows, the run reads "
+                         f"{steps * batch:,}: more than {size.max_passes} pass(es) (see corpus.check_fits)")
+    starts = (window_order(windows, steps * batch, job.seed) * seq).to(device)
     offsets = torch.arange(seq + 1, device=device)
     periodic = eval_windows(val_data, size, size.eval_batches)
     final = eval_windows(val_data, size, size.final_eval_batches or size.eval_batches)
@@ -303,7 +288,7 @@ def train_run(job: RunJob, recipe: Recipe, train_data: torch.Tensor, val_data: t
         "final_train_loss": sum(tail) / len(tail), "final_val_loss": val_curve[-1][1],
         "final_val_ppl": math.exp(val_curve[-1][1]), "ms_per_step": ms_per_step,
         "tokens_per_s": tokens_per_step * 1000 / ms_per_step if ms_per_step else None,
-        "train_loss": _curve(losses, size.train_points), "val_loss": val_curve,
+        "train_loss": _curve(losses, size.train_points), "val_loss": val_curve, "passes": passes,
     })
     if ckpt_path is not None:
         ckpt_path.unlink(missing_ok=True)
