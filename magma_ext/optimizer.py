@@ -198,12 +198,12 @@ class Magma(Optimizer):
                 check_group(group)
                 self._checked_options[id(group)] = options_key(group)
         plans = self._planner.plan(self.param_groups, self.state, process_groups(self.process_group))
-        for group, plan in plans:
-            for p, view, layout in plan.new_views(self.state):
-                self.state[p] = state_lib.new_state(p, group, view, layout)
+        for group, plan, states in plans:
+            for p, state, view, layout in plan.new_views(states):
+                state.update(state_lib.new_state(p, group, view, layout))
         grad_scale, found_inf = getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
-        for group, plan in plans:
-            plan.run(self.state, _hyper(group), grad_scale, found_inf)
+        for group, plan, states in plans:
+            plan.run(states, _hyper(group), grad_scale, found_inf)
         return loss
 
 

@@ -81,16 +81,21 @@ class GroupPlan:
     devices: list[DevicePlan]
     empty_exchange: BlockSumExchange | None = None
 
-    def new_views(self, state) -> list[tuple[torch.Tensor, ParamView, object]]:
-        """(parameter, view, blocks) of the parameters that have no state yet."""
-        return [(p, view, layout) for device in self.devices
-                for p, view, layout in zip(device.params, device.views, device.plan.layouts) if not state[p]]
+    def states(self, state_of: dict[int, dict]) -> list[list[dict]]:
+        """Each device's parameters' state dicts, from ``state_of`` (by ``id``)."""
+        return [[state_of[id(p)] for p in device.params] for device in self.devices]
 
-    def run(self, state, hyper: Hyper, grad_scale, found_inf) -> None:
+    def new_views(self, states: list[list[dict]]) -> list[tuple[torch.Tensor, dict, ParamView, object]]:
+        """(parameter, its empty state dict, view, blocks) of the parameters without state yet."""
+        return [(p, s, view, layout) for device, device_states in zip(self.devices, states)
+                for p, s, view, layout in zip(device.params, device_states, device.views, device.plan.layouts)
+                if not s]
+
+    def run(self, states: list[list[dict]], hyper: Hyper, grad_scale, found_inf) -> None:
         if self.empty_exchange is not None:  # no piece here; the others still add up
             self.empty_exchange.reduce_(torch.zeros((0, 3), dtype=torch.float32, device=self.empty_exchange.device))
-        for device in self.devices:
-            device.run([state[p] for p in device.params], hyper, grad_scale, found_inf)
+        for device, device_states in zip(self.devices, states):
+            device.run(device_states, hyper, grad_scale, found_inf)
 
 
 class StepPlanner:
@@ -99,31 +104,34 @@ class StepPlanner:
     def __init__(self):
         self._plans: dict = {}
 
-    def plan(self, param_groups: list[dict], state, process_groups: list) -> list[tuple[dict, GroupPlan]]:
-        """COLLECTIVE for sharded groups on their first step: the plan of every group with
-        gradients (and of scored groups without, where ``process_groups`` are given: see
-        ``Magma(process_group=)``), in order.
+    def plan(self, param_groups: list[dict], state, process_groups: list) -> list[tuple[dict, GroupPlan, list]]:
+        """COLLECTIVE for sharded groups on their first step: ``(group, plan, states)`` of every
+        group with gradients (and of scored groups without, where ``process_groups`` are given:
+        see ``Magma(process_group=)``), in order; ``states`` are the plan's parameters' state
+        dicts, device by device (each parameter's state is looked up once a step: a lookup
+        hashes a tensor in Python, host time that a step's GPU time includes).
 
         Checks every group's gradients and, for a group not planned before, its parameters'
         devices and state; raises before any state exists or changes.
         """
         work = [params_with_grad(group) for group in param_groups]
+        state_of = {id(p): state[p] for params in work for p in params}
         keys = [_plan_key(group, params, process_groups) for group, params in zip(param_groups, work)]
         names = None
         for group, params, key in zip(param_groups, work, keys):
             if params and key not in self._plans:
                 names = names or parameter_names(param_groups)
-                _check_layouts(group, params, state, names)
-        new = [p for params in work for p in params if not state[p]]
+                _check_layouts(group, params, state_of, names)
+        new = [p for params in work for p in params if not state_of[id(p)]]
         held = identity.held_indices(param_groups, state.values()) if new else set()
         indices = identity.new_tensor_indices(param_groups, held, new) if new else {}
         plans = []
         for group, params, key in zip(param_groups, work, keys):
             if params:
-                plans.append((group, self._group_plan(key, group, params, state, indices, param_groups,
-                                                      process_groups)))
+                plan = self._group_plan(key, group, params, state_of, indices, param_groups, process_groups)
+                plans.append((group, plan, plan.states(state_of)))
             elif process_groups and _scored(group):
-                plans.append((group, GroupPlan([], self._empty_exchange(group, process_groups))))
+                plans.append((group, GroupPlan([], self._empty_exchange(group, process_groups)), []))
         return plans
 
     def exchanges(self) -> list[BlockSumExchange]:
@@ -136,24 +144,25 @@ class StepPlanner:
                 found += [device.exchange for device in plan.devices if device.exchange is not None]
         return found
 
-    def _group_plan(self, key, group, params, state, new_indices, param_groups, process_groups) -> GroupPlan:
+    def _group_plan(self, key, group, params, state_of, new_indices, param_groups, process_groups) -> GroupPlan:
         plan = self._plans.get(key)
         if plan is None:
             if len(self._plans) >= _CACHE_LIMIT:
                 self._plans.clear()
             names = parameter_names(param_groups)
-            plan = GroupPlan([self._device_plan(group, device, members, state, new_indices, names, process_groups)
+            plan = GroupPlan([self._device_plan(group, device, members, state_of, new_indices, names, process_groups)
                               for device, members in _by_device(params).items()])
             self._plans[key] = plan
         return plan
 
-    def _device_plan(self, group, device, params, state, new_indices, names, process_groups) -> DevicePlan:
+    def _device_plan(self, group, device, params, state_of, new_indices, names, process_groups) -> DevicePlan:
         block = group["block"]
-        positional = [state[p]["magma_tensor_index"] if state[p] else new_indices[id(p)] for p in params]
+        states = [state_of[id(p)] for p in params]
+        positional = [s["magma_tensor_index"] if s else new_indices[id(p)] for p, s in zip(params, states)]
         views = [view_of(p, index, block, names[id(p)]) for p, index in zip(params, positional)]
         layouts = [view.layout(block) for view in views]
         indices = [view.piece.index for view in views]
-        masters = [("master_param" in state[p]) if state[p] else wants_master(p, group) for p in params]
+        masters = [("master_param" in s) if s else wants_master(p, group) for p, s in zip(params, states)]
         if group["fused"] is None and device.type == "cuda" and not functional.extension_loaded():
             functional.warn_no_extension()
         plan = functional.plan_step(device, [view.local for view in views], masters, layouts, indices, group["fused"])
@@ -203,13 +212,13 @@ def parameter_names(param_groups: list[dict]) -> dict[int, str]:
     return names
 
 
-def _check_layouts(group: dict, params: list[torch.Tensor], state, names: dict[int, str]) -> None:
+def _check_layouts(group: dict, params: list[torch.Tensor], state_of: dict[int, dict], names: dict[int, str]) -> None:
     """Grads on their params' devices; state shaped like its parameter; block unchanged."""
     for p in params:
         if p.grad.device != p.device:
             raise ValueError(f"grad on {p.grad.device} but param on {p.device}")
-        if state[p]:
-            check_state_fits(state[p], p, group, f"parameter {names[id(p)]}")
+        if state_of[id(p)]:
+            check_state_fits(state_of[id(p)], p, group, f"parameter {names[id(p)]}")
 
 
 def _scored(group: dict) -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import copy
 import io
 import math
@@ -518,3 +519,36 @@ def test_torch_grad_scaler_skips_inf_steps():
     scaler.update()
     assert_snapshots_equal(snapshot(optimizer), after_good)
     assert scaler.get_scale() == 4.0
+
+
+# ---------------------------------------------------------------- host cost of a step
+
+
+class _CountingState(collections.defaultdict):
+    """optimizer.state that counts lookups (each hashes a tensor in Python)."""
+
+    lookups = 0
+
+    def __getitem__(self, key):
+        self.lookups += 1
+        return super().__getitem__(key)
+
+
+@pytest.mark.parametrize("mask", ["magma", "none"])
+def test_a_step_looks_up_each_parameters_state_once(mask):
+    # Host time before a step's first kernel adds to the step's time on the GPU.
+    shapes = ODD_SHAPES
+    params = _params(shapes)
+    idle = torch.nn.Parameter(torch.randn(3))  # no grad: not looked up at all
+    optimizer = Magma(params + [idle], lr=0.1, mask=mask, block="row")
+    grads = _grads(shapes, 3)
+    _set_grads(params, grads[0])
+    optimizer.step()
+    reference = _run(_params(shapes), grads, lr=0.1, mask=mask, block="row")
+    optimizer.state = _CountingState(dict, optimizer.state)
+    for step_grads in grads[1:]:
+        _set_grads(params, step_grads)
+        optimizer.step()
+    assert optimizer.state.lookups == 2 * len(params)
+    for p, q in zip(params, reference.param_groups[0]["params"]):
+        assert_bitwise_equal(p.detach(), q.detach())

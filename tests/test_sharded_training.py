@@ -143,7 +143,7 @@ def test_exchange_rows_follow_the_fused_paths_order(monkeypatch):
         optimizer = Magma(params)
         for p in params:
             p.grad = torch.randn_like(p)
-        ((_, group_plan),) = optimizer._planner.plan(optimizer.param_groups, optimizer.state, [])
+        ((_, group_plan, _),) = optimizer._planner.plan(optimizer.param_groups, optimizer.state, [])
         assert group_plan.devices[0].plan.row_order == [0, 2, 1]
         assert [record.piece.index for record in captured[0]] == [10, 12, 11]
     finally:
