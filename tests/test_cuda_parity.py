@@ -214,3 +214,29 @@ def test_non_finite_grad_keeps_the_score_on_both_paths(bad, block):
         torch.testing.assert_close(fused.state[p]["magma_score"], reference.state[q]["magma_score"], **STATE_TOL)
         assert torch.equal(torch.isfinite(p), torch.isfinite(q))
         assert (~torch.isfinite(p)).sum() <= 1
+
+
+@pytest.mark.parametrize("block", ["tensor", "row", 7, 3000], ids=str)
+def test_pipeline_stages_with_names_follow_the_whole_model_on_the_fused_path(block):
+    """Each stage's fused step over its own named parameters repeats one fused step over the
+    whole model bit for bit: names key the masks and a block's sums do not depend on the other
+    tensors of a launch (docs/ALGORITHM.md section 4)."""
+    from magma_ext import Magma
+
+    torch.manual_seed(0)
+    shapes = [(300, 70), (9000,), (64, 257), (5,), (1200, 33), (2, 3, 5)]
+    whole = [(f"layers.{i}.w", torch.nn.Parameter(torch.randn(s, device="cuda"))) for i, s in enumerate(shapes)]
+    split = [(name, torch.nn.Parameter(p.detach().clone())) for name, p in whole]
+    options = dict(lr=1e-2, weight_decay=0.1, block=block, seed=7, fused=True)
+    reference = Magma(whole, **options)
+    stages = [Magma(split[:2], **options), Magma(split[2:], **options)]
+    generator = torch.Generator(device="cuda").manual_seed(1)
+    for _ in range(20):
+        for (_, a), (_, b) in zip(whole, split):
+            a.grad = torch.randn(a.shape, device="cuda", generator=generator)
+            b.grad = a.grad.clone()
+        reference.step()
+        for stage in stages:
+            stage.step()
+    for (name, a), (_, b) in zip(whole, split):
+        assert torch.equal(a, b), name
