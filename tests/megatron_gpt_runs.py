@@ -63,7 +63,7 @@ def parse_args():
                         default="auto",
                         help="force one route of the sparse gather (SparseGather.route)")
     parser.add_argument("--sparse-chunk-bytes", type=int, default=None,
-                        help="the packed routes' bytes per rank and chunk (SparseGather.chunk_bytes)")
+                        help="the packed route's bytes per rank and chunk (SparseGather.chunk_bytes)")
     parser.add_argument("--overlap-param-gather", action="store_true",
                         help="ddp_config.overlap_param_gather (and overlap_grad_reduce, so several bucket groups): "
                              "with --sparse-param-gather, a step's check runs after the next forward, the last "
