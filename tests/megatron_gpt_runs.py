@@ -36,8 +36,8 @@ from megatron.core.transformer.module import Float16Module  # noqa: E402
 from magma_ext.megatron import get_megatron_magma_optimizer, magma_optimizers, param_sync_bytes  # noqa: E402
 from magma_ext.megatron.sparse_gather import ROUTES  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
-from megatron_gpt import block_spec  # noqa: E402  (the example's sequence-parallel norms)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from megatron_model import block_spec  # noqa: E402  (the local spec with sequence-parallel norms)
 from magma_ext.megatron.scores import gather_block_scores  # noqa: E402
 from magma_ext.shards import view_of  # noqa: E402
 
