@@ -117,7 +117,7 @@ def forward_step(positions: torch.Tensor, data_iterator, model):
 
     def loss_func(output: torch.Tensor):
         loss = output.float().mean()
-        return loss, {"lm loss": loss.detach()}
+        return loss, {"lm loss": loss.detach().clone()}  # the schedule scales the loss in place
 
     return per_token_loss, loss_func
 
