@@ -85,3 +85,13 @@ def test_the_markdown_page_states_the_setup_device_and_command(monkeypatch):
     page = markdown_report(args, results, "2 x GPU", "torch X; megatron-core Y")
     assert "- device: 2 x GPU; torch X; megatron-core Y" in page and "torchrun --nproc-per-node 2 " in page
     assert format_table(results) in page
+
+
+def test_the_layout_written_is_the_sparse_runs(tmp_path, capsys):
+    from megatron_bench_report import write_layout
+
+    path = tmp_path / "layout.json"
+    write_layout(str(path), [result("adam"), result("magma", layout=None)])
+    assert not path.exists() and "not written" in capsys.readouterr().out
+    write_layout(str(path), [result("magma", layout={"from": "dense"}), result("magma+sparse", layout={"from": "sparse"})])
+    assert path.read_text() == '{"from": "sparse"}'
