@@ -3,8 +3,8 @@
     torchrun --nproc-per-node 2 benchmarks/sparse_gather_bench.py layout.json \
         --keep-probs 0.5 0.1 --steps 60 --warmup 10 --chunk-mib 16 64 --out sparse_gather_bench.md
 
-``layout.json`` is a bucket layout record (``examples/megatron_gpt.py ... --layout-json``,
-``magma_ext.megatron.param_layout_record``). Each rank allocates the record's buckets (random
+``layout.json`` is a bucket layout record (``benchmarks/megatron_bench.py ... --layout-json``,
+``benchmarks/sparse_gather_record.py``). Each rank allocates the record's buckets (random
 values, the record's element sizes as bf16/fp32) on its GPU (or, without one, on the CPU over
 gloo: a smoke test) and, per step and keep_prob
 (it replaces every masked rule's), changes the changed elements of its own shard, then syncs
@@ -14,9 +14,8 @@ the buckets several ways, each timed with CUDA events around the sync alone:
   overlap), into a copy of the buckets that serves as the oracle;
 - *in place*: ``SparseGather.sync`` with the in-place point-to-point route forced;
 - *packed (one chunk)*: the packed all-gather route forced, its buffer moved whole;
-- *packed (N MiB chunks)*, *packed p2p (N MiB chunks)*, *packed broadcast (N MiB chunks)*: the
-  packed route and its unpadded point-to-point and broadcast transports, in chunks of N MiB per
-  rank (``SparseGather.chunk_bytes``), for each N of ``--chunk-mib``.
+- *packed (N MiB chunks)*: the packed route in chunks of N MiB per rank
+  (``SparseGather.chunk_bytes``), for each N of ``--chunk-mib``.
 
 After every step each sparse copy must equal the dense one bit for bit (the script fails if
 not). Reported per keep_prob: median milliseconds after ``--warmup`` steps, the ratio to dense,
@@ -37,17 +36,17 @@ import argparse  # noqa: E402
 import datetime  # noqa: E402
 import json  # noqa: E402
 import statistics  # noqa: E402
-import sys  # noqa: E402
 import time  # noqa: E402
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
-from magma_ext.megatron.sparse_gather import Bucket, SparseGather, buckets_of_record  # noqa: E402
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from sparse_gather_projection import padded_numel, with_keep_prob  # noqa: E402
+# first: it puts the checkout on sys.path where magma_ext is not installed
+from sparse_gather_record import buckets_of_record, padded_numel, with_keep_prob  # noqa: E402
 from step_bench import time_call  # noqa: E402
+
+from magma_ext.megatron.buckets import Bucket  # noqa: E402
+from magma_ext.megatron.sparse_gather import SparseGather  # noqa: E402
 
 DTYPES = {2: torch.bfloat16, 4: torch.float32}
 
@@ -56,8 +55,7 @@ def variants(chunk_mib: list[int]) -> dict[str, dict]:
     """Each timed sync's name and the SparseGather settings that make it."""
     out = {"in place": dict(route="in place"), "packed (one chunk)": dict(route="packed", max_chunks=1)}
     for mib in chunk_mib:
-        for route in ("packed", "packed p2p", "packed broadcast"):
-            out[f"{route} ({mib} MiB chunks)"] = dict(route=route, chunk_bytes=mib * 2**20)
+        out[f"packed ({mib} MiB chunks)"] = dict(route="packed", chunk_bytes=mib * 2**20)
     return out
 
 
@@ -68,7 +66,7 @@ def parse_args():
     p.add_argument("--steps", type=int, default=60)
     p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--chunk-mib", type=int, nargs="+", default=[64],
-                   help="the packed routes' chunk sizes to time, MiB per rank")
+                   help="the packed route's chunk sizes to time, MiB per rank")
     p.add_argument("--out", default=None, help="Markdown table to write (rank 0)")
     return p.parse_args()
 

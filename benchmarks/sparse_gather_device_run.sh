@@ -36,7 +36,7 @@ tail -3 "$logs/routes.log"
 for overlap in "" "--overlap-param-gather"; do
   for keep in 0.5 0.1; do
     name="megatron_sparse_gather_keep${keep}${overlap:+_overlap}_${tag}_${day}"
-    torchrun --nproc-per-node 2 examples/megatron_gpt.py --dp 2 --distributed-optimizer $overlap \
+    torchrun --nproc-per-node 2 benchmarks/megatron_bench.py --dp 2 --distributed-optimizer $overlap \
       --optimizer both --param-gather both --keep-prob $keep --layers 16 --hidden 2048 --heads 16 \
       --seq-len 1024 --micro-batch 4 --steps 30 --warmup-steps 10 --table "$logs/$name.md" \
       > "$logs/$name.log" 2>&1

@@ -5,8 +5,8 @@
         --steps 20 --out projection.md
     python benchmarks/sparse_gather_projection.py --self-check [layout.json]
 
-``layout.json`` is a bucket layout record (``magma_ext.megatron.sparse_gather.layout_record``),
-as ``examples/megatron_gpt.py --distributed-optimizer --param-gather sparse --layout-json
+``layout.json`` is a bucket layout record (``benchmarks/sparse_gather_record.py``), as
+``benchmarks/megatron_bench.py --distributed-optimizer --param-gather sparse --layout-json
 layout.json`` writes it: every bucket's size and element size, its tensors' positions and block
 layouts, and their mask rules. No GPU and no megatron-core: the masks are drawn on the CPU from
 the rules, as every rank draws them.
@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import random
 import statistics
 import sys
 from collections import defaultdict
@@ -42,34 +41,16 @@ from pathlib import Path
 
 import torch
 
-try:
-    from magma_ext.megatron.sparse_gather import (
-        BlockTable, Bucket, BucketTensor, MaskRule, SparseGather, buckets_of_record, changed_ranges,
-        layout_record, shard_ranges)
-except ImportError:  # a checkout that is not installed: use the package next to this file
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from magma_ext.megatron.sparse_gather import (
-        BlockTable, Bucket, BucketTensor, MaskRule, SparseGather, buckets_of_record, changed_ranges,
-        layout_record, shard_ranges)
-from magma_ext.layout import BlockLayout
+# first: it puts the checkout on sys.path where magma_ext is not installed
+from sparse_gather_record import RecordBucket, buckets_of_record, padded_numel, synthetic_record, with_keep_prob
 
-# A bucket as buckets_of_record gives it: (numel, element size, tensors).
-RecordBucket = tuple[int, int, list[BucketTensor]]
+from magma_ext.megatron.changed_ranges import BlockTable, changed_ranges, shard_ranges
+from magma_ext.megatron.sparse_gather import SparseGather
 
 
 # --------------------------------------------------------------------------------------------
 # Counting
 # --------------------------------------------------------------------------------------------
-
-def padded_numel(numel: int, dp: int) -> int:
-    """A bucket's size padded to a multiple of ``dp``, as Megatron pads it."""
-    return -(-numel // dp) * dp
-
-
-def with_keep_prob(rules: dict, keep_prob: float) -> dict:
-    """``rules`` with every masked rule's keep_prob replaced (unmasked rules stay unmasked)."""
-    return {key: MaskRule(rule.seed, keep_prob, True) if rule.masked else rule for key, rule in rules.items()}
-
 
 def changed_before(ranges: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
     """For each ``x`` of ``points``, the changed elements in ``[0, x)``: ``ranges`` are
@@ -129,7 +110,7 @@ class StepCounts:
 
     def transfers(self, element_size: int) -> int:
         """The most point-to-point transfers a rank posts on the in-place route
-        (``SparseGather.direct_ops``)."""
+        (``magma_ext.megatron.in_place_exchange.direct_ops``)."""
         mine = self.ranges[element_size]
         return int(((self.dp - 1) * mine + mine.sum() - mine).max())
 
@@ -222,28 +203,6 @@ def project(buckets: list[RecordBucket], rules: dict, keep_probs: list[float], d
 # Self-check: the per-rank counts against shard_ranges
 # --------------------------------------------------------------------------------------------
 
-def synthetic_record(seed: int = 0) -> dict:
-    """A small record: buckets of two element sizes, tensors with gaps between them, pieces not
-    starting on a block boundary, a dense tensor, bucket sizes that few DP sizes divide."""
-    rng = random.Random(seed)
-    rules = {0: MaskRule(seed=rng.randrange(2**64), keep_prob=0.5, masked=True),
-             1: MaskRule(seed=rng.randrange(2**64), keep_prob=0.5, masked=True),
-             2: MaskRule(seed=0, keep_prob=1.0, masked=False)}
-    buckets, index = [], 0
-    for dtype in (torch.bfloat16, torch.float32, torch.bfloat16):
-        tensors, position = [], rng.randint(0, 3)
-        for _ in range(rng.randint(2, 6)):
-            numel = rng.choice([1, 5, 17, 40, 96, 300])
-            offset = rng.randint(0, 20)
-            layout = BlockLayout(numel=numel, block_size=rng.choice([1, 3, 8, 16, 64, 500]), offset=offset,
-                                 logical_numel=offset + numel + rng.randint(0, 9))
-            tensors.append(BucketTensor(start=position, index=index, layout=layout, rule=rng.randint(0, 2)))
-            index += 1
-            position += numel + rng.choice([0, 0, 3])
-        buckets.append(Bucket(torch.empty(position + rng.randint(0, 7), dtype=dtype), tensors))
-    return layout_record(buckets, rules)
-
-
 def self_check(buckets: list[RecordBucket], rules: dict, keep_probs: list[float], dps: list[int],
                steps: int) -> int:
     """Compare :func:`rank_counts` and :func:`rank_range_counts` with ``shard_ranges`` on every bucket; return the number of
@@ -282,10 +241,8 @@ def describe_record(path: str, buckets: list[RecordBucket], rules: dict, steps: 
             f"({sum(numel for numel, _, _ in buckets):,} elements with padding; element sizes {sizes} bytes); "
             f"steps 1-{steps}. *bytes vs dense*: (sent + received) per rank of the sparse gather's packed route "
             f"over a dense all-gather's, buckets padded to a multiple of DP; *without padding*: the "
-            f"mean rank's changed elements instead of the largest rank's, which is what the in-place, "
-            f"packed p2p and packed broadcast routes move (`SparseGather.route`; packed p2p posts one send "
-            f"and one receive per other rank and chunk, packed broadcast one broadcast per rank and chunk); "
-            f"*in-place transfers*: the most point-to-point sends and "
+            f"mean rank's changed elements instead of the largest rank's, which is what the in-place route "
+            f"moves (`SparseGather.route`); *in-place transfers*: the most point-to-point sends and "
             f"receives one rank would post on that route in one step; *auto route*: what `SparseGather`'s "
             f"default rule sends (in place per element size where packing pads past "
             f"{SparseGather.max_padding:g}x the changed elements and no rank posts more than "
@@ -313,7 +270,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("layout_json", nargs="?", default=None,
-                   help="a layout_record JSON file (examples/megatron_gpt.py --layout-json)")
+                   help="a layout record JSON file (benchmarks/megatron_bench.py --layout-json)")
     p.add_argument("--keep-probs", type=float, nargs="+", default=[0.5, 0.1],
                    help="keep_prob of every masked rule, one projection each")
     p.add_argument("--dps", type=int, nargs="+", default=[2, 8, 64, 512], help="data-parallel sizes")

@@ -10,6 +10,7 @@ counter is ``(t, high, block_index, low)`` under the 64-bit key ``seed``.  A ten
 
 Everything here works on int64 tensors holding unsigned 32-bit values, so it runs on any
 device; the 32x32 -> 64-bit products are split into 16-bit halves to stay inside int64.
+:func:`keep_mask_numpy` runs the same rounds on numpy uint64 arrays, for host-side planning.
 """
 
 from __future__ import annotations
@@ -46,14 +47,20 @@ def _mulhilo(a: torch.Tensor, multiplier: int) -> tuple[torch.Tensor, torch.Tens
     return high, low
 
 
-def philox4x32_10(counter: tuple[torch.Tensor, ...], seed: int) -> tuple[torch.Tensor, ...]:
-    """Philox4x32-10 of a broadcastable 4-tuple of int64 counter words under a 64-bit key."""
+def _rounds(counter: tuple, seed: int, mulhilo, key_word=int) -> tuple:
+    """The ten Philox rounds over the words of ``counter`` (arrays of one integer kind), with
+    ``mulhilo(a, multiplier) -> (high, low)`` for that kind and the round keys as ``key_word``."""
     c0, c1, c2, c3 = counter
     for k0, k1 in _round_keys(seed):
-        high0, low0 = _mulhilo(c0, PHILOX_M0)
-        high1, low1 = _mulhilo(c2, PHILOX_M1)
-        c0, c1, c2, c3 = high1 ^ c1 ^ k0, low1, high0 ^ c3 ^ k1, low0
+        high0, low0 = mulhilo(c0, PHILOX_M0)
+        high1, low1 = mulhilo(c2, PHILOX_M1)
+        c0, c1, c2, c3 = high1 ^ c1 ^ key_word(k0), low1, high0 ^ c3 ^ key_word(k1), low0
     return c0, c1, c2, c3
+
+
+def philox4x32_10(counter: tuple[torch.Tensor, ...], seed: int) -> tuple[torch.Tensor, ...]:
+    """Philox4x32-10 of a broadcastable 4-tuple of int64 counter words under a 64-bit key."""
+    return _rounds(counter, seed, _mulhilo)
 
 
 def check_seed(seed) -> int:
@@ -104,6 +111,40 @@ def keep_mask(
 ) -> torch.Tensor:
     """Bernoulli(keep_prob) draw z of each block, as a bool tensor."""
     return philox_first_word(seed, tensor_index, block_index, step) < keep_threshold(keep_prob)
+
+
+def keep_mask_numpy(seed: int, tensor_index, block_index, step: int, keep_prob: float):
+    """:func:`keep_mask` on the host, for numpy integer arrays: the same draw z of each block, bit
+    for bit, as a numpy bool array of the broadcast shape of ``tensor_index`` and
+    ``block_index``; ``step`` is one int in ``[0, 2**64)``.
+
+    The rounds run in numpy's uint64 arithmetic, where a 32 x 32-bit product needs no splitting:
+    about ten times faster than the torch integer ops on a CPU. For host-side planning that needs
+    a step's masks of many blocks without touching a device (the sparse parameter gather of
+    ``magma_ext.megatron``). Needs numpy.
+    """
+    import numpy as np
+
+    seed = check_seed(seed)
+    if isinstance(step, bool) or not hasattr(step, "__index__"):
+        raise TypeError(f"step must be an int, got {type(step).__name__}")
+    step = operator.index(step)
+    if not 0 <= step < 2**64:
+        raise ValueError(f"step must be in [0, 2**64), got {step}")
+    low = np.uint64(MASK32)
+    tensor_words, block_words = np.broadcast_arrays(np.asarray(tensor_index), np.asarray(block_index))
+    tensor_words = tensor_words.astype(np.uint64)
+    counter = (np.full(tensor_words.shape, step & MASK32, dtype=np.uint64),
+               (np.uint64(step >> 32) + (tensor_words >> np.uint64(32))) & low,
+               block_words.astype(np.uint64) & low,
+               tensor_words & low)
+
+    def mulhilo(a, multiplier):
+        product = a * np.uint64(multiplier)  # exact: both factors are below 2**32
+        return product >> np.uint64(32), product & low
+
+    word = _rounds(counter, seed, mulhilo, np.uint64)[0]
+    return word < np.uint64(keep_threshold(keep_prob))
 
 
 def curand_words(seed: int, subsequence: int, offset: int, n: int) -> list[int]:

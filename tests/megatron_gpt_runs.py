@@ -36,8 +36,8 @@ from megatron.core.transformer.module import Float16Module  # noqa: E402
 from magma_ext.megatron import get_megatron_magma_optimizer, magma_optimizers, param_sync_bytes  # noqa: E402
 from magma_ext.megatron.sparse_gather import ROUTES  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
-from megatron_gpt import block_spec  # noqa: E402  (the example's sequence-parallel norms)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from megatron_model import block_spec  # noqa: E402  (the local spec with sequence-parallel norms)
 from magma_ext.megatron.scores import gather_block_scores  # noqa: E402
 from magma_ext.views import view_of  # noqa: E402
 
@@ -63,7 +63,7 @@ def parse_args():
                         default="auto",
                         help="force one route of the sparse gather (SparseGather.route)")
     parser.add_argument("--sparse-chunk-bytes", type=int, default=None,
-                        help="the packed routes' bytes per rank and chunk (SparseGather.chunk_bytes)")
+                        help="the packed route's bytes per rank and chunk (SparseGather.chunk_bytes)")
     parser.add_argument("--overlap-param-gather", action="store_true",
                         help="ddp_config.overlap_param_gather (and overlap_grad_reduce, so several bucket groups): "
                              "with --sparse-param-gather, a step's check runs after the next forward, the last "

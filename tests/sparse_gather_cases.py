@@ -7,7 +7,10 @@ import random
 import torch
 
 from magma_ext.layout import BlockLayout
-from magma_ext.megatron.sparse_gather import Bucket, BucketTensor, MaskRule, SparseGather, SyncBytes, changed_ranges
+from magma_ext.megatron.buckets import Bucket, BucketTensor
+from magma_ext.megatron.changed_ranges import MaskRule, changed_ranges
+from magma_ext.megatron.sparse_gather import SparseGather
+from magma_ext.megatron.sync_bytes import SyncBytes
 from magma_ext.philox import keep_mask
 
 
@@ -54,21 +57,19 @@ def as_mask(ranges: torch.Tensor, numel: int) -> torch.Tensor:
     return mask
 
 
-ROUTES = ("in place", "packed views", "packed positions", "packed chunks", "packed p2p chunks",
-          "packed broadcast chunks")
-EXACT_ROUTES = ("in place", "packed p2p chunks", "packed broadcast chunks")  # nothing padded: each rank sends its changed elements
+ROUTES = ("in place", "packed views", "packed positions", "packed chunks")
+EXACT_ROUTES = ("in place",)  # nothing padded: each rank sends its changed elements
 
 
 def configure(gather: SparseGather, route: str) -> None:
-    """Set ``gather`` up for one of :data:`ROUTES`: the route forced, and on the packed ones views
-    or element positions, one chunk or several (chunk edges then cut ranges)."""
-    gather.route = next(name for name in ("in place", "packed p2p", "packed broadcast", "packed") if route.startswith(name))
+    """Set ``gather`` up for one of :data:`ROUTES`: the route forced, and on the packed one views,
+    element positions, or chunks (whose edges then cut ranges) with runs of one range as views
+    and longer ones by positions."""
+    gather.route = "in place" if route == "in place" else "packed"
     if route == "packed positions":
         gather.max_views = 0
-    if "chunks" in route:
-        gather.chunk_bytes, gather.max_chunks = 8, 5
-    if route in ("packed p2p chunks", "packed broadcast chunks"):
-        gather.max_views = 1  # runs of one range as views, longer ones by positions
+    if route == "packed chunks":
+        gather.chunk_bytes, gather.max_chunks, gather.max_views = 8, 5, 1
 
 
 def dense_gathered(data: torch.Tensor, rank: int, size: int) -> torch.Tensor:
@@ -131,32 +132,3 @@ def sync_body(rank, size, seed, steps, route="in place", device="cpu", parts=Fal
         for bucket, reference in zip(buckets, dense):
             assert torch.equal(bucket.param_data, reference), step
     return [(t.sent, t.received, t.dense_sent, t.dense_received) for t in moved]
-
-
-# The broadcast transport on a hand-made layout: rank 0 changes shard elements [0, 10), rank 1
-# [2, 6), rank 2 (if any) nothing; chunks of stream positions [0, 4), [4, 8), [8, 10).
-BROADCAST_SHARD, BROADCAST_RANGES, BROADCAST_BOUNDS = 12, ([[0, 10]], [[2, 6]], []), [(0, 4), (4, 8), (8, 10)]
-
-
-def broadcast_transport_body(rank: int, size: int) -> tuple[list[str], list[float]]:
-    """Run one packed exchange by the ``"broadcast"`` transport, recording which collective moved
-    each chunk; returns (those collectives, this rank's parameter buffer after the exchange).
-    Every rank starts from the same buffer and writes ``100 * (r + 1) + element`` into rank
-    ``r``'s changed elements of its own shard."""
-    import torch.distributed as dist
-
-    from magma_ext.megatron.packed_exchange import plan_packed
-
-    calls = []
-    for name in ("all_gather_into_tensor", "broadcast"):
-        real = getattr(dist, name)
-        setattr(dist, name, lambda *a, _real=real, _name=name, **k: calls.append(_name) or _real(*a, **k))
-    data = torch.arange(size * BROADCAST_SHARD, dtype=torch.float32)
-    shards = [[data[r * BROADCAST_SHARD:(r + 1) * BROADCAST_SHARD] for r in range(size)]]
-    layout = [[torch.tensor(BROADCAST_RANGES[r], dtype=torch.int64).reshape(-1, 2) for r in range(size)]]
-    for a, b in BROADCAST_RANGES[rank]:
-        shards[0][rank][a:b] += 100 * (rank + 1)
-    width = max(sum(b - a for a, b in BROADCAST_RANGES[r]) for r in range(size))
-    plan = plan_packed(shards, layout, rank, torch.empty(size * width), "broadcast", BROADCAST_BOUNDS, 256)
-    plan.finish(plan.start(None, rank))
-    return calls, data.tolist()

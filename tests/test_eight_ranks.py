@@ -37,7 +37,7 @@ def test_megatron_dp8_and_tp2_dp4_pieces_follow_one_process():
         megatron_cases.check_tp_dp_run(results, tp_size)
 
 
-@pytest.mark.parametrize("route", ["in place", "packed views", "packed p2p chunks"])
+@pytest.mark.parametrize("route", ["in place", "packed views", "packed chunks"])
 def test_the_sparse_sync_on_8_ranks_equals_a_dense_gather(route):
     results = run_ranks(EIGHT, sync_body, EIGHT, 8, 6, route, timeout=600)
     for step in zip(*results):

@@ -26,9 +26,9 @@ BLOCKS = ("tensor", "row", "5")
 RUNS = {f"sparse_{block}_{keep}": (2, ["--distributed-optimizer", "--sparse-param-gather", "--block", block,
                                       "--keep-prob", keep, "--steps", str(SPARSE_STEPS)])
         for block in BLOCKS for keep in ("0.1", "0.5", "0.9")}
-# forced, at keep_prob 0.5 (the runs above take the default route); "-chunks": the packed routes in
+# forced, at keep_prob 0.5 (the runs above take the default route); "-chunks": the packed route in
 # chunks of 4 KiB per rank, so that chunk edges cut ranges and unpacking overlaps the next chunk
-ROUTES = ("in-place", "packed", "packed-p2p", "packed-chunks", "packed-p2p-chunks", "packed-broadcast-chunks")
+ROUTES = ("in-place", "packed", "packed-chunks")
 RUNS.update({f"sparse_{block}_0.5_{route}": (2, RUNS[f"sparse_{block}_0.5"][1] + [
     "--sparse-route", route.removesuffix("-chunks")] + (["--sparse-chunk-bytes", "4096"] if "chunks" in route else []))
              for block in BLOCKS for route in ROUTES})

@@ -151,3 +151,55 @@ def test_keep_prob_extremes(keep_prob, expected):
     blocks = torch.arange(20_000, dtype=torch.int64)
     mask = philox.keep_mask(2**64 - 1, torch.tensor(9), blocks, torch.tensor(3), keep_prob)
     assert bool((mask == expected).all())
+
+
+def _random_draw_inputs(seed: int, n: int = 2000):
+    """Indices over the whole 32-bit range and names' indices up to 2**62, with every field's edges."""
+    gen = torch.Generator().manual_seed(seed)
+    tensor_index = torch.randint(0, 2**32, (n,), generator=gen, dtype=torch.int64)
+    tensor_index[n // 2:] = torch.randint(0, 2**62, (n - n // 2,), generator=gen, dtype=torch.int64)
+    block_index = torch.randint(0, 2**32, (n,), generator=gen, dtype=torch.int64)
+    tensor_index[:6] = torch.tensor([0, 2**32 - 1, 0, 2**32 - 1, 2**32, 2**62 - 1])
+    block_index[:6] = torch.tensor([0, 2**32 - 1, 2**32 - 1, 0, 0, 2**32 - 1])
+    return tensor_index, block_index
+
+
+@pytest.mark.parametrize("seed", [0, 2**32 - 1, 0x0123456789ABCDEF, 2**64 - 1])
+@pytest.mark.parametrize("step", [1, 77, 2**32 - 1, 2**32, 2**40 + 3])
+def test_keep_mask_numpy_draws_what_keep_mask_draws(seed, step):
+    tensor_index, block_index = _random_draw_inputs(seed % 997)
+    words = philox.philox_first_word(seed, tensor_index, block_index, torch.tensor(step))
+    # keep_probs at drawn words make a word one off its threshold decide: every bit counts
+    probs = [0.0, 0.1, 0.5, 1 / 3, 1.0] + [int(w) / 2**32 for w in words[:3]] + [(int(w) + 1) / 2**32 for w in words[:3]]
+    for keep_prob in probs:
+        expected = philox.keep_mask(seed, tensor_index, block_index, torch.tensor(step), keep_prob)
+        got = philox.keep_mask_numpy(seed, tensor_index.numpy(), block_index.numpy(), step, keep_prob)
+        assert got.dtype == bool and got.shape == (len(tensor_index),)
+        assert got.tolist() == expected.tolist(), keep_prob
+
+
+@pytest.mark.parametrize("case", MASK_DRAW_CASES)
+def test_keep_mask_numpy_known_answers(case):
+    """cuRAND's word w for the block: kept at keep_prob (w + 1) / 2**32, dropped at w / 2**32."""
+    import numpy as np
+
+    tensor_index, block_index = case["subsequence"] >> 32, case["subsequence"] & 0xFFFFFFFF
+    word, step = case["words"][0], case["offset"] // 4
+    for nudge, kept in ((0, False), (1, True)):
+        mask = philox.keep_mask_numpy(case["seed"], np.array([tensor_index]), np.array([block_index]), step,
+                                      (word + nudge) / 2**32)
+        assert mask.tolist() == [kept]
+
+
+def test_keep_mask_numpy_broadcasts_and_refuses_bad_steps_and_seeds():
+    import numpy as np
+
+    blocks = np.arange(6)
+    mask = philox.keep_mask_numpy(7, np.int64(3), blocks, 4, 0.5)
+    assert mask.tolist() == [oracle.keep_block(7, 3, b, 4, 0.5) for b in range(6)]
+    assert philox.keep_mask_numpy(7, np.int64(3), blocks, np.int64(4), 0.5).tolist() == mask.tolist()
+    for step, error in ((-1, ValueError), (2**64, ValueError), (1.0, TypeError), (True, TypeError)):
+        with pytest.raises(error, match="step must be"):
+            philox.keep_mask_numpy(7, np.int64(3), blocks, step, 0.5)
+    with pytest.raises(ValueError, match="Invalid seed"):
+        philox.keep_mask_numpy(-1, np.int64(3), blocks, 4, 0.5)

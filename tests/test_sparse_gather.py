@@ -10,9 +10,12 @@ import pytest
 import torch
 
 from distributed_helpers import run_ranks
-from magma_ext.megatron.sparse_gather import MaskRule, changed_ranges, shard_ranges
-from sparse_gather_cases import (BROADCAST_RANGES, BROADCAST_SHARD, EXACT_ROUTES, ROUTES, as_mask, broadcast_transport_body,
-                                 brute_force_changed, random_bucket_tensors, random_rules, sync_body)
+from magma_ext.megatron.buckets import Bucket
+from magma_ext.megatron.changed_ranges import MaskRule, changed_ranges, shard_ranges
+from magma_ext.megatron.sparse_gather import SparseGather
+from magma_ext.megatron.sync_bytes import SyncBytes
+from sparse_gather_cases import (EXACT_ROUTES, ROUTES, as_mask, brute_force_changed, random_bucket_tensors, random_rules,
+                                 sync_body)
 
 
 @pytest.mark.parametrize("size", [1, 2, 3, 8])
@@ -92,51 +95,33 @@ def check_traffic(results, size, route):
         assert any(len({sent for sent, _, _, _ in step}) > 1 for step in zip(*results))
 
 
-@pytest.mark.parametrize("size, collectives", [
-    (2, ["all_gather_into_tensor", "broadcast", "broadcast"]),  # chunk 0 filled by both ranks
-    (3, ["broadcast"] * 4)])  # rank 2 fills no chunk: two broadcasts, then one, then one
-def test_the_broadcast_transport_gathers_filled_chunks_and_broadcasts_the_rest(size, collectives):
-    """The "broadcast" transport moves a chunk that every rank fills by one all-gather (it has no
-    padding), any other by one broadcast from each rank with elements in it (none from a rank
-    without); every rank's buffer ends as every rank's changes leave it."""
-    results = run_ranks(size, broadcast_transport_body, size)
-    expected = torch.arange(size * BROADCAST_SHARD, dtype=torch.float32)
-    for r in range(size):
-        for a, b in BROADCAST_RANGES[r]:
-            expected[r * BROADCAST_SHARD + a:r * BROADCAST_SHARD + b] += 100 * (r + 1)
-    for calls, data in results:
-        assert calls == collectives and data == expected.tolist()
-
-
 def test_the_route_follows_padding_and_transfers():
     """auto: in place where packing would pad past max_padding times the changed elements and no
     rank posts more than max_direct_ops transfers, else packed; the same choice on every rank,
     from the layout alone; a forced route is kept; an unknown one is refused."""
-    from magma_ext.megatron.sparse_gather import SparseGather
+    from magma_ext.megatron.in_place_exchange import direct_ops
 
     ranges = [torch.zeros((k, 2), dtype=torch.int64) for k in (4, 1, 0)]
-    members = [(None, ranges), (None, ranges)]
+    layout = [ranges, ranges]
     # rank 0: 2 * 8 sends + 2 receives; rank 1: 2 * 2 sends + 8 receives; rank 2: 10 receives
-    assert SparseGather([], None, 0, 3).direct_ops(members) == 18
-    assert SparseGather([], None, 2, 3).direct_ops(members) == 18
+    assert direct_ops(layout) == 18 and direct_ops([]) == 0
     for rank in range(3):
         gather = SparseGather([], None, rank, 3)
-        assert gather.choose_route(members, [100, 10, 0]) == "in place"  # 3 * 100 > 2 * 110
-        assert gather.choose_route(members, [50, 40, 30]) == "packed"  # 3 * 50 <= 2 * 120
+        assert gather.choose_route(layout, [100, 10, 0]) == "in place"  # 3 * 100 > 2 * 110
+        assert gather.choose_route(layout, [50, 40, 30]) == "packed"  # 3 * 50 <= 2 * 120
         gather.max_direct_ops = 17
-        assert gather.choose_route(members, [100, 10, 0]) == "packed"  # 18 transfers > 17
+        assert gather.choose_route(layout, [100, 10, 0]) == "packed"  # 18 transfers > 17
         gather.route = "in place"
-        assert gather.choose_route(members, [50, 40, 30]) == "in place"
-    gather.route = "sideways"
-    with pytest.raises(ValueError, match="route must be"):
-        gather.choose_route(members, [1, 1, 1])
+        assert gather.choose_route(layout, [50, 40, 30]) == "in place"
+    for removed in ("sideways", "packed p2p", "packed broadcast"):
+        gather.route = removed
+        with pytest.raises(ValueError, match="route must be"):
+            gather.choose_route(layout, [1, 1, 1])
 
 
 def test_settings_out_of_range_are_refused_by_name():
     """A chunk size, chunk count, view limit or transfer limit out of range fails the plan (and so
     the sync) with the attribute's name, before any transfer."""
-    from magma_ext.megatron.sparse_gather import Bucket, SparseGather
-
     rng = random.Random(7)
     tensors, numel = random_bucket_tensors(rng, 2)
     rules = random_rules(rng)
@@ -172,8 +157,6 @@ def test_settings_the_sparse_gather_cannot_serve_are_refused_by_name():
 
 def test_a_group_of_one_rank_gathers_nothing():
     """As Megatron's own gather at DP 1: no collective (no process group exists here), no bytes."""
-    from magma_ext.megatron.sparse_gather import Bucket, SparseGather, SyncBytes
-
     rng = random.Random(5)
     tensors, numel = random_bucket_tensors(rng, 1)
     data = torch.randn(numel)
@@ -195,8 +178,8 @@ def test_buckets_of_megatron_chunks_take_every_parameter_of_every_bucket():
     its blocks as Magma numbers them, also for parameters of which this rank holds no shard."""
     from types import SimpleNamespace
 
+    from magma_ext.megatron.buckets import buckets_of_chunks
     from magma_ext.megatron.layout import TensorParallelSlice
-    from magma_ext.megatron.sparse_gather import buckets_of_chunks
 
     column = torch.nn.Parameter(torch.zeros(4, 6))   # column-parallel, TP rank 1 of 2
     row = torch.nn.Parameter(torch.zeros(6, 4))      # row-parallel, TP rank 1 of 2
@@ -227,18 +210,3 @@ def test_buckets_of_megatron_chunks_take_every_parameter_of_every_bucket():
                                                                buckets=[quantized])])
         with pytest.raises(ValueError, match=f"a bucket with {found}"):
             buckets_of_chunks([chunk], indices, slices, group_of, ["row", "tensor"])
-
-
-def test_the_host_draws_are_the_contracts_words():
-    import numpy as np
-
-    from magma_ext.megatron.sparse_gather import keep_words
-    from magma_ext.philox import philox_first_word
-
-    gen = torch.Generator().manual_seed(0)
-    for seed, step in ((0, 1), (2**64 - 1, 2**40 + 3), (123456789, 77)):
-        tensors = torch.randint(0, 2**32, (5000,), generator=gen)
-        blocks = torch.randint(0, 2**32, (5000,), generator=gen)
-        expected = philox_first_word(seed, tensors, blocks, torch.full_like(blocks, step))
-        words = keep_words(seed, tensors.numpy(), blocks.numpy(), step)
-        assert np.array_equal(words.astype(np.int64), expected.numpy()), (seed, step)

@@ -1,6 +1,6 @@
 """benchmarks/sparse_gather_bench.py on 2 CPU ranks (gloo): it checks every step of every sparse
-variant against a dense all-gather and writes its table; the unpadded ones (in place, packed
-p2p, packed broadcast) move the same bytes, no more than the padded packed route, whatever its chunks."""
+variant against a dense all-gather and writes its table; the unpadded in-place route moves no more
+than the padded packed route, whatever its chunks."""
 
 from __future__ import annotations
 
@@ -10,23 +10,22 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-import sparse_gather_projection as projection  # noqa: E402
+from sparse_gather_record import synthetic_record  # noqa: E402
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "sparse_gather_bench.py"
 
 
 def test_the_route_benchmark_checks_every_step_and_writes_its_table(tmp_path):
     layout, table = tmp_path / "layout.json", tmp_path / "table.md"
-    layout.write_text(json.dumps(projection.synthetic_record(5)))
+    layout.write_text(json.dumps(synthetic_record(5)))
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
                            "--master-port", "29731", str(SCRIPT), str(layout), "--keep-probs", "0.5", "0.1",
                            "--steps", "6", "--warmup", "1", "--out", str(table)],
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     rows = [line.split("|")[1:-1] for line in table.read_text().splitlines() if line.startswith("| 0.")]
-    names = ("dense", "in place", "packed (one chunk)", "packed (64 MiB chunks)", "packed p2p (64 MiB chunks)",
-             "packed broadcast (64 MiB chunks)")
+    names = ("dense", "in place", "packed (one chunk)", "packed (64 MiB chunks)")
     assert [(r[0].strip(), r[1].strip()) for r in rows] == [(k, name) for k in ("0.5", "0.1") for name in names]
     for k in range(2):
-        dense, in_place, packed, chunked, p2p, broadcast = (float(r[5]) for r in rows[len(names) * k:len(names) * (k + 1)])
-        assert dense == 1.0 and 0 < in_place == p2p == broadcast <= packed == chunked <= 1.0
+        dense, in_place, packed, chunked = (float(r[5]) for r in rows[len(names) * k:len(names) * (k + 1)])
+        assert dense == 1.0 and 0 < in_place <= packed == chunked <= 1.0

@@ -12,11 +12,13 @@ import pytest
 import torch
 
 from magma_ext.layout import BlockLayout
-from magma_ext.megatron.sparse_gather import Bucket, BucketTensor, MaskRule, buckets_of_record, layout_record
+from magma_ext.megatron.buckets import Bucket, BucketTensor
+from magma_ext.megatron.changed_ranges import MaskRule
 from magma_ext.philox import keep_mask
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import sparse_gather_projection as projection  # noqa: E402
+from sparse_gather_record import buckets_of_record, layout_record, padded_numel, synthetic_record  # noqa: E402
 
 DPS = [1, 2, 3, 8]
 
@@ -30,7 +32,7 @@ def random_record(seed: int):
     """The script's own synthetic record (gaps between tensors, pieces at offsets inside their
     logical tensors, a dense rule, two element sizes, sizes few DP sizes divide), read back as
     the script reads a file."""
-    return buckets_of_record(json.loads(json.dumps(projection.synthetic_record(seed))))
+    return buckets_of_record(json.loads(json.dumps(synthetic_record(seed))))
 
 
 def brute_force_fractions(buckets, rules, keep_prob, dp, step):
@@ -128,11 +130,12 @@ def test_the_script_end_to_end(tmp_path, capsys):
 
 @pytest.mark.parametrize("seed", [0, 1])
 def test_in_place_transfers_match_the_gathers_own_count(seed):
-    """The projection's in-place transfer count equals SparseGather.direct_ops over the shard
-    ranges the gather itself would build, per element size, at every DP size."""
+    """The projection's in-place transfer count equals direct_ops over the shard ranges the
+    gather itself would build, per element size, at every DP size."""
     from collections import defaultdict
 
-    from magma_ext.megatron.sparse_gather import SparseGather, changed_ranges, shard_ranges
+    from magma_ext.megatron.changed_ranges import changed_ranges, shard_ranges
+    from magma_ext.megatron.in_place_exchange import direct_ops
 
     buckets, rules = random_record(seed)
     for dp in DPS + [13]:
@@ -140,6 +143,27 @@ def test_in_place_transfers_match_the_gathers_own_count(seed):
             ranges = [changed_ranges(tensors, rules, step) for _, _, tensors in buckets]
             members = defaultdict(list)
             for (numel, size, _), r in zip(buckets, ranges):
-                members[size].append((None, shard_ranges(r, projection.padded_numel(numel, dp), dp)))
-            expected = max(SparseGather([], None, 0, dp).direct_ops(m) for m in members.values())
+                members[size].append(shard_ranges(r, padded_numel(numel, dp), dp))
+            expected = max(direct_ops(layout) for layout in members.values())
             assert projection.StepCounts.of(buckets, ranges, dp).most_transfers() == expected, (dp, step)
+
+
+def test_a_record_round_trips_and_comes_from_the_optimizer_part_with_a_sparse_gather():
+    """layout_record then buckets_of_record gives back every bucket's size, element size and
+    tensors and the rules; record_of_optimizer reads the part of a Megatron optimizer that has a
+    sparse gather (its buckets, its current rules), None where no part has one."""
+    from types import SimpleNamespace
+
+    from sparse_gather_record import record_of_optimizer
+
+    rules = {0: MaskRule(5, 0.5, True), 1: MaskRule(0, 1.0, False)}
+    sliced = BlockLayout(numel=12, block_size=4, offset=6, logical_numel=30, sliced=True)
+    buckets = [Bucket(torch.zeros(40, dtype=torch.bfloat16), [BucketTensor(0, 3, BlockLayout(36, 6), 0)]),
+               Bucket(torch.zeros(16, dtype=torch.float32), [BucketTensor(2, 7, sliced, 1)])]
+    read, read_rules = round_trip(buckets, rules)
+    assert read_rules == rules
+    assert read == [(40, 2, buckets[0].tensors), (16, 4, buckets[1].tensors)]
+    dense = SimpleNamespace(sparse_gather=None)
+    sparse = SimpleNamespace(sparse_gather=SimpleNamespace(buckets=buckets), mask_rules=lambda: rules)
+    assert record_of_optimizer(SimpleNamespace(chained_optimizers=[dense, sparse])) == layout_record(buckets, rules)
+    assert record_of_optimizer(SimpleNamespace(chained_optimizers=[dense])) is None

@@ -9,8 +9,8 @@ on first use of its names.
 
 from .layout import TensorParallelSlice, is_paper_masked, logical_shape, piece_arguments, stable_name
 
-_BUILDER_NAMES = ("get_megatron_magma_optimizer", "magma_optimizers", "param_sync_bytes", "param_layout_record",
-                  "MagmaDistributedOptimizer", "MagmaFloat16Optimizer", "MagmaFP32Optimizer")
+_BUILDER_NAMES = ("get_megatron_magma_optimizer", "magma_optimizers", "param_sync_bytes", "MagmaDistributedOptimizer",
+                  "MagmaFloat16Optimizer", "MagmaFP32Optimizer")
 
 __all__ = ["TensorParallelSlice", "is_paper_masked", "logical_shape", "piece_arguments", "stable_name",
            *_BUILDER_NAMES]

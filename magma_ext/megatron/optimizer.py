@@ -28,10 +28,12 @@ from ..pieces import declare_piece
 from .layout import TensorParallelSlice, is_paper_masked, piece_arguments, stable_name
 from .overlapped_sync import BucketGroupSync
 from .scores import CarriesMagmaScores, ShardStateFilter
-from .sparse_gather import (MaskRule, SparseGather, SyncBytes, bucket_group_parts, buckets_of_chunks, layout_record,
-                            refuse_unsupported_sparse_gather)
+from .buckets import bucket_group_parts, buckets_of_chunks
+from .changed_ranges import MaskRule
+from .sparse_gather import SparseGather, refuse_unsupported_sparse_gather
+from .sync_bytes import SyncBytes
 
-__all__ = ["get_megatron_magma_optimizer", "magma_optimizers", "param_sync_bytes", "param_layout_record"]
+__all__ = ["get_megatron_magma_optimizer", "magma_optimizers", "param_sync_bytes"]
 
 MAGMA_GROUP = "magma"  # the "optimizer" key of masked groups, which keeps them apart from dense ones
 
@@ -145,15 +147,6 @@ def param_sync_bytes(optimizer) -> SyncBytes:
         if isinstance(part, MagmaDistributedOptimizer):
             total += part.param_sync_bytes
     return total
-
-
-def param_layout_record(optimizer) -> dict | None:
-    """The sparse gather's bucket layouts and mask rules as JSON-able data
-    (``magma_ext.megatron.sparse_gather.layout_record``), or None without a sparse gather."""
-    for part in getattr(optimizer, "chained_optimizers", [optimizer]):
-        if isinstance(part, MagmaDistributedOptimizer) and part.sparse_gather is not None:
-            return layout_record(part.sparse_gather.buckets, part.mask_rules())
-    return None
 
 
 def magma_optimizers(optimizer) -> list[Magma]:

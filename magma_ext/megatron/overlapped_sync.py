@@ -25,7 +25,8 @@ from __future__ import annotations
 
 from typing import Callable
 
-from .sparse_gather import SparseGather, SyncBytes
+from .sparse_gather import SparseGather
+from .sync_bytes import SyncBytes
 
 __all__ = ["BucketGroupSync"]
 

@@ -1,26 +1,14 @@
-"""The packed routes of the sparse parameter sync, worked out ahead and moved in chunks.
+"""The packed route of the sparse parameter sync, worked out ahead and moved in chunks.
 
 Each rank's changed ranges of one dtype (over every bucket of that dtype, in bucket order) form
 its *stream*: the elements it contributes, packed end to end. The streams move through a gather
 buffer of ``size`` slots of ``width`` elements (``width``: the longest stream), cut into chunks
 of stream positions ``[lo, hi)``; chunk ``c`` occupies ``size * (hi - lo)`` contiguous elements
 of the buffer, rank ``r``'s part of it being ``slot r``. Per chunk a rank packs its stream's
-elements into its own slot, the slots move, and it copies the other ranks' elements out into
-their shards of its buckets. Chunk ``c + 1``'s transfer is launched before chunk ``c`` is
-unpacked, so the copies run while the next chunk is on the wire.
-
-Three transports move a chunk's slots:
-
-- ``"all_gather"``: one in-place ``all_gather_into_tensor`` of the chunk (every slot padded to
-  ``hi - lo``; the padding is sent, its contents never read).
-- ``"p2p"``: one ``batch_isend_irecv``: each rank sends the elements its stream has in the chunk
-  to every other rank and receives theirs, nothing padded.
-- ``"broadcast"``: nothing padded either, by collectives: a chunk that every rank's stream fills
-  moves as ``"all_gather"`` does (it has no padding); any other chunk moves as one in-place
-  ``broadcast`` of each rank's filled part of its slot from that rank, grouped into one NCCL group
-  where the backend coalesces (NCCL; an uneven all-gather made of broadcasts, as
-  ``torch.distributed.all_gather`` makes one of uneven tensors), issued one by one elsewhere
-  (gloo).
+elements into its own slot, one in-place ``all_gather_into_tensor`` moves the slots (every slot
+padded to ``hi - lo``; the padding is sent, its contents never read), and it copies the other
+ranks' elements out into their shards of its buckets. Chunk ``c + 1``'s transfer is launched
+before chunk ``c`` is unpacked, so the copies run while the next chunk is on the wire.
 
 Everything a step needs (its copies as views of the shards and of the buffer, its transfers) is
 built by :func:`plan_packed` on the host, where the previous step's sync works it out while the
@@ -120,77 +108,37 @@ def _positions(starts: np.ndarray, lengths: np.ndarray, device) -> torch.Tensor:
 class _Chunk:
     whole: torch.Tensor        # every rank's slot of this chunk, end to end
     slots: list[torch.Tensor]  # per rank
-    counts: list[int]          # elements of each rank's stream in this chunk
     pack: _Copies
     unpack: _Copies
-
-    @property
-    def padded(self) -> bool:
-        """Whether some rank's stream ends before its slot does."""
-        return any(count < len(slot) for slot, count in zip(self.slots, self.counts))
 
 
 @dataclass
 class PackedPlan:
-    """One dtype's packed exchange at one step, ready to run (:meth:`run`)."""
+    """One dtype's packed exchange at one step, ready to run (:meth:`start`, :meth:`finish`)."""
 
-    transport: str  # "all_gather", "p2p" or "broadcast"
     chunks: list[_Chunk]
 
     def start(self, group, rank: int) -> list:
-        """COLLECTIVE: pack every chunk and launch its transfer; :meth:`finish` completes them.
+        """COLLECTIVE: pack every chunk and launch its all-gather; :meth:`finish` completes them.
         Chunk ``c + 1`` is packed while chunk ``c`` is on the wire (each transfer waits only for
         its own packing, queued before it)."""
+        import torch.distributed as dist
+
         pending = []
         for chunk in self.chunks:
             chunk.pack.run()
-            pending.append(self._launch(chunk, group, rank))
+            pending.append(dist.all_gather_into_tensor(chunk.whole, chunk.slots[rank], group=group, async_op=True))
         return pending
 
     def finish(self, pending: list) -> None:
         """Wait for each chunk's transfer in turn and unpack it (while the later ones move)."""
-        for works, chunk in zip(pending, self.chunks):
-            for work in works:
-                work.wait()
+        for work, chunk in zip(pending, self.chunks):
+            work.wait()
             chunk.unpack.run()
-
-    def _launch(self, chunk: _Chunk, group, rank: int) -> list:
-        import torch.distributed as dist
-
-        if self.transport == "all_gather" or (self.transport == "broadcast" and not chunk.padded):
-            return [dist.all_gather_into_tensor(chunk.whole, chunk.slots[rank], group=group, async_op=True)]
-        if self.transport == "broadcast":
-            return _broadcasts(chunk, group)
-        ops, mine = [], chunk.slots[rank][:chunk.counts[rank]]
-        for peer, (slot, count) in enumerate(zip(chunk.slots, chunk.counts)):
-            if peer != rank and len(mine):
-                ops.append(dist.P2POp(dist.isend, mine, group=group, group_peer=peer))
-            if peer != rank and count:
-                ops.append(dist.P2POp(dist.irecv, slot[:count], group=group, group_peer=peer))
-        return dist.batch_isend_irecv(ops) if ops else []
-
-
-def _broadcasts(chunk: _Chunk, group) -> list:
-    """Each rank's filled part of its slot, broadcast from it in place: one NCCL group where the
-    backend coalesces (as ``batch_isend_irecv`` decides), else one broadcast after another."""
-    import torch.distributed as dist
-    from torch.distributed.distributed_c10d import _coalescing_manager, _get_default_group
-
-    parts = [(peer, slot[:count]) for peer, (slot, count) in enumerate(zip(chunk.slots, chunk.counts)) if count]
-    if not parts:
-        return []
-    device = chunk.whole.device
-    process_group = group if group is not None else _get_default_group()
-    if type(process_group) is dist.ProcessGroup and process_group._get_backend(device).supports_coalescing:
-        with _coalescing_manager(process_group, device, async_ops=True) as manager:
-            for peer, part in parts:
-                dist.broadcast(part, group=process_group, group_src=peer, async_op=True)
-        return manager.works  # the group's work; the broadcasts' own are placeholders
-    return [dist.broadcast(part, group=process_group, group_src=peer, async_op=True) for peer, part in parts]
 
 
 def plan_packed(shards: list[list[torch.Tensor]], layout: list[list[torch.Tensor]], rank: int, buffer: torch.Tensor,
-                transport: str, bounds: list[tuple[int, int]], max_views: int) -> PackedPlan:
+                bounds: list[tuple[int, int]], max_views: int) -> PackedPlan:
     """The packed exchange of the buckets whose shards are ``shards[bucket][rank]`` and whose
     changed ranges are ``layout[bucket][rank]`` (shard coordinates), through ``buffer`` (at least
     ``size * width`` elements), in chunks of stream positions ``bounds``."""
@@ -210,9 +158,8 @@ def plan_packed(shards: list[list[torch.Tensor]], layout: list[list[torch.Tensor
                 if len(run):
                     _add_run(pack if r == rank else unpack, shards[run[0, BUCKET]][r], run, slots[r], r == rank,
                              max_views)
-        counts = [int(rows[r][:, LENGTH].sum()) for r in range(size)]
-        chunks.append(_Chunk(whole, slots, counts, pack, unpack))
-    return PackedPlan(transport, chunks)
+        chunks.append(_Chunk(whole, slots, pack, unpack))
+    return PackedPlan(chunks)
 
 
 def _add_run(copies: _Copies, shard: torch.Tensor, run: np.ndarray, slot: torch.Tensor, into_slot: bool,
