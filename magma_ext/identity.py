@@ -35,6 +35,18 @@ def named_indices(param_groups: list[dict]) -> dict[int, tuple[str, int]]:
     return found
 
 
+def check_names(group: dict) -> None:
+    """A group's ``param_names`` (given as pairs or as the key itself, as torch.optim and
+    torchtitan pass them) name each of its parameters with a str."""
+    names = group["param_names"]
+    if not isinstance(names, (list, tuple)) or len(names) != len(group["params"]):
+        raise ValueError(f"param_names must be a list of one name per parameter ({len(group['params'])}), "
+                         f"got {names!r}")
+    for name in names:
+        if not isinstance(name, str):
+            raise TypeError(f"param_names must hold strings, got {type(name).__name__}")
+
+
 def check_unique_names(param_groups: list[dict], new_group: dict) -> None:
     """Raise ValueError when a name of ``new_group`` is, once wrappers' additions are dropped,
     another parameter's name in it or in ``param_groups`` (or, unlikelier, draws its index)."""

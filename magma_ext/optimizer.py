@@ -127,6 +127,8 @@ class Magma(Optimizer):
         group = {**param_group, "params": params}
         if names is not None:
             group["param_names"] = names
+        if "param_names" in group:
+            identity.check_names(group)
             identity.check_unique_names(existing, group)
         where = f"parameter group {len(existing)}: " if existing else ""
         check_group({**self.defaults, **group}, where, params)

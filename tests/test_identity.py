@@ -154,3 +154,17 @@ def test_a_name_whose_index_is_held_is_refused_before_any_state():
     with pytest.raises(ValueError, match=r"parameter 'w': its tensor index \d+ is held by another parameter"):
         optimizer.step()
     assert not any(optimizer.state.values())
+
+
+def test_names_given_as_a_groups_param_names_are_checked_when_it_is_added():
+    """torch.optim and torchtitan may pass names as a group's ``param_names`` key."""
+    a, b = torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(2))
+    with pytest.raises(ValueError, match=r"the names 'w' and 'module.w' give one tensor index"):
+        Magma([{"params": [a, b], "param_names": ["w", "module.w"]}])
+    with pytest.raises(ValueError, match=r"param_names must be a list of one name per parameter \(2\)"):
+        Magma([{"params": [a, b], "param_names": ["w"]}])
+    with pytest.raises(TypeError, match=r"param_names must hold strings, got int"):
+        Magma([{"params": [a, b], "param_names": ["w", 3]}])
+    optimizer = Magma([{"params": [a, b], "param_names": ["w", "v"]}])
+    optimizer.init_state()
+    assert optimizer.state[b]["magma_tensor_index"] == name_index("v")
