@@ -70,7 +70,7 @@ def dtensor_piece(p, index: int, block, name: str) -> Piece:
     """
     cuts = _cuts(p, name)
     shape, numel = tuple(p.shape), local(p).numel()
-    if not cuts.cut_dims:
+    if not cuts.cut_dims or math.prod(shape) == 0:
         return Piece(index=index, offset=0, numel=numel, shape=shape)
     mesh = p.device_mesh
     box = cuts.box(shape, mesh.get_coordinate())
@@ -81,14 +81,21 @@ def dtensor_piece(p, index: int, block, name: str) -> Piece:
             f"{tuple(hi - lo for lo, hi in box)} (torch.chunk); torch {torch.__version__} lays "
             "DTensors out in a way Magma does not read"
         )
-    group = group_over(mesh, cuts.mesh_dims)
+    offset, split = _place_in_blocks(p, cuts, box, block, name)  # raises before any group is made
+    return Piece(index=index, offset=offset, numel=numel, shape=shape, split=split,
+                 group=group_over(mesh, cuts.mesh_dims))
+
+
+def _place_in_blocks(p, cuts: Cuts, box, block, name: str) -> tuple[int, tuple[int, int]]:
+    """(offset, split) of a box under ``block``, as :func:`dtensor_piece` describes them."""
+    shape = tuple(p.shape)
     if _one_block(p, block):
-        return Piece(index=index, offset=_box_order_offset(shape, box), numel=numel, shape=shape, group=group)
-    cut, rest = cuts.cut_dims, math.prod(shape[2:])
-    refused = f"parameter {name}: placements {describe(p.placements)} with block={block!r} are not supported: "
+        return _box_order_offset(shape, box), (0, 1)
+    cut = cuts.cut_dims
     if cut == (0,):
-        return Piece(index=index, offset=box[0][0] * math.prod(shape[1:]), numel=numel, shape=shape, group=group)
-    if set(cut) != {0, 1} and cut != (1,):
+        return box[0][0] * math.prod(shape[1:]), (0, 1)
+    refused = f"parameter {name}: placements {describe(p.placements)} with block={block!r} are not supported: "
+    if cut not in ((1,), (0, 1)):
         raise ValueError(f"{refused}they cut dimension {max(cut)}, so each block would be a set of "
                          "elements that are not contiguous; use block='tensor'")
     parts = cuts.parts(1)
@@ -100,8 +107,7 @@ def dtensor_piece(p, index: int, block, name: str) -> Piece:
                          "unequal widths (torch.chunk), and Magma's row blocks run through equal slices; "
                          f"make it divisible by {parts} or use block='tensor'")
     width = shape[1] // parts
-    return Piece(index=index, offset=box[0][0] * width * rest, numel=numel, shape=shape, group=group,
-                 split=(box[1][0] // width, parts))
+    return box[0][0] * width * math.prod(shape[2:]), (box[1][0] // width, parts)
 
 
 def _box_order_offset(shape: tuple[int, ...], box) -> int:
@@ -156,7 +162,7 @@ def has_local_block_scores(p: torch.Tensor, block) -> bool:
     :func:`full_block_scores`)."""
     if not is_dtensor(p) or _one_block(p, block) or block == "row":
         return False
-    return any(_cut_dim(placement) is not None for placement in p.placements)
+    return bool(_cuts(p, "").cut_dims)
 
 
 def _owned(layout: BlockLayout) -> tuple[int, int]:

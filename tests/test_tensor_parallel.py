@@ -66,6 +66,12 @@ def test_dcp_checkpoint_of_dp2_tp2_resumes_on_dp4_and_on_one_process(tmp_path):
             assert_same_history(resumed[0][block], history[first:], f"resumed on dp{dp}, {block}")
 
 
+def test_a_group_over_mesh_dimensions_that_are_not_the_world_is_made_once():
+    for rank, (ranks, total, cached) in enumerate(run_ranks(4, cases.group_body)):
+        pair = [0, 1] if rank < 2 else [2, 3]
+        assert ranks == pair and total == sum(pair) and cached, (rank, ranks, total)
+
+
 def test_layouts_pieces_cannot_express_are_refused_on_every_rank_with_nothing_changed():
     from torch.distributed.tensor import Partial, Shard
 

@@ -82,27 +82,35 @@ def parallelize(model, tp_mesh, sequence_parallel):
     return parallelize_module(model, tp_mesh, plan)
 
 
-def layout_model(dp, tp, sequence_parallel=True):
-    """The model on a ``dp x tp`` mesh: TP on ``tp`` (if > 1), then FSDP2 over ``dp`` (if > 1)."""
+def layout_model(dp, tp, sequence_parallel=True, replicas=1):
+    """The model on a ``dp x tp`` mesh (``replicas x dp x tp`` for HSDP): TP on ``tp`` (if > 1),
+    then FSDP2 over ``dp`` (if > 1; HSDP over ``("replicate", "dp")`` with ``replicas``)."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
     model = tiny()
-    mesh = init_device_mesh("cpu", (dp, tp), mesh_dim_names=("dp", "tp"))
+    if replicas == 1:
+        mesh = init_device_mesh("cpu", (dp, tp), mesh_dim_names=("dp", "tp"))
+    else:
+        mesh = init_device_mesh("cpu", (replicas, dp, tp), mesh_dim_names=("replicate", "dp", "tp"))
     if tp > 1:
         parallelize(model, mesh["tp"], sequence_parallel)
     if dp > 1:
+        data_mesh = mesh["dp"] if replicas == 1 else mesh["replicate", "dp"]
         for layer in (model.up, model.down):
-            fully_shard(layer, mesh=mesh["dp"])
-        fully_shard(model, mesh=mesh["dp"])
+            fully_shard(layer, mesh=data_mesh)
+        fully_shard(model, mesh=data_mesh)
     return model, mesh
 
 
 def _local_inputs(model_mesh, step, sequence_parallel):
-    """This rank's rows of the batch (by its dp coordinate) and, under sequence parallelism, its
-    sequence positions (by its tp coordinate)."""
-    dp, tp = model_mesh.shape
-    d, t = model_mesh.get_coordinate()
+    """This rank's rows of the batch (by its coordinates but the last, tp) and, under sequence
+    parallelism, its sequence positions (by its tp coordinate)."""
+    *data, tp = model_mesh.shape
+    *place, t = model_mesh.get_coordinate()
+    dp, d = 1, 0
+    for size, i in zip(data, place):
+        dp, d = dp * size, d * size + i
     inputs, targets = batch(step)
     rows = slice(d * BATCH // dp, (d + 1) * BATCH // dp)
     inputs, targets = inputs[rows], targets[rows]
@@ -144,12 +152,12 @@ def single_process_run(combo, steps):
     return history, final_scores(optimizer, model)
 
 
-def layout_body(rank, dp, tp, cases, steps):
+def layout_body(rank, dp, tp, cases, steps, replicas=1):
     """``cases``: (combo, sequence_parallel) pairs, each trained for ``steps`` steps on a
-    ``dp x tp`` layout; their histories and final scores."""
+    ``dp x tp`` layout (``replicas x dp x tp``: HSDP over TP); their histories and final scores."""
     out = {}
     for combo, sequence_parallel in cases:
-        model, mesh = layout_model(dp, tp, sequence_parallel)
+        model, mesh = layout_model(dp, tp, sequence_parallel, replicas)
         optimizer = optimizer_for(model, combo)
         history = train(model, mesh, optimizer, 0, steps, sequence_parallel)
         out[(combo, sequence_parallel)] = history, final_scores(optimizer, model)
@@ -219,3 +227,19 @@ def refused_body(rank, world_size, cases):
             unchanged = torch.equal(param.detach().to_local(), before) and not any(optimizer.state.values())
             out.append((str(error), unchanged))
     return out
+
+
+def group_body(rank):
+    """:func:`magma_ext.mesh_groups.group_over` on a (2, 2, 1) mesh: dimensions 1 and 2 are not
+    the whole world, so a group is made (once) over ranks {0, 1} or {2, 3}; its all-reduce adds
+    those ranks' numbers."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from magma_ext.mesh_groups import group_over
+
+    mesh = init_device_mesh("cpu", (2, 2, 1))
+    group = group_over(mesh, (1, 2))
+    total = torch.tensor([float(rank)])
+    dist.all_reduce(total, group=group)
+    return dist.get_process_group_ranks(group), total.item(), group_over(mesh, (2, 1)) is group
