@@ -56,7 +56,7 @@ class DevicePlan:
                 master_params=masters, layouts=layouts, tensor_indices=self.plan.tensor_indices,
             )
         return GroupTensors(
-            params=dtensors.locals_of(params), grads=dtensors.locals_of([p.grad for p in params]),
+            params=dtensors.locals_of(params), grads=dtensors.local_grads(params),
             exp_avgs=dtensors.locals_of([s["exp_avg"] for s in states]),
             exp_avg_sqs=dtensors.locals_of([s["exp_avg_sq"] for s in states]),
             scores=[dtensors.local_score(s["magma_score"], layout) for s, layout in zip(states, layouts)],

@@ -6,8 +6,8 @@ Three kinds of parameter reach :class:`magma_ext.Magma`:
 - a plain tensor: a whole logical tensor, numbered by its position (docs/ALGORITHM.md section 3);
 - a tensor declared with :func:`magma_ext.declare_piece` (or numbered by
   :func:`magma_ext.number_parameters`): the piece it declares;
-- a ``DTensor`` (FSDP2's ``fully_shard``): its local shard, a piece of its global tensor
-  (:mod:`magma_ext.dtensors`).
+- a ``DTensor`` (FSDP2's ``fully_shard``, HSDP, tensor parallelism, FSDP2 over it): its local
+  shard, a piece of its global tensor (:mod:`magma_ext.dtensors`).
 """
 
 from __future__ import annotations

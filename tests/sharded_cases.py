@@ -33,11 +33,13 @@ def grads_at(step, shapes=SHAPES, device="cpu"):
     return [torch.randn(s, generator=gen).to(device) for s in shapes]
 
 
-def single_process_run(combo, steps, shapes=SHAPES, fused=False, device="cpu"):
-    """Per step, every parameter after the step, and the final state: the sharded runs' oracle."""
+def single_process_run(combo, steps, shapes=SHAPES, fused=False, device="cpu", names=None):
+    """Per step, every parameter after the step, and the final state: the sharded runs' oracle
+    (``names``: the parameters' names, which key their masks)."""
     base, mask, block = combo
     params = [torch.nn.Parameter(t) for t in initial_params(shapes, device=device)]
-    optimizer = Magma(params, base=base, mask=mask, block=block, fused=fused, **OPTIONS)
+    named = params if names is None else list(zip(names, params))
+    optimizer = Magma(named, base=base, mask=mask, block=block, fused=fused, **OPTIONS)
     history = []
     for step in range(steps):
         for p, g in zip(params, grads_at(step, shapes, device)):
@@ -375,8 +377,9 @@ def bad_piece_body(rank, world_size, case):
 
 
 def shard_dim_1_body(rank, world_size, block, steps):
-    """A (5, 6) DTensor sharded along dim 1 (3 + 3 columns; 2 + 2 + 2 + 0 on 4 ranks): Magma
-    takes it with one block per tensor and refuses it otherwise, naming it."""
+    """A (5, 6) DTensor named 'encoder.weight' sharded along dim 1 (3 + 3 columns; 2 + 2 + 2 + 0
+    on 4 ranks): Magma takes it with one block per tensor, with row blocks where the column
+    slices are equal, and refuses it otherwise, naming it."""
     from torch.distributed.tensor import Shard, distribute_tensor
 
     mesh = _mesh(world_size, False, "cpu")
