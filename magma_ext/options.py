@@ -90,6 +90,9 @@ def check_group_options(group: dict) -> None:
     _in_range("keep_prob", group["keep_prob"], 0.0, 1.0)
     if group["mask"] == "skip" and group["keep_prob"] == 0:
         raise ValueError("Invalid keep_prob: 0 with mask='skip' (its update is scaled by 1/keep_prob)")
+    if group["mask"] == "magma" and group["keep_prob"] == 0:
+        raise ValueError("Invalid keep_prob: 0 with mask='magma' keeps no block, so no masked weight "
+                         "would ever change; use keep_prob in (0, 1], or magma=False to train a group unmasked")
     _in_range("tau", group["tau"], 0.0, float("inf"), low_open=True, high_open=True)
     _in_range("score_ema", group["score_ema"], 0.0, 1.0)
     check_block_option(group["block"])
