@@ -174,6 +174,10 @@ def param_groups(model: nn.Module, weight_decay: float = 0.0, *, masked: MaskPre
     ``masked`` (a predicate ``(name, param) -> bool``) replaces the default choice of masked
     weights; see :func:`split_parameters`. ``options`` (e.g. ``lr``) go into every group.
 
+    Each group lists ``(name, parameter)`` pairs, names as in ``model.named_parameters()``, so
+    Magma keys each tensor's masks by its name: the same masks under any split of the model
+    (docs/ALGORITHM.md section 4).
+
     Warns (``UserWarning``) when no parameter is masked, since Magma then runs as its base
     optimizer alone: the model has no layer the default rule knows as a Linear, or ``masked``
     chose none. Raises ``TypeError`` unless ``model`` is an ``nn.Module`` (not its parameters).
@@ -187,10 +191,14 @@ def param_groups(model: nn.Module, weight_decay: float = 0.0, *, masked: MaskPre
         warnings.warn(f"param_groups: no parameter of {type(model).__name__} is masked ({chosen_by}), "
                       f"so Magma will run as its base optimizer alone; pass masked=lambda name, param: "
                       f"... to choose the weights to mask", stacklevel=2)
+    names = {}
+    for name, p in model.named_parameters():
+        names.setdefault(id(p), name)
+    named = [[(names[id(p)], p) for p in params] for params in (split.masked, split.unmasked_decayed, split.plain)]
     groups = [
-        {"params": split.masked, "weight_decay": weight_decay, **options},
-        {"params": split.unmasked_decayed, "weight_decay": weight_decay, "magma": False, **options},
-        {"params": split.plain, "weight_decay": 0.0, "magma": False, **options},
+        {"params": named[0], "weight_decay": weight_decay, **options},
+        {"params": named[1], "weight_decay": weight_decay, "magma": False, **options},
+        {"params": named[2], "weight_decay": 0.0, "magma": False, **options},
     ]
     return [g for g in groups if g["params"]]
 

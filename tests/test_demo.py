@@ -55,7 +55,7 @@ def test_factories_use_the_shared_split():
     assert isinstance(magma, Magma)
     expected = param_groups(model, weight_decay=0.1)
     assert [([id(p) for p in g["params"]], g["weight_decay"], g["magma"]) for g in magma.param_groups] == [
-        ([id(p) for p in g["params"]], g["weight_decay"], g.get("magma", True)) for g in expected]
+        ([id(p) for _, p in g["params"]], g["weight_decay"], g.get("magma", True)) for g in expected]
     unmasked = [p for g in magma.param_groups if not g["magma"] for p in g["params"]]
     assert any(p is model.lm_head.weight for p in unmasked)
     assert all(g["lr"] == 0.007 for g in magma.param_groups)

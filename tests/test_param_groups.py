@@ -13,6 +13,7 @@ import pytest
 import torch
 from torch import nn
 
+import magma_ext
 from magma_ext import Magma, decay_groups, param_groups
 from magma_ext.demo.model import Llama, LlamaConfig
 from magma_ext.param_groups import HEAD_NAMES, split_parameters
@@ -125,8 +126,18 @@ class Named(nn.Module):
 
 
 def _names(model, params):
+    """Names of ``params`` (tensors, or param_groups' (name, tensor) pairs, whose names must be
+    the model's)."""
     by_id = {id(p): name for name, p in model.named_parameters()}
-    return [by_id[id(p)] for p in params]
+    for entry in params:
+        if isinstance(entry, tuple):
+            assert entry[0] == by_id[id(entry[1])]
+    return [by_id[id(p)] for p in _tensors(params)]
+
+
+def _tensors(params):
+    """The tensors of a group's params, without the names param_groups gives them."""
+    return [entry[1] if isinstance(entry, tuple) else entry for entry in params]
 
 
 def _split_names(model, **kwargs):
@@ -228,7 +239,7 @@ def test_membership_and_options(weight_decay):
 def test_every_trainable_parameter_exactly_once(tie):
     model = TinyLM(tie=tie)
     trainable = [p for p in model.parameters() if p.requires_grad]
-    for listed in ([p for g in param_groups(model, weight_decay=0.1) for p in g["params"]],
+    for listed in ([p for g in param_groups(model, weight_decay=0.1) for p in _tensors(g["params"])],
                    [p for g in decay_groups(model, 0.1) for p in g["params"]],
                    [p for params in split_parameters(model) for p in params]):
         assert len(listed) == len({id(p) for p in listed})
@@ -448,8 +459,8 @@ def test_decay_groups_agree_with_param_groups(make):
     decayed, plain = ({id(p) for p in g["params"]} for g in groups)
     for masked_rule in (None, lambda name, param: "w1" in name):
         magma = param_groups(model, weight_decay=0.1, masked=masked_rule)
-        assert {id(p) for g in magma if g["weight_decay"] == 0.1 for p in g["params"]} == decayed
-        assert {id(p) for g in magma if g["weight_decay"] == 0.0 for p in g["params"]} == plain
+        assert {id(p) for g in magma if g["weight_decay"] == 0.1 for p in _tensors(g["params"])} == decayed
+        assert {id(p) for g in magma if g["weight_decay"] == 0.0 for p in _tensors(g["params"])} == plain
     masked, unmasked_decayed, plain_list = split_parameters(model)
     assert decayed == {id(p) for p in masked + unmasked_decayed}
     assert plain == {id(p) for p in plain_list}
@@ -488,7 +499,7 @@ def test_groups_train_with_magma():
     model = TinyLM()
     groups = param_groups(model, weight_decay=0.1)
     optimizer = Magma(groups, lr=0.01, keep_prob=0.5, block="row")
-    unmasked = [p for g in groups if g.get("magma", True) is False for p in g["params"]]
+    unmasked = [p for g in groups if g.get("magma", True) is False for p in _tensors(g["params"])]
     assert set(_names(model, unmasked)) == EXPECTED_UNMASKED_DECAYED | EXPECTED_PLAIN
     tokens = torch.randint(0, 11, (2, 5))
     checked = []
@@ -505,5 +516,13 @@ def test_groups_train_with_magma():
     assert checked.count("head.weight") == checked.count("conv.weight") == 3
     assert all(torch.isfinite(p).all() for p in model.parameters())
     assert all(bool((optimizer.state[p]["magma_score"] == 0.5).all()) for p in unmasked if optimizer.state[p])
-    masked = [p for g in groups if g.get("magma", True) is not False for p in g["params"]]
+    masked = [p for g in groups if g.get("magma", True) is not False for p in _tensors(g["params"])]
     assert all(not bool((optimizer.state[p]["magma_score"] == 0.5).all()) for p in masked)
+
+
+def test_param_groups_name_their_parameters_so_masks_follow_names():
+    model = _llama()
+    optimizer = Magma(param_groups(model, weight_decay=0.1))
+    optimizer.init_state()
+    for name, p in model.named_parameters():
+        assert optimizer.state[p]["magma_tensor_index"] == magma_ext.name_index(name), name
