@@ -86,6 +86,12 @@ def dtensor_piece(p, index: int, block, name: str) -> Piece:
                  group=p.device_mesh.get_group(mesh_dim))
 
 
+def in_logical_order(p) -> bool:
+    """Whether a DTensor's local elements are, in order, one range of its global tensor's
+    row-major flattening: true unless it is sharded along a dimension other than 0."""
+    return all(type(placement) is not Shard or placement.dim == 0 for placement in p.placements)
+
+
 def new_score(p: torch.Tensor, layout: BlockLayout, block) -> torch.Tensor:
     """A fresh score (0.5 per block) shaped so that checkpoint tools can reshard it.
 
