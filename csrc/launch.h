@@ -11,7 +11,7 @@ namespace magma {
 // The largest block the single-pass kernel takes; larger blocks go through the chunked passes.
 constexpr int64_t kMaxSinglePassBlock = 8192;
 
-// The configurations of the single-pass kernel (launch_moments.cuh), by the largest block each
+// The configurations of the single-pass kernel (block_kernel.cuh), by the largest block each
 // holds.  A launch runs one configuration.
 enum BlockConfigId : int {
   kBlocksUpTo128 = 0,

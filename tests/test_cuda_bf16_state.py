@@ -200,7 +200,7 @@ def test_many_tensors_fill_several_launches():
     shapes = [(n,) for n in sizes] + [(40, 50)] * 20 + [(70000,)] + [(9001,)] * 300
     for block in ("tensor", "row"):
         fused, reference = twins(shapes, block=block, **OPTIONS, **BF16)
-        for step in range(3):
+        for step in range(2):
             one_step_agrees(fused, reference, step)
 
 
