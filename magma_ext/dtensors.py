@@ -120,6 +120,12 @@ def _box_order_offset(shape: tuple[int, ...], box) -> int:
     return offset
 
 
+def in_logical_order(p) -> bool:
+    """Whether a DTensor's local elements are, in order, one range of its global tensor's
+    row-major flattening: true unless it is sharded along a dimension other than 0."""
+    return all(type(placement) is not Shard or placement.dim == 0 for placement in p.placements)
+
+
 def new_score(p: torch.Tensor, layout: BlockLayout, block) -> torch.Tensor:
     """A fresh score (0.5 per block) shaped so that checkpoint tools can reshard it.
 

@@ -11,6 +11,7 @@ import torch
 from . import functional
 from .layout import check_block_option
 from .philox import check_seed
+from .rounding import check_state_dtype
 from .types import BASES, MASKS
 
 try:  # torch.distributed may be missing from a build (it is present in every official wheel)
@@ -22,7 +23,8 @@ REAL_FLOATS = frozenset((torch.float16, torch.bfloat16, torch.float32, torch.flo
 
 # The keys check_group_options reads: a group is checked again when one of them changes.
 OPTION_KEYS = ("lr", "betas", "eps", "weight_decay", "base", "mask", "keep_prob", "tau",
-               "score_ema", "block", "seed", "magma", "fused", "master_weights", "capturable")
+               "score_ema", "block", "seed", "magma", "fused", "master_weights", "capturable",
+               "exp_avg_dtype", "exp_avg_sq_dtype")
 
 
 def _number(name: str, value) -> float:
@@ -98,6 +100,8 @@ def check_group_options(group: dict) -> None:
     check_block_option(group["block"])
     group["seed"] = check_seed(group["seed"])
     _check_bool("magma", group["magma"])
+    for name in ("exp_avg_dtype", "exp_avg_sq_dtype"):
+        check_state_dtype(name, group[name])
 
 
 def check_group(group: dict, where: str = "", params=None) -> None:

@@ -22,7 +22,7 @@ import torch
 from . import dtensors, functional, identity
 from .exchange import BlockSumExchange, PieceRecord
 from .options import REAL_FLOATS, check_fused_params, check_grad
-from .state import check_state_fits, wants_master
+from .state import check_rounded_state_fits, check_state_fits, wants_master
 from .types import GroupTensors, Hyper
 from .views import ParamView, view_of
 
@@ -166,6 +166,8 @@ class StepPlanner:
         states = [state_of[id(p)] for p in params]
         positional = [s["magma_tensor_index"] if s else new_indices[id(p)] for p, s in zip(params, states)]
         views = [view_of(p, index, block, names[id(p)]) for p, index in zip(params, positional)]
+        for p, view in zip(params, views):
+            check_rounded_state_fits(view, group, names[id(p)])
         layouts = [view.layout(block) for view in views]
         indices = [view.piece.index for view in views]
         masters = [("master_param" in s) if s else wants_master(p, group) for p, s in zip(params, states)]
@@ -233,8 +235,8 @@ def _scored(group: dict) -> bool:
 
 
 def _plan_key(group: dict, params: list[torch.Tensor], process_groups: list) -> tuple:
-    return (id(group), group["block"], group["fused"], _scored(group), tuple(map(id, params)),
-            tuple(map(id, process_groups)))
+    return (id(group), group["block"], group["fused"], _scored(group), group["exp_avg_dtype"],
+            group["exp_avg_sq_dtype"], tuple(map(id, params)), tuple(map(id, process_groups)))
 
 
 def _exchange_device(process_group) -> torch.device:

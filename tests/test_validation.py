@@ -49,6 +49,13 @@ BAD_OPTIONS = [
     _err("block-bool", dict(block=True), TypeError, "block"),
     _err("base-sgd", dict(base="sgd"), ValueError, "base"),
     _err("mask-foo", dict(mask="foo"), ValueError, "mask"),
+    _err("exp_avg_dtype-int8", dict(exp_avg_dtype=torch.int8), ValueError, "exp_avg_dtype"),
+    _err("exp_avg_dtype-str", dict(exp_avg_dtype="bfloat16"), ValueError, "exp_avg_dtype"),
+    _err("exp_avg_dtype-float16", dict(exp_avg_dtype=torch.float16), ValueError, "exp_avg_dtype"),
+    _err("exp_avg_dtype-None", dict(exp_avg_dtype=None), ValueError, "exp_avg_dtype"),
+    _err("exp_avg_sq_dtype-int8", dict(exp_avg_sq_dtype=torch.int8), ValueError, "exp_avg_sq_dtype"),
+    _err("exp_avg_sq_dtype-str", dict(exp_avg_sq_dtype="torch.bfloat16"), ValueError, "exp_avg_sq_dtype"),
+    _err("exp_avg_sq_dtype-float64", dict(exp_avg_sq_dtype=torch.float64), ValueError, "exp_avg_sq_dtype"),
 ]
 
 CONSTRUCTOR_ONLY = [
@@ -134,6 +141,9 @@ VALID_EDGES = [
     pytest.param(dict(block=1), id="block-1"),
     pytest.param(dict(block=10**6), id="block-huge"),
     pytest.param(dict(fused=False), id="fused-False"),
+    pytest.param(dict(exp_avg_dtype=torch.bfloat16), id="exp_avg_dtype-bfloat16"),
+    pytest.param(dict(exp_avg_sq_dtype=torch.bfloat16), id="exp_avg_sq_dtype-bfloat16"),
+    pytest.param(dict(exp_avg_dtype=torch.float32, exp_avg_sq_dtype=torch.float32), id="state-dtypes-float32"),
 ]
 
 
