@@ -123,7 +123,7 @@ def _box_order_offset(shape: tuple[int, ...], box) -> int:
 def in_logical_order(p) -> bool:
     """Whether a DTensor's local elements are, in order, one range of its global tensor's
     row-major flattening: true unless it is sharded along a dimension other than 0."""
-    return all(type(placement) is not Shard or placement.dim == 0 for placement in p.placements)
+    return all(dim == 0 for dim in cuts_of(p.placements, tuple(p.device_mesh.shape), "").cut_dims)
 
 
 def new_score(p: torch.Tensor, layout: BlockLayout, block) -> torch.Tensor:
