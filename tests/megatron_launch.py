@@ -1,4 +1,4 @@
-"""Launching tests/megatron_gpt_runs.py under torchrun for the 2-GPU Megatron tests: many runs at
+"""Launching tests/megatron_gpt_runs.py under torchrun for the Megatron GPU tests: many runs at
 once (the model is small), each writing its record to ``<name>.json`` and its output to
 ``<name>.log``."""
 
@@ -11,15 +11,17 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 RUNNER = Path(__file__).with_name("megatron_gpt_runs.py")
 
 
 def launch(name, processes, arguments, workdir: Path, port: int):
-    """Start one run: 2 processes on GPUs 0 and 1, or 1 process on GPU ``port % 2``."""
+    """Start one run: 2 processes on GPUs 0 and 1, or 1 process on GPU ``port % (GPUs)``."""
     log = open(workdir / f"{name}.log", "w")
+    gpus = "0,1" if processes == 2 else str(port % max(1, torch.cuda.device_count()))
     env = {**os.environ, "NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
-           "NVSHMEM_DISABLE_NVLS": "1", "CUDA_VISIBLE_DEVICES": "0,1" if processes == 2 else str(port % 2)}
+           "NVSHMEM_DISABLE_NVLS": "1", "CUDA_VISIBLE_DEVICES": gpus}
     command = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={processes}",
                f"--master-port={port}", str(RUNNER), *arguments, "--out", str(workdir / f"{name}.json")]
     return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)

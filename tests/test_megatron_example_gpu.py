@@ -1,7 +1,7 @@
 """examples/megatron_gpt.py runs as its docstring says, on 2 GPUs with megatron-core: trained
 halfway, saved, trained on; rebuilt, loaded and trained again, the resumed half repeats the
 uninterrupted one. The example is run (under torchrun), not imported. Needs megatron-core
-(>= 0.17) and 2 GPUs."""
+(>= 0.19) and 2 GPUs."""
 
 from __future__ import annotations
 

@@ -3,7 +3,7 @@ megatron-core GPTModel (DP=2, distributed optimizer) per block option and keep_p
 route the layout picks, and at keep_prob 0.5 with each route forced and under
 overlap_param_gather, checking after every step (overlapped: after the next forward, which runs
 the step's gathers) that every rank's buckets hold, bit for bit, what a dense all-gather of the
-shards gives. Needs megatron-core (>= 0.17) and 2 GPUs."""
+shards gives. Needs megatron-core (>= 0.19) and 2 GPUs."""
 
 from __future__ import annotations
 
