@@ -124,3 +124,26 @@ def test_megatron_lms_parser_takes_the_magma_arguments(monkeypatch):
     monkeypatch.setattr(arguments, "parse_and_validate_args", arguments.parse_and_validate_args)
     install()
     assert training.get_megatron_optimizer._magma_installed
+
+
+def test_megatron_lms_default_arguments_pass_the_allow_lists(monkeypatch):
+    """The OptimizerConfig and DDP config fields Megatron-LM fills from its own defaults (its dtype
+    names mapped as its validate_args maps them) are all allowed."""
+    import dataclasses
+
+    import torch
+
+    _, arguments = _megatron_training()
+    from megatron.core.distributed import DistributedDataParallelConfig
+    from megatron.core.optimizer import OptimizerConfig
+
+    from magma_ext.megatron.allow_list import DDP_CONFIG, OPTIMIZER_CONFIG, check_config
+
+    monkeypatch.setattr(sys, "argv", ["pretrain_gpt.py", "--magma"])
+    parsed = arguments.parse_args(extra_args_provider=add_magma_arguments)
+    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+    for cls, table in ((OptimizerConfig, OPTIMIZER_CONFIG), (DistributedDataParallelConfig, DDP_CONFIG)):
+        fields = {f.name: getattr(parsed, f.name) for f in dataclasses.fields(cls) if hasattr(parsed, f.name)}
+        fields = {k: dtypes.get(v, v) if isinstance(v, str) and k.endswith("dtype") else v for k, v in fields.items()}
+        fields = {k: v for k, v in fields.items() if not (k.endswith("dtype") and v == "auto")}
+        check_config(cls(**fields), table, cls.__name__, "Megatron-LM defaults")

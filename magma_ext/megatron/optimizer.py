@@ -128,11 +128,12 @@ def get_megatron_magma_optimizer(
     names = global_parameter_names(model_chunks)
     indices = {p: name_index(name) for p, name in names.items()}
     is_masked = masked or (lambda name, p: is_paper_masked(name, p.dim()))
+    tensor_parallel = _TensorParallelGroups.of(pg_collection)
     build = dict(config=config, model_chunks=model_chunks, config_overrides=config_overrides, names=names,
                  indices=indices, is_masked=is_masked, version=version, magma_options=magma_options,
-                 sparse_param_gather=sparse_param_gather)
-    parts = [_build_part(_dense_groups(groups, pg_collection, config), **build)]
-    expert = _expert_groups(groups, pg_collection, config, use_gloo_process_groups)
+                 sparse_param_gather=sparse_param_gather, tensor_parallel=tensor_parallel)
+    parts = [_build_part(_dense_groups(groups, tensor_parallel, config), **build)]
+    expert = _expert_groups(groups, tensor_parallel, config, use_gloo_process_groups)
     expert_part = _build_part(expert, **build)
     if expert_part is not None:
         parts.append(expert_part)
@@ -203,6 +204,27 @@ def _check_arguments(config, model_chunks, magma_options: dict) -> None:
 
 
 @dataclass(frozen=True)
+class _TensorParallelGroups:
+    """The tensor-parallel groups: dense (``tp``), dense with data parallelism and context
+    parallelism (``tp_dp_cp``), and the experts' (``expert_tp``, None where not set up)."""
+
+    tp: object
+    tp_dp_cp: object
+    expert_tp: object
+
+    @classmethod
+    def of(cls, pg_collection) -> _TensorParallelGroups:
+        """From ``pg_collection`` where it has them, else from ``parallel_state``, as
+        ``get_megatron_optimizer`` takes them."""
+        found = vars(pg_collection) if pg_collection is not None else {}
+        tp = found.get("tp") or parallel_state.get_tensor_model_parallel_group()
+        tp_dp_cp = found.get("tp_dp_cp") or parallel_state.get_tensor_and_data_parallel_group(
+            with_context_parallel=True)
+        expert_tp = found.get("expt_tp") or parallel_state.get_expert_tensor_parallel_group(check_initialized=False)
+        return cls(tp, tp_dp_cp, expert_tp)
+
+
+@dataclass(frozen=True)
 class _PartGroups:
     """Where one part of the ChainedOptimizer lives (the dense or the expert parameters).
 
@@ -220,7 +242,6 @@ class _PartGroups:
     data_parallel_gloo: object
     data_parallel_idx: int
     grad_stats: object
-    model_parallel: object
     instance_id: int
 
 
@@ -235,12 +256,8 @@ def _instance_id(groups: dict) -> int:
     return 0
 
 
-def _dense_groups(groups: dict, pg_collection, config: OptimizerConfig) -> _PartGroups:
-    if pg_collection is not None and hasattr(pg_collection, "tp"):
-        tp_group, tp_dp_group = pg_collection.tp, pg_collection.tp_dp_cp
-    else:
-        tp_group = parallel_state.get_tensor_model_parallel_group()
-        tp_dp_group = parallel_state.get_tensor_and_data_parallel_group(with_context_parallel=True)
+def _dense_groups(groups: dict, tensor_parallel: _TensorParallelGroups, config: OptimizerConfig) -> _PartGroups:
+    tp_group, tp_dp_group = tensor_parallel.tp, tensor_parallel.tp_dp_cp
     tp_size = torch.distributed.get_world_size(tp_group)
     dp = groups["intra_dp_cp_group"]
     if config.use_distributed_optimizer:
@@ -260,21 +277,20 @@ def _dense_groups(groups: dict, pg_collection, config: OptimizerConfig) -> _Part
     mp = groups["mp_group"]
     return _PartGroups(DENSE, tp_group, split, replica, exchange, dp, groups["intra_dp_cp_group_gloo"],
                        torch.distributed.get_rank(mp),
-                       groups["intra_dist_opt_group"] if config.use_distributed_optimizer else mp, mp,
+                       groups["intra_dist_opt_group"] if config.use_distributed_optimizer else mp,
                        _instance_id(groups))
 
 
-def _expert_groups(groups: dict, pg_collection, config: OptimizerConfig, use_gloo: bool) -> _PartGroups:
-    if pg_collection is not None and hasattr(pg_collection, "expt_tp"):
-        etp_group = pg_collection.expt_tp
-    else:
-        etp_group = parallel_state.get_expert_tensor_parallel_group(check_initialized=False)
+def _expert_groups(groups: dict, tensor_parallel: _TensorParallelGroups, config: OptimizerConfig,
+                   use_gloo: bool) -> _PartGroups:
     dp = groups["intra_expt_dp_group"]
-    mp = groups.get("expt_tp_pp_with_egtp_remat_group") or groups["expt_tp_pp_group"]
+    mp = groups.get("expt_tp_pp_with_egtp_remat_group")
+    if mp is None:
+        mp = groups["expt_tp_pp_group"]
     split = replica = dp if config.use_distributed_optimizer else None
-    return _PartGroups(EXPERT, etp_group, split, replica, (dp,) if config.use_distributed_optimizer else (), dp,
-                       groups["intra_expt_dp_group_gloo"] if use_gloo else None, torch.distributed.get_rank(mp),
-                       groups["intra_dist_opt_group"] if config.use_distributed_optimizer else mp, mp,
+    return _PartGroups(EXPERT, tensor_parallel.expert_tp, split, replica, (dp,) if config.use_distributed_optimizer else (),
+                       dp, groups["intra_expt_dp_group_gloo"] if use_gloo else None, torch.distributed.get_rank(mp),
+                       groups["intra_dist_opt_group"] if config.use_distributed_optimizer else mp,
                        _instance_id(groups))
 
 
@@ -286,7 +302,7 @@ def _group_size(group) -> int:
 
 
 def _build_part(where: _PartGroups, *, config, model_chunks, config_overrides, names, indices, is_masked, version,
-                magma_options, sparse_param_gather):
+                magma_options, sparse_param_gather, tensor_parallel: _TensorParallelGroups):
     """One part of the ChainedOptimizer: Megatron's groups of ``where.kind``'s parameters, Magma
     over them, Megatron's wrapper around it, every held tensor declared; None for the expert
     part of a model without experts."""
@@ -312,22 +328,24 @@ def _build_part(where: _PartGroups, *, config, model_chunks, config_overrides, n
     if magma_groups:
         inner = Magma(magma_groups, lr=config.lr, betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_eps,
                       weight_decay=config.weight_decay, process_group=list(where.exchange) or None, **magma_options)
-    wrapper = _wrap(inner, config, model_chunks, buffers, where)
+    wrapper = _wrap(inner, config, model_chunks, buffers, where, tensor_parallel)
+    if inner is None:  # no parameters of this part on this rank: a stub, as Megatron builds one
+        return wrapper
     tp_rank = torch.distributed.get_rank(where.tensor_parallel) if where.tensor_parallel is not None else 0
     slices = {p: TensorParallelSlice(_partition_dim(p), tp_rank, tp_size) for p in names}
     held = list(_held_tensors(wrapper))
-    _check_built(wrapper, held, version, where, sparse_param_gather)
+    _check_built(wrapper, held, version, sparse_param_gather)
     for model_param, tensor, start, stop in held:
         declare_piece(tensor, **piece_arguments(indices[model_param], tuple(model_param.shape), start, stop,
                                                 slices[model_param], split_group=where.split,
                                                 replica_group=where.replica))
-    if sparse_param_gather and inner is not None:
+    if sparse_param_gather:
         group_of = {p: i for i, group in enumerate(magma_groups) for p in group["params"]}
         wrapper.enable_sparse_param_gather(indices, slices, group_of)
     return wrapper
 
 
-def _check_built(wrapper, held: list, version: str, where: _PartGroups, sparse_param_gather: bool) -> None:
+def _check_built(wrapper, held: list, version: str, sparse_param_gather: bool) -> None:
     """The built wrapper holds the tensors the integration reads from it (see
     :mod:`magma_ext.megatron.internals`)."""
     if isinstance(wrapper, DistributedOptimizer):
@@ -336,7 +354,7 @@ def _check_built(wrapper, held: list, version: str, where: _PartGroups, sparse_p
             bucket_groups = [g for chunk in wrapper.model_chunks for g in getattr(chunk, wrapper.bucket_attribute)]
         internals.check_distributed_optimizer(wrapper, [(p, t) for p, t, _, _ in held], version, bucket_groups)
         return
-    inner = {id(p) for group in (wrapper.optimizer.param_groups if wrapper.optimizer else []) for p in group["params"]}
+    inner = {id(p) for group in wrapper.optimizer.param_groups for p in group["params"]}
     if any(id(tensor) not in inner for _, tensor, _, _ in held) or len(held) != len(inner):
         raise internals.UnsupportedMegatron(
             f"megatron-core {version}: {type(wrapper).__name__}'s main parameters are not its inner optimizer's "
@@ -426,7 +444,8 @@ def _init_state(optimizer, config=None) -> None:
     optimizer.init_state()
 
 
-def _wrap(inner: Magma | None, config: OptimizerConfig, model_chunks: list, buffers, where: _PartGroups):
+def _wrap(inner: Magma | None, config: OptimizerConfig, model_chunks: list, buffers, where: _PartGroups,
+          tensor_parallel: _TensorParallelGroups):
     """The wrapper ``_get_megatron_optimizer_based_on_param_groups`` would put around its Adam, as
     its Magma subclass (megatron-core 0.19's wrapping; ``internals`` checks that it still is)."""
     init_state = _init_state if inner is not None else None
@@ -444,9 +463,8 @@ def _wrap(inner: Magma | None, config: OptimizerConfig, model_chunks: list, buff
     else:
         wrapper = MagmaFP32Optimizer(inner, config, init_state)
     wrapper.grad_stats_parallel_group = where.grad_stats
-    tp_group = parallel_state.get_tensor_model_parallel_group()
-    wrapper.tp_group = tp_group
-    wrapper.expert_tp_group = where.tensor_parallel if where.kind == EXPERT else tp_group
+    wrapper.tp_group = tensor_parallel.tp
+    wrapper.expert_tp_group = tensor_parallel.expert_tp if tensor_parallel.expert_tp is not None else tensor_parallel.tp
     return wrapper
 
 

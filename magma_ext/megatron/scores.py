@@ -40,8 +40,8 @@ __all__ = ["SCORES_KEY", "MAGMA_STATE_KEYS", "POSITIONS_UNKNOWN", "gather_block_
 
 def _scored_pieces(magma):
     """(parameter, its group, tensor index, first block, blocks of the logical tensor) of every
-    parameter whose state holds a score."""
-    for group in magma.param_groups:
+    parameter whose state holds a score (none for ``magma=None``, a wrapper without parameters)."""
+    for group in magma.param_groups if magma is not None else ():
         for p in group["params"]:
             state = magma.state.get(p)
             if not state or "magma_score" not in state:
@@ -169,9 +169,8 @@ class CarriesMagmaScores:
     legacy_refusal: str | None = None
 
     def state_dict(self, *args, **kwargs):
-        if self.optimizer is None:  # a part without parameters (Megatron builds one for grad statistics)
-            return super().state_dict(*args, **kwargs)
-        record_steps_in_groups(self.optimizer)
+        if self.optimizer is not None:  # None: a part without parameters on this rank (a stub)
+            record_steps_in_groups(self.optimizer)
         packed = super().state_dict(*args, **kwargs)
         inner = packed.get("optimizer", packed)
         if isinstance(inner, dict) and isinstance(inner.get("state"), dict):
