@@ -3,10 +3,10 @@
 #
 #   bash benchmarks/megatron_device_run.sh [DEVICE_TAG]      # e.g. h100
 #
-# 1. The fused baseline: benchmarks/megatron_bench.py at DP=1, Magma (keep_prob 0.5, tensor
-#    blocks) against Megatron's Adam as torch.optim.AdamW(fused=True) (--adam-impl fused), in one
-#    process per wrapper, 2 rounds each (the order reversed in the second), on the 809M GPTModel
-#    of the README's tables: with the distributed optimizer, then with Float16Optimizer.
+# 1. The fused baseline (benchmarks/megatron_bench_fused.sh) at DP=1: Magma (keep_prob 0.5,
+#    tensor blocks) against Megatron's Adam as torch.optim.AdamW(fused=True), in one process per
+#    wrapper, 2 rounds each, on the 809M GPTModel of the README's tables: with the distributed
+#    optimizer, then with Float16Optimizer.
 #    Targets (issue 30): Magma's inner step <= 0.90x fused Adam's, whole-step tokens/s >= 0.99x.
 # 2. The Megatron tests that need one GPU (tests/test_megatron_one_gpu.py: identities, resumes,
 #    positional checkpoints) and the CPU ones that read megatron-core 0.19.2 itself (global
@@ -19,11 +19,7 @@
 # included). The exit status is the first failure's.
 
 source benchmarks/device_setup.sh || exit 1
-tag="${1:-$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | tr -dc 'A-Za-z0-9' | tr 'A-Z' 'a-z')}"
-day=$(date -u +%Y-%m-%d)
-logs="${OUT:-/tmp/out}/logs"
-status=0
-note() { [ "$1" = 0 ] || { [ "$status" = 0 ] && status=$1; }; }
+tag="${1:-$gpu_tag}"
 left() { echo $((470 - SECONDS)); }  # seconds left of the whole run's budget (SECONDS: since the start)
 setup_seconds=$SECONDS
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu,power.draw --format=csv | tee "$logs/gpu.log"
@@ -36,10 +32,7 @@ for wrapper in distopt float16; do
   budget=$(( $(left) - reserve ))
   (( budget > 180 )) && budget=180
   if (( budget < 60 )); then echo "$name not run: ${budget} s left for it"; note 1; continue; fi
-  timeout "$budget" python3 -m torch.distributed.run --nproc-per-node 1 benchmarks/megatron_bench.py $flags \
-    --optimizer both --adam-impl fused --rounds 2 --keep-prob 0.5 --block tensor --layers 16 --hidden 2048 \
-    --heads 16 --seq-len 1024 --micro-batch 4 --steps 30 --warmup-steps 10 --log-every 30 \
-    --table "$logs/$name.md" > "$logs/$name.log" 2>&1
+  timeout "$budget" bash benchmarks/megatron_bench_fused.sh 1 "$logs/$name.md" $flags > "$logs/$name.log" 2>&1
   note $?
   echo "== $name (at ${SECONDS} s)"; tail -12 "$logs/$name.log"
 done

@@ -11,18 +11,14 @@
 #   (distributed optimizer, fully_reshardable; Float16 wrapper); an fp16 overflow step skipped at
 #   PP=2; and the TP/DP layouts, resumes and overflow of before. Then the example's and the
 #   sparse gather's 2-GPU tests, and the one-GPU tests again (on GPU 0).
-# bench: the fused baseline at DP=2 (distributed optimizer) and TP=2 (sequence parallel,
-#   Float16Optimizer), 2 rounds each, the 809M GPTModel: the 2-GPU rows of the README's table.
+# bench: the fused baseline (benchmarks/megatron_bench_fused.sh) at DP=2 (distributed optimizer)
+#   and TP=2 (sequence parallel, Float16Optimizer): the 2-GPU rows of the README's table.
 # Back in $OUT/logs, named with DEVICE_TAG and the date for benchmarks/results/. The exit status
 # is the first failure's.
 
 part="${1:?usage: megatron_multi_gpu_device_run.sh tests|bench [DEVICE_TAG]}"
 source benchmarks/device_setup.sh || exit 1
-tag="${2:-$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | tr -dc 'A-Za-z0-9' | tr 'A-Z' 'a-z')x2}"
-day=$(date -u +%Y-%m-%d)
-logs="${OUT:-/tmp/out}/logs"
-status=0
-note() { [ "$1" = 0 ] || { [ "$status" = 0 ] && status=$1; }; }
+tag="${2:-${gpu_tag}x2}"
 
 case "$part" in
   tests)
@@ -37,10 +33,7 @@ case "$part" in
       set -- $layout
       name="megatron_bench_fused_${1}_${tag}_${day}"
       shift
-      timeout 280 python3 -m torch.distributed.run --nproc-per-node 2 benchmarks/megatron_bench.py "$@" \
-        --optimizer both --adam-impl fused --rounds 2 --keep-prob 0.5 --block tensor --layers 16 --hidden 2048 \
-        --heads 16 --seq-len 1024 --micro-batch 4 --steps 30 --warmup-steps 10 --log-every 30 \
-        --table "$logs/$name.md" > "$logs/$name.log" 2>&1
+      timeout 280 bash benchmarks/megatron_bench_fused.sh 2 "$logs/$name.md" "$@" > "$logs/$name.log" 2>&1
       note $?
       echo "== $name"; tail -12 "$logs/$name.log"
     done

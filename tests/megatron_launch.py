@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -33,6 +34,22 @@ def wave(runs: dict, workdir: Path, first_port: int) -> None:
                 for i, (name, (processes, arguments)) in enumerate(runs.items())}
     for process in launched.values():
         process.wait(timeout=900)
+
+
+def save_and_resume(first: dict, resumes: dict, workdir: Path, steps: int, half: int, first_port: int):
+    """Two waves: ``first`` (``{name: (processes, arguments)}``; a name with "half" saves a
+    checkpoint ``ckpt_<name>`` after its steps, a run without ``--steps`` takes ``steps``), then
+    ``resumes`` (``{name: (processes, checkpoint of, format, arguments)}``, each loading that
+    checkpoint and running steps ``half`` to ``steps``). Returns :func:`result` for ``workdir``."""
+    launched = {}
+    for name, (processes, arguments) in first.items():
+        extra = ["--save", str(workdir / f"ckpt_{name}")] if "half" in name else []
+        launched[name] = (processes, [*arguments, *extra, *([] if "--steps" in arguments else ["--steps", str(steps)])])
+    wave(launched, workdir, first_port)
+    wave({name: (processes, [*arguments, "--load", str(workdir / f"ckpt_{source}"), "--format", fmt,
+                             "--first-step", str(half), "--steps", str(steps - half)])
+          for name, (processes, source, fmt, arguments) in resumes.items()}, workdir, first_port + len(first))
+    return partial(result, workdir)
 
 
 def result(workdir: Path, name: str) -> dict:

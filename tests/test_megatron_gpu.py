@@ -21,8 +21,6 @@ resumed runs need the first wave's checkpoints), and each test checks some of th
 
 from __future__ import annotations
 
-from functools import partial
-
 import pytest
 import torch
 
@@ -30,7 +28,7 @@ pytest.importorskip("megatron.core")
 if torch.cuda.device_count() < 2:
     pytest.skip("needs 2 GPUs", allow_module_level=True)
 
-from megatron_launch import result, wave  # noqa: E402
+from megatron_launch import save_and_resume  # noqa: E402
 
 STEPS, HALF = 20, 10
 BF16_LOSS_TOLERANCE = 2e-2  # relative; bf16 activations, different reduction orders per layout
@@ -87,18 +85,7 @@ RESUMES = {  # name: (processes, checkpoint of, format, extra arguments)
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("megatron")
-    first = {}
-    for name, (processes, arguments) in FIRST_WAVE.items():
-        extra = ["--save", str(workdir / f"ckpt_{name}")] if "half" in name else []
-        first[name] = (processes, [*arguments, *extra, "--steps", str(STEPS)] if "--steps" not in arguments
-                       else [*arguments, *extra])
-    wave(first, workdir, 29400)
-    second = {name: (processes, [*arguments, "--load", str(workdir / f"ckpt_{source}"), "--format", fmt,
-                                 "--first-step", str(HALF), "--steps", str(STEPS - HALF)])
-              for name, (processes, source, fmt, arguments) in RESUMES.items()}
-    wave(second, workdir, 29500)
-    return partial(result, workdir)
+    return save_and_resume(FIRST_WAVE, RESUMES, tmp_path_factory.mktemp("megatron"), STEPS, HALF, 29400)
 
 
 def _assert_same_masks(a, b, what):

@@ -16,8 +16,6 @@ checkpoints.
 
 from __future__ import annotations
 
-from functools import partial
-
 import pytest
 import torch
 
@@ -25,7 +23,7 @@ pytest.importorskip("megatron.core")
 if not torch.cuda.is_available():
     pytest.skip("needs a GPU", allow_module_level=True)
 
-from megatron_launch import result, wave  # noqa: E402
+from megatron_launch import save_and_resume  # noqa: E402
 
 from magma_ext import name_index  # noqa: E402
 
@@ -50,18 +48,7 @@ RESUMES = {  # name: (processes, checkpoint of, format, extra arguments)
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("megatron_one_gpu")
-    first = {}
-    for name, (processes, arguments) in FIRST_WAVE.items():
-        extra = ["--save", str(workdir / f"ckpt_{name}")] if "half" in name else []
-        steps = [] if "--steps" in arguments else ["--steps", str(STEPS)]
-        first[name] = (processes, [*arguments, *extra, *steps])
-    wave(first, workdir, 29800)
-    second = {name: (processes, [*arguments, "--load", str(workdir / f"ckpt_{source}"), "--format", fmt,
-                                 "--first-step", str(HALF), "--steps", str(STEPS - HALF)])
-              for name, (processes, source, fmt, arguments) in RESUMES.items()}
-    wave(second, workdir, 29900)
-    return partial(result, workdir)
+    return save_and_resume(FIRST_WAVE, RESUMES, tmp_path_factory.mktemp("megatron_one_gpu"), STEPS, HALF, 29800)
 
 
 @pytest.mark.parametrize("name", ["dp1", "f16", "moe"])
