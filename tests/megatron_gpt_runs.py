@@ -310,9 +310,9 @@ def key_scores_by_position(state, chunks) -> None:
     """Rewrite every "magma_scores" entry of a checkpoint state to the keys magma_ext.megatron
     used before names: positions in the first chunk's named_parameters()."""
     position_of = {name_index(n): k for k, n in enumerate(global_parameter_names(chunks[:1]).values())}
-    if isinstance(state, dict):
+    if isinstance(state, dict):  # (fully_reshardable keeps the entry a plain dict; dp_reshardable wraps it)
         for key, value in state.items():
-            if key == SCORES_KEY:
+            if key == SCORES_KEY and isinstance(value, dict):
                 state[key] = {position_of[index]: entry for index, entry in value.items()}
             else:
                 key_scores_by_position(value, chunks)
