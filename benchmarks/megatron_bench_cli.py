@@ -61,6 +61,9 @@ def parse_args(argv: list[str] | None = None, description: str | None = None) ->
     p.add_argument("--keep-prob", type=float, default=0.5, help="Magma: probability of keeping a block")
     p.add_argument("--block", type=parse_block, default="tensor", help="Magma: tensor, row or N elements")
     p.add_argument("--seed", type=int, default=1234, help="weights, data order and Magma's masks")
+    p.add_argument("--init", choices=("cpu", "gpu"), default="cpu",
+                   help="where the weights are initialised: cpu (the same on every rank and TP size) or gpu "
+                        "(faster; every run of the process starts from the first run's weights either way)")
     p.add_argument("--steps", type=int, default=100, help="training iterations per optimizer")
     p.add_argument("--rounds", type=int, default=1,
                    help="run every optimizer this many times, the order reversed every other round; the table gives "
@@ -109,6 +112,8 @@ def parse_args(argv: list[str] | None = None, description: str | None = None) ->
         p.error(f"--param-gather {args.param_gather} needs a Magma run (--optimizer magma or both)")
     if args.overlap_param_gather and not args.distributed_optimizer:
         p.error("--overlap-param-gather needs --distributed-optimizer (without it there is no parameter all-gather)")
+    if args.init == "gpu" and world > 1:
+        p.error("--init gpu draws other weights on every rank and TP size: use it on one GPU")
     if args.layout_json and args.param_gather == "dense":
         p.error("--layout-json records the sparse gather's layout: it needs --param-gather sparse or both")
     return args

@@ -136,7 +136,8 @@ def describe_setup(args: argparse.Namespace, results: list[RunResult]) -> list[s
     skipped = ", ".join(f"{LABELS[r.name]} {r.skipped_steps}" for r in results)
     return [
         f"- model: GPTModel (local spec), {args.layers} layers, hidden {args.hidden}, {args.heads} heads, "
-        f"vocab {VOCAB_SIZE}, seq {args.seq_len}: {total:,} parameters ({per_rank:,} on rank 0); {args.dtype}",
+        f"vocab {VOCAB_SIZE}, seq {args.seq_len}: {total:,} parameters ({per_rank:,} on rank 0); {args.dtype}; "
+        f"initialised on the {getattr(args, 'init', 'cpu').upper()}",
         f"- parallelism: tp {args.tp}, dp {args.dp}, sequence parallel {'on' if args.tp > 1 else 'off'}, "
         f"distributed optimizer {'on' if args.distributed_optimizer else 'off'} (wrapper {wrapper})"
         + (f", parameter gather {args.param_gather}" if args.distributed_optimizer else "")

@@ -61,7 +61,9 @@ def build_transformer_config(args: argparse.Namespace, ctx) -> TransformerConfig
         pipeline_model_parallel_size=1,
         sequence_parallel=ctx.sequence_parallel,
         transformer_impl="local",
-        use_cpu_initialization=True,  # same weights on every rank and for any TP size
+        # cpu: the same weights on every rank and for any TP size; gpu: faster (one GPU: the
+        # same weights for every run of the process, from the reseeded CUDA generator)
+        use_cpu_initialization=args.init == "cpu",
         bf16=args.dtype == "bf16",
         fp16=args.dtype == "fp16",
         params_dtype=dtype,
@@ -78,7 +80,8 @@ def seed_everything(seed: int) -> None:
 
 
 def build_model(config: TransformerConfig, args: argparse.Namespace) -> Float16Module:
-    """GPTModel from the local spec on the GPU, cast to bf16/fp16 as Megatron's get_model does."""
+    """GPTModel from the local spec on the GPU (initialised on the CPU or the GPU, ``--init``), cast to
+    bf16/fp16 as Megatron's get_model does."""
     seed_everything(args.seed)
     model = GPTModel(config=config, transformer_layer_spec=block_spec(config),
                      vocab_size=VOCAB_SIZE, max_sequence_length=args.seq_len)

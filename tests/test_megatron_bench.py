@@ -27,6 +27,7 @@ REFUSED = [  # (arguments, world size, what the usage error names)
     (["--block", "0"], 2, "--block"),
     (["--adam-impl", "slow"], 2, "--adam-impl"),
     (["--rounds", "0"], 2, "--rounds must be at least 1"),
+    (["--init", "gpu"], 2, "--init gpu draws other weights"),
 ]
 
 
