@@ -19,7 +19,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-pytest.importorskip("megatron.core")
+pytest.importorskip("megatron.core", minversion="0.19")  # magma_ext.megatron builds on 0.19
 if not torch.cuda.is_available():
     pytest.skip("needs a GPU", allow_module_level=True)
 
