@@ -3,10 +3,15 @@
 Usage (from the repository root, on a machine with N GPUs; keep NVLink multicast off)::
 
     NCCL_NVLS_ENABLE=0 python benchmarks/fsdp_bench.py --gpus 2 --out benchmarks/results/fsdp_....md
+    NCCL_NVLS_ENABLE=0 python benchmarks/fsdp_bench.py --gpus 2 --tp 2 --out benchmarks/results/fsdp_tp_....md
 
 The model is the demo's Llama scaled to Llama-1B shapes (vocab 32000, dim 2048, 22 layers,
 MLP 5632: 1.26 B float32 parameters), wrapped with ``fully_shard`` per block and at the root,
-its forward under bfloat16 autocast.  For each optimizer the same model (same weights, same
+its forward under bfloat16 autocast.  With ``--tp T`` the GPUs form a ``(gpus / T) x T`` mesh
+``("dp", "tp")``: each block's attention and MLP projections are first made tensor-parallel on
+``tp`` (``wq``/``wk``/``wv``/``w1``/``w3`` column-wise, ``wo``/``w2`` row-wise; embedding, norms
+and head replicated), then ``fully_shard`` runs over ``dp``; the ranks of a ``tp`` group read the
+same batches.  For each optimizer the same model (same weights, same
 batches) takes warm-up steps, then timed training steps: CUDA events around the whole step
 (forward, backward, optimizer) and around ``optimizer.step()`` alone; medians over the timed
 steps of rank 0 (every rank runs the same work).  The score all-reduce of Magma's sharded
@@ -52,12 +57,20 @@ def _timed(fn) -> float:
 
 def _model(args, mesh):
     from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=32000, dim=2048, n_layers=args.layers, n_heads=16, mlp_hidden=5632,
                          max_seq_len=args.seq)
     with torch.device("cuda"):
         model = Llama(config)
+    if args.tp > 1:
+        plan = {"attn.wq": ColwiseParallel(), "attn.wk": ColwiseParallel(), "attn.wv": ColwiseParallel(),
+                "attn.wo": RowwiseParallel(), "mlp.w1": ColwiseParallel(), "mlp.w3": ColwiseParallel(),
+                "mlp.w2": RowwiseParallel()}
+        for block in model.blocks:
+            parallelize_module(block, mesh["tp"], plan)
+        mesh = mesh["dp"]
     for block in model.blocks:
         fully_shard(block, mesh=mesh)
     fully_shard(model, mesh=mesh)
@@ -105,7 +118,7 @@ def _host_ms(fn) -> float:
 def _measure(model, args, rank, world):
     """Every optimizer over the same model, in interleaved rounds so that drift hits all alike."""
     optimizers = {name: _optimizer(model, options) for name, options in CASES}
-    generator = torch.Generator(device="cuda").manual_seed(1234 + rank)
+    generator = torch.Generator(device="cuda").manual_seed(1234 + rank // args.tp)  # tp ranks: one batch
     step_ms = {name: [] for name in optimizers}
     opt_ms = {name: [] for name in optimizers}
     host_ms = {name: [] for name in optimizers}
@@ -133,7 +146,7 @@ def _measure(model, args, rank, world):
                              opt_spread=(float(np.min(opt_ms[name])), float(np.max(opt_ms[name]))),
                              host_ms=float(np.median(host_ms[name])),
                              aligned_ms=float(np.median(aligned_ms[name])),
-                             tokens_per_s=world * args.batch * args.seq / (median_step * 1e-3))
+                             tokens_per_s=world // args.tp * args.batch * args.seq / (median_step * 1e-3))
         results[name].update(_exchange_cost(model, optimizer, args, generator))
     results["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
     return results
@@ -157,6 +170,8 @@ def _exchange_cost(model, optimizer, args, generator) -> dict:
     tokens = torch.randint(0, 32000, (args.batch, args.seq + 1), device="cuda", generator=generator)
     with torch.autocast("cuda", dtype=torch.bfloat16):
         model(tokens[:, :-1], tokens[:, 1:]).backward()
+    plans = [device for plan in optimizer._planner._plans.values() for device in getattr(plan, "devices", ())
+             if device.exchange is not None]
     with_ms, without_ms = [], []
     for _ in range(args.rounds * args.steps):
         with_ms.append(_aligned(optimizer.step))
@@ -178,7 +193,10 @@ def _rank_main(rank, world, port, args, queue):
     torch.cuda.set_device(rank)
     dist.init_process_group("nccl", rank=rank, world_size=world)
     try:
-        mesh = init_device_mesh("cuda", (world,))
+        if args.tp > 1:
+            mesh = init_device_mesh("cuda", (world // args.tp, args.tp), mesh_dim_names=("dp", "tp"))
+        else:
+            mesh = init_device_mesh("cuda", (world,))
         model = _model(args, mesh)
         params = sum(p.numel() for p in model.parameters())
         results = _measure(model, args, rank, world)
@@ -197,13 +215,15 @@ def _free_port() -> int:
 def _table(params, results, args, world) -> str:
     base = results[CASES[0][0]]
     lines = [
-        "# Magma vs AdamW(fused=True) under FSDP2",
+        "# Magma vs AdamW(fused=True) under FSDP2" + (f" over tensor parallelism (tp {args.tp})" if args.tp > 1 else ""),
         "",
         f"- device: {world} x {torch.cuda.get_device_name(0)}; torch {torch.__version__}; "
         f"date {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC",
         f"- model: demo Llama at Llama-1B shapes, {params / 1e9:.2f} B float32 parameters, "
-        f"{args.layers} layers, fully_shard per block and at the root (Shard(0)), bf16 autocast",
-        f"- batch {args.batch} x {args.seq} tokens per rank; {args.warmup} warm-up steps per optimizer, then "
+        f"{args.layers} layers, fully_shard per block and at the root (Shard(0))"
+        + (f" over dp {world // args.tp}, after ColwiseParallel/RowwiseParallel projections on tp {args.tp}"
+           if args.tp > 1 else "") + ", bf16 autocast",
+        f"- batch {args.batch} x {args.seq} tokens per data-parallel rank; {args.warmup} warm-up steps per optimizer, then "
         f"{args.rounds} interleaved rounds of 1 untimed and {args.steps} timed steps each; medians of rank 0; "
         "lr 1e-4, weight decay 0.01, all parameters masked",
         f"- command: `python benchmarks/fsdp_bench.py {' '.join(sys.argv[1:])}`",
@@ -249,8 +269,11 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps", type=int, default=6, help="timed steps per optimizer and round")
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--tp", type=int, default=1, help="tensor-parallel size (divides --gpus)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
+    if args.tp < 1 or args.gpus % args.tp:
+        parser.error(f"--tp {args.tp} must divide --gpus {args.gpus}")
     os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
     context = torch.multiprocessing.get_context("spawn")
     queue = context.Queue()

@@ -101,8 +101,8 @@ def parse_args(argv: list[str] | None = None, description: str | None = None) ->
         p.error(f"--tp {args.tp} must divide --heads {args.heads} and the vocabulary ({VOCAB_SIZE})")
     if args.tp > 1 and args.seq_len % args.tp:
         p.error(f"--seq-len {args.seq_len}: sequence parallelism splits it over --tp {args.tp} ranks")
-    if not 0.0 <= args.keep_prob <= 1.0:
-        p.error(f"--keep-prob {args.keep_prob} is not in [0, 1]")
+    if not 0.0 < args.keep_prob <= 1.0:
+        p.error(f"--keep-prob {args.keep_prob} is not in (0, 1]: at 0 Magma would change no masked weight")
     if args.lr <= 0 or args.magma_lr <= 0:
         p.error("--lr and --magma-lr must be positive")
     if args.param_gather != "dense" and not args.distributed_optimizer:

@@ -1,5 +1,9 @@
 """Time one optimizer step of Magma against torch.optim.AdamW(fused=True), in one run.
 
+Magma runs with float32 state and with bfloat16 state (``exp_avg_dtype``/``exp_avg_sq_dtype``);
+torchao's low-bit AdamW variants (``AdamW8bit``, ``AdamWFp8``, ``AdamW4bit``) are timed beside
+them when torchao is installed (their rows say "skipped" otherwise).
+
 Usage (from the repository root)::
 
     python benchmarks/step_bench.py                              # the full run, on CUDA
@@ -104,14 +108,41 @@ FLOAT32_CASES = [
     Case("Magma row keep 0.5", "magma", dict(mask="magma", keep_prob=0.5, block="row")),
     Case("Magma skip keep 0.5", "magma", dict(mask="skip", keep_prob=0.5, block="tensor")),
 ]
+BF16_STATE = dict(exp_avg_dtype=torch.bfloat16, exp_avg_sq_dtype=torch.bfloat16)
+KEEP_HALF_BF16_STATE = Case("Magma keep 0.5, bf16 state", "magma",
+                            dict(mask="magma", keep_prob=0.5, block="tensor", **BF16_STATE))
+ROW_KEEP_HALF_BF16_STATE = Case("Magma row keep 0.5, bf16 state", "magma",
+                                dict(mask="magma", keep_prob=0.5, block="row", **BF16_STATE))
+BF16_STATE_CASES = [
+    KEEP_HALF_BF16_STATE,
+    ROW_KEEP_HALF_BF16_STATE,
+    Case("Magma mask none, bf16 state", "magma", dict(mask="none", **BF16_STATE)),
+]
+# What a user short of optimizer memory would pick instead: torchao's low-bit AdamW, by class name.
+TORCHAO_CASES = [Case(f"torchao {name}", "torchao", dict(optimizer=name))
+                 for name in ("AdamW8bit", "AdamWFp8", "AdamW4bit")]
+# Nominal bytes of one moment per element (their per-block scales left out).
+TORCHAO_MOMENT_BYTES = {"AdamW8bit": 1.0, "AdamWFp8": 1.0, "AdamW4bit": 0.5}
 SHORT_CASES = [BASELINE, KEEP_HALF, MASK_NONE]
+# Issue 31's targets: step time as a fraction of fused AdamW's, Llama-1B float32 parameters.
+TARGETS = {KEEP_HALF_BF16_STATE.name: 0.68, ROW_KEEP_HALF_BF16_STATE.name: 0.62}
 
 
 def cases_for(shape_set: str, dtype: torch.dtype) -> list[Case]:
-    """The cases timed for a shape set and dtype: all of them for llama1b in float32."""
+    """The cases timed for a shape set and dtype: all of them for llama1b in float32 (torchao's
+    last: their first steps compile), bf16 state beside float32 state elsewhere."""
     if shape_set == "llama1b" and dtype == torch.float32:
-        return FLOAT32_CASES
-    return SHORT_CASES
+        return FLOAT32_CASES + BF16_STATE_CASES + TORCHAO_CASES
+    return SHORT_CASES + [KEEP_HALF_BF16_STATE]
+
+
+def torchao_missing() -> str:
+    """Why torchao's optimizers cannot run here ('' when they can)."""
+    try:
+        import torchao.optim  # noqa: F401
+    except ImportError as exc:
+        return f"torchao is not installed ({exc})"
+    return ""
 
 
 # ---------------------------------------------------------------------------- building
@@ -139,6 +170,11 @@ def make_optimizer(case: Case, params, dtype: torch.dtype) -> tuple[torch.optim.
     """The case's optimizer and a word naming the implementation that runs."""
     if case.kind == "adamw":
         return make_adamw(params)
+    if case.kind == "torchao":
+        import torchao.optim
+
+        optimizer_class = getattr(torchao.optim, case.options["optimizer"])
+        return optimizer_class(params, lr=LR, weight_decay=WEIGHT_DECAY), "torchao"
     master = dtype != torch.float32
     opt = Magma(params, lr=LR, weight_decay=WEIGHT_DECAY, master_weights=master, **case.options)
     fused = has_cuda_extension() and params[0].is_cuda
@@ -149,14 +185,15 @@ def make_optimizer(case: Case, params, dtype: torch.dtype) -> tuple[torch.optim.
 
 
 def bytes_per_element(pass_kind: str, keep: float, param_bytes: int, grad_bytes: int,
-                      state_bytes: int = 4, master: bool = False) -> float:
+                      state_bytes: float = 4, master: bool = False) -> float:
     """Expected memory traffic (bytes read + written) of one step per parameter element.
 
-    Every kind reads the gradient and reads and writes both moments.  The weights (the float32
+    Every kind reads the gradient and reads and writes both moments (``state_bytes`` each).  The weights (the float32
     master copy if any, read and written, plus the parameter written) move only in kept
     blocks: all of them for "dense", a fraction ``keep`` for "1-pass", and "2-pass" (Magma
     blocks too large for one thread block) also re-reads both moments in its apply pass.
     Float32: AdamW and mask "none" 28; Magma 2-pass 20 + 16p; 1-pass (row blocks, skip) 20 + 8p.
+    Bfloat16 moments with float32 parameters: 2-pass 12 + 12p; 1-pass 12 + 8p.
     """
     moments = grad_bytes + 4 * state_bytes
     weights = 4 + 4 + param_bytes if master else 2 * param_bytes
@@ -170,7 +207,7 @@ def bytes_per_element(pass_kind: str, keep: float, param_bytes: int, grad_bytes:
 def pass_kind(case: Case, shape) -> str:
     """Which kernel path, in the bytes model's words, the case takes for a tensor of ``shape``."""
     mask = case.options.get("mask", "magma")
-    if case.kind == "adamw" or mask == "none":
+    if case.kind in ("adamw", "torchao") or mask == "none":
         return "dense"
     if mask == "skip":
         return "1-pass"
@@ -178,11 +215,20 @@ def pass_kind(case: Case, shape) -> str:
     return "1-pass" if block_size_for(tuple(shape), block) <= SINGLE_PASS_MAX_BLOCK else "2-pass"
 
 
+def moment_bytes(case: Case, dtype: torch.dtype) -> float:
+    """Bytes of one moment per element (the mean of the two moments' sizes)."""
+    if case.kind == "torchao":
+        return TORCHAO_MOMENT_BYTES[case.options["optimizer"]]
+    if case.kind == "adamw":  # torch's AdamW keeps its state in the parameters' dtype
+        return torch.finfo(dtype).bits // 8
+    return sum(torch.finfo(case.options.get(key, torch.float32)).bits // 8
+               for key in ("exp_avg_dtype", "exp_avg_sq_dtype")) / 2
+
+
 def step_bytes(case: Case, shapes, dtype: torch.dtype) -> tuple[float, str]:
     """Modelled bytes of one step over ``shapes`` and the pass kinds it used, e.g. "2-pass"."""
     size = torch.finfo(dtype).bits // 8
-    adamw_low_precision = case.kind == "adamw" and dtype != torch.float32
-    state_bytes = size if adamw_low_precision else 4  # torch's AdamW keeps state in the param dtype
+    state_bytes = moment_bytes(case, dtype)
     master = case.kind == "magma" and dtype != torch.float32
     keep = 1.0 if case.options.get("mask") == "none" else case.options.get("keep_prob", 1.0)
     total, kinds = 0.0, {}
@@ -375,7 +421,8 @@ def format_row(result: Result, baseline_ms: float | None, copy_gbs: float) -> st
     """One markdown row; a failed case keeps its name and shows its error."""
     head = [result.shape_set, result.dtype, result.case]
     if result.error:
-        return "| " + " | ".join(head + ["ERROR: " + result.error] + [""] * (len(COLUMNS) - 4)) + " |"
+        text = result.error if result.error.startswith("skipped") else "ERROR: " + result.error
+        return "| " + " | ".join(head + [text] + [""] * (len(COLUMNS) - 4)) + " |"
     times = np.asarray(result.times_ms)
     median, p10, p90 = np.median(times), np.percentile(times, 10), np.percentile(times, 90)
     gbs = result.model_bytes / (median * 1e-3) / 1e9
@@ -448,16 +495,37 @@ FOOTNOTES = [
     "kept fraction. With block=tensor only a few large tensors are drawn per step, so the bytes "
     "actually moved vary from step to step (see p90/p10). GB/s = model bytes / median time; "
     "% copy BW is against the measured device-to-device copy.",
-    "4. bfloat16: Magma runs with master_weights=True (float32 moments and master copy, bf16 "
-    "parameter written back). torch's AdamW keeps its exp_avg/exp_avg_sq in bfloat16 for "
+    "4. bfloat16: Magma runs with master_weights=True (float32 master copy, bf16 parameter written "
+    "back; float32 moments unless the row says bf16 state). torch's AdamW keeps its exp_avg/exp_avg_sq in bfloat16 for "
     "bfloat16 parameters (14 B/param modelled vs 28 for Magma mask none), so the bf16 baseline "
     "does less work and keeps less precise state: its ratio is not like for like.",
+    "4b. bf16 state: Magma with exp_avg_dtype = exp_avg_sq_dtype = torch.bfloat16 (stochastic "
+    "rounding, docs/ALGORITHM.md section 6); modelled float32-parameter bytes 12 + 12p (2-pass), "
+    "12 + 8p (1-pass), 20 (mask none). torchao rows: its AdamW8bit / AdamWFp8 / AdamW4bit with "
+    "their defaults, modelled as dense AdamW with 1, 1 and 0.5 bytes per moment (block scales left "
+    "out); their first steps (warm-up) compile.",
     "5. state B/param = all tensors in optimizer.state / parameters. Extra state = everything "
     "beyond exp_avg and exp_avg_sq (step counters, magma_score, master_param) as % of "
     "parameter bytes.",
     f"6. syncs: {SYNC_CHECK_STEPS} more steps under torch.cuda.set_sync_debug_mode('error'): "
     "'none' means no host-device synchronisation.",
 ]
+
+
+def target_lines(targets) -> list[str]:
+    """Each targeted case's ratio to fused AdamW against its target (llama1b, float32)."""
+    lines = ["", "Targets (llama1b, float32 parameters, step time / fused AdamW's):"] if targets else []
+    for name, result, baseline_ms in targets:
+        if result.error or not baseline_ms:
+            lines.append(f"- {name}: not measured ({result.error or 'no baseline'})")
+            continue
+        ratio = result.median_ms / baseline_ms
+        verdict = "met" if ratio <= TARGETS[name] else "MISSED"
+        lines.append(f"- {name}: {ratio:.3f}x (target <= {TARGETS[name]}x: {verdict}); "
+                     f"state {sum(result.state.values()) / result.numel:.3f} B/param, peak {result.peak_gib:.1f} GiB"
+                     if result.peak_gib is not None else
+                     f"- {name}: {ratio:.3f}x (target <= {TARGETS[name]}x: {verdict})")
+    return lines
 
 
 # ---------------------------------------------------------------------------- main
@@ -508,17 +576,24 @@ def main(argv=None) -> int:
             report.line(text)
         report.line("| " + " | ".join(COLUMNS) + " |")
         report.line("|" + "---|" * len(COLUMNS))
+        targets = []
         for set_name in args.shapes:
             for dtype_name in args.dtypes:
                 baseline_ms = None
                 for case in cases_for(set_name, DTYPES[dtype_name]):
                     if time.monotonic() - started > args.budget_s:
                         result = Result(set_name, dtype_name, case.name, error="skipped: --budget-s spent")
+                    elif case.kind == "torchao" and torchao_missing():
+                        result = Result(set_name, dtype_name, case.name, error=f"skipped: {torchao_missing()}")
                     else:
                         result = run_case_safely(case, set_name, sets[set_name], dtype_name, device, args)
                     if case is BASELINE and not result.error:
                         baseline_ms = result.median_ms
+                    if case.name in TARGETS and set_name == "llama1b" and dtype_name == "float32":
+                        targets.append((case.name, result, baseline_ms))
                     report.line(format_row(result, baseline_ms, copy_gbs))
+        for text in target_lines(targets):
+            report.line(text)
         for text in FOOTNOTES:
             report.line(text)
         report.line(f"\nTotal wall time: {time.monotonic() - started:.0f} s")

@@ -17,11 +17,16 @@
 //                        items and steps over those of masked blocks, whose weights are never
 //                        touched: launching one CTA per item would spend most of a low keep_prob
 //                        step starting CTAs that do nothing.
+//
+// The kernels that touch the moments are templated on their storage types M and V (float or
+// __nv_bfloat16); update_moments gives a moment's new value as its state stores it, and the
+// apply pass reads it back from there.
 #pragma once
 
 #include <cstdint>
 #include <type_traits>
 
+#include "element_access.cuh"
 #include "magma_math.cuh"
 #include "philox.cuh"
 
@@ -29,7 +34,6 @@ namespace magma {
 
 constexpr int kChunkThreads = 512;
 constexpr int kFinalizeThreads = 256;
-constexpr int kILP = 4;
 static_assert(kChunkThreads % 32 == 0 && kChunkThreads / 32 <= kSum3MaxWarps &&
                   kFinalizeThreads % 32 == 0 && kFinalizeThreads / 32 <= kSum3MaxWarps,
               "block_sum3 takes up to 32 whole warps");
@@ -37,73 +41,24 @@ static_assert(kChunkThreads % 32 == 0 && kChunkThreads / 32 <= kSum3MaxWarps &&
 // The scale finalize_kernel writes for a masked block (a score is never negative).
 constexpr float kMaskedBlock = -1.f;
 
-template <typename T>
-struct alignas(4 * sizeof(T)) Vec4 {
-  T x[4];
-};
-
-template <typename T>
-__device__ __forceinline__ bool aligned4(const T* p, int64_t i) {
-  return p == nullptr || reinterpret_cast<uintptr_t>(p + i) % sizeof(Vec4<T>) == 0;
-}
-
-// The pointers of tensor t, typed.
-template <typename P, typename G>
-struct TensorPtrs {
-  P* param;
-  const G* grad;
-  float* exp_avg;
-  float* exp_avg_sq;
-  float* master;
-  __device__ TensorPtrs(const TensorArgs& a, int t)
-      : param(static_cast<P*>(a.param[t])), grad(static_cast<const G*>(a.grad[t])),
-        exp_avg(a.exp_avg[t]), exp_avg_sq(a.exp_avg_sq[t]), master(a.master[t]) {}
-  __device__ bool vectorizable(int64_t i) const {
-    return aligned4(param, i) && aligned4(grad, i) && aligned4(exp_avg, i) &&
-           aligned4(exp_avg_sq, i) && aligned4(master, i);
-  }
-};
-
-// Loads kILP elements: consecutive ones with one vector access each (VEC), or elements
-// `stride` apart, masked by `end`.
-template <bool VEC, typename T>
-__device__ __forceinline__ void load_ilp(const T* p, int64_t i, int64_t stride, int64_t end, float* out) {
-  if (VEC) {
-    const Vec4<T> v = *reinterpret_cast<const Vec4<T>*>(p + i);
-#pragma unroll
-    for (int k = 0; k < kILP; ++k) out[k] = to_float(v.x[k]);
-  } else {
-#pragma unroll
-    for (int k = 0; k < kILP; ++k) out[k] = i + k * stride < end ? to_float(p[i + k * stride]) : 0.f;
-  }
-}
-
-template <bool VEC, typename T>
-__device__ __forceinline__ void store_ilp(T* p, int64_t i, int64_t stride, int64_t end, const float* in) {
-  if (VEC) {
-    Vec4<T> v;
-#pragma unroll
-    for (int k = 0; k < kILP; ++k) v.x[k] = from_float<T>(in[k]);
-    *reinterpret_cast<Vec4<T>*>(p + i) = v;
-  } else {
-#pragma unroll
-    for (int k = 0; k < kILP; ++k)
-      if (i + k * stride < end) p[i + k * stride] = from_float<T>(in[k]);
-  }
-}
-
 // Elements [begin, end) of one item, kILP per thread per iteration: new moments, then with SUMS
 // the alignment sums added to `sums`, and with `apply` the update (scaled by `scale`).  VEC:
-// consecutive elements with vector accesses (the range must be a whole number of vectors); else
-// strided elements.
-template <bool SUMS, bool VEC, typename P, typename G>
-__device__ __forceinline__ void moments_range(const TensorPtrs<P, G>& t, const StepHyper& h,
-                                              const Coeffs& c, int64_t begin, int64_t end,
-                                              bool apply, float scale, float3& sums) {
-  const int64_t stride = VEC ? 1 : blockDim.x;
-  const int64_t first = begin + (VEC ? kILP : 1) * static_cast<int64_t>(threadIdx.x);
+// consecutive elements with vector accesses (the range must be a whole number of vectors).
+// Else scalar accesses: to elements blockDim.x apart for float32 state, to runs of kILP
+// consecutive elements where a moment is rounded (one Philox block of the rounding stream
+// serves a run, NOTE: [the rounding stream]).
+template <bool SUMS, bool VEC, typename P, typename G, typename M, typename V>
+__device__ __forceinline__ void moments_range(const TensorPtrs<P, G, M, V>& t, const StepHyper& h,
+                                              const Coeffs& c, const RoundingStream& stream,
+                                              int64_t begin, int64_t end, bool apply, float scale,
+                                              float3& sums) {
+  constexpr bool kRound = kRounded<M> || kRounded<V>;
+  constexpr bool kRuns = VEC || kRound;
+  const int64_t stride = kRuns ? 1 : blockDim.x;
+  const int64_t first = begin + (kRuns ? kILP : 1) * static_cast<int64_t>(threadIdx.x);
   for (int64_t i = first; i < end; i += static_cast<int64_t>(kILP) * blockDim.x) {
     float g[kILP], m[kILP], v[kILP], theta[kILP];
+    uint32_t words[kILP] = {};
     load_ilp<VEC>(t.grad, i, stride, end, g);
     load_ilp<VEC>(t.exp_avg, i, stride, end, m);
     load_ilp<VEC>(t.exp_avg_sq, i, stride, end, v);
@@ -111,10 +66,11 @@ __device__ __forceinline__ void moments_range(const TensorPtrs<P, G>& t, const S
       if (t.master) load_ilp<VEC>(t.master, i, stride, end, theta);
       else load_ilp<VEC>(t.param, i, stride, end, theta);
     }
+    if constexpr (kRound) stream.words4(i, words);
 #pragma unroll
     for (int k = 0; k < kILP; ++k) {
       g[k] = unscale_grad(g[k], h);
-      const float direction = update_moments(h, c, g[k], m[k], v[k]);
+      const float direction = update_moments<M, V>(h, c, g[k], m[k], v[k], words[k]);
       if (SUMS && (VEC || i + k * stride < end)) {
         sums.x += m[k] * g[k];
         sums.y += m[k] * m[k];
@@ -133,8 +89,8 @@ __device__ __forceinline__ void moments_range(const TensorPtrs<P, G>& t, const S
 
 // Runs `body<VEC>(begin, end)` over an item: the bulk with vector accesses when every pointer
 // is aligned there, the rest with strided scalar accesses.
-template <typename P, typename G, typename Body>
-__device__ __forceinline__ void for_item(const TensorPtrs<P, G>& t, const Span& s, Body body) {
+template <typename P, typename G, typename M, typename V, typename Body>
+__device__ __forceinline__ void for_item(const TensorPtrs<P, G, M, V>& t, const Span& s, Body body) {
   const int64_t end = s.begin + s.length;
   if (t.vectorizable(s.begin)) {
     const int64_t bulk_end = s.begin + (s.length / kILP) * kILP;
@@ -146,7 +102,7 @@ __device__ __forceinline__ void for_item(const TensorPtrs<P, G>& t, const Span& 
 }
 
 // Masks "none" and "skip": one CTA per item does the whole step of its elements.
-template <typename P, typename G, int MASK>
+template <typename P, typename G, typename M, typename V, int MASK>
 __global__ void __launch_bounds__(kChunkThreads)
 one_pass_kernel(const __grid_constant__ TensorArgs a, const StepHyper h) {
   static_assert(MASK == kNone || MASK == kSkip, "mask \"magma\" takes moments_sums_kernel");
@@ -161,15 +117,16 @@ one_pass_kernel(const __grid_constant__ TensorArgs a, const StepHyper h) {
     apply = keep_block(h.seed, a.tensor_index[t], a.first_block[t] + s.block, c.step, h.keep_threshold);
     scale = h.inv_keep_prob;
   }
-  const TensorPtrs<P, G> ptrs(a, t);
+  const TensorPtrs<P, G, M, V> ptrs(a, t);
+  const RoundingStream stream = rounding_stream(h, a, t, c);
   float3 unused = make_float3(0.f, 0.f, 0.f);
   for_item(ptrs, s, [&](auto vec, int64_t begin, int64_t end) {
-    moments_range<false, decltype(vec)::value>(ptrs, h, c, begin, end, apply, scale, unused);
+    moments_range<false, decltype(vec)::value>(ptrs, h, c, stream, begin, end, apply, scale, unused);
   });
 }
 
 // Mask "magma", first pass: one CTA per item writes the item's moments and its three sums.
-template <typename P, typename G>
+template <typename P, typename G, typename M, typename V>
 __global__ void __launch_bounds__(kChunkThreads)
 moments_sums_kernel(const __grid_constant__ TensorArgs a, const StepHyper h, float* item_sums) {
   if (step_skipped(h)) return;
@@ -178,53 +135,18 @@ moments_sums_kernel(const __grid_constant__ TensorArgs a, const StepHyper h, flo
   const int t = find_tensor(a.work_start, a.count, item);
   const Span s = item_span(a.piece[t], item - a.work_start[t]);
   const Coeffs c = coeffs_for(h, a.step[t]);
-  const TensorPtrs<P, G> ptrs(a, t);
+  const TensorPtrs<P, G, M, V> ptrs(a, t);
+  const RoundingStream stream = rounding_stream(h, a, t, c);
   float3 sums = make_float3(0.f, 0.f, 0.f);
   for_item(ptrs, s, [&](auto vec, int64_t begin, int64_t end) {
-    moments_range<true, decltype(vec)::value>(ptrs, h, c, begin, end, false, 1.f, sums);
+    moments_range<true, decltype(vec)::value>(ptrs, h, c, stream, begin, end, false, 1.f, sums);
   });
   const float3 total = block_sum3(sums.x, sums.y, sums.z, scratch);
   if (threadIdx.x == 0) store_sums(item_sums, item, total);
 }
 
-// One CTA per block (launch_finalize in launch.h says what each mode does).  The block's row
-// of block_sums is sum_row[t] + j; its entry of block_scale is block_start[t] + j.
-__global__ void __launch_bounds__(kFinalizeThreads)
-finalize_kernel(const __grid_constant__ TensorArgs a, const StepHyper h, const float* item_sums,
-                float* block_sums, float* block_scale) {
-  if (step_skipped(h)) return;
-  __shared__ float scratch[kSum3Scratch];
-  const int64_t b = blockIdx.x;
-  const int t = find_tensor(a.block_start, a.count, b);
-  const int64_t j = b - a.block_start[t];
-  const int64_t row = a.sum_row[t] + j;
-  float3 total;
-  if (item_sums != nullptr) {
-    const Piece& p = a.piece[t];
-    const int64_t first = a.work_start[t] + first_item(p, j);
-    const int64_t count = items_per_block(block_length(p, j));
-    float3 sums = make_float3(0.f, 0.f, 0.f);
-    for (int64_t k = threadIdx.x; k < count; k += blockDim.x) {
-      sums.x += item_sums[3 * (first + k)];
-      sums.y += item_sums[3 * (first + k) + 1];
-      sums.z += item_sums[3 * (first + k) + 2];
-    }
-    total = block_sum3(sums.x, sums.y, sums.z, scratch);
-    if (threadIdx.x == 0) store_sums(block_sums, row, total);
-  } else if (threadIdx.x == 0) {
-    total = load_sums(block_sums, row);
-  }
-  if (block_scale == nullptr || threadIdx.x != 0) return;
-  float* score = a.score[t] + j;
-  const float updated = new_score(h, *score, total.x, total.y, total.z);
-  *score = updated;
-  const bool kept = keep_block(h.seed, a.tensor_index[t], a.first_block[t] + j,
-                               step_count(a.step[t]), h.keep_threshold);
-  block_scale[b] = kept ? updated : kMaskedBlock;
-}
-
-template <bool VEC, typename P, typename G>
-__device__ __forceinline__ void apply_range(const TensorPtrs<P, G>& t, const StepHyper& h,
+template <bool VEC, typename P, typename G, typename M, typename V>
+__device__ __forceinline__ void apply_range(const TensorPtrs<P, G, M, V>& t, const StepHyper& h,
                                             const Coeffs& c, int64_t begin, int64_t end, float scale) {
   const int64_t stride = VEC ? 1 : blockDim.x;
   const int64_t first = begin + (VEC ? kILP : 1) * static_cast<int64_t>(threadIdx.x);
@@ -249,7 +171,7 @@ __device__ __forceinline__ void apply_range(const TensorPtrs<P, G>& t, const Ste
 // Items run in reverse order, so the first ones read the moments the moments pass wrote last,
 // which are most likely still in L2.  The grid is what fits on the device at once; each CTA
 // takes every gridDim.x-th item and steps over the rest of a masked block in one go.
-template <typename P, typename G>
+template <typename P, typename G, typename M, typename V>
 __global__ void __launch_bounds__(kChunkThreads)
 apply_kernel(const __grid_constant__ TensorArgs a, const StepHyper h, const float* block_scale) {
   if (step_skipped(h)) return;
@@ -268,7 +190,7 @@ apply_kernel(const __grid_constant__ TensorArgs a, const StepHyper h, const floa
       continue;
     }
     const Coeffs c = coeffs_for(h, a.step[t]);
-    const TensorPtrs<P, G> ptrs(a, t);
+    const TensorPtrs<P, G, M, V> ptrs(a, t);
     for_item(ptrs, s, [&](auto vec, int64_t begin, int64_t end) {
       apply_range<decltype(vec)::value>(ptrs, h, c, begin, end, scale);
     });

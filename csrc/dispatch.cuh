@@ -1,4 +1,5 @@
-// Dispatch on the (parameter, gradient) dtype pair: gradients are float32 or the params' dtype.
+// Dispatch on the (parameter, gradient) dtype pair, gradients float32 or the params' dtype, and
+// on the (exp_avg, exp_avg_sq) pair, each float32 or bfloat16.
 #pragma once
 
 #include <ATen/core/ScalarType.h>
@@ -29,6 +30,22 @@ void dispatch_param_grad(at::ScalarType param, at::ScalarType grad, F&& f) {
     case at::kBFloat16: return with_grad(Tag<__nv_bfloat16>{});
     case at::kHalf: return with_grad(Tag<__half>{});
     default: MAGMA_CHECK(false, "magma_ext: parameters must be float32, bfloat16 or float16, got ", param);
+  }
+}
+
+template <typename F>
+void dispatch_moments(at::ScalarType exp_avg, at::ScalarType exp_avg_sq, F&& f) {
+  auto with_exp_avg_sq = [&](auto exp_avg_tag) {
+    switch (exp_avg_sq) {
+      case at::kFloat: return f(exp_avg_tag, Tag<float>{});
+      case at::kBFloat16: return f(exp_avg_tag, Tag<__nv_bfloat16>{});
+      default: MAGMA_CHECK(false, "magma_ext: exp_avg_sqs must be float32 or bfloat16, got ", exp_avg_sq);
+    }
+  };
+  switch (exp_avg) {
+    case at::kFloat: return with_exp_avg_sq(Tag<float>{});
+    case at::kBFloat16: return with_exp_avg_sq(Tag<__nv_bfloat16>{});
+    default: MAGMA_CHECK(false, "magma_ext: exp_avgs must be float32 or bfloat16, got ", exp_avg);
   }
 }
 

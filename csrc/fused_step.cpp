@@ -1,6 +1,8 @@
 // Host side of the step ops: check the inputs, sort the pieces onto the kernels that fit them,
 // pack them into launches and launch on the current stream.  Nothing here reads device memory,
-// so no op synchronises with the host; with found_inf > 0 every kernel returns at once.
+// so no op synchronises with the host; with found_inf > 0 every kernel returns at once.  The
+// kernels are picked by the lists' dtypes: parameters, gradients and each moment (float32 or
+// bfloat16, NOTE: [the rounding stream] in rounding.cuh).
 //
 // NOTE: [the whole step and the split step]
 // fused_step runs the whole step.  moments_partials and finalize_apply run the same step in two
@@ -95,11 +97,21 @@ void check_inputs(const char* op, const Inputs& in, double keep_prob) {
   const auto device = in.params[0].device();
   const auto param_dtype = in.params[0].scalar_type();
   const auto grad_dtype = in.grads[0].scalar_type();
-  auto check_state = [&](const at::Tensor& t, const char* name, size_t i, int64_t numel) {
+  const bool rounded = in.exp_avgs[0].scalar_type() == at::kBFloat16 ||
+                       in.exp_avg_sqs[0].scalar_type() == at::kBFloat16;
+  // moment: float32 or bfloat16 (then one dtype for the whole list), else float32 only
+  auto check_state = [&](const at::Tensor& t, const char* name, size_t i, int64_t numel,
+                         at::TensorList list = {}) {
     MAGMA_CHECK(t.device() == device, op, ": ", name, "[", i, "] is on ", t.device(),
                 ", params[0] on ", device);
-    MAGMA_CHECK(t.scalar_type() == at::kFloat, op, ": ", name, "[", i, "] must be float32, got ",
-                t.scalar_type());
+    if (list.empty()) {
+      MAGMA_CHECK(t.scalar_type() == at::kFloat, op, ": ", name, "[", i, "] must be float32, got ",
+                  t.scalar_type());
+    } else {
+      MAGMA_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kBFloat16, op, ": ", name,
+                  "[", i, "] must be float32 or bfloat16, got ", t.scalar_type());
+      MAGMA_CHECK(t.scalar_type() == list[0].scalar_type(), op, ": ", name, " must share one dtype");
+    }
     MAGMA_CHECK(t.is_contiguous(), op, ": ", name, "[", i, "] must be contiguous");
     MAGMA_CHECK(t.numel() == numel, op, ": ", name, "[", i, "] has ", t.numel(),
                 " elements, expected ", numel);
@@ -114,8 +126,8 @@ void check_inputs(const char* op, const Inputs& in, double keep_prob) {
     MAGMA_CHECK(g.device() == device && g.is_contiguous() && g.numel() == p.numel(),
                 op, ": grads[", i, "] must be a contiguous tensor like params[", i, "]");
     MAGMA_CHECK(g.scalar_type() == grad_dtype, op, ": grads must share one dtype");
-    check_state(in.exp_avgs[i], "exp_avgs", i, p.numel());
-    check_state(in.exp_avg_sqs[i], "exp_avg_sqs", i, p.numel());
+    check_state(in.exp_avgs[i], "exp_avgs", i, p.numel(), in.exp_avgs);
+    check_state(in.exp_avg_sqs[i], "exp_avg_sqs", i, p.numel(), in.exp_avg_sqs);
     check_state(in.steps[i], "steps", i, 1);
     if (!in.master_params.empty()) check_state(in.master_params[i], "master_params", i, p.numel());
     MAGMA_CHECK(in.block_sizes[i] >= 1, op, ": block_sizes[", i, "] must be >= 1");
@@ -127,6 +139,12 @@ void check_inputs(const char* op, const Inputs& in, double keep_prob) {
     check_state(in.scores[i], "scores", i, num_blocks(piece));
     MAGMA_CHECK(in.offsets[i] / in.block_sizes[i] + num_blocks(piece) <= (int64_t{1} << 32),
                 op, ": tensor ", i, " has more than 2**32 blocks");
+    if (rounded) {  // NOTE: [the rounding stream]: elements keyed by their logical index
+      MAGMA_CHECK(in.logical_numels[i] >= 0, op, ": piece ", i, " is a piece of a column slice, ",
+                  "whose elements' logical indices bfloat16 moments cannot key their rounding with");
+      MAGMA_CHECK(in.logical_numels[i] <= (int64_t{1} << 36), op, ": tensor ", i,
+                  " has more than 2**36 elements, too many for bfloat16 moments");
+    }
   }
 }
 
@@ -187,8 +205,8 @@ class Packer {
     const int c = args_.count;
     args_.param[c] = in_.params[i].data_ptr();
     args_.grad[c] = in_.grads[i].data_ptr();
-    args_.exp_avg[c] = in_.exp_avgs[i].data_ptr<float>();
-    args_.exp_avg_sq[c] = in_.exp_avg_sqs[i].data_ptr<float>();
+    args_.exp_avg[c] = in_.exp_avgs[i].data_ptr();
+    args_.exp_avg_sq[c] = in_.exp_avg_sqs[i].data_ptr();
     args_.master[c] = in_.master_params.empty() ? nullptr : in_.master_params[i].data_ptr<float>();
     args_.score[c] = in_.scores[i].data_ptr<float>();
     args_.step[c] = in_.steps[i].data_ptr<float>();
@@ -196,6 +214,7 @@ class Packer {
     args_.sum_row[c] = rows_ == Rows::kOfList ? sum_row : args_.block_start[c];
     args_.first_block[c] = static_cast<uint32_t>(in_.offsets[i] / in_.block_sizes[i]);  // checked
     args_.tensor_index[c] = static_cast<uint64_t>(in_.tensor_indices[i]);  // checked
+    args_.offset[c] = in_.offsets[i];
     args_.work_start[c + 1] = args_.work_start[c] + units;
     args_.block_start[c + 1] = args_.block_start[c] + num_blocks(piece);
     args_.count = c + 1;
@@ -238,8 +257,8 @@ void run(const char* op, Phase phase, const at::Tensor* block_sums, MAGMA_EXT_ST
   if (phase == Phase::kFinalizeApply && mask_id != kMagma) return;  // moments_partials did it all
   const c10::cuda::CUDAGuard guard(device);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device.index()).stream();
-  const at::ScalarType param_dtype = params[0].scalar_type();
-  const at::ScalarType grad_dtype = grads[0].scalar_type();
+  const ListTypes types{params[0].scalar_type(), grads[0].scalar_type(), exp_avgs[0].scalar_type(),
+                        exp_avg_sqs[0].scalar_type()};
 
   StepHyper hyper;
   hyper.lr = static_cast<float>(lr);
@@ -260,7 +279,7 @@ void run(const char* op, Phase phase, const at::Tensor* block_sums, MAGMA_EXT_ST
   float* const list_sums = split_sums ? block_sums->data_ptr<float>() : nullptr;
   const auto float_options = params[0].options().dtype(at::kFloat);
   auto launch_one_pass_step = [&](const TensorArgs& args) {
-    launch_one_pass(param_dtype, grad_dtype, mask_id, args, hyper, stream);
+    launch_one_pass(types, mask_id, args, hyper, stream);
   };
   auto launch_two_pass = [&](const TensorArgs& args) {
     const int64_t items = args.work_start[args.count];
@@ -270,22 +289,22 @@ void run(const char* op, Phase phase, const at::Tensor* block_sums, MAGMA_EXT_ST
         const at::Tensor item_sums = at::empty({3 * items}, float_options);
         const at::Tensor launch_sums = at::empty({3 * blocks}, float_options);
         const at::Tensor block_scale = at::empty({blocks}, float_options);
-        launch_moments_sums(param_dtype, grad_dtype, args, hyper, item_sums.data_ptr<float>(), stream);
+        launch_moments_sums(types, args, hyper, item_sums.data_ptr<float>(), stream);
         launch_finalize(args, hyper, item_sums.data_ptr<float>(), launch_sums.data_ptr<float>(),
                         block_scale.data_ptr<float>(), stream);
-        launch_apply(param_dtype, grad_dtype, args, hyper, block_scale.data_ptr<float>(), stream);
+        launch_apply(types, args, hyper, block_scale.data_ptr<float>(), stream);
         break;
       }
       case Phase::kMomentsPartials: {
         const at::Tensor item_sums = at::empty({3 * items}, float_options);
-        launch_moments_sums(param_dtype, grad_dtype, args, hyper, item_sums.data_ptr<float>(), stream);
+        launch_moments_sums(types, args, hyper, item_sums.data_ptr<float>(), stream);
         launch_finalize(args, hyper, item_sums.data_ptr<float>(), list_sums, nullptr, stream);
         break;
       }
       case Phase::kFinalizeApply: {
         const at::Tensor block_scale = at::empty({blocks}, float_options);
         launch_finalize(args, hyper, nullptr, list_sums, block_scale.data_ptr<float>(), stream);
-        launch_apply(param_dtype, grad_dtype, args, hyper, block_scale.data_ptr<float>(), stream);
+        launch_apply(types, args, hyper, block_scale.data_ptr<float>(), stream);
         break;
       }
     }
@@ -296,7 +315,7 @@ void run(const char* op, Phase phase, const at::Tensor* block_sums, MAGMA_EXT_ST
   std::vector<Packer> single_pass(kNumBlockConfigs, Packer(in, LLONG_MAX, Rows::kOfList));
   auto launch_single_pass = [&](int config) {
     return [&, config](const TensorArgs& args) {
-      launch_block(param_dtype, grad_dtype, static_cast<BlockConfigId>(config), args, hyper, list_sums, stream);
+      launch_block(types, static_cast<BlockConfigId>(config), args, hyper, list_sums, stream);
     };
   };
   int64_t next_row = 0;  // row of block_sums of piece i's first block

@@ -1,5 +1,5 @@
 // Device code shared by every kernel: the per-element math of the Magma step
-// (docs/ALGORITHM.md sections 1, 2, 5), the score, the CTA-wide sum of the alignment sums and
+// (docs/ALGORITHM.md sections 1, 2, 5, 6), the score, the CTA-wide sum of the alignment sums and
 // the lookup of a work unit's tensor.  The math follows magma_ext/reference.py's order of
 // operations; nvcc contracts some of it into fused multiply-adds, so the two agree to within
 // a few float32 roundings, not bit for bit (tests/cuda_helpers.py states the tolerances).
@@ -10,6 +10,7 @@
 
 #include <cstdint>
 
+#include "rounding.cuh"
 #include "tensor_args.h"
 
 namespace magma {
@@ -59,17 +60,27 @@ __device__ __forceinline__ float load_grad(const G* grad, int64_t i, const StepH
   return unscale_grad(to_float(grad[i]), h);
 }
 
-// Updates the moments of one element in place and returns its direction D (section 2).
+// Updates the moments of one element in place, as their state (M, V: float or __nv_bfloat16)
+// stores them, and returns its direction D (section 2).  Each new moment is taken as stored
+// before anything uses it (section 6): v, then m (LaProp's m reads the stored v), then D.
+// `word`: the element's word of the rounding stream (unused for float32 state).
+template <typename M, typename V>
 __device__ __forceinline__ float update_moments(const StepHyper& h, const Coeffs& c, float g,
-                                                float& m, float& v) {
-  v = v * h.beta2 + (1.f - h.beta2) * g * g;
+                                                float& m, float& v, uint32_t word) {
+  v = as_stored<V>(v * h.beta2 + (1.f - h.beta2) * g * g, word >> 16);
   const float denom = sqrtf(v / c.bias2) + h.eps;
   if (h.base == kLaprop) {
-    m = m * h.beta1 + (1.f - h.beta1) * (g / denom);
+    m = as_stored<M>(m * h.beta1 + (1.f - h.beta1) * (g / denom), word & 0xFFFFu);
     return m / c.bias1;
   }
-  m = m * h.beta1 + (1.f - h.beta1) * g;
+  m = as_stored<M>(m * h.beta1 + (1.f - h.beta1) * g, word & 0xFFFFu);
   return h.base == kAdam ? (m / c.bias1) / denom : g / denom;
+}
+
+// The rounding stream of tensor t of a launch at this step.
+__device__ __forceinline__ RoundingStream rounding_stream(const StepHyper& h, const TensorArgs& a,
+                                                          int t, const Coeffs& c) {
+  return RoundingStream{h.seed ^ kRoundingKey, a.tensor_index[t], c.step, a.offset[t]};
 }
 
 // The direction D from moments that are already updated (the apply pass of two-pass blocks).

@@ -4,8 +4,8 @@
 // Like multi-tensor-apply in PyTorch and apex, the addresses of a launch's tensors travel in
 // the kernel's parameter block, so a launch needs no host-to-device copy and can be captured
 // in a CUDA graph.  Volta and later take up to 32,764 bytes of parameters (CUDA 12.1+), which
-// lets one launch cover kMaxTensors tensors: sizeof(TensorArgs) is 29,720 bytes, and with
-// StepHyper (80 bytes) and at most three pointers a kernel's parameters are 29,824 bytes
+// lets one launch cover kMaxTensors tensors: sizeof(TensorArgs) is 31,768 bytes, and with
+// StepHyper (80 bytes) and at most three pointers a kernel's parameters are 31,872 bytes
 // (checked below).  Each CTA finds its tensor by binary search over the prefix sums of its
 // work units (`work_start`, or `block_start` for one CTA per block).
 #pragma once
@@ -38,8 +38,8 @@ struct StepHyper {
 struct TensorArgs {
   void* param[kMaxTensors];
   const void* grad[kMaxTensors];
-  float* exp_avg[kMaxTensors];
-  float* exp_avg_sq[kMaxTensors];
+  void* exp_avg[kMaxTensors];     // float or __nv_bfloat16, one type per launch
+  void* exp_avg_sq[kMaxTensors];  // float or __nv_bfloat16, one type per launch
   float* master[kMaxTensors];  // nullptr without master weights
   float* score[kMaxTensors];
   const float* step[kMaxTensors];
@@ -53,6 +53,7 @@ struct TensorArgs {
   // of a piece fits the 32 bits of the Philox subsequence).
   uint32_t first_block[kMaxTensors];
   uint64_t tensor_index[kMaxTensors];  // < 2**62 (see philox.cuh)
+  int64_t offset[kMaxTensors];  // the piece's first element in its logical tensor (rounding.cuh)
   int64_t work_start[kMaxTensors + 1];   // prefix sums of work units (items or blocks)
   int64_t block_start[kMaxTensors + 1];  // prefix sums of blocks
   int count;
@@ -62,7 +63,7 @@ struct TensorArgs {
 constexpr size_t kMaxKernelParamBytes = 32764;
 // The most any kernel passes beside TensorArgs and StepHyper: three pointers (finalize_kernel).
 constexpr size_t kMaxExtraKernelParamBytes = 3 * sizeof(void*);
-static_assert(sizeof(TensorArgs) == 29720 && sizeof(StepHyper) == 80,
+static_assert(sizeof(TensorArgs) == 31768 && sizeof(StepHyper) == 80,
               "update the sizes in NOTE: [tensor lists in kernel parameters]");
 static_assert(sizeof(TensorArgs) + sizeof(StepHyper) + kMaxExtraKernelParamBytes <= kMaxKernelParamBytes,
               "a launch's kernel parameters must fit CUDA's limit: lower kMaxTensors");

@@ -10,14 +10,18 @@ The three ops take the same leading arguments:
 ``params, grads, exp_avgs, exp_avg_sqs, scores, master_params, steps``
     lists of CUDA tensors, entry ``i`` of each belonging to piece ``i``: contiguous parameters
     of one dtype (float32, bfloat16 or float16), gradients of one dtype (float32 or the
-    parameters'), float32 moments, scores (one per block), ``master_params`` (float32; an empty
-    list without master weights) and one-element float32 step counts that already hold this
-    step's count (the caller increments them before the step and subtracts ``found_inf`` after).
+    parameters'), moments (``exp_avgs`` of one dtype, ``exp_avg_sqs`` of one dtype, each float32
+    or bfloat16: a bfloat16 moment is rounded stochastically from the rounding stream keyed by
+    the seed, tensor index, element offset and step, docs/ALGORITHM.md section 6), float32
+    scores (one per block), ``master_params`` (float32; an empty list without master weights)
+    and one-element float32 step counts that already hold this step's count (the caller
+    increments them before the step and subtracts ``found_inf`` after).
 ``tensor_indices, block_sizes, offsets, logical_numels``
     per piece: its logical tensor's index (< 2**62), block size, the piece's element offset in
     its logical tensor and that tensor's size (docs/ALGORITHM.md section 3); the size negated
     for a piece of a column slice (``Piece.split``), whose blocks continue in the other slices
-    and so always take the two-pass route through ``block_sums``.
+    and so always take the two-pass route through ``block_sums`` (such a piece takes float32
+    moments only: its elements have no contiguous logical indices to key the rounding with).
 ``lr, beta1, beta2, eps, weight_decay, base, mask, keep_prob, tau, score_ema, seed``
     the hyperparameters; ``lr`` is a float or a one-element tensor, ``base`` is "adam",
     "rmsprop" or "laprop", ``mask`` "magma", "skip" or "none", ``seed`` an int in [0, 2**64).

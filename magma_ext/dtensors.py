@@ -1,9 +1,10 @@
-"""DTensor parameters (FSDP2's ``fully_shard``, HSDP): their local shards as pieces, their scores.
+"""DTensor parameters (FSDP2's ``fully_shard``, HSDP, tensor parallelism and FSDP2 over it):
+their local shards as pieces, their gradients, their scores.
 
-A ``DTensor``'s global shape is its logical shape and ``to_local()`` its piece: ``Shard(0)`` on
-one mesh dimension (the other dimensions ``Replicate()``, as HSDP has them) says where the piece
-starts and which ranks hold the others (docs/ALGORITHM.md section 7). Its score is a DTensor
-too, so that ``torch.distributed.checkpoint`` reshards it.
+A ``DTensor``'s global shape is its logical shape and ``to_local()`` its piece: its placements
+say which box of the global tensor the piece is (:mod:`magma_ext.placements`) and which ranks
+hold the others, those of the mesh dimensions that cut it (docs/ALGORITHM.md section 7). Its
+score is a DTensor too, so that ``torch.distributed.checkpoint`` reshards it.
 """
 
 from __future__ import annotations
@@ -13,12 +14,14 @@ import math
 import torch
 
 from .layout import BlockLayout, layout_for
+from .mesh_groups import group_over
 from .pieces import Piece, is_dtensor
+from .placements import Cuts, cuts_of, describe
 
 try:
-    from torch.distributed.tensor import DTensor, Replicate, Shard
+    from torch.distributed.tensor import DTensor, Replicate
 except ImportError:  # pragma: no cover - a torch built without distributed support
-    DTensor = Replicate = Shard = None
+    DTensor = Replicate = None
 
 
 def local(tensor):
@@ -41,57 +44,95 @@ def locals_of(tensors) -> list:
     return [t._local_tensor if type(t) is DTensor else local(t) for t in tensors]
 
 
-def _shard_placement(p, block, name: str) -> tuple[int, int] | None:
-    """(mesh dimension, tensor dimension) of a DTensor's one ``Shard`` placement, None if it has
-    none; raises ValueError, naming the parameter, for placements the step cannot honour."""
-    found = []
-    for mesh_dim, placement in enumerate(p.placements):
-        if type(placement) is Shard:
-            found.append((mesh_dim, placement.dim))
-        elif not isinstance(placement, Replicate):
-            raise ValueError(
-                f"parameter {name}: placement {placement!r} on mesh dimension {mesh_dim} is not "
-                "supported: Magma takes DTensors sharded Shard(d) on one mesh dimension and "
-                "Replicate() on the others (FSDP2's fully_shard and HSDP)"
-            )
-    if len(found) > 1:
-        raise ValueError(f"parameter {name}: Shard on {len(found)} mesh dimensions; Magma takes one")
-    if found and found[0][1] != 0 and not _one_block(p, block):
-        raise ValueError(
-            f"parameter {name}: placement Shard(dim={found[0][1]}) with block={block!r} is not supported: "
-            "it would cut each block into pieces that are not contiguous; shard along dim 0 or use "
-            "block='tensor'"
-        )
-    return found[0] if found else None
+def _cuts(p, name: str) -> Cuts:
+    return cuts_of(p.placements, tuple(p.device_mesh.shape), f"parameter {name}: ")
+
+
+def _cut_dim(placement) -> int | None:
+    """The tensor dimension a placement cuts, None for ``Replicate()``."""
+    return getattr(placement, "dim", None)
 
 
 def dtensor_piece(p, index: int, block, name: str) -> Piece:
-    """The piece of its global tensor that a DTensor's local shard is.
+    """The piece of its global tensor that a DTensor's local shard is, held with the ranks of
+    the mesh dimensions that cut it (:func:`magma_ext.mesh_groups.group_over`; those along the
+    others hold copies and do the same exchange among themselves).
 
-    ``Shard(0)``: the local rows are one contiguous range of the flattened tensor.  ``Shard(d)``,
-    d > 0, is taken only with one block per tensor, whose sums do not depend on element order:
-    the piece is then the local range in the flattening with dimension d first.
+    The shard is a box of the global tensor (:mod:`magma_ext.placements`). Dimension 0 alone
+    cut: a contiguous range of the flattening. Dimension 1 cut (and maybe 0): a range of a
+    column slice (``Piece.split``), for ``block="row"`` when the slices are equal. One block per
+    tensor (``block="tensor"``, or ``"row"`` for a 0-d or 1-d tensor), whose sums do not depend
+    on the order of its elements: any box, numbered in the order of boxes by their starts.
+
+    Raises ValueError, naming the parameter, its placements and ``block``, for a layout whose
+    blocks the pieces cannot express (or a local shard of another shape than its placements
+    give).
     """
-    placement = _shard_placement(p, block, name)
-    shape = tuple(p.shape)
-    numel = local(p).numel()
-    if placement is None:
+    cuts = _cuts(p, name)
+    shape, numel = tuple(p.shape), local(p).numel()
+    if not cuts.cut_dims or math.prod(shape) == 0:
         return Piece(index=index, offset=0, numel=numel, shape=shape)
-    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+    mesh = p.device_mesh
+    box = cuts.box(shape, mesh.get_coordinate())
+    if tuple(hi - lo for lo, hi in box) != tuple(local(p).shape):
+        raise ValueError(
+            f"parameter {name}: its local shard has shape {tuple(local(p).shape)}, but placements "
+            f"{describe(p.placements)} on a mesh of shape {tuple(mesh.shape)} give "
+            f"{tuple(hi - lo for lo, hi in box)} (torch.chunk); torch {torch.__version__} lays "
+            "DTensors out in a way Magma does not read"
+        )
+    offset, split = _place_in_blocks(p, cuts, box, block, name)  # raises before any group is made
+    return Piece(index=index, offset=offset, numel=numel, shape=shape, split=split,
+                 group=group_over(mesh, cuts.mesh_dims))
 
-    mesh_dim, dim = placement
-    _, global_offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
-    per_slice = math.prod(shape) // shape[dim] if shape[dim] else 0
-    return Piece(index=index, offset=global_offset[dim] * per_slice, numel=numel, shape=shape,
-                 group=p.device_mesh.get_group(mesh_dim))
+
+def _place_in_blocks(p, cuts: Cuts, box, block, name: str) -> tuple[int, tuple[int, int]]:
+    """(offset, split) of a box under ``block``, as :func:`dtensor_piece` describes them."""
+    shape = tuple(p.shape)
+    if _one_block(p, block):
+        return _box_order_offset(shape, box), (0, 1)
+    cut = cuts.cut_dims
+    if cut == (0,):
+        return box[0][0] * math.prod(shape[1:]), (0, 1)
+    refused = f"parameter {name}: placements {describe(p.placements)} with block={block!r} are not supported: "
+    if cut not in ((1,), (0, 1)):
+        raise ValueError(f"{refused}they cut dimension {max(cut)}, so each block would be a set of "
+                         "elements that are not contiguous; use block='tensor'")
+    parts = cuts.parts(1)
+    if not isinstance(block, str):
+        raise ValueError(f"{refused}dimension 1 is cut into {parts} column slices and {block}-element "
+                         "blocks of the flattened tensor would cut across them; use block='row' or block='tensor'")
+    if shape[1] % parts:
+        raise ValueError(f"{refused}dimension 1 (size {shape[1]}) is cut into {parts} column slices of "
+                         "unequal widths (torch.chunk), and Magma's row blocks run through equal slices; "
+                         f"make it divisible by {parts} or use block='tensor'")
+    width = shape[1] // parts
+    return box[0][0] * width * math.prod(shape[2:]), (box[1][0] // width, parts)
+
+
+def _box_order_offset(shape: tuple[int, ...], box) -> int:
+    """Where ``box`` starts when the boxes of a grid (one range per dimension) are laid one after
+    another, sorted by their starts (dimension 0 first): every box a contiguous, disjoint range."""
+    offset = 0
+    for dim, (lo, _) in enumerate(box):
+        before = math.prod(hi - lo for lo, hi in box[:dim])
+        offset += lo * before * math.prod(shape[dim + 1:])
+    return offset
+
+
+def in_logical_order(p) -> bool:
+    """Whether a DTensor's local elements are, in order, one range of its global tensor's
+    row-major flattening: true unless it is sharded along a dimension other than 0."""
+    return all(type(placement) is not Shard or placement.dim == 0 for placement in p.placements)
 
 
 def new_score(p: torch.Tensor, layout: BlockLayout, block) -> torch.Tensor:
     """A fresh score (0.5 per block) shaped so that checkpoint tools can reshard it.
 
     A DTensor's score is a DTensor too, over the logical tensor's blocks: ``Replicate()`` when
-    every piece sees the one block of the tensor, the parameter's own placements when blocks
-    are rows (its ``Shard(0)`` then cuts the rows' scores as it cuts the rows).  Under
+    every piece sees the one block of the tensor; when blocks are rows, the parameter's
+    placements that cut dimension 0 (they cut the rows' scores as they cut the rows) and
+    ``Replicate()`` for the others (every column slice of a row holds its score).  Under
     ``block=N`` a sharded DTensor keeps a plain tensor of the blocks its shard overlaps; its
     checkpoints hold all the blocks' scores (:func:`full_block_scores`).
     """
@@ -104,8 +145,9 @@ def new_score(p: torch.Tensor, layout: BlockLayout, block) -> torch.Tensor:
         values = torch.full((logical_blocks,), 0.5, dtype=torch.float32, device=device)
         return DTensor.from_local(values, p.device_mesh, placements, run_check=False)
     if block == "row":
+        placements = [placement if _cut_dim(placement) == 0 else Replicate() for placement in p.placements]
         values = torch.full((layout.num_blocks,), 0.5, dtype=torch.float32, device=device)
-        return DTensor.from_local(values, p.device_mesh, p.placements, shape=torch.Size([logical_blocks]),
+        return DTensor.from_local(values, p.device_mesh, placements, shape=torch.Size([logical_blocks]),
                                   stride=(1,), run_check=False)
     return torch.full((layout.num_blocks,), 0.5, dtype=torch.float32, device=device)
 
@@ -126,7 +168,7 @@ def has_local_block_scores(p: torch.Tensor, block) -> bool:
     :func:`full_block_scores`)."""
     if not is_dtensor(p) or _one_block(p, block) or block == "row":
         return False
-    return any(isinstance(placement, Shard) for placement in p.placements)
+    return bool(_cuts(p, "").cut_dims)
 
 
 def _owned(layout: BlockLayout) -> tuple[int, int]:
@@ -163,20 +205,32 @@ def empty_shard_score_source(p, piece: Piece, block) -> tuple[object, int] | Non
 
     Such a rank has no row for the block, so it cannot form the score; every rank knows which
     parameters these are (shards follow ``torch.chunk``), so all join one broadcast from the
-    group's first rank, whose shard starts the tensor and is never empty.
+    group's rank at coordinate 0 of every cutting mesh dimension, whose shard starts each cut
+    dimension and is never empty.
     """
     if not is_dtensor(p) or piece.group is None or not _one_block(p, block):
         return None
-    import torch.distributed as dist
+    cuts = _cuts(p, "")
+    if not cuts.has_empty_shard(tuple(p.shape)):
+        return None
+    coordinate = list(p.device_mesh.get_coordinate())
+    for mesh_dim in cuts.mesh_dims:
+        coordinate[mesh_dim] = 0
+    return piece.group, int(p.device_mesh.mesh[tuple(coordinate)])
 
-    group = piece.group
-    size, ranks = p.shape[_shard_placement(p, block, "")[1]], dist.get_world_size(group)
-    if size == 0:
-        return None
-    chunk = -(-size // ranks)
-    if -(-size // chunk) == ranks:
-        return None
-    return group, dist.get_global_rank(group, 0)
+
+def local_grads(params) -> list:
+    """The local gradients of a step. A DTensor's gradient laid out unlike its parameter
+    (tensor parallelism leaves a replicated norm weight's gradient ``Partial(sum)`` under
+    sequence parallelism) is first redistributed to the parameter's placements, as DTensor's own
+    ops do for ``torch.optim``: COLLECTIVE over the mesh for such a gradient."""
+    grads = []
+    for p in params:
+        grad = p.grad
+        if type(grad) is DTensor and grad.placements != p.placements:
+            grad = grad.redistribute(p.device_mesh, p.placements)
+        grads.append(local(grad))
+    return grads
 
 
 def broadcast_score(score: torch.Tensor, group, source: int) -> None:

@@ -14,7 +14,7 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from . import identity, state as state_lib
 from .options import check_group, check_params, options_key, process_groups
-from .plan import StepPlanner
+from .plan import StepPlanner, parameter_names
 from .types import Hyper
 
 _zero_hook = None
@@ -51,6 +51,12 @@ class Magma(Optimizer):
             is on a CUDA device (warning once if CUDA parameters find no extension); True
             requires them; False always uses the PyTorch reference.
         master_weights: keep a float32 master copy of bfloat16/float16 parameters.
+        exp_avg_dtype, exp_avg_sq_dtype: the dtype each moment is stored in, ``torch.float32``
+            (the default) or ``torch.bfloat16`` (half the memory and fewer bytes per step; each
+            new value is rounded stochastically from a Philox stream of its own, so a moment
+            keeps its expectation; docs/ALGORITHM.md section 6). The step computes in float32
+            either way. Fixed for a parameter once it has state: to change it, load a
+            ``state_dict()`` into an optimizer built with the new dtypes.
         capturable: accepted for torch.optim API parity and otherwise unused: the step counter
             always lives on the parameter's device and no path synchronises with the host, so
             every step can be captured in a CUDA graph.
@@ -87,6 +93,8 @@ class Magma(Optimizer):
         seed: int = 0,
         fused: bool | None = None,
         master_weights: bool = False,
+        exp_avg_dtype: torch.dtype = torch.float32,
+        exp_avg_sq_dtype: torch.dtype = torch.float32,
         capturable: bool = False,
         process_group=None,
     ):
@@ -94,6 +102,7 @@ class Magma(Optimizer):
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, base=base, mask=mask,
             keep_prob=keep_prob, tau=tau, score_ema=score_ema, block=block, seed=seed,
             magma=True, fused=fused, master_weights=master_weights, capturable=capturable,
+            exp_avg_dtype=exp_avg_dtype, exp_avg_sq_dtype=exp_avg_sq_dtype,
         )
         check_group(defaults)
         process_groups(process_group)
@@ -107,8 +116,12 @@ class Magma(Optimizer):
         self._checked_options: dict[int, tuple] = {}
 
     def __setstate__(self, state: dict) -> None:
-        """Restore a pickled or deep-copied optimizer; its caches are rebuilt on the next step."""
+        """Restore a pickled or deep-copied optimizer; its caches are rebuilt on the next step.
+        One pickled before the moments' dtypes were options has float32 moments."""
         super().__setstate__(state)
+        for options in (self.defaults, *self.param_groups):
+            for key in state_lib.MOMENT_DTYPE_OPTIONS.values():
+                options.setdefault(key, torch.float32)
         self.process_group = None
         self._reset_caches()
 
@@ -146,10 +159,13 @@ class Magma(Optimizer):
             return
         held = identity.held_indices(self.param_groups, self.state.values())
         indices = identity.new_tensor_indices(self.param_groups, held, new)
-        for group in self.param_groups:
-            for p in group["params"]:
-                if id(p) in indices and not self.state[p]:
-                    self.state[p] = state_lib.new_state_of(p, group, indices[id(p)])
+        names = parameter_names(self.param_groups)
+        todo = [(p, group) for group in self.param_groups for p in group["params"]
+                if id(p) in indices and not self.state[p]]
+        for p, group in todo:  # every check before any state exists
+            state_lib.check_new_state(p, group, indices[id(p)], names[id(p)])
+        for p, group in todo:
+            self.state[p] = state_lib.new_state_of(p, group, indices[id(p)], names[id(p)])
 
     def state_dict(self) -> dict:
         """torch.optim's state dict, Magma's state included (docs/ALGORITHM.md section 5).
@@ -166,8 +182,11 @@ class Magma(Optimizer):
 
         Everything is checked before anything is installed.  Groups that lack Magma's keys (an
         AdamW checkpoint) keep this optimizer's values for them; state without a score or tensor
-        index gets them as on a first step.  Moments, scores and master weights stay float32 on
-        the parameter's device (torch.optim would cast them to a bfloat16 parameter's dtype),
+        index gets them as on a first step.  The moments' dtypes are this optimizer's (its
+        groups keep their ``exp_avg_dtype`` and ``exp_avg_sq_dtype``, whatever the checkpoint's
+        say): a float32 moment loaded into bfloat16 state is rounded to nearest, a bfloat16 one
+        loaded into float32 state is exact.  Scores and master weights stay float32; all on the
+        parameter's device (torch.optim would cast them to its dtype),
         and a ``step`` saved as a Python number becomes a float32 tensor; state without a
         ``step`` takes its group's ``"step"`` where the group has one (Megatron-core's distributed
         optimizer saves the step there when Transformer Engine or apex is installed).

@@ -11,6 +11,7 @@ import torch
 from . import functional
 from .layout import check_block_option
 from .philox import check_seed
+from .rounding import check_state_dtype
 from .types import BASES, MASKS
 
 try:  # torch.distributed may be missing from a build (it is present in every official wheel)
@@ -22,7 +23,8 @@ REAL_FLOATS = frozenset((torch.float16, torch.bfloat16, torch.float32, torch.flo
 
 # The keys check_group_options reads: a group is checked again when one of them changes.
 OPTION_KEYS = ("lr", "betas", "eps", "weight_decay", "base", "mask", "keep_prob", "tau",
-               "score_ema", "block", "seed", "magma", "fused", "master_weights", "capturable")
+               "score_ema", "block", "seed", "magma", "fused", "master_weights", "capturable",
+               "exp_avg_dtype", "exp_avg_sq_dtype")
 
 
 def _number(name: str, value) -> float:
@@ -90,11 +92,16 @@ def check_group_options(group: dict) -> None:
     _in_range("keep_prob", group["keep_prob"], 0.0, 1.0)
     if group["mask"] == "skip" and group["keep_prob"] == 0:
         raise ValueError("Invalid keep_prob: 0 with mask='skip' (its update is scaled by 1/keep_prob)")
+    if group["mask"] == "magma" and group["keep_prob"] == 0:
+        raise ValueError("Invalid keep_prob: 0 with mask='magma' keeps no block, so no masked weight "
+                         "would ever change; use keep_prob in (0, 1], or magma=False to train a group unmasked")
     _in_range("tau", group["tau"], 0.0, float("inf"), low_open=True, high_open=True)
     _in_range("score_ema", group["score_ema"], 0.0, 1.0)
     check_block_option(group["block"])
     group["seed"] = check_seed(group["seed"])
     _check_bool("magma", group["magma"])
+    for name in ("exp_avg_dtype", "exp_avg_sq_dtype"):
+        check_state_dtype(name, group[name])
 
 
 def check_group(group: dict, where: str = "", params=None) -> None:

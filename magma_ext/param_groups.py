@@ -8,6 +8,7 @@ so a Magma run and its AdamW baseline always decay the same tensors.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -37,6 +38,12 @@ class ParameterSplit(NamedTuple):
     """Embeddings, norms, biases and other 1-D parameters: neither masked nor decayed."""
 
 
+def _check_model(model, function: str) -> None:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{function} takes the model (an nn.Module) and finds its layers itself; got "
+                        f"{type(model).__name__} (pass model, not model.parameters())")
+
+
 def _is_norm(module: nn.Module) -> bool:
     return "norm" in type(module).__name__.lower()
 
@@ -45,22 +52,42 @@ def _is_embedding(module: nn.Module) -> bool:
     return isinstance(module, (nn.Embedding, nn.EmbeddingBag))
 
 
+def _is_transposed_linear(module: nn.Module) -> bool:
+    """A Hugging Face ``Conv1D`` (GPT-2, GPT-1, ...): a Linear whose weight is stored (in, out).
+
+    Known by its class name and layout, so that transformers need not be imported: a 2-D
+    ``weight`` whose second dimension is the module's ``nf`` (its number of outputs).
+    """
+    weight = getattr(module, "weight", None)
+    return (type(module).__name__ == "Conv1D" and isinstance(weight, torch.Tensor)
+            and weight.ndim == 2 and getattr(module, "nf", None) == weight.shape[1])
+
+
+def _linear_outputs(module: nn.Module) -> int | None:
+    """The number of outputs of a linear layer (``nn.Linear`` or a Hugging Face ``Conv1D``), else None."""
+    if isinstance(module, nn.Linear):
+        return module.out_features
+    if _is_transposed_linear(module):
+        return module.nf
+    return None
+
+
 def _default_masked_ids(model: nn.Module) -> set[int]:
     """Ids of the attention/MLP weights under the default rule of :func:`split_parameters`."""
     modules = list(model.named_modules(remove_duplicate=False))  # every alias of a shared module
     embeddings = [m for _, m in modules if _is_embedding(m)]
     embedding_weights = {id(m.weight) for m in embeddings}
     vocab_sizes = {m.num_embeddings for m in embeddings}
-    linears = [(name, m) for name, m in modules if isinstance(m, nn.Linear)]
+    linears = [(name, m, outputs) for name, m in modules if (outputs := _linear_outputs(m)) is not None]
 
-    output_weights = {id(m.weight) for name, m in linears
+    output_weights = {id(m.weight) for name, m, _ in linears
                       if id(m.weight) in embedding_weights or name.rpartition(".")[2] in HEAD_NAMES}
     if not output_weights:
-        vocab_projections = [m for _, m in linears if m.out_features in vocab_sizes]
+        vocab_projections = [m for _, m, outputs in linears if outputs in vocab_sizes]
         if vocab_projections:
             output_weights.add(id(vocab_projections[-1].weight))
 
-    candidates = {id(m.weight) for _, m in linears}
+    candidates = {id(m.weight) for _, m, _ in linears}
     for _, m in modules:
         if isinstance(m, nn.MultiheadAttention):
             candidates.update(id(w) for w in (getattr(m, n) for n in _MULTIHEAD_ATTENTION_WEIGHTS)
@@ -79,10 +106,13 @@ def split_parameters(model: nn.Module, masked: MaskPredicate | None = None) -> P
     contains "norm", any case). Every other parameter (embeddings, norm weights, biases, other
     1-D tensors) is *plain*: neither decayed nor masked.
 
-    **Mask (default rule).** A decayed parameter is *masked* when it is the ``weight`` of an
-    ``nn.Linear`` (subclasses included), or one of ``in_proj_weight``, ``q_proj_weight``,
-    ``k_proj_weight``, ``v_proj_weight`` of an ``nn.MultiheadAttention``, and is not the weight
-    of an output layer. A Linear is an output layer when
+    **Mask (default rule).** A decayed parameter is *masked* when it is the ``weight`` of a
+    Linear, or one of ``in_proj_weight``, ``q_proj_weight``, ``k_proj_weight``,
+    ``v_proj_weight`` of an ``nn.MultiheadAttention``, and is not the weight of an output
+    layer. A Linear is an ``nn.Linear`` (subclasses included) or a Hugging Face ``Conv1D``
+    (GPT-2's attention and MLP layers: a module whose class is named ``Conv1D``, with a 2-D
+    ``weight`` of shape (in, out) and ``nf`` outputs; its ``out_features`` below is ``nf``).
+    A Linear is an output layer when
 
     1. its weight is the weight of an embedding (tied input/output embeddings; such a weight is
        plain anyway, as an embedding), or
@@ -96,8 +126,7 @@ def split_parameters(model: nn.Module, masked: MaskPredicate | None = None) -> P
        model of width 256, say); the head is normally registered after the hidden layers.
 
     Decayed parameters that are not masked (the output layer; weights of other layer types such
-    as convolutions, or Hugging Face's GPT-2 ``Conv1D``; 2-D parameters held directly by custom
-    modules) are *unmasked_decayed*.
+    as convolutions; 2-D parameters held directly by custom modules) are *unmasked_decayed*.
 
     **Override.** ``masked``, a predicate ``(name, param) -> bool``, replaces the default rule:
     it is called once for each decayed parameter, with its name from ``model.named_parameters()``,
@@ -108,6 +137,7 @@ def split_parameters(model: nn.Module, masked: MaskPredicate | None = None) -> P
     modules, e.g. tied embeddings, appears once, under its first name), in the order of
     ``model.named_parameters()``.
     """
+    _check_model(model, "split_parameters")
     if masked is not None and not callable(masked):
         raise TypeError(f"masked must be a callable (name, param) -> bool or None, "
                         f"got {type(masked).__name__}")
@@ -143,12 +173,32 @@ def param_groups(model: nn.Module, weight_decay: float = 0.0, *, masked: MaskPre
 
     ``masked`` (a predicate ``(name, param) -> bool``) replaces the default choice of masked
     weights; see :func:`split_parameters`. ``options`` (e.g. ``lr``) go into every group.
+
+    Each group lists ``(name, parameter)`` pairs, names as in ``model.named_parameters()``, so
+    Magma keys each tensor's masks by its name: the same masks under any split of the model
+    (docs/ALGORITHM.md section 4).
+
+    Warns (``UserWarning``) when no parameter is masked, since Magma then runs as its base
+    optimizer alone: the model has no layer the default rule knows as a Linear, or ``masked``
+    chose none. Raises ``TypeError`` unless ``model`` is an ``nn.Module`` (not its parameters).
     """
+    _check_model(model, "param_groups")
     split = split_parameters(model, masked)
+    if not split.masked:
+        chosen_by = ("masked= chose none of its decayed parameters" if masked is not None else
+                     "the default rule found no trainable nn.Linear or Hugging Face Conv1D weight "
+                     "other than the output layer's")
+        warnings.warn(f"param_groups: no parameter of {type(model).__name__} is masked ({chosen_by}), "
+                      f"so Magma will run as its base optimizer alone; pass masked=lambda name, param: "
+                      f"... to choose the weights to mask", stacklevel=2)
+    names = {}
+    for name, p in model.named_parameters():
+        names.setdefault(id(p), name)
+    named = [[(names[id(p)], p) for p in params] for params in (split.masked, split.unmasked_decayed, split.plain)]
     groups = [
-        {"params": split.masked, "weight_decay": weight_decay, **options},
-        {"params": split.unmasked_decayed, "weight_decay": weight_decay, "magma": False, **options},
-        {"params": split.plain, "weight_decay": 0.0, "magma": False, **options},
+        {"params": named[0], "weight_decay": weight_decay, **options},
+        {"params": named[1], "weight_decay": weight_decay, "magma": False, **options},
+        {"params": named[2], "weight_decay": 0.0, "magma": False, **options},
     ]
     return [g for g in groups if g["params"]]
 
@@ -159,8 +209,10 @@ def decay_groups(model: nn.Module, weight_decay: float, **options) -> list[dict]
     ``[{"params": decayed, "weight_decay": weight_decay}, {"params": plain, "weight_decay": 0.0}]``
     where ``decayed`` is the masked plus the unmasked-but-decayed parameters of
     :func:`split_parameters` (so an AdamW baseline decays exactly what Magma decays) and
-    ``plain`` the rest; empty groups are omitted. ``options`` go into both groups.
+    ``plain`` the rest; empty groups are omitted. ``options`` go into both groups. Raises
+    ``TypeError`` unless ``model`` is an ``nn.Module``.
     """
+    _check_model(model, "decay_groups")
     split = split_parameters(model)
     order = {id(p): i for i, p in enumerate(model.parameters())}
     decayed = sorted(split.masked + split.unmasked_decayed, key=lambda p: order[id(p)])

@@ -22,7 +22,7 @@ import torch
 from . import dtensors, functional, identity
 from .exchange import BlockSumExchange, PieceRecord
 from .options import REAL_FLOATS, check_fused_params, check_grad
-from .state import check_state_fits, wants_master
+from .state import check_rounded_state_fits, check_state_fits, wants_master
 from .types import GroupTensors, Hyper
 from .views import ParamView, view_of
 
@@ -56,7 +56,7 @@ class DevicePlan:
                 master_params=masters, layouts=layouts, tensor_indices=self.plan.tensor_indices,
             )
         return GroupTensors(
-            params=dtensors.locals_of(params), grads=dtensors.locals_of([p.grad for p in params]),
+            params=dtensors.locals_of(params), grads=dtensors.local_grads(params),
             exp_avgs=dtensors.locals_of([s["exp_avg"] for s in states]),
             exp_avg_sqs=dtensors.locals_of([s["exp_avg_sq"] for s in states]),
             scores=[dtensors.local_score(s["magma_score"], layout) for s, layout in zip(states, layouts)],
@@ -81,8 +81,12 @@ class GroupPlan:
     devices: list[DevicePlan]
     empty_exchange: BlockSumExchange | None = None
 
-    def states(self, state_of: dict[int, dict]) -> list[list[dict]]:
-        """Each device's parameters' state dicts, from ``state_of`` (by ``id``)."""
+    def states(self, params: list[torch.Tensor], states: list[dict]) -> list[list[dict]]:
+        """Each device's parameters' state dicts, from ``states``, those of ``params`` (the
+        group's parameters with gradients, in the order the plan was made from)."""
+        if len(self.devices) == 1:  # one device: its parameters are ``params``, in order
+            return [states]
+        state_of = {id(p): s for p, s in zip(params, states)}
         return [[state_of[id(p)] for p in device.params] for device in self.devices]
 
     def new_views(self, states: list[list[dict]]) -> list[tuple[torch.Tensor, dict, ParamView, object]]:
@@ -115,21 +119,22 @@ class StepPlanner:
         devices and state; raises before any state exists or changes.
         """
         work = [params_with_grad(group) for group in param_groups]
-        state_of = {id(p): state[p] for params in work for p in params}
+        work_states = [[state[p] for p in params] for params in work]
         keys = [_plan_key(group, params, process_groups) for group, params in zip(param_groups, work)]
         names = None
-        for group, params, key in zip(param_groups, work, keys):
+        for group, params, states, key in zip(param_groups, work, work_states, keys):
             if params and key not in self._plans:
                 names = names or parameter_names(param_groups)
-                _check_layouts(group, params, state_of, names)
-        new = [p for params in work for p in params if not state_of[id(p)]]
-        held = identity.held_indices(param_groups, state.values()) if new else set()
-        indices = identity.new_tensor_indices(param_groups, held, new) if new else {}
+                _check_layouts(group, params, states, names)
+        new = [p for params, states in zip(work, work_states) for p, s in zip(params, states) if not s]
+        indices = {}
+        if new:
+            indices = identity.new_tensor_indices(param_groups, identity.held_indices(param_groups, state.values()), new)
         plans = []
-        for group, params, key in zip(param_groups, work, keys):
+        for group, params, states, key in zip(param_groups, work, work_states, keys):
             if params:
-                plan = self._group_plan(key, group, params, state_of, indices, param_groups, process_groups)
-                plans.append((group, plan, plan.states(state_of)))
+                plan = self._group_plan(key, group, params, states, indices, param_groups, process_groups)
+                plans.append((group, plan, plan.states(params, states)))
             elif process_groups and _scored(group):
                 plans.append((group, GroupPlan([], self._empty_exchange(group, process_groups)), []))
         return plans
@@ -144,12 +149,13 @@ class StepPlanner:
                 found += [device.exchange for device in plan.devices if device.exchange is not None]
         return found
 
-    def _group_plan(self, key, group, params, state_of, new_indices, param_groups, process_groups) -> GroupPlan:
+    def _group_plan(self, key, group, params, states, new_indices, param_groups, process_groups) -> GroupPlan:
         plan = self._plans.get(key)
         if plan is None:
             if len(self._plans) >= _CACHE_LIMIT:
                 self._plans.clear()
             names = parameter_names(param_groups)
+            state_of = {id(p): s for p, s in zip(params, states)}
             plan = GroupPlan([self._device_plan(group, device, members, state_of, new_indices, names, process_groups)
                               for device, members in _by_device(params).items()])
             self._plans[key] = plan
@@ -160,6 +166,8 @@ class StepPlanner:
         states = [state_of[id(p)] for p in params]
         positional = [s["magma_tensor_index"] if s else new_indices[id(p)] for p, s in zip(params, states)]
         views = [view_of(p, index, block, names[id(p)]) for p, index in zip(params, positional)]
+        for p, view in zip(params, views):
+            check_rounded_state_fits(view, group, names[id(p)])
         layouts = [view.layout(block) for view in views]
         indices = [view.piece.index for view in views]
         masters = [("master_param" in s) if s else wants_master(p, group) for p, s in zip(params, states)]
@@ -212,13 +220,13 @@ def parameter_names(param_groups: list[dict]) -> dict[int, str]:
     return names
 
 
-def _check_layouts(group: dict, params: list[torch.Tensor], state_of: dict[int, dict], names: dict[int, str]) -> None:
+def _check_layouts(group: dict, params: list[torch.Tensor], states: list[dict], names: dict[int, str]) -> None:
     """Grads on their params' devices; state shaped like its parameter; block unchanged."""
-    for p in params:
+    for p, s in zip(params, states):
         if p.grad.device != p.device:
             raise ValueError(f"grad on {p.grad.device} but param on {p.device}")
-        if state_of[id(p)]:
-            check_state_fits(state_of[id(p)], p, group, f"parameter {names[id(p)]}")
+        if s:
+            check_state_fits(s, p, group, f"parameter {names[id(p)]}")
 
 
 def _scored(group: dict) -> bool:
@@ -227,8 +235,8 @@ def _scored(group: dict) -> bool:
 
 
 def _plan_key(group: dict, params: list[torch.Tensor], process_groups: list) -> tuple:
-    return (id(group), group["block"], group["fused"], _scored(group), tuple(map(id, params)),
-            tuple(map(id, process_groups)))
+    return (id(group), group["block"], group["fused"], _scored(group), group["exp_avg_dtype"],
+            group["exp_avg_sq_dtype"], tuple(map(id, params)), tuple(map(id, process_groups)))
 
 
 def _exchange_device(process_group) -> torch.device:

@@ -3,9 +3,10 @@
 A step is two halves, so that a sharded run can add the partial sums of blocks split across
 ranks between them (docs/ALGORITHM.md section 3):
 
-- :func:`moments_and_sums` computes the new moments, the direction and, for mask "magma", each
-  block's sums ``<m, g>, ||m||^2, ||g||^2`` (``block_sums``, shape (blocks, 3), rows in list
-  order); it writes nothing.
+- :func:`moments_and_sums` computes the new moments (as their state stores them: bfloat16 state
+  rounded stochastically, docs/ALGORITHM.md section 6), the direction and, for mask "magma",
+  each block's sums ``<m, g>, ||m||^2, ||g||^2`` (``block_sums``, shape (blocks, 3), rows in
+  list order); it writes nothing.
 - :func:`finalize_and_apply` forms the scores from ``block_sums``, draws the masks and commits
   every new value at once, so a skipped step (``found_inf``) leaves everything untouched.
 
@@ -21,6 +22,7 @@ import torch
 
 from .layout import BlockLayout
 from .philox import keep_mask
+from .rounding import EXP_AVG, EXP_AVG_SQ, moment_noise, rounding_words, stochastic_round
 from .types import GroupTensors, Hyper
 
 
@@ -99,6 +101,28 @@ def _per_element(per_block: torch.Tensor, index: BlockIndex, like: list[torch.Te
     return [piece.view(t.shape) for piece, t in zip(flat.split(index.numels), like)]
 
 
+def _as_float32(state: list[torch.Tensor]) -> list[torch.Tensor]:
+    return [s if s.dtype == torch.float32 else s.to(torch.float32) for s in state]
+
+
+def _rounding_words(tensors: GroupTensors, seed: int, steps: list[torch.Tensor]) -> list[torch.Tensor | None]:
+    """Each entry's words of the rounding stream at this step (None where both moments are float32)."""
+    return [
+        rounding_words(seed, index, layout.offset, layout.numel, step)
+        if torch.bfloat16 in (m.dtype, v.dtype) else None
+        for m, v, index, layout, step in zip(tensors.exp_avgs, tensors.exp_avg_sqs, tensors.tensor_indices,
+                                             tensors.layouts, steps)
+    ]
+
+
+def _as_stored(values: list[torch.Tensor], state: list[torch.Tensor], words: list[torch.Tensor | None],
+               moment: int) -> list[torch.Tensor]:
+    """New float32 moment values as their state stores them: unchanged for float32 state,
+    stochastically rounded (:mod:`magma_ext.rounding`) for bfloat16 state."""
+    return [x if s.dtype == torch.float32 else stochastic_round(x, moment_noise(w, moment))
+            for x, s, w in zip(values, state, words)]
+
+
 def moments_and_sums(
     tensors: GroupTensors, hyper: Hyper, index: BlockIndex, grad_scale: torch.Tensor | None = None
 ) -> Moments:
@@ -111,16 +135,23 @@ def moments_and_sums(
     bias1 = torch._foreach_add(torch._foreach_neg(torch._foreach_pow(h.beta1, steps)), 1)
     bias2 = torch._foreach_add(torch._foreach_neg(torch._foreach_pow(h.beta2, steps)), 1)
 
-    exp_avg_sqs = torch._foreach_mul(tensors.exp_avg_sqs, h.beta2)
+    # Each new moment is read back as its state stores it (bfloat16 state: stochastically
+    # rounded, section 6) before anything else uses it.
+    exp_avg_sqs = torch._foreach_mul(_as_float32(tensors.exp_avg_sqs), h.beta2)
     torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1 - h.beta2)
+    words = _rounding_words(tensors, h.seed, steps)
+    exp_avg_sqs = _as_stored(exp_avg_sqs, tensors.exp_avg_sqs, words, EXP_AVG_SQ)
     denoms = torch._foreach_sqrt(torch._foreach_div(exp_avg_sqs, bias2))
     torch._foreach_add_(denoms, h.eps)
-    exp_avgs = torch._foreach_mul(tensors.exp_avgs, h.beta1)
+    exp_avgs = torch._foreach_mul(_as_float32(tensors.exp_avgs), h.beta1)
     if h.base == "laprop":
         torch._foreach_add_(exp_avgs, torch._foreach_div(grads, denoms), alpha=1 - h.beta1)
-        directions = torch._foreach_div(exp_avgs, bias1)
     else:
         torch._foreach_add_(exp_avgs, grads, alpha=1 - h.beta1)
+    exp_avgs = _as_stored(exp_avgs, tensors.exp_avgs, words, EXP_AVG)
+    if h.base == "laprop":
+        directions = torch._foreach_div(exp_avgs, bias1)
+    else:
         numerators = torch._foreach_div(exp_avgs, bias1) if h.base == "adam" else grads
         directions = torch._foreach_div(numerators, denoms)
 

@@ -1,8 +1,9 @@
 """A parameter's optimizer state (docs/ALGORITHM.md section 5): made, checked, saved and loaded.
 
-``optimizer.state[p]`` holds ``step``, ``exp_avg``, ``exp_avg_sq`` (float32, shaped like ``p``),
-``magma_score`` (float32, one entry per block), ``magma_tensor_index`` and, with master
-weights for a bfloat16/float16 parameter, ``master_param`` (float32).
+``optimizer.state[p]`` holds ``step``, ``exp_avg``, ``exp_avg_sq`` (shaped like ``p``, of the
+group's ``exp_avg_dtype`` and ``exp_avg_sq_dtype``: float32 or bfloat16), ``magma_score``
+(float32, one entry per block), ``magma_tensor_index`` and, with master weights for a
+bfloat16/float16 parameter, ``master_param`` (float32).
 """
 
 from __future__ import annotations
@@ -13,10 +14,13 @@ from . import dtensors
 from .layout import BlockLayout, layout_for
 from .options import check_group
 from .pieces import is_dtensor, piece_of
+from .rounding import MAX_ROUNDED_NUMEL
 from .views import ParamView, view_of
 
 LOW_PRECISION = (torch.bfloat16, torch.float16)
-FLOAT32_STATE = ("step", "exp_avg", "exp_avg_sq", "magma_score", "master_param")
+FLOAT32_STATE = ("step", "magma_score", "master_param")
+# The moments and the group option that gives each its dtype.
+MOMENT_DTYPE_OPTIONS = {"exp_avg": "exp_avg_dtype", "exp_avg_sq": "exp_avg_sq_dtype"}
 # Keys of torch.optim.AdamW's groups that would change its update; Magma has no such option.
 UNSUPPORTED_TORCH_OPTIONS = ("amsgrad", "maximize")
 
@@ -26,22 +30,51 @@ def wants_master(p: torch.Tensor, group: dict) -> bool:
     return group["master_weights"] and p.dtype in LOW_PRECISION
 
 
-def new_state(p: torch.Tensor, group: dict, view: ParamView, layout: BlockLayout) -> dict:
+def new_state(p: torch.Tensor, group: dict, view: ParamView, layout: BlockLayout, name: str = "") -> dict:
     """The state a parameter gets on its first step (or from ``Magma.init_state``)."""
-    state = {
-        "step": torch.zeros((), dtype=torch.float32, device=view.local.device),
-        "exp_avg": torch.zeros_like(p, dtype=torch.float32, memory_format=torch.contiguous_format),
-        "exp_avg_sq": torch.zeros_like(p, dtype=torch.float32, memory_format=torch.contiguous_format),
-    }
+    check_rounded_state_fits(view, group, name or f"#{view.piece.index}")
+    state = {"step": torch.zeros((), dtype=torch.float32, device=view.local.device)}
+    for key, option in MOMENT_DTYPE_OPTIONS.items():
+        state[key] = torch.zeros_like(p, dtype=group[option], memory_format=torch.contiguous_format)
     add_magma_state(state, p, group, view.piece.index, layout)
     return state
 
 
-def new_state_of(p: torch.Tensor, group: dict, position_index: int) -> dict:
+def rounded_state(group: dict) -> bool:
+    """Whether a group stores a moment in bfloat16 (rounded stochastically)."""
+    return any(group[option] != torch.float32 for option in MOMENT_DTYPE_OPTIONS.values())
+
+
+def check_rounded_state_fits(view: ParamView, group: dict, name: str) -> None:
+    """bfloat16 state keys each element's rounding by its index in the logical tensor
+    (docs/ALGORITHM.md section 6): refuse pieces whose elements are not one contiguous range of
+    the logical tensor's flattening, and tensors too large for the rounding stream's counter."""
+    if not rounded_state(group):
+        return
+    piece = view.piece
+    if not view.in_logical_order:
+        what = (f"a piece of column slice {piece.split[0]} of {piece.parts} (a row-parallel weight)"
+                if piece.parts > 1 else "a DTensor sharded along a dimension other than 0")
+        raise ValueError(
+            f"parameter {name} is {what}: its elements are not a contiguous range of its logical "
+            "tensor, whose element indices key the stochastic rounding of bfloat16 state; give it "
+            "a parameter group with exp_avg_dtype=exp_avg_sq_dtype=torch.float32"
+        )
+    if piece.logical_numel > MAX_ROUNDED_NUMEL:
+        raise ValueError(f"parameter {name} has {piece.logical_numel} elements; bfloat16 state "
+                         f"(exp_avg_dtype/exp_avg_sq_dtype) takes tensors of at most 2**36")
+
+
+def check_new_state(p: torch.Tensor, group: dict, position_index: int, name: str) -> None:
+    """Raise what :func:`new_state_of` would raise, creating nothing."""
+    check_rounded_state_fits(view_of(p, position_index, group["block"], name), group, name)
+
+
+def new_state_of(p: torch.Tensor, group: dict, position_index: int, name: str) -> dict:
     """:func:`new_state` of a parameter whose tensor index is ``position_index`` unless it
     declares a piece."""
-    view = view_of(p, position_index, group["block"], f"#{position_index}")
-    return new_state(p, group, view, view.layout(group["block"]))
+    view = view_of(p, position_index, group["block"], name)
+    return new_state(p, group, view, view.layout(group["block"]), name)
 
 
 def add_magma_state(state: dict, p: torch.Tensor, group: dict, tensor_index: int,
@@ -96,7 +129,9 @@ def checked_load(param_groups: list[dict], state_dict: dict, new_indices) -> tup
         for key in UNSUPPORTED_TORCH_OPTIONS:
             if saved.get(key):
                 raise ValueError(f"loaded parameter group {i} sets {key}=True, which Magma does not support")
-        group = {**{k: v for k, v in current.items() if k != "params"}, **saved}
+        # the moments' dtypes are this optimizer's: loading converts the checkpoint's state to them
+        dtypes = {option: current[option] for option in MOMENT_DTYPE_OPTIONS.values()}
+        group = {**{k: v for k, v in current.items() if k != "params"}, **saved, **dtypes}
         check_group(group, where=f"loaded parameter group {i}: ")
         groups.append(group)
     params = [p for group in param_groups for p in group["params"]]
@@ -123,15 +158,17 @@ def checked_load(param_groups: list[dict], state_dict: dict, new_indices) -> tup
 
 
 def _loaded_state(saved: dict, p: torch.Tensor, group: dict, position: int) -> dict:
-    """A saved entry as this optimizer keeps it (float32 on p's device), checked against p."""
+    """A saved entry as this optimizer keeps it on p's device (moments in the group's dtypes,
+    rounded to nearest where that is narrower; the rest float32), checked against p."""
     state = {}
     for key, value in saved.items():
-        if key in FLOAT32_STATE:
+        if key in FLOAT32_STATE or key in MOMENT_DTYPE_OPTIONS:
             if not isinstance(value, torch.Tensor):
                 value = torch.tensor(value) if key == "step" else value
             if not isinstance(value, torch.Tensor):
                 raise TypeError(f"loaded state of parameter {position}: {key} must be a tensor")
-            value = value.to(dtype=torch.float32, device=p.device).clone()
+            dtype = group[MOMENT_DTYPE_OPTIONS[key]] if key in MOMENT_DTYPE_OPTIONS else torch.float32
+            value = value.to(dtype=dtype, device=p.device).clone()
         elif key == "magma_tensor_index":
             value = int(value)
         state[key] = value
@@ -147,13 +184,22 @@ def _loaded_state(saved: dict, p: torch.Tensor, group: dict, position: int) -> d
 
 
 def check_state_fits(state: dict, p: torch.Tensor, group: dict, where: str) -> None:
-    """State tensors shaped like the parameter, and a score with one entry per block."""
+    """State tensors shaped like the parameter, moments of the group's dtypes, and a score with
+    one entry per block."""
     for key in ("exp_avg", "exp_avg_sq", "master_param"):
         value = state.get(key)
         if value is not None and value.shape != p.shape:
             raise ValueError(
                 f"{where}: {key} has shape {tuple(value.shape)} but the parameter has shape "
                 f"{tuple(p.shape)}"
+            )
+    for key, option in MOMENT_DTYPE_OPTIONS.items():
+        value = state.get(key)
+        if value is not None and value.dtype != group[option]:
+            raise ValueError(
+                f"{where}: {key} is {value.dtype} but its group's {option} is {group[option]}: a "
+                "moment's dtype cannot change mid-run; load a state_dict() into an optimizer "
+                f"built with {option}={group[option]} to convert it"
             )
     if state.get("step") is not None and state["step"].numel() != 1:
         raise ValueError(f"{where}: step must hold one number, got shape {tuple(state['step'].shape)}")

@@ -5,7 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from magma_ext import Magma, has_cuda_extension
+from magma_ext import Magma, _ops, has_cuda_extension
+from magma_ext.layout import BlockLayout
+from magma_ext.types import GroupTensors
 
 requires_gpu = pytest.mark.skipif(
     not (torch.cuda.is_available() and has_cuda_extension()),
@@ -88,6 +90,28 @@ def assert_same_state(fused, reference, where="", trajectory=False):
         torch.testing.assert_close(p, q, **param_tol, msg=lambda m: f"{where} param: {m}")
 
 
+class CapturedStep:
+    """``optimizer.step()`` captured in a CUDA graph, the parameters' current grads its inputs."""
+
+    def __init__(self, optimizer):
+        self.optimizer = optimizer
+        self.static_grads = [p.grad for p in params_of(optimizer)]
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                optimizer.step()
+        torch.cuda.current_stream().wait_stream(side)
+
+    def replay(self):
+        """One step on the grads the parameters hold now (copied into the graph's inputs)."""
+        for static, p in zip(self.static_grads, params_of(self.optimizer)):
+            static.copy_(p.grad)
+            p.grad = static
+        self.graph.replay()
+
+
 def changed_blocks(before, after, optimizer):
     """Per parameter, which blocks changed on the last step (a block is kept iff it changed)."""
     from magma_ext.layout import layout_for
@@ -103,3 +127,96 @@ def changed_blocks(before, after, optimizer):
 
 def _groups_per_param(optimizer):
     return [group for group in optimizer.param_groups for _ in group["params"]]
+
+
+# ---------------------------------------------------------------------------- lists of the ops
+
+
+def pieces(logical_numel, cuts, block_size, tensor_index, dtype=torch.float32, seed=0, master=False,
+           state_dtypes=(torch.float32, torch.float32)):
+    """A logical tensor cut at `cuts` into pieces, as GroupTensors lists (state included, the
+    moments of ``state_dtypes``; bfloat16 ones hold the float32 values rounded to nearest)."""
+    generator = torch.Generator(device="cuda").manual_seed(seed)
+    bounds = [0, *cuts, logical_numel]
+    layouts = [BlockLayout(numel=b - a, block_size=block_size, offset=a, logical_numel=logical_numel)
+               for a, b in zip(bounds, bounds[1:])]
+    f32 = dict(device="cuda", dtype=torch.float32)
+    params = [torch.randn(l.numel, generator=generator, **f32).to(dtype) for l in layouts]
+    return GroupTensors(
+        params=params,
+        grads=[torch.randn(l.numel, generator=generator, **f32).to(dtype) for l in layouts],
+        exp_avgs=[(torch.randn(l.numel, generator=generator, **f32) * 0.1).to(state_dtypes[0]) for l in layouts],
+        exp_avg_sqs=[(torch.rand(l.numel, generator=generator, **f32) * 0.01).to(state_dtypes[1]) for l in layouts],
+        scores=[torch.rand(l.num_blocks, generator=generator, **f32) for l in layouts],
+        steps=[torch.full((), 3.0, **f32) for _ in layouts],
+        master_params=[p.to(torch.float32) for p in params] if master else [None] * len(layouts),
+        layouts=layouts,
+        tensor_indices=[tensor_index] * len(layouts),
+    )
+
+
+def concat_lists(*groups: GroupTensors) -> GroupTensors:
+    """The lists of several GroupTensors, one after another."""
+    return GroupTensors(*(sum((list(getattr(g, f)) for g in groups), [])
+                          for f in GroupTensors.__dataclass_fields__))
+
+
+def clone_lists(tensors: GroupTensors) -> GroupTensors:
+    """A copy of every tensor of the lists."""
+    copy = lambda items: [t.clone() if isinstance(t, torch.Tensor) else t for t in items]  # noqa: E731
+    return GroupTensors(*(copy(getattr(tensors, f)) for f in GroupTensors.__dataclass_fields__))
+
+
+def op_lists(t: GroupTensors) -> tuple:
+    """The ops' leading positional arguments (steps already hold this step's count)."""
+    masters = [] if all(m is None for m in t.master_params) else list(t.master_params)
+    return (t.params, t.grads, t.exp_avgs, t.exp_avg_sqs, t.scores, masters, t.steps,
+            list(t.tensor_indices), [l.block_size for l in t.layouts], [l.offset for l in t.layouts],
+            [l.logical_numel for l in t.layouts])
+
+
+def rows_of(t: GroupTensors) -> int:
+    """Rows of the lists' block_sums: one per block of each piece."""
+    return sum(l.num_blocks for l in t.layouts)
+
+
+def new_block_sums(t: GroupTensors, mask: str) -> torch.Tensor:
+    """The block_sums a caller passes: (B, 3) for mask "magma", else (0, 3)."""
+    return torch.empty((rows_of(t) if mask == "magma" else 0, 3), device="cuda")
+
+
+def whole_and_ranks(logical_numel, cuts, block_size, tensor_index, state_dtypes=(torch.float32, torch.float32)):
+    """A whole tensor's lists, and copies of its pieces cut at ``cuts`` as the ranks holding them
+    would have them (each piece's blocks' scores included)."""
+    whole = pieces(logical_numel, [], block_size, tensor_index=tensor_index, state_dtypes=state_dtypes)
+    bounds = [0, *cuts, logical_numel]
+    ranks = []
+    for a, b in zip(bounds, bounds[1:]):
+        layout = BlockLayout(numel=b - a, block_size=block_size, offset=a, logical_numel=logical_numel)
+        blocks = slice(layout.first_block, layout.first_block + layout.num_blocks)
+        ranks.append(GroupTensors(
+            params=[whole.params[0][a:b].clone()], grads=[whole.grads[0][a:b].clone()],
+            exp_avgs=[whole.exp_avgs[0][a:b].clone()], exp_avg_sqs=[whole.exp_avg_sqs[0][a:b].clone()],
+            scores=[whole.scores[0][blocks].clone()], steps=[whole.steps[0].clone()],
+            master_params=[None], layouts=[layout], tensor_indices=[tensor_index],
+        ))
+    return whole, ranks
+
+
+def step_whole_and_ranks(whole: GroupTensors, ranks: list[GroupTensors], hyper: dict) -> None:
+    """The whole tensor's fused step, and each rank's split step with the rows of shared blocks
+    summed in between (an all-reduce by hand, in a fixed order)."""
+    _ops.fused_step(*op_lists(whole), **hyper)
+    sums = [new_block_sums(rank, hyper["mask"]) for rank in ranks]
+    for rank, rows in zip(ranks, sums):
+        _ops.moments_partials(*op_lists(rank), rows, **hyper)
+    if hyper["mask"] == "magma":
+        total = torch.zeros(whole.layouts[0].num_blocks, 3, device="cuda")
+        for rank, rows in zip(ranks, sums):
+            first = rank.layouts[0].first_block
+            total[first:first + rows.shape[0]] += rows
+        for rank, rows in zip(ranks, sums):
+            first = rank.layouts[0].first_block
+            rows.copy_(total[first:first + rows.shape[0]])
+    for rank, rows in zip(ranks, sums):
+        _ops.finalize_apply(*op_lists(rank), rows, **hyper)

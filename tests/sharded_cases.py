@@ -33,11 +33,14 @@ def grads_at(step, shapes=SHAPES, device="cpu"):
     return [torch.randn(s, generator=gen).to(device) for s in shapes]
 
 
-def single_process_run(combo, steps, shapes=SHAPES, fused=False, device="cpu"):
-    """Per step, every parameter after the step, and the final state: the sharded runs' oracle."""
+def single_process_run(combo, steps, shapes=SHAPES, fused=False, device="cpu", names=None, options=None):
+    """Per step, every parameter after the step, and the final state: the sharded runs' oracle
+    (``names``: the parameters' names, which key their masks; ``options``: more keywords of
+    Magma, the state dtypes say, the same in the sharded runs)."""
     base, mask, block = combo
     params = [torch.nn.Parameter(t) for t in initial_params(shapes, device=device)]
-    optimizer = Magma(params, base=base, mask=mask, block=block, fused=fused, **OPTIONS)
+    named = params if names is None else list(zip(names, params))
+    optimizer = Magma(named, base=base, mask=mask, block=block, fused=fused, **OPTIONS, **(options or {}))
     history = []
     for step in range(steps):
         for p, g in zip(params, grads_at(step, shapes, device)):
@@ -65,7 +68,7 @@ def _use_device(rank, device):
         torch.cuda.set_device(rank)
 
 
-def flat_shard_body(rank, world_size, combos, steps, fused=False, device="cpu"):
+def flat_shard_body(rank, world_size, combos, steps, fused=False, device="cpu", options=None):
     """ZeRO-style: each rank holds a range of the flattened parameters, declared as pieces."""
     _use_device(rank, device)
     cuts = flat_cuts(SHAPES, world_size)
@@ -82,7 +85,7 @@ def flat_shard_body(rank, world_size, combos, steps, fused=False, device="cpu"):
             pieces.append(piece)
             ranges.append((lo, hi))
             start += n
-        optimizer = Magma(pieces, base=base, mask=mask, block=block, fused=fused, **OPTIONS)
+        optimizer = Magma(pieces, base=base, mask=mask, block=block, fused=fused, **OPTIONS, **(options or {}))
         history = []
         for step in range(steps):
             for piece, grad, (lo, hi) in zip(pieces, grads_at(step, device=device), ranges):
@@ -134,11 +137,12 @@ def _loss(model, step, rank, world_size, device):
     return torch.nn.functional.mse_loss(model(inputs[rows]), targets[rows])
 
 
-def single_process_model_run(combo, steps, fused=False, device="cpu"):
+def single_process_model_run(combo, steps, fused=False, device="cpu", options=None):
     """The model trained by one process on the whole batch: what DDP and FSDP2 must equal."""
     base, mask, block = combo
     model = mlp(device=device)
-    optimizer = Magma(model.parameters(), base=base, mask=mask, block=block, fused=fused, **OPTIONS)
+    optimizer = Magma(model.parameters(), base=base, mask=mask, block=block, fused=fused, **OPTIONS,
+                      **(options or {}))
     history = []
     for step in range(steps):
         _loss(model, step, 0, 1, device).backward()
@@ -195,7 +199,7 @@ def _fsdp_steps(model, optimizer, first, steps, rank, world_size, device):
     return history
 
 
-def fsdp_body(rank, world_size, combos, steps, hsdp=False, fused=False, device="cpu"):
+def fsdp_body(rank, world_size, combos, steps, hsdp=False, fused=False, device="cpu", options=None):
     """FSDP2 (fully_shard, Shard(0)) or HSDP ((Replicate(), Shard(0)) on a 2-D mesh)."""
     _use_device(rank, device)
     mesh = _mesh(world_size, hsdp, torch.device(device).type)
@@ -203,7 +207,8 @@ def fsdp_body(rank, world_size, combos, steps, hsdp=False, fused=False, device="
     for combo in combos:
         base, mask, block = combo
         model = fsdp_model(mesh, device)
-        optimizer = Magma(model.parameters(), base=base, mask=mask, block=block, fused=fused, **OPTIONS)
+        optimizer = Magma(model.parameters(), base=base, mask=mask, block=block, fused=fused, **OPTIONS,
+                          **(options or {}))
         history = _fsdp_steps(model, optimizer, 0, steps, rank, world_size, device)
         out[combo] = history, replicated_scores(optimizer)
     return out
@@ -225,26 +230,26 @@ def _checkpoint_state(model, optimizer):
     return {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, optimizer)}
 
 
-def dcp_save_body(rank, world_size, combo, steps, path):
+def dcp_save_body(rank, world_size, combo, steps, path, options=None):
     """FSDP2 on ``world_size`` ranks for ``steps`` steps, then a DCP checkpoint in ``path``."""
     import torch.distributed.checkpoint as dcp
 
     base, mask, block = combo
     model = fsdp_model(_mesh(world_size, False, "cpu"))
-    optimizer = Magma(model.parameters(), base=base, mask=mask, block=block, **OPTIONS)
+    optimizer = Magma(model.parameters(), base=base, mask=mask, block=block, **OPTIONS, **(options or {}))
     history = _fsdp_steps(model, optimizer, 0, steps, rank, world_size, "cpu")
     dcp.save(_checkpoint_state(model, optimizer), checkpoint_id=path)
     return history
 
 
-def dcp_resume_body(rank, world_size, combo, first, steps, path):
+def dcp_resume_body(rank, world_size, combo, first, steps, path, options=None):
     """A fresh FSDP2 run on ``world_size`` ranks that loads ``path`` and goes on from step ``first``."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
 
     base, mask, block = combo
     model = fsdp_model(_mesh(world_size, False, "cpu"))
-    optimizer = Magma(model.parameters(), base=base, mask=mask, block=block, **OPTIONS)
+    optimizer = Magma(model.parameters(), base=base, mask=mask, block=block, **OPTIONS, **(options or {}))
     state = _checkpoint_state(model, optimizer)
     dcp.load(state, checkpoint_id=path)
     set_model_state_dict(model, state["model"])
@@ -374,14 +379,15 @@ def bad_piece_body(rank, world_size, case):
     return None
 
 
-def shard_dim_1_body(rank, world_size, block, steps):
-    """A (5, 6) DTensor sharded along dim 1 (3 + 3 columns; 2 + 2 + 2 + 0 on 4 ranks): Magma
-    takes it with one block per tensor and refuses it otherwise, naming it."""
+def shard_dim_1_body(rank, world_size, block, steps, options=None):
+    """A (5, 6) DTensor named 'encoder.weight' sharded along dim 1 (3 + 3 columns; 2 + 2 + 2 + 0
+    on 4 ranks): Magma takes it with one block per tensor, with row blocks where the column
+    slices are equal, and refuses it otherwise, naming it."""
     from torch.distributed.tensor import Shard, distribute_tensor
 
     mesh = _mesh(world_size, False, "cpu")
     param = torch.nn.Parameter(distribute_tensor(initial_params([(5, 6)])[0], mesh, [Shard(1)]))
-    optimizer = Magma([("encoder.weight", param)], block=block, **OPTIONS)
+    optimizer = Magma([("encoder.weight", param)], block=block, **OPTIONS, **(options or {}))
     history = []
     for step in range(steps):
         param.grad = distribute_tensor(grads_at(step, [(5, 6)])[0], mesh, [Shard(1)])
@@ -393,12 +399,13 @@ def shard_dim_1_body(rank, world_size, block, steps):
     return history
 
 
-def assert_same_history(actual, expected, what):
-    """Every step's parameters within tolerance, and the same elements moved at every step."""
+def assert_same_history(actual, expected, what, **tolerance):
+    """Every step's parameters within tolerance (``assert_scaled_close``'s, or ``tolerance``),
+    and the same elements moved at every step."""
     assert len(actual) == len(expected)
     for step, (got, want) in enumerate(zip(actual, expected)):
         for i, (a, e) in enumerate(zip(got, want)):
-            assert_scaled_close(a, e, f"{what}: step {step + 1}, parameter {i}")
+            assert_scaled_close(a, e, f"{what}: step {step + 1}, parameter {i}", **tolerance)
     for step, (got, want) in enumerate(zip(moved(actual), moved(expected)), start=2):
         for i, (a, e) in enumerate(zip(got, want)):  # the same elements moved: the same masks
             assert torch.equal(a, e), f"{what}: step {step}, parameter {i}: different blocks moved"

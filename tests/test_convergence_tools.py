@@ -176,7 +176,7 @@ def test_throughput_times_every_optimizer(tmp_path):
 
 @pytest.mark.parametrize("argv,message", [
     (["--tiers", "1"], "--bundle is needed"),
-    (["--plan", "--tiers", "9"], "there are tiers [1, 2, 3], not [9]"),
+    (["--plan", "--tiers", "9"], "there are tiers [1, 2, 3, 4], not [9]"),
     (["--plan", "--optimizers", "Adam"], "unknown ['Adam']"),
     (["--mode", "throughput", "--bundle", "b.json"], "--mode throughput needs --size"),
     (["--plan", "--resume", "absent.json"], "no such file(s) ['absent.json']"),
@@ -310,7 +310,8 @@ def test_plan_prints_every_run_with_tokens_and_minutes(corpus_dir, monkeypatch, 
     assert "10.82M parameters" in out and "29.17M parameters" in out
     assert "S 3.20M (measured on one H200, 2026-11-26)" in out and "M 1.78M (PLACEHOLDER, not measured)" in out
     assert "  tier 1: 36 runs, 7.08B tokens," in out and "  tier 2: 36 runs, 7.08B tokens," in out
-    assert "  tier 3: 8 runs, 5.24B tokens," in out and "total: 80 runs, 19.40B tokens" in out
+    assert "  tier 3: 8 runs, 5.24B tokens," in out and "  tier 4: 18 runs, 3.54B tokens," in out
+    assert "total: 98 runs, 22.94B tokens" in out
     assert "NOT ENOUGH" in out  # the test corpus feeds no real run
     assert "M__AdamW__lrS-best+1__seed0" in out and "S__Muon__lr0.05__seed0" in out
 
@@ -590,6 +591,26 @@ def test_a_study_counts_only_the_runs_on_its_corpus(tmp_path):
 # Each module's layer: a module imports only modules of lower layers (imports run one way).
 LAYERS = {"definition": 0, "records": 0, "summary": 1, "environment": 1, "optimizers": 1, "plan": 1, "corpus": 1,
           "trainer": 2, "plots": 2, "page": 2, "sweep": 3, "throughput": 3, "report": 3, "cli": 4, "__init__": 5}
+
+
+def test_bf16_state_recipes_store_what_they_say():
+    """Magma-Adam-bf16 keeps bfloat16 moments; Magma-Adam-bf16-nearest float32 ones that hold the
+    nearest bfloat16 values after every step (its emulation of round-to-nearest bfloat16 state)."""
+    import torch
+
+    from benchmarks.study import optimizers
+
+    for name, dtype in (("Magma-Adam-bf16", torch.bfloat16), ("Magma-Adam-bf16-nearest", torch.float32)):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Linear(16, 4))
+        optimizer = optimizers.build(EDITION.optimizers[name], model, 1e-3, 0, torch.device("cpu"))
+        for _ in range(3):
+            model(torch.randn(5, 8)).square().mean().backward()
+            optimizer.step()
+        for state in optimizer.state.values():
+            for key in ("exp_avg", "exp_avg_sq"):
+                assert state[key].dtype == dtype, (name, key)
+                assert torch.equal(state[key], state[key].to(torch.bfloat16).to(dtype)), (name, key)
 
 
 def test_imports_run_one_way():

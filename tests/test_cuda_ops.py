@@ -15,7 +15,13 @@ import re
 import pytest
 import torch
 
-from cuda_helpers import PARAM_TOL, STATE_TOL, requires_gpu
+from cuda_helpers import PARAM_TOL, STATE_TOL, requires_gpu, step_whole_and_ranks, whole_and_ranks
+from cuda_helpers import clone_lists as _clone
+from cuda_helpers import concat_lists as _concat
+from cuda_helpers import new_block_sums as _new_block_sums
+from cuda_helpers import op_lists as _lists
+from cuda_helpers import pieces as _pieces
+from cuda_helpers import rows_of as _rows
 from magma_ext import _ops, has_cuda_extension
 from magma_ext.fused import fused_step
 from magma_ext.layout import BlockLayout
@@ -85,54 +91,6 @@ def test_load_error_is_empty_exactly_when_loaded():
 
 def _hyper(**changes):
     return Hyper(**{**HYPER, **changes})
-
-
-def _pieces(logical_numel, cuts, block_size, tensor_index, dtype=torch.float32, seed=0, master=False):
-    """A logical tensor cut at `cuts` into pieces, as GroupTensors lists (state included)."""
-    generator = torch.Generator(device="cuda").manual_seed(seed)
-    bounds = [0, *cuts, logical_numel]
-    layouts = [BlockLayout(numel=b - a, block_size=block_size, offset=a, logical_numel=logical_numel)
-               for a, b in zip(bounds, bounds[1:])]
-    f32 = dict(device="cuda", dtype=torch.float32)
-    params = [torch.randn(l.numel, generator=generator, **f32).to(dtype) for l in layouts]
-    return GroupTensors(
-        params=params,
-        grads=[torch.randn(l.numel, generator=generator, **f32).to(dtype) for l in layouts],
-        exp_avgs=[torch.randn(l.numel, generator=generator, **f32) * 0.1 for l in layouts],
-        exp_avg_sqs=[torch.rand(l.numel, generator=generator, **f32) * 0.01 for l in layouts],
-        scores=[torch.rand(l.num_blocks, generator=generator, **f32) for l in layouts],
-        steps=[torch.full((), 3.0, **f32) for _ in layouts],
-        master_params=[p.to(torch.float32) for p in params] if master else [None] * len(layouts),
-        layouts=layouts,
-        tensor_indices=[tensor_index] * len(layouts),
-    )
-
-
-def _concat(*groups: GroupTensors) -> GroupTensors:
-    return GroupTensors(*(sum((list(getattr(g, f)) for g in groups), [])
-                          for f in GroupTensors.__dataclass_fields__))
-
-
-def _clone(tensors: GroupTensors) -> GroupTensors:
-    copy = lambda items: [t.clone() if isinstance(t, torch.Tensor) else t for t in items]  # noqa: E731
-    return GroupTensors(*(copy(getattr(tensors, f)) for f in GroupTensors.__dataclass_fields__))
-
-
-def _lists(t: GroupTensors) -> tuple:
-    """The ops' leading positional arguments (steps already hold this step's count)."""
-    masters = [] if all(m is None for m in t.master_params) else list(t.master_params)
-    return (t.params, t.grads, t.exp_avgs, t.exp_avg_sqs, t.scores, masters, t.steps,
-            list(t.tensor_indices), [l.block_size for l in t.layouts], [l.offset for l in t.layouts],
-            [l.logical_numel for l in t.layouts])
-
-
-def _rows(t: GroupTensors) -> int:
-    return sum(l.num_blocks for l in t.layouts)
-
-
-def _new_block_sums(t: GroupTensors, mask: str) -> torch.Tensor:
-    """The block_sums a caller passes: (B, 3) for mask "magma", else (0, 3)."""
-    return torch.empty((_rows(t) if mask == "magma" else 0, 3), device="cuda")
 
 
 def _split_step(t: GroupTensors, block_sums: torch.Tensor, **hyper) -> None:
@@ -279,34 +237,8 @@ def test_split_step_equals_fused_step_bit_for_bit(logical_numel, cuts, block_siz
 def test_pieces_with_summed_block_sums_match_the_whole_tensor(logical_numel, cuts, block_size, mask):
     """Each piece stepped as on its own rank, the rows of shared blocks summed in between (an
     all-reduce by hand), gives the step of the whole tensor."""
-    whole = _pieces(logical_numel, [], block_size, tensor_index=3)
-    bounds = [0, *cuts, logical_numel]
-    ranks = []
-    for a, b in zip(bounds, bounds[1:]):
-        layout = BlockLayout(numel=b - a, block_size=block_size, offset=a, logical_numel=logical_numel)
-        blocks = slice(layout.first_block, layout.first_block + layout.num_blocks)
-        ranks.append(GroupTensors(
-            params=[whole.params[0][a:b].clone()], grads=[whole.grads[0][a:b].clone()],
-            exp_avgs=[whole.exp_avgs[0][a:b].clone()], exp_avg_sqs=[whole.exp_avg_sqs[0][a:b].clone()],
-            scores=[whole.scores[0][blocks].clone()], steps=[whole.steps[0].clone()],
-            master_params=[None], layouts=[layout], tensor_indices=[3],
-        ))
-    hyper = dict(HYPER, mask=mask)
-    _ops.fused_step(*_lists(whole), **hyper)
-
-    sums = [_new_block_sums(rank, mask) for rank in ranks]
-    for rank, rows in zip(ranks, sums):
-        _ops.moments_partials(*_lists(rank), rows, **hyper)
-    if mask == "magma":  # the all-reduce, in a fixed order
-        total = torch.zeros(whole.layouts[0].num_blocks, 3, device="cuda")
-        for rank, rows in zip(ranks, sums):
-            first = rank.layouts[0].first_block
-            total[first:first + rows.shape[0]] += rows
-        for rank, rows in zip(ranks, sums):
-            first = rank.layouts[0].first_block
-            rows.copy_(total[first:first + rows.shape[0]])
-    for rank, rows in zip(ranks, sums):
-        _ops.finalize_apply(*_lists(rank), rows, **hyper)
+    whole, ranks = whole_and_ranks(logical_numel, cuts, block_size, tensor_index=3)
+    step_whole_and_ranks(whole, ranks, dict(HYPER, mask=mask))
 
     for name in ("params", "exp_avgs", "exp_avg_sqs"):
         joined = torch.cat([getattr(rank, name)[0] for rank in ranks])

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from cuda_helpers import (
-    SHAPES, STATE_TOL, assert_same_state, changed_blocks, feed_same_grads, params_of, requires_gpu, twins,
+    SHAPES, STATE_TOL, CapturedStep, assert_same_state, changed_blocks, feed_same_grads, params_of, requires_gpu,
+    twins,
 )
 
 pytestmark = requires_gpu
@@ -144,31 +145,21 @@ def test_tensor_lr_and_cuda_graph_capture():
     shapes = [(257,), (33, 65), (5000,)]
     fused, reference = twins(shapes, lr=torch.tensor(1e-2, device="cuda"), capturable=True, block="row")
     reference.param_groups[0]["lr"] = 1e-2
-    static_grads = []
     feed_same_grads(fused, reference, 0)
     fused.step()
     reference.step()
-    for p in params_of(fused):
-        static_grads.append(p.grad)
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            fused.step()
-    torch.cuda.current_stream().wait_stream(side)
+    captured = CapturedStep(fused)
     for step in range(1, 6):
         feed_same_grads(fused, reference, step)
-        for static, p in zip(static_grads, params_of(fused)):
-            static.copy_(p.grad)
-            p.grad = static
-        graph.replay()
+        captured.replay()
         reference.step()
     assert_same_state(fused, reference, where="graph replay")
 
 
-def test_no_host_sync_in_step():
-    fused, _ = twins([(33, 257), (16385,), (3, 9000)], lr=1e-2, block="tensor")
+@pytest.mark.parametrize("state_dtype", [torch.float32, torch.bfloat16], ids=["f32-state", "bf16-state"])
+def test_no_host_sync_in_step(state_dtype):
+    fused, _ = twins([(33, 257), (16385,), (3, 9000)], lr=1e-2, block="tensor", exp_avg_dtype=state_dtype,
+                     exp_avg_sq_dtype=state_dtype)
     feed_same_grads(fused, _, 0)
     fused.step()  # state creation happens here
     torch.cuda.synchronize()

@@ -8,6 +8,7 @@ import pytest
 
 import megatron_cases
 import sharded_cases as cases
+import tp_cases
 from distributed_helpers import run_ranks
 from sparse_gather_cases import EXACT_ROUTES, sync_body
 
@@ -21,6 +22,16 @@ def test_fsdp2_on_8_ranks_follows_the_single_process_run():
     for combo in COMBOS:
         expected = cases.single_process_model_run(combo, STEPS)
         cases.assert_same_history(results[0][combo][0], expected, f"FSDP2 8 ranks {combo}")
+
+
+def test_hsdp_over_tensor_parallel_2x2x2_follows_one_process():
+    """(Replicate(), _StridedShard(0, sf=2), Shard(0)): pieces exchanged over a group made for the
+    (dp, tp) ranks of each replica."""
+    runs = [(combo, True) for combo in COMBOS]
+    results = run_ranks(EIGHT, tp_cases.layout_body, 2, 2, runs, STEPS, 2, timeout=900)
+    for key in results[0]:
+        history, scores = tp_cases.single_process_run(key[0], STEPS)
+        cases.assert_same_history(results[0][key][0], history, f"HSDP x TP {key}")
 
 
 def test_flat_pieces_on_8_ranks_follow_the_single_process_run():

@@ -267,6 +267,8 @@ def test_numpy_seed_equals_int_seed():
     pytest.param("keep_prob", 2.0, "keep_prob", id="keep_prob-2"),
     pytest.param("block", 0, "block", id="block-0"),
     pytest.param("lr", torch.tensor(-1.0), "lr", id="lr-negative-tensor"),
+    pytest.param("exp_avg_dtype", torch.int8, "exp_avg_dtype", id="exp_avg_dtype-int8"),
+    pytest.param("exp_avg_sq_dtype", torch.bfloat16, "exp_avg_sq_dtype", id="exp_avg_sq_dtype-changed"),
 ])
 def test_values_written_into_param_groups_are_checked_before_a_step(key, value, match):
     params = _params()

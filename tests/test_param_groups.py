@@ -7,10 +7,13 @@ the output layer and other non-Linear weights are decayed but not masked; embedd
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from torch import nn
 
+import magma_ext
 from magma_ext import Magma, decay_groups, param_groups
 from magma_ext.demo.model import Llama, LlamaConfig
 from magma_ext.param_groups import HEAD_NAMES, split_parameters
@@ -54,6 +57,65 @@ class TinyLM(nn.Module):
         return self.head(self.custom(self.norm_out(x)))
 
 
+class Conv1D(nn.Module):
+    """A stand-in for Hugging Face's ``transformers.pytorch_utils.Conv1D``: a Linear whose weight
+    is stored (in, out), with ``nf`` outputs."""
+
+    def __init__(self, nf, nx):
+        super().__init__()
+        self.nf = nf
+        self.weight = nn.Parameter(torch.randn(nx, nf) * 0.02)
+        self.bias = nn.Parameter(torch.zeros(nf))
+
+    def forward(self, x):
+        return x @ self.weight + self.bias
+
+
+class GPT2Block(nn.Module):
+    def __init__(self, width):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(width)
+        self.attn = Named(("c_attn", Conv1D(3 * width, width)), ("c_proj", Conv1D(width, width)))
+        self.ln_2 = nn.LayerNorm(width)
+        self.mlp = Named(("c_fc", Conv1D(4 * width, width)), ("c_proj", Conv1D(width, 4 * width)))
+
+    def forward(self, x):
+        q, _, v = self.attn.c_attn(self.ln_1(x)).chunk(3, dim=-1)
+        x = x + self.attn.c_proj(torch.sigmoid(q) * v)
+        return x + self.mlp.c_proj(torch.relu(self.mlp.c_fc(self.ln_2(x))))
+
+
+class TinyGPT2(nn.Module):
+    """The module layout of Hugging Face's GPT2LMHeadModel: Conv1D layers, LM head tied to wte."""
+
+    def __init__(self, vocab=11, width=8, n_layers=2, tie=True):
+        super().__init__()
+        self.transformer = Named(("wte", nn.Embedding(vocab, width)), ("wpe", nn.Embedding(16, width)),
+                                 ("h", nn.ModuleList(GPT2Block(width) for _ in range(n_layers))),
+                                 ("ln_f", nn.LayerNorm(width)))
+        self.lm_head = nn.Linear(width, vocab, bias=False)
+        if tie:
+            self.lm_head.weight = self.transformer.wte.weight
+
+    def forward(self, tokens):
+        t = self.transformer
+        x = t.wte(tokens) + t.wpe(torch.arange(tokens.shape[-1]))
+        for block in t.h:
+            x = block(x)
+        return self.lm_head(t.ln_f(x))
+
+
+def _gpt2_expected(n_layers=2):
+    masked = {f"transformer.h.{i}.{w}.weight" for i in range(n_layers)
+              for w in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")}
+    plain = ({"transformer.wte.weight", "transformer.wpe.weight", "transformer.ln_f.weight",
+              "transformer.ln_f.bias"}
+             | {f"transformer.h.{i}.{w}.bias" for i in range(n_layers)
+                for w in ("ln_1", "ln_2", "attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")}
+             | {f"transformer.h.{i}.{n}.weight" for i in range(n_layers) for n in ("ln_1", "ln_2")})
+    return masked, plain
+
+
 class Named(nn.Module):
     """Submodules given as (attribute name, module) pairs, registered in that order."""
 
@@ -64,8 +126,18 @@ class Named(nn.Module):
 
 
 def _names(model, params):
+    """Names of ``params`` (tensors, or param_groups' (name, tensor) pairs, whose names must be
+    the model's)."""
     by_id = {id(p): name for name, p in model.named_parameters()}
-    return [by_id[id(p)] for p in params]
+    for entry in params:
+        if isinstance(entry, tuple):
+            assert entry[0] == by_id[id(entry[1])]
+    return [by_id[id(p)] for p in _tensors(params)]
+
+
+def _tensors(params):
+    """The tensors of a group's params, without the names param_groups gives them."""
+    return [entry[1] if isinstance(entry, tuple) else entry for entry in params]
 
 
 def _split_names(model, **kwargs):
@@ -167,7 +239,7 @@ def test_membership_and_options(weight_decay):
 def test_every_trainable_parameter_exactly_once(tie):
     model = TinyLM(tie=tie)
     trainable = [p for p in model.parameters() if p.requires_grad]
-    for listed in ([p for g in param_groups(model, weight_decay=0.1) for p in g["params"]],
+    for listed in ([p for g in param_groups(model, weight_decay=0.1) for p in _tensors(g["params"])],
                    [p for g in decay_groups(model, 0.1) for p in g["params"]],
                    [p for params in split_parameters(model) for p in params]):
         assert len(listed) == len({id(p) for p in listed})
@@ -243,6 +315,82 @@ def test_multihead_attention_weights_are_masked():
         {"q_proj_weight", "k_proj_weight", "v_proj_weight", "out_proj.weight"}, set(), set())
 
 
+@pytest.mark.parametrize("tie", [True, False], ids=["tied-head", "untied-head"])
+def test_hugging_face_conv1d_is_a_linear(tie):
+    """GPT-2's attention and MLP layers are Conv1D (weight (in, out)): masked like Linears. Its
+    head is tied to wte (plain, an embedding) or, untied, called lm_head (decayed only)."""
+    model = TinyGPT2(tie=tie)
+    masked, plain = _gpt2_expected()
+    head = set() if tie else {"lm_head.weight"}
+    assert _split_names(model) == (masked, head, plain)
+
+
+def test_conv1d_as_output_layer():
+    """The output-layer rules count a Conv1D's outputs (nf): by name, and by vocabulary size."""
+    by_name = Named(("body", Conv1D(6, 6)), ("lm_head", Conv1D(3, 6)))
+    assert _split_names(by_name)[:2] == ({"body.weight"}, {"lm_head.weight"})
+    by_vocab = Named(("tok", nn.Embedding(12, 8)), ("wide", Conv1D(12, 8)), ("narrow", Conv1D(8, 12)),
+                     ("unembed", Conv1D(12, 8)))
+    assert _split_names(by_vocab)[:2] == ({"wide.weight", "narrow.weight"}, {"unembed.weight"})
+
+
+def test_conv1d_is_recognised_by_name_and_layout():
+    """Only a class named Conv1D whose 2-D weight has nf columns is a Linear: torch's Conv1d, a
+    Conv1D without nf, or one whose nf does not match its weight stays unmasked."""
+    no_nf = Conv1D(4, 4)
+    del no_nf.nf
+    wrong_nf = Conv1D(4, 6)
+    wrong_nf.nf = 6
+    model = Named(("conv", nn.Conv1d(4, 4, 3, bias=False)), ("no_nf", no_nf), ("wrong_nf", wrong_nf),
+                  ("real", Conv1D(4, 4)))
+    assert _split_names(model)[:2] == ({"real.weight"},
+                                       {"conv.weight", "no_nf.weight", "wrong_nf.weight"})
+
+
+def test_gpt2_groups_train_with_magma():
+    """The Conv1D weights are masked in training: their scores move; the tied head's do not."""
+    torch.manual_seed(0)
+    model = TinyGPT2()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a model with masked weights gives no warning
+        groups = param_groups(model, weight_decay=0.1)
+    optimizer = Magma(groups, lr=0.01, keep_prob=0.5)
+    tokens = torch.randint(0, 11, (2, 5))
+    for _ in range(3):
+        optimizer.zero_grad()
+        model(tokens).logsumexp(-1).mean().backward()
+        optimizer.step()
+    params = dict(model.named_parameters())
+    masked, _ = _gpt2_expected()
+    assert all(not bool((optimizer.state[params[n]]["magma_score"] == 0.5).all()) for n in masked)
+    assert bool((optimizer.state[params["transformer.wte.weight"]]["magma_score"] == 0.5).all())
+
+
+@pytest.mark.parametrize("make,masked,says", [
+    (lambda: Named(("norm", nn.LayerNorm(4)), ("conv", nn.Conv1d(4, 4, 3))), None, "default rule"),
+    (lambda: Named(("tok", nn.Embedding(9, 4)), ("lm_head", nn.Linear(4, 9))), None, "default rule"),
+    (_llama, lambda name, param: False, "masked= chose none"),
+], ids=["no-linear", "only-a-head", "predicate-masks-nothing"])
+def test_warns_when_nothing_is_masked(make, masked, says):
+    """Magma over such groups is its base optimizer alone: say so once, naming masked=."""
+    with pytest.warns(UserWarning) as record:
+        param_groups(make(), weight_decay=0.1, masked=masked)
+    assert len(record) == 1
+    message = str(record[0].message)
+    assert "masked=" in message and says in message and "no parameter" in message
+
+
+@pytest.mark.parametrize("call", [
+    lambda m: param_groups(m.parameters()),
+    lambda m: param_groups(list(m.parameters()), weight_decay=0.1),
+    lambda m: decay_groups(m.parameters(), 0.1),
+    lambda m: split_parameters(dict(m.named_parameters())),
+], ids=["param_groups-generator", "param_groups-list", "decay_groups-generator", "split_parameters-dict"])
+def test_parameters_instead_of_model_raise_type_error(call):
+    with pytest.raises(TypeError, match=r"nn\.Module.*model\.parameters\(\)"):
+        call(_llama())
+
+
 def test_frozen_parameters_are_left_out():
     model = _llama()
     model.lm_head.requires_grad_(False)
@@ -299,6 +447,7 @@ def test_bad_masked_raises_type_error(bad):
 # decay_groups: the AdamW view of the same split
 # ---------------------------------------------------------------------------------------------
 
+@pytest.mark.filterwarnings("ignore:param_groups. no parameter")  # "w1" masks none of some models
 @pytest.mark.parametrize("make", [_llama, TinyLM, lambda: TinyLM(tie=True),
                                   lambda: nn.TransformerEncoderLayer(8, 2, 16)],
                          ids=["llama", "tinylm", "tinylm-tied", "transformer-layer"])
@@ -310,8 +459,8 @@ def test_decay_groups_agree_with_param_groups(make):
     decayed, plain = ({id(p) for p in g["params"]} for g in groups)
     for masked_rule in (None, lambda name, param: "w1" in name):
         magma = param_groups(model, weight_decay=0.1, masked=masked_rule)
-        assert {id(p) for g in magma if g["weight_decay"] == 0.1 for p in g["params"]} == decayed
-        assert {id(p) for g in magma if g["weight_decay"] == 0.0 for p in g["params"]} == plain
+        assert {id(p) for g in magma if g["weight_decay"] == 0.1 for p in _tensors(g["params"])} == decayed
+        assert {id(p) for g in magma if g["weight_decay"] == 0.0 for p in _tensors(g["params"])} == plain
     masked, unmasked_decayed, plain_list = split_parameters(model)
     assert decayed == {id(p) for p in masked + unmasked_decayed}
     assert plain == {id(p) for p in plain_list}
@@ -330,7 +479,8 @@ def test_empty_groups_are_omitted():
     assert [len(g["params"]) for g in param_groups(only_matrices)] == [1]
     assert [g["weight_decay"] for g in decay_groups(only_matrices, 0.1)] == [0.1]
     only_norms = Named(("norm", nn.LayerNorm(4)))
-    assert [(len(g["params"]), g["magma"]) for g in param_groups(only_norms)] == [(2, False)]
+    with pytest.warns(UserWarning, match="no parameter"):
+        assert [(len(g["params"]), g["magma"]) for g in param_groups(only_norms)] == [(2, False)]
     assert [g["weight_decay"] for g in decay_groups(only_norms, 0.1)] == [0.0]
 
 
@@ -349,7 +499,7 @@ def test_groups_train_with_magma():
     model = TinyLM()
     groups = param_groups(model, weight_decay=0.1)
     optimizer = Magma(groups, lr=0.01, keep_prob=0.5, block="row")
-    unmasked = [p for g in groups if g.get("magma", True) is False for p in g["params"]]
+    unmasked = [p for g in groups if g.get("magma", True) is False for p in _tensors(g["params"])]
     assert set(_names(model, unmasked)) == EXPECTED_UNMASKED_DECAYED | EXPECTED_PLAIN
     tokens = torch.randint(0, 11, (2, 5))
     checked = []
@@ -366,5 +516,13 @@ def test_groups_train_with_magma():
     assert checked.count("head.weight") == checked.count("conv.weight") == 3
     assert all(torch.isfinite(p).all() for p in model.parameters())
     assert all(bool((optimizer.state[p]["magma_score"] == 0.5).all()) for p in unmasked if optimizer.state[p])
-    masked = [p for g in groups if g.get("magma", True) is not False for p in g["params"]]
+    masked = [p for g in groups if g.get("magma", True) is not False for p in _tensors(g["params"])]
     assert all(not bool((optimizer.state[p]["magma_score"] == 0.5).all()) for p in masked)
+
+
+def test_param_groups_name_their_parameters_so_masks_follow_names():
+    model = _llama()
+    optimizer = Magma(param_groups(model, weight_decay=0.1))
+    optimizer.init_state()
+    for name, p in model.named_parameters():
+        assert optimizer.state[p]["magma_tensor_index"] == magma_ext.name_index(name), name

@@ -108,19 +108,23 @@ def test_bad_pieces_raise_on_every_rank_and_change_nothing(case, match):
     assert results[0][1] == results[1][1]  # the same message everywhere
 
 
-@pytest.mark.parametrize("block", ["row", 7], ids=str)
-def test_dtensor_sharded_along_dim_1_with_blocks_smaller_than_the_tensor_is_refused(block):
-    for message, unchanged in run_ranks(2, cases.shard_dim_1_body, 2, block, 1):
-        assert "'encoder.weight'" in message and "Shard(dim=1)" in message, message
+@pytest.mark.parametrize("world_size,block,reason", [
+    pytest.param(2, 7, "would cut across them", id="N-element-blocks-across-column-slices"),
+    pytest.param(4, "row", "unequal widths", id="row-blocks-of-unequal-column-slices"),
+])
+def test_dtensor_sharded_along_dim_1_into_blocks_pieces_cannot_express_is_refused(world_size, block, reason):
+    for message, unchanged in run_ranks(world_size, cases.shard_dim_1_body, world_size, block, 1):
+        assert "'encoder.weight'" in message and "Shard(dim=1)" in message and reason in message, message
         assert unchanged
 
 
-@pytest.mark.parametrize("world_size", [2, 4])
-def test_dtensor_sharded_along_dim_1_with_tensor_blocks_follows_one_process(world_size):
-    results = run_ranks(world_size, cases.shard_dim_1_body, world_size, "tensor", STEPS)
-    expected, _ = cases.single_process_run(("adam", "magma", "tensor"), STEPS, shapes=[(5, 6)])
+@pytest.mark.parametrize("world_size,block", [(4, "tensor"), (2, "row")], ids=str)
+def test_dtensor_sharded_along_dim_1_follows_one_process(world_size, block):
+    """Tensor blocks of any shards; row blocks of equal column slices (6 columns on 2 ranks)."""
+    results = run_ranks(world_size, cases.shard_dim_1_body, world_size, block, STEPS)
+    expected, _ = cases.single_process_run(("adam", "magma", block), STEPS, shapes=[(5, 6)], names=["encoder.weight"])
     for result in results:
-        cases.assert_same_history(result, expected, f"Shard(1), {world_size} ranks")
+        cases.assert_same_history(result, expected, f"Shard(1), {world_size} ranks, block={block!r}")
 
 
 def test_exchange_rows_follow_the_fused_paths_order(monkeypatch):

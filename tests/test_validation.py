@@ -32,6 +32,8 @@ BAD_OPTIONS = [
     _err("keep_prob-negative", dict(keep_prob=-0.1), ValueError, "keep_prob"),
     _err("keep_prob-above-1", dict(keep_prob=1.1), ValueError, "keep_prob"),
     _err("keep_prob-0-with-skip", dict(keep_prob=0.0, mask="skip"), ValueError, "keep_prob"),
+    _err("keep_prob-0-with-magma", dict(keep_prob=0.0, mask="magma"), ValueError, "keep_prob.*no masked weight"),
+    _err("keep_prob-0-by-default-mask", dict(keep_prob=0), ValueError, "keep_prob.*mask='magma'"),
     _err("tau-zero", dict(tau=0.0), ValueError, "tau"),
     _err("tau-negative", dict(tau=-2.0), ValueError, "tau"),
     _err("score_ema-negative", dict(score_ema=-0.1), ValueError, "score_ema"),
@@ -47,6 +49,13 @@ BAD_OPTIONS = [
     _err("block-bool", dict(block=True), TypeError, "block"),
     _err("base-sgd", dict(base="sgd"), ValueError, "base"),
     _err("mask-foo", dict(mask="foo"), ValueError, "mask"),
+    _err("exp_avg_dtype-int8", dict(exp_avg_dtype=torch.int8), ValueError, "exp_avg_dtype"),
+    _err("exp_avg_dtype-str", dict(exp_avg_dtype="bfloat16"), ValueError, "exp_avg_dtype"),
+    _err("exp_avg_dtype-float16", dict(exp_avg_dtype=torch.float16), ValueError, "exp_avg_dtype"),
+    _err("exp_avg_dtype-None", dict(exp_avg_dtype=None), ValueError, "exp_avg_dtype"),
+    _err("exp_avg_sq_dtype-int8", dict(exp_avg_sq_dtype=torch.int8), ValueError, "exp_avg_sq_dtype"),
+    _err("exp_avg_sq_dtype-str", dict(exp_avg_sq_dtype="torch.bfloat16"), ValueError, "exp_avg_sq_dtype"),
+    _err("exp_avg_sq_dtype-float64", dict(exp_avg_sq_dtype=torch.float64), ValueError, "exp_avg_sq_dtype"),
 ]
 
 CONSTRUCTOR_ONLY = [
@@ -123,7 +132,6 @@ VALID_EDGES = [
     pytest.param(dict(lr=torch.tensor(0.01)), id="lr-tensor"),
     pytest.param(dict(betas=(0.0, 0.0)), id="betas-0"),
     pytest.param(dict(eps=0.0), id="eps-0"),
-    pytest.param(dict(keep_prob=0.0), id="keep_prob-0-magma"),
     pytest.param(dict(keep_prob=1.0, mask="skip"), id="keep_prob-1-skip"),
     pytest.param(dict(keep_prob=0.0, mask="none"), id="keep_prob-0-none"),
     pytest.param(dict(score_ema=0.0), id="score_ema-0"),
@@ -133,6 +141,9 @@ VALID_EDGES = [
     pytest.param(dict(block=1), id="block-1"),
     pytest.param(dict(block=10**6), id="block-huge"),
     pytest.param(dict(fused=False), id="fused-False"),
+    pytest.param(dict(exp_avg_dtype=torch.bfloat16), id="exp_avg_dtype-bfloat16"),
+    pytest.param(dict(exp_avg_sq_dtype=torch.bfloat16), id="exp_avg_sq_dtype-bfloat16"),
+    pytest.param(dict(exp_avg_dtype=torch.float32, exp_avg_sq_dtype=torch.float32), id="state-dtypes-float32"),
 ]
 
 

@@ -186,8 +186,9 @@ class Recipe:
 
 
 def _magma(name: str, base: str, mask: str, description: str, color: str, baseline: bool,
-           paper_name: str | None = None) -> Recipe:
+           paper_name: str | None = None, state: Mapping[str, str] | None = None) -> Recipe:
     options = {"base": base, "mask": mask, "keep_prob": KEEP_PROB} | ({"tau": TAU} if mask == "magma" else {})
+    options |= state or {}  # state_dtype, state_rounding: see optimizers.build_magma
     return Recipe(name, GRID, description, "magma", options, color, fused="magma_ext", baseline=baseline,
                   paper_name=paper_name)
 
@@ -213,6 +214,16 @@ OPTIMIZERS: dict[str, Recipe] = {r.name: r for r in (
     _magma("Magma-LaProp", "laprop", "magma",
            f'magma_ext.Magma(base="laprop", mask="magma", keep_prob={KEEP_PROB}, tau={TAU:g})', "tab:pink",
            baseline=False, paper_name="LaProp+Magma"),
+    _magma("Magma-Adam-bf16", "adam", "magma",
+           f'magma_ext.Magma(base="adam", mask="magma", keep_prob={KEEP_PROB}, tau={TAU:g}, '
+           "exp_avg_dtype=torch.bfloat16, exp_avg_sq_dtype=torch.bfloat16): moments stored in bfloat16, "
+           "rounded stochastically (issue 31)", "tab:olive", baseline=False, state={"state_dtype": "bfloat16"}),
+    _magma("Magma-Adam-bf16-nearest", "adam", "magma",
+           "Magma-Adam whose float32 moments are rounded to the nearest bfloat16 after every step: what "
+           "bfloat16 state rounded to nearest carries from step to step (this study's emulation, not a "
+           "magma_ext option; the step itself reads its moments before that rounding), to show what "
+           "stochastic rounding buys", "tab:cyan", baseline=False,
+           state={"state_dtype": "bfloat16", "state_rounding": "nearest"}),
     _magma("SkipUpdate", "rmsprop", "skip",
            f'magma_ext.Magma(base="rmsprop", mask="skip", keep_prob={KEEP_PROB}): SkipUpdate(RMSProp), '
            "kept blocks scaled by 1/keep_prob", "tab:brown", baseline=True),
@@ -251,17 +262,21 @@ class Tier:
 
 TIER_1 = ("AdamW", "Magma-Adam", "RMSProp", "Magma-RMSProp")
 TIER_2 = ("LaProp", "Magma-LaProp", "SkipUpdate", "Muon")
+TIER_4 = ("Magma-Adam-bf16", "Magma-Adam-bf16-nearest")
 TIERS = (
     Tier(1, "S", TIER_1, seeds=(0,), best_lr_seeds=(1, 2),
          note="the paper's four over the grid, seed 0; then seeds 1 and 2 at each one's best lr"),
     Tier(2, "S", TIER_2, seeds=(0,), best_lr_seeds=(1, 2), note="LaProp, its Magma, SkipUpdate and Muon, the same way"),
     Tier(3, "M", TIER_1, seeds=(0,), transfer_from="S", transfer_offsets=(0, 1),
          note="tier 1's four at their S-best lr and the next grid point above, seed 0"),
+    Tier(4, "S", TIER_4, seeds=(0,), best_lr_seeds=(1, 2),
+         note="Magma-Adam with bfloat16 moments, rounded stochastically and to nearest, as tier 1 (issue 31)"),
 )
 QUICK_TIERS = (  # the smoke test's: one extra seed at the best lr instead of two
     Tier(1, "S", TIER_1, seeds=(0,), best_lr_seeds=(1,), note=TIERS[0].note.replace("1 and 2", "1")),
     Tier(2, "S", TIER_2, seeds=(0,), best_lr_seeds=(1,), note=TIERS[1].note),
     TIERS[2],
+    Tier(4, "S", TIER_4, seeds=(0,), best_lr_seeds=(1,), note=TIERS[3].note),
 )
 
 
@@ -329,7 +344,9 @@ DESIGN = (
     "per parameter, with 2e-2 and 5e-2 added to the grid for the robustness claim. Tier 1 (S): AdamW, "
     "Magma-Adam, RMSProp and Magma-RMSProp over the grid with seed 0, then seeds 1 and 2 at each "
     "one's best lr. Tier 2 (S): LaProp, Magma-LaProp, SkipUpdate and Muon the same way. Tier 3 (M): "
-    "tier 1's four at their S-best lr and the next grid point above, seed 0. The best learning rate "
+    "tier 1's four at their S-best lr and the next grid point above, seed 0. Tier 4 (S, issue 31): "
+    "Magma-Adam with its moments stored in bfloat16, rounded stochastically (Magma-Adam-bf16) and, to "
+    "show what that buys, to nearest (Magma-Adam-bf16-nearest), as tier 1. The best learning rate "
     "of a cell minimises the mean final validation perplexity over the seeds that every learning "
     "rate of the cell ran; the extra seeds at it favour it slightly, as seed 0 picked it{shard_note}.")
 

@@ -84,11 +84,33 @@ def build_adamw(model, lr, seed, device, weight_decay):
     return torch.optim.AdamW(decay_groups(model, weight_decay), lr=lr, betas=BETAS, fused=_torch_fused(device))
 
 
+def round_moments_to_nearest_bfloat16(optimizer: torch.optim.Optimizer, args, kwargs) -> None:
+    """Step post-hook: every float32 moment rounded to the nearest bfloat16, in place."""
+    moments = [state[key] for state in optimizer.state.values() for key in ("exp_avg", "exp_avg_sq")
+               if key in state]
+    if moments:
+        with torch.no_grad():
+            torch._foreach_copy_(moments, [m.to(torch.bfloat16) for m in moments])
+
+
 def build_magma(model, lr, seed, device, weight_decay, *, base: str, mask: str, keep_prob: float,
-                tau: float | None = None):
+                tau: float | None = None, state_dtype: str = "float32", state_rounding: str = "stochastic"):
+    """Magma over ``param_groups(model)``. ``state_dtype`` "bfloat16" stores the moments in
+    bfloat16 (Magma's stochastic rounding); with ``state_rounding`` "nearest" they stay float32
+    and are rounded to the nearest bfloat16 after every step instead (the study's emulation of
+    round-to-nearest bfloat16 state: the moments carried between steps are exactly that state's,
+    but each step's update reads them before the rounding)."""
     extra = {} if tau is None else {"tau": tau}  # masks other than "magma" compute no score
-    return Magma(param_groups(model, weight_decay=weight_decay), lr=lr, betas=BETAS, base=base,
-                 mask=mask, keep_prob=keep_prob, seed=seed, fused=magma_fused_flag(device), **extra)
+    if state_dtype not in ("float32", "bfloat16") or state_rounding not in ("stochastic", "nearest"):
+        raise ValueError(f"state_dtype {state_dtype!r} / state_rounding {state_rounding!r}: expected "
+                         "'float32' or 'bfloat16' / 'stochastic' or 'nearest'")
+    if state_dtype == "bfloat16" and state_rounding == "stochastic":
+        extra |= {"exp_avg_dtype": torch.bfloat16, "exp_avg_sq_dtype": torch.bfloat16}
+    optimizer = Magma(param_groups(model, weight_decay=weight_decay), lr=lr, betas=BETAS, base=base,
+                      mask=mask, keep_prob=keep_prob, seed=seed, fused=magma_fused_flag(device), **extra)
+    if state_dtype == "bfloat16" and state_rounding == "nearest":
+        optimizer.register_step_post_hook(round_moments_to_nearest_bfloat16)
+    return optimizer
 
 
 def build_muon(model, lr, seed, device, weight_decay, *, adamw_lr_ratio: float):

@@ -28,7 +28,7 @@ import torch
 
 from . import data as data_lib
 from .model import LlamaConfig
-from .train import ADAMW_LR, BETAS, MAGMA_LR, adamw_factory, magma_factory, train
+from .train import ADAMW_LR, BETAS, MAGMA_LR, TRAIN_LOSS_WINDOW, adamw_factory, magma_factory, timed_steps, train
 
 _THREAD_ENV_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
 
@@ -79,13 +79,28 @@ def configure_threads(device: torch.device) -> None:
         torch.set_num_threads(max(1, cores or 1))
 
 
+def table_columns(steps: int) -> list[str]:
+    """The headers of :func:`format_table` for runs of ``steps`` steps: each says what it measures."""
+    window = min(TRAIN_LOSS_WINDOW, steps)
+    timed = timed_steps(steps)
+    over = f"steps {timed[0]}-{timed[-1]}" if len(timed) > 1 else f"step {timed[0]}"
+    return ["optimizer", "peak lr",
+            f"train loss, mean of last {window} step{'s' if window > 1 else ''}",
+            f"val loss, at step {steps}", "val perplexity per byte",
+            f"ms/step, mean of {over}", f"tokens/s, mean of {over}"]
+
+
 def format_table(results: dict[str, dict]) -> str:
-    """The final comparison as a Markdown table; ``peak_lr`` of each run is its peak learning rate."""
-    header = "| optimizer | peak lr | final train loss | final val loss | val perplexity | ms/step |"
-    rows = [header, "|---|---:|---:|---:|---:|---:|"]
+    """The final comparison as a Markdown table; ``peak_lr`` of each run is its peak learning rate.
+
+    Times are of training steps only (forward, backward, optimizer step), evaluations excluded;
+    the headers name the steps each number is over.
+    """
+    steps = len(next(iter(results.values()))["train_loss"])
+    rows = ["| " + " | ".join(table_columns(steps)) + " |", "|---|" + "---:|" * 6]
     for name, r in results.items():
         rows.append(f"| {name} | {r['peak_lr']:g} | {r['final_train_loss']:.4f} | {r['final_val_loss']:.4f} "
-                    f"| {r['final_val_ppl']:.3f} | {r['ms_per_step']:.1f} |")
+                    f"| {r['final_val_ppl']:.3f} | {r['ms_per_step']:.1f} | {r['tokens_per_s']:,.0f} |")
     return "\n".join(rows)
 
 
@@ -164,7 +179,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
     print(format_table(results))
     for name, r in results.items():
         memory = f", peak CUDA memory {r['peak_mem_bytes'] / 2**20:,.0f} MiB" if r["peak_mem_bytes"] else ""
-        print(f"{name}: {r['wall_s']:.1f} s wall, {r['tokens_per_s']:,.0f} tokens/s{memory}")
+        print(f"{name}: {r['wall_s']:.1f} s wall for the whole run, evaluations included{memory}")
     title = (f"Llama {args.dim}d x {args.layers}L, {args.steps} steps x {args.batch_size}x{args.seq_len} "
              f"bytes, peak lr AdamW {args.adamw_lr:g} / Magma {args.magma_lr:g}, {device.type}")
     png_path, json_path = out_dir / "loss_curves.png", out_dir / "curves.json"

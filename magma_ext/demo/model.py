@@ -83,12 +83,13 @@ class Attention(nn.Module):
         self.wo = nn.Linear(cfg.dim, cfg.dim, bias=False)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        batch, seq, dim = x.shape
-        q, k, v = (w(x).view(batch, seq, self.n_heads, self.head_dim).transpose(1, 2)
+        batch, seq, _ = x.shape
+        # heads counted from the projection (-1): a tensor-parallel rank holds some of them
+        q, k, v = (w(x).view(batch, seq, -1, self.head_dim).transpose(1, 2)
                    for w in (self.wq, self.wk, self.wv))
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        return self.wo(out.transpose(1, 2).reshape(batch, seq, dim))
+        return self.wo(out.transpose(1, 2).reshape(batch, seq, -1))
 
 
 class SwiGLU(nn.Module):

@@ -58,6 +58,21 @@ def magma_factory(lr: float = MAGMA_LR, weight_decay: float = 0.1, **magma_kwarg
     return make
 
 
+# final_train_loss is the mean train loss of this many last steps.
+TRAIN_LOSS_WINDOW = 10
+
+
+def timed_steps(steps: int) -> range:
+    """The steps (1-based) that ms_per_step and tokens/s average: all but the first (which
+    also pays for lazy initialisation), or the only one."""
+    return range(2 if steps > 1 else 1, steps + 1)
+
+
+def _mean_step_seconds(step_times: list[float]) -> float:
+    timed = step_times[timed_steps(len(step_times))[0] - 1:]
+    return sum(timed) / len(timed)
+
+
 def lr_multiplier(step: int, total_steps: int, warmup_steps: int, min_ratio: float = 0.1) -> float:
     """Linear warmup to 1 over ``warmup_steps``, then cosine decay to ``min_ratio`` at the end."""
     if step < warmup_steps:
@@ -103,10 +118,11 @@ def train(model_cfg: LlamaConfig, optimizer_factory: OptimizerFactory,
 
     Returns a dict with ``train_loss`` ([step, loss] per step), ``val_loss`` ([step, loss]
     at step 0, every ``eval_every`` steps and the last step), ``final_train_loss`` (mean of
-    the last 10 steps, as one step is noisy), ``final_val_loss``, ``final_val_ppl`` (per
-    byte), ``ms_per_step`` (mean over steps after the first, evaluation excluded),
-    ``tokens_per_s``, ``wall_s`` (the whole call) and ``peak_mem_bytes`` (CUDA only, else
-    None).
+    the last :data:`TRAIN_LOSS_WINDOW` steps, as one step is noisy), ``final_val_loss``,
+    ``final_val_ppl`` (per byte), ``ms_per_step`` and ``tokens_per_s`` (over the steps
+    :func:`timed_steps` names, evaluation excluded), ``wall_s`` (the whole call) and
+    ``peak_mem_bytes`` (CUDA only, else None). The progress lines show the same tokens/s,
+    over the steps so far, so that the last one agrees with ``tokens_per_s``.
     """
     if steps < 1:
         raise ValueError(f"steps must be at least 1, got {steps}")
@@ -150,11 +166,10 @@ def train(model_cfg: LlamaConfig, optimizer_factory: OptimizerFactory,
             val_curve.append([step, evaluate(model, val_set, autocast)])
         if progress:
             _print_progress(name, step, steps, loss_value, val_curve[-1][1],
-                            tokens_per_step / step_times[-1], evaluated)
+                            tokens_per_step / _mean_step_seconds(step_times), evaluated)
 
-    timed = step_times[1:] or step_times
-    ms_per_step = 1000.0 * sum(timed) / len(timed)
-    last = [loss for _, loss in train_curve[-10:]]
+    ms_per_step = 1000.0 * _mean_step_seconds(step_times)
+    last = [loss for _, loss in train_curve[-TRAIN_LOSS_WINDOW:]]
     final_val = val_curve[-1][1]
     return {
         "name": name,
@@ -174,9 +189,10 @@ def train(model_cfg: LlamaConfig, optimizer_factory: OptimizerFactory,
 def _print_progress(name: str, step: int, steps: int, loss: float, val_loss: float,
                     tokens_per_s: float, evaluated: bool) -> None:
     """One progress line, rewritten in place on a terminal and kept after each evaluation;
-    when stdout is not a terminal (a log file), only the lines after evaluations."""
+    when stdout is not a terminal (a log file), only the lines after evaluations. ``loss`` is
+    this step's, ``val_loss`` the last evaluation's, ``tokens_per_s`` the mean so far."""
     line = (f"[{name}] step {step:>{len(str(steps))}}/{steps}  loss {loss:.4f}  "
-            f"val {val_loss:.4f}  {tokens_per_s:,.0f} tok/s")
+            f"val {val_loss:.4f}  {tokens_per_s:,.0f} tok/s (mean so far)")
     if sys.stdout.isatty():
         print("\r" + line.ljust(79), end="\n" if evaluated else "", flush=True)
     elif evaluated:
