@@ -13,6 +13,13 @@
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 export MAX_JOBS=16 TORCH_CUDA_ARCH_LIST=9.0 PYTHONUNBUFFERED=1
 mkdir -p "${OUT:-/tmp/out}/logs"
+# for the scripts that source this: where logs go, today's date and the GPU's name for their
+# file names, and `note $?`, which keeps the first failure's exit status in $status
+logs="${OUT:-/tmp/out}/logs"
+day=$(date -u +%Y-%m-%d)
+gpu_tag=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1 | tr -dc 'A-Za-z0-9' | tr 'A-Z' 'a-z')
+status=0
+note() { [ "$1" = 0 ] || { [ "$status" = 0 ] && status=$1; }; }
 if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     || return 1

@@ -18,7 +18,8 @@ implementation. (``examples/megatron_gpt.py`` is the short example of the same i
 
 What it does, per run (``--optimizer both``: Adam first, then Magma, in one process;
 ``--param-gather both`` adds a third run, "Magma+sparse"; ``--magma-first`` puts the Magma
-runs before Adam):
+runs before Adam; ``--rounds N`` repeats them N times, the order reversed every other round,
+and reports medians over the rounds with each round's ratios):
 
 - builds a ``GPTModel`` (learned positions, LayerNorm, GELU MLP, untied output layer, no
   dropout) over a 256-byte vocabulary, initialised on the CPU from ``--seed`` (so identically
@@ -84,7 +85,7 @@ from megatron.core import parallel_state, tensor_parallel  # noqa: E402
 from megatron.core.distributed import DistributedDataParallel, finalize_model_grads  # noqa: E402
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler  # noqa: E402
 from megatron.core.pipeline_parallel import get_forward_backward_func  # noqa: E402
-from megatron_bench_cli import LABELS, is_magma, parse_args, run_names  # noqa: E402
+from megatron_bench_cli import LABELS, is_magma, parse_args, run_order  # noqa: E402
 from megatron_bench_optimizers import build_optimizer, build_scheduler, describe_optimizer, inner_class_name  # noqa: E402
 from megatron_bench_report import (  # noqa: E402
     LOSS_WINDOW,
@@ -92,6 +93,8 @@ from megatron_bench_report import (  # noqa: E402
     describe_setup,
     format_table,
     markdown_report,
+    median_over_rounds,
+    rounds_table,
     write_layout,
 )
 from megatron_bench_timing import EventTimer, median_after_warmup, time_inner_steps, time_param_syncs  # noqa: E402
@@ -327,22 +330,26 @@ def main(argv: list[str] | None = None) -> list[RunResult]:
     train_data, _ = load_corpus()
     print0(ctx, f"data: {len(train_data):,} training bytes of the demo corpus; tp {ctx.tp}, dp {ctx.dp}, "
                 f"{args.dtype}, distributed optimizer {'on' if args.distributed_optimizer else 'off'}")
-    names = run_names(args)
-
-    results, initial_state = [], None
-    for name in names:
-        result, initial_state = train_one(name, args, ctx, train_data, initial_state)
-        results.append(result)
+    rounds, initial_state = [], None
+    for order in run_order(args):
+        rounds.append([])
+        for name in order:
+            result, initial_state = train_one(name, args, ctx, train_data, initial_state)
+            rounds[-1].append(result)
+    results = median_over_rounds(rounds)
 
     if ctx.rank == 0:
         print()
         print("\n".join(describe_setup(args, results)))
         print()
         print(format_table(results), flush=True)
+        if len(rounds) > 1:
+            print()
+            print(rounds_table(rounds), flush=True)
         if args.table:
             device = f"{ctx.world} x {torch.cuda.get_device_name()}"
             versions = f"torch {torch.__version__}; megatron-core {megatron.core.__version__}"
-            Path(args.table).write_text(markdown_report(args, results, device, versions))
+            Path(args.table).write_text(markdown_report(args, results, device, versions, rounds))
             print(f"wrote {args.table}", flush=True)
         if args.layout_json:
             write_layout(args.layout_json, results)

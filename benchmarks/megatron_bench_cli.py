@@ -61,7 +61,13 @@ def parse_args(argv: list[str] | None = None, description: str | None = None) ->
     p.add_argument("--keep-prob", type=float, default=0.5, help="Magma: probability of keeping a block")
     p.add_argument("--block", type=parse_block, default="tensor", help="Magma: tensor, row or N elements")
     p.add_argument("--seed", type=int, default=1234, help="weights, data order and Magma's masks")
+    p.add_argument("--init", choices=("cpu", "gpu"), default="cpu",
+                   help="where the weights are initialised: cpu (the same on every rank and TP size) or gpu "
+                        "(faster; every run of the process starts from the first run's weights either way)")
     p.add_argument("--steps", type=int, default=100, help="training iterations per optimizer")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="run every optimizer this many times, the order reversed every other round; the table gives "
+                        "the medians over rounds and each round's ratios")
     p.add_argument("--warmup-steps", type=int, default=10, help="first iterations left out of the timings")
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--hidden", type=int, default=512)
@@ -84,7 +90,7 @@ def parse_args(argv: list[str] | None = None, description: str | None = None) ->
     if args.dp != world // args.tp:
         p.error(f"--dp {args.dp} does not match the world size: {world} ranks / --tp {args.tp} "
                 f"= {world // args.tp} data-parallel ranks (pipeline parallelism is 1 here)")
-    for name in ("steps", "layers", "hidden", "heads", "seq_len", "micro_batch", "log_every"):
+    for name in ("steps", "rounds", "layers", "hidden", "heads", "seq_len", "micro_batch", "log_every"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
     if not 0 <= args.warmup_steps < args.steps:
@@ -106,6 +112,8 @@ def parse_args(argv: list[str] | None = None, description: str | None = None) ->
         p.error(f"--param-gather {args.param_gather} needs a Magma run (--optimizer magma or both)")
     if args.overlap_param_gather and not args.distributed_optimizer:
         p.error("--overlap-param-gather needs --distributed-optimizer (without it there is no parameter all-gather)")
+    if args.init == "gpu" and world > 1:
+        p.error("--init gpu draws other weights on every rank and TP size: use it on one GPU")
     if args.layout_json and args.param_gather == "dense":
         p.error("--layout-json records the sparse gather's layout: it needs --param-gather sparse or both")
     return args
@@ -118,6 +126,13 @@ def run_names(args: argparse.Namespace) -> list[str]:
     magma = [] if args.optimizer == "adam" else {
         "dense": ["magma"], "sparse": ["magma+sparse"], "both": ["magma", "magma+sparse"]}[args.param_gather]
     return magma + adam if args.magma_first else adam + magma
+
+
+def run_order(args: argparse.Namespace) -> list[list[str]]:
+    """Each round's runs: :func:`run_names`, reversed in every other round (so that a drift of the
+    machine over the process, warming up or throttling, does not favour one optimizer)."""
+    names = run_names(args)
+    return [names if r % 2 == 0 else names[::-1] for r in range(args.rounds)]
 
 
 def is_magma(name: str) -> bool:

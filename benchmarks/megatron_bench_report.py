@@ -8,8 +8,9 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
+import statistics
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -38,6 +39,44 @@ class RunResult:
     dense_bytes: float | None  # the same for a dense all-gather (None: nothing reported, see summarize)
     layout: dict | None = None  # sparse_gather_record.record_of_optimizer, kept for --layout-json
 
+
+
+TIMED = ("final_loss", "tokens_per_s", "iteration_ms", "wrapper_step_ms", "inner_step_ms", "param_sync_ms",
+         "sync_bytes", "dense_bytes")  # the figures a round measures; over rounds, their medians
+
+
+def median_over_rounds(rounds: list[list[RunResult]]) -> list[RunResult]:
+    """One result per run name (in the first round's order): the median of each figure of
+    :data:`TIMED` over the rounds that have it, the most skipped steps of any round, the first
+    recorded layout."""
+    by_name: dict[str, list[RunResult]] = {}
+    for results in rounds:
+        for r in results:
+            by_name.setdefault(r.name, []).append(r)
+    combined = []
+    for name, runs in by_name.items():
+        figures = {}
+        for field in TIMED:
+            values = [getattr(r, field) for r in runs if getattr(r, field) is not None]
+            figures[field] = statistics.median(values) if values else None
+        layout = next((r.layout for r in runs if r.layout is not None), None)
+        combined.append(replace(runs[0], **figures, skipped_steps=max(r.skipped_steps for r in runs), layout=layout))
+    return combined
+
+
+def rounds_table(rounds: list[list[RunResult]]) -> str:
+    """Each round's order and, per Magma run, its tokens/s and inner step over that round's Adam."""
+    magma = [r.name for r in rounds[0] if r.name != "adam"]
+    head = "| round | order | " + " | ".join(f"{LABELS[n]} tokens/s vs Adam | {LABELS[n]} inner step vs Adam"
+                                            for n in magma) + " |"
+    lines = [head, "|---|---|" + "---:|" * (2 * len(magma))]
+    for k, results in enumerate(rounds, start=1):
+        by_name = {r.name: r for r in results}
+        adam = by_name.get("adam")
+        cells = [f"{_ratio(by_name[n].tokens_per_s, adam and adam.tokens_per_s)} | "
+                 f"{_ratio(by_name[n].inner_step_ms, adam and adam.inner_step_ms)}" for n in magma]
+        lines.append(f"| {k} | {', '.join(LABELS[r.name] for r in results)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def _ratio(value: float | None, base: float | None) -> str:
@@ -97,7 +136,8 @@ def describe_setup(args: argparse.Namespace, results: list[RunResult]) -> list[s
     skipped = ", ".join(f"{LABELS[r.name]} {r.skipped_steps}" for r in results)
     return [
         f"- model: GPTModel (local spec), {args.layers} layers, hidden {args.hidden}, {args.heads} heads, "
-        f"vocab {VOCAB_SIZE}, seq {args.seq_len}: {total:,} parameters ({per_rank:,} on rank 0); {args.dtype}",
+        f"vocab {VOCAB_SIZE}, seq {args.seq_len}: {total:,} parameters ({per_rank:,} on rank 0); {args.dtype}; "
+        f"initialised on the {getattr(args, 'init', 'cpu').upper()}",
         f"- parallelism: tp {args.tp}, dp {args.dp}, sequence parallel {'on' if args.tp > 1 else 'off'}, "
         f"distributed optimizer {'on' if args.distributed_optimizer else 'off'} (wrapper {wrapper})"
         + (f", parameter gather {args.param_gather}" if args.distributed_optimizer else "")
@@ -105,16 +145,21 @@ def describe_setup(args: argparse.Namespace, results: list[RunResult]) -> list[s
         f"- Magma: keep_prob {args.keep_prob:g}, block {args.block}, seed {args.seed}, lr {args.magma_lr:g}; "
         f"Adam: lr {args.lr:g}; both: betas (0.9, 0.95), weight decay 0.1, clip 1.0, "
         f"warm-up {int(0.1 * args.steps)} steps then cosine to lr/10",
-        f"- {args.steps} steps of {args.dp} x {args.micro_batch} x {args.seq_len} tokens; timings: medians of "
+        f"- {args.steps} steps of {args.dp} x {args.micro_batch} x {args.seq_len} tokens"
+        + (f", {args.rounds} rounds (every run per round, the order reversed every other round; figures: medians "
+           "over the rounds)" if getattr(args, "rounds", 1) > 1 else "")
+        + f"; timings: medians of "
         f"rank 0 over steps {args.warmup_steps + 1}-{args.steps} (sync bytes: rank 0's mean over those "
         f"steps); final loss: mean of the last "
         f"{min(LOSS_WINDOW, args.steps)} steps over DP ranks; skipped (overflow) steps: {skipped}",
     ]
 
 
-def markdown_report(args: argparse.Namespace, results: list[RunResult], device: str, versions: str) -> str:
+def markdown_report(args: argparse.Namespace, results: list[RunResult], device: str, versions: str,
+                    rounds: list[list[RunResult]] | None = None) -> str:
     """The Markdown page of ``--table``: ``device`` (e.g. "2 x NVIDIA H200") and ``versions`` (of
-    torch and megatron-core) head it, with the date and the command that ran."""
+    torch and megatron-core) head it, with the date and the command that ran; with several
+    ``rounds`` (``results`` then their medians), each round's ratios follow the table."""
     world = args.tp * args.dp
     command = f"torchrun --nproc-per-node {world} " + shlex.join(sys.argv)
     lines = [
@@ -132,6 +177,8 @@ def markdown_report(args: argparse.Namespace, results: list[RunResult], device: 
         "with the distributed optimizer, the parameter all-gather). Inner step: around the inner "
         "optimizer's own `step()`. tokens/s: global tokens per iteration / median iteration.",
     ]
+    if rounds is not None and len(rounds) > 1:
+        lines[-1:-1] = ["Per round:", "", rounds_table(rounds), ""]
     if any(r.param_sync_ms is not None for r in results):
         lines[-1] += (
             " Param sync: around each distributed-optimizer part's `start_param_sync_for_bucket_group_subset()`, "

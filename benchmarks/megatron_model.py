@@ -21,7 +21,7 @@ from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.module import Float16Module
-from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
+from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 from megatron_bench_cli import VOCAB_SIZE
 
 
@@ -34,12 +34,15 @@ class SequenceParallelLayerNorm(torch.nn.LayerNorm):
             param.sequence_parallel = config.sequence_parallel
 
 
-def block_spec(num_layers: int) -> TransformerBlockSubmodules:
-    """``num_layers`` layers of the local spec, and the final norm, with sequence-parallel norms."""
-    layer = get_gpt_layer_local_spec()
+def block_spec(config, vp_stage: int | None = None) -> TransformerBlockSubmodules:
+    """The layers of the local spec this pipeline stage (virtual stage ``vp_stage``) builds, and the
+    final norm, with sequence-parallel norms; MoE layers of ``SequentialMLP`` experts where
+    ``config.num_moe_experts`` is set."""
+    layer = get_gpt_layer_local_spec(num_experts=config.num_moe_experts, moe_grouped_gemm=False)
     layer.submodules.input_layernorm = SequenceParallelLayerNorm
     layer.submodules.pre_mlp_layernorm = SequenceParallelLayerNorm
-    return TransformerBlockSubmodules(layer_specs=[layer] * num_layers, layer_norm=SequenceParallelLayerNorm)
+    layers = get_num_layers_to_build(config, vp_stage=vp_stage)
+    return TransformerBlockSubmodules(layer_specs=[layer] * layers, layer_norm=SequenceParallelLayerNorm)
 
 
 def model_dtype(args: argparse.Namespace) -> torch.dtype:
@@ -58,7 +61,9 @@ def build_transformer_config(args: argparse.Namespace, ctx) -> TransformerConfig
         pipeline_model_parallel_size=1,
         sequence_parallel=ctx.sequence_parallel,
         transformer_impl="local",
-        use_cpu_initialization=True,  # same weights on every rank and for any TP size
+        # cpu: the same weights on every rank and for any TP size; gpu: faster (one GPU: the
+        # same weights for every run of the process, from the reseeded CUDA generator)
+        use_cpu_initialization=args.init == "cpu",
         bf16=args.dtype == "bf16",
         fp16=args.dtype == "fp16",
         params_dtype=dtype,
@@ -75,9 +80,10 @@ def seed_everything(seed: int) -> None:
 
 
 def build_model(config: TransformerConfig, args: argparse.Namespace) -> Float16Module:
-    """GPTModel from the local spec on the GPU, cast to bf16/fp16 as Megatron's get_model does."""
+    """GPTModel from the local spec on the GPU (initialised on the CPU or the GPU, ``--init``), cast to
+    bf16/fp16 as Megatron's get_model does."""
     seed_everything(args.seed)
-    model = GPTModel(config=config, transformer_layer_spec=block_spec(args.layers),
+    model = GPTModel(config=config, transformer_layer_spec=block_spec(config),
                      vocab_size=VOCAB_SIZE, max_sequence_length=args.seq_len)
     for param in model.parameters():
         tensor_parallel.set_defaults_if_not_set_tensor_model_parallel_attributes(param)

@@ -15,11 +15,7 @@
 # first failure's.
 
 source benchmarks/device_setup.sh || exit 1
-tag="${1:-$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | tr -dc 'A-Za-z0-9' | tr 'A-Z' 'a-z')}"
-day=$(date -u +%Y-%m-%d)
-logs="${OUT:-/tmp/out}/logs"
-status=0
-note() { [ "$1" = 0 ] || { [ "$status" = 0 ] && status=$1; }; }
+tag="${1:-$gpu_tag}"
 
 python3 -m pytest tests/test_sparse_gather_gpu.py tests/test_megatron_sparse_gather_gpu.py -q -s -p no:cacheprovider \
   > "$logs/sparse_gather_gpu_tests_${tag}_${day}.log" 2>&1

@@ -26,6 +26,8 @@ REFUSED = [  # (arguments, world size, what the usage error names)
     (["--keep-prob", "1.5"], 2, "--keep-prob 1.5"),
     (["--block", "0"], 2, "--block"),
     (["--adam-impl", "slow"], 2, "--adam-impl"),
+    (["--rounds", "0"], 2, "--rounds must be at least 1"),
+    (["--init", "gpu"], 2, "--init gpu draws other weights"),
 ]
 
 
@@ -95,3 +97,21 @@ def test_the_layout_written_is_the_sparse_runs(tmp_path, capsys):
     assert not path.exists() and "not written" in capsys.readouterr().out
     write_layout(str(path), [result("magma", layout={"from": "dense"}), result("magma+sparse", layout={"from": "sparse"})])
     assert path.read_text() == '{"from": "sparse"}'
+
+
+def test_rounds_alternate_their_order_and_report_medians(monkeypatch):
+    from megatron_bench_cli import run_order
+    from megatron_bench_report import median_over_rounds, rounds_table
+
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert run_order(parse_args(["--rounds", "3"])) == [["adam", "magma"], ["magma", "adam"], ["adam", "magma"]]
+    rounds = [[result("adam", inner_step_ms=10.0), result("magma", inner_step_ms=8.0, tokens_per_s=1010.0)],
+              [result("magma", inner_step_ms=9.0, tokens_per_s=990.0, skipped_steps=2), result("adam", inner_step_ms=11.0)],
+              [result("adam", inner_step_ms=12.0), result("magma", inner_step_ms=7.0, tokens_per_s=1000.0)]]
+    adam, magma = median_over_rounds(rounds)
+    assert (adam.name, adam.inner_step_ms, magma.inner_step_ms) == ("adam", 11.0, 8.0)
+    assert (magma.tokens_per_s, magma.skipped_steps, magma.sync_bytes) == (1000.0, 2, None)
+    rows = rounds_table(rounds).splitlines()
+    assert rows[3] == "| 2 | Magma, Adam | 0.990 | 0.818 |"
+    page = markdown_report(parse_args(["--rounds", "3"]), [adam, magma], "1 x GPU", "v", rounds)
+    assert "3 rounds" in page and rounds_table(rounds) in page

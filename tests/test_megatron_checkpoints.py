@@ -4,6 +4,7 @@ per-shard state never carries the score, nor takes a step from the loading templ
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 import megatron_cases as cases
@@ -71,3 +72,72 @@ def test_shard_state_leaves_out_the_score_and_keeps_the_live_step():
     wrapper._set_main_param_and_optimizer_states(  # fully_reshardable: no step at all
         model_param, {"param": torch.ones(12), "exp_avg": torch.zeros(12), "exp_avg_sq": torch.zeros(12)})
     assert state["step"].item() == 1 and "magma_score" in state and torch.equal(main.detach(), torch.ones(12))
+
+
+def _named_wrapper(names, block="row"):
+    """A CarriesMagmaScores wrapper over whole tensors numbered by name, as the Megatron factory
+    numbers them, stepped four times."""
+    from magma_ext import declare_piece, name_index
+    from magma_ext.megatron.scores import CarriesMagmaScores
+
+    class Wrapped(CarriesMagmaScores, cases.FakeFloat16Wrapper):
+        pass
+
+    params = [torch.nn.Parameter(t.clone()) for t in cases.logical_params()[:len(names)]]
+    for p, name in zip(params, names):
+        declare_piece(p, index=name_index(name), offset=0, shape=tuple(p.shape))
+    wrapper = Wrapped(Magma(params, block=block, **cases.OPTIONS))
+    for step in range(4):
+        for p, g in zip(params, cases.logical_grads(step)):
+            p.grad = g
+        wrapper.optimizer.step()
+    return params, wrapper
+
+
+NAMES = ["embedding.word_embeddings.weight", "decoder.layers.0.mlp.linear_fc1.weight",
+         "decoder.layers.0.mlp.linear_fc2.weight"]
+
+
+def test_scores_of_older_checkpoints_keyed_by_position_load_under_names():
+    from magma_ext import name_index
+    from magma_ext.megatron.scores import POSITIONS_UNKNOWN, SCORES_KEY
+
+    params, wrapper = _named_wrapper(NAMES)
+    saved = wrapper.state_dict()
+    assert sorted(saved[SCORES_KEY]) == sorted(name_index(n) for n in NAMES)
+    positional = {**saved, SCORES_KEY: {k: saved[SCORES_KEY][name_index(n)] for k, n in enumerate(NAMES)}}
+
+    fresh_params, fresh = _named_wrapper(NAMES)
+    for p in fresh_params:
+        fresh.optimizer.state[p]["magma_score"].fill_(0.5)
+    fresh.legacy_tensor_indices = [name_index(n) for n in NAMES]
+    fresh.load_state_dict(positional)
+    for a, b in zip(params, fresh_params):
+        assert torch.equal(wrapper.optimizer.state[a]["magma_score"], fresh.optimizer.state[b]["magma_score"])
+
+    refused_params, refused = _named_wrapper(NAMES)
+    before = [refused.optimizer.state[p]["exp_avg"].clone() for p in refused_params]
+    refused.legacy_refusal = POSITIONS_UNKNOWN
+    with pytest.raises(ValueError, match="keyed by parameter positions"):
+        refused.load_state_dict(positional)
+    assert all(torch.equal(b, refused.optimizer.state[p]["exp_avg"]) for b, p in zip(before, refused_params)), \
+        "a refused checkpoint changed the state"
+    refused.load_state_dict(saved)  # the same checkpoint keyed by names loads there
+
+
+@pytest.mark.parametrize("saved, positions, refusal, expected", [
+    ({2**40: "a"}, None, "no", {2**40: "a"}),  # keyed by names: nothing to map
+    ({0: "a", 1: "b"}, None, None, {0: "a", 1: "b"}),  # an optimizer that numbers by position itself
+    ({0: "a", 1: "b", 2**40: "c"}, [2**33, 2**34], None, {2**33: "a", 2**34: "b", 2**40: "c"}),
+])
+def test_positional_keys_map_by_the_positions_given(saved, positions, refusal, expected):
+    from magma_ext.megatron.scores import keyed_by_names
+
+    assert keyed_by_names(saved, positions, refusal) == expected
+
+
+def test_positions_past_the_model_are_refused():
+    from magma_ext.megatron.scores import keyed_by_names
+
+    with pytest.raises(ValueError, match="position 5, but the model has 2 parameters"):
+        keyed_by_names({5: "a"}, [2**33, 2**34])

@@ -3,7 +3,7 @@ megatron-core GPTModel (DP=2, distributed optimizer) per block option and keep_p
 route the layout picks, and at keep_prob 0.5 with each route forced and under
 overlap_param_gather, checking after every step (overlapped: after the next forward, which runs
 the step's gathers) that every rank's buckets hold, bit for bit, what a dense all-gather of the
-shards gives. Needs megatron-core (>= 0.17) and 2 GPUs."""
+shards gives. Needs megatron-core (>= 0.19) and 2 GPUs."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from functools import partial
 import pytest
 import torch
 
-pytest.importorskip("megatron.core")
+pytest.importorskip("megatron.core", minversion="0.19")  # magma_ext.megatron builds on 0.19
 if torch.cuda.device_count() < 2:
     pytest.skip("needs 2 GPUs", allow_module_level=True)
 

@@ -46,9 +46,11 @@ class Bucket:
     tensors: list[BucketTensor]
 
 
-def buckets_of_chunks(model_chunks, indices: dict, slices: dict, group_of: dict, blocks: list):
-    """The :class:`Bucket` of every bucket of Megatron's DDP ``model_chunks`` (their dense
-    ``bucket_groups``), and the process group that gathers them (None without buckets).
+def buckets_of_chunks(model_chunks, indices: dict, slices: dict, group_of: dict, blocks: list,
+                      attribute: str = "bucket_groups"):
+    """The :class:`Bucket` of every bucket of Megatron's DDP ``model_chunks`` (their
+    ``attribute``: ``bucket_groups`` for the dense parameters, ``expert_parallel_bucket_groups``
+    for the experts'), and the process group that gathers them (None without buckets).
 
     ``indices``, ``slices`` and ``group_of`` map each model parameter to its tensor index, its
     :class:`~magma_ext.megatron.layout.TensorParallelSlice` and its parameter group's position;
@@ -61,7 +63,7 @@ def buckets_of_chunks(model_chunks, indices: dict, slices: dict, group_of: dict,
     """
     buckets, groups = [], []
     for chunk in model_chunks:
-        for bucket_group in chunk.bucket_groups:
+        for bucket_group in getattr(chunk, attribute):
             groups.append(bucket_group.intra_distributed_optimizer_instance_group)
             for bucket in bucket_group.buckets:
                 if bucket.param_data is None or not bucket.param_data.is_floating_point():
@@ -83,12 +85,13 @@ def buckets_of_chunks(model_chunks, indices: dict, slices: dict, group_of: dict,
     return buckets, (groups[0] if groups else None)
 
 
-def bucket_group_parts(model_chunks) -> tuple[list, list[list[int]]]:
-    """Megatron's dense bucket groups of ``model_chunks`` and, per group, the positions of its
-    buckets in what :func:`buckets_of_chunks` returns (the ``SparseGather`` parts)."""
+def bucket_group_parts(model_chunks, attribute: str = "bucket_groups") -> tuple[list, list[list[int]]]:
+    """Megatron's bucket groups (``attribute``, as for :func:`buckets_of_chunks`) of
+    ``model_chunks`` and, per group, the positions of its buckets in what
+    :func:`buckets_of_chunks` returns (the ``SparseGather`` parts)."""
     groups, parts, count = [], [], 0
     for chunk in model_chunks:
-        for bucket_group in chunk.bucket_groups:
+        for bucket_group in getattr(chunk, attribute):
             groups.append(bucket_group)
             parts.append(list(range(count, count + len(bucket_group.buckets))))
             count += len(bucket_group.buckets)

@@ -2,10 +2,12 @@
 
 Pure functions of names, shapes and ranges (no megatron-core import), so CI checks them on CPU.
 
-**Tensor indices.** A parameter's tensor index is its position in the model's
-``named_parameters()`` with pipeline parallelism 1: tensor parallelism changes shapes, not names
-or their order, and data parallelism changes neither, so every rank of every TP/DP layout of one
-model numbers its parameters alike, as a single-process ``Magma(model.parameters())`` would.
+**Tensor indices.** A parameter's tensor index is the index of its global name
+(:func:`magma_ext.name_index` of its name in the model with pipeline and expert parallelism 1,
+``magma_ext.megatron.global_names``): tensor and data parallelism change shapes, not names, and
+pipeline and expert parallelism change names that ``global_names`` maps back, so every rank of
+every layout of one model numbers its parameters alike, as a single-process
+``Magma(model.named_parameters())`` would.
 
 **Tensor parallelism.** Megatron cuts a weight of logical shape ``S`` along ``partition_dim``
 into ``tp_size`` equal slices, TP rank ``t`` holding slice ``t``:

@@ -7,8 +7,14 @@ shard (``dp_reshardable``), and the ``fully_reshardable`` format keeps only ``ex
 one plain entry of the optimizer's state dict, ``"magma_scores"``: for every logical tensor
 index, its block option and the scores of all its blocks, gathered from the ranks that hold
 them (every piece of a block holds the same score). Megatron saves plain entries once (its
-"common" state) and gives them back to every rank on load, so the scores resume on any data-
-or tensor-parallel layout that numbers the tensors alike (``magma_ext.megatron.layout``).
+"common" state) and gives them back to every rank on load, so the scores resume on any layout:
+tensors are keyed by the index of their global name (``magma_ext.megatron.global_names``), the
+same under every tensor-, data-, pipeline- and expert-parallel split.
+
+Checkpoints written before tensor identities came from names key the scores by the parameter's
+position in the first model chunk's ``named_parameters()`` (indices below ``2**32``).
+:func:`keyed_by_names` maps them to names where those positions can still be computed (pipeline
+parallelism 1, one model chunk, expert parallelism 1) and refuses them elsewhere.
 
 No megatron-core import: tests run these on CPU, the mixins over stand-ins of Megatron's wrappers.
 """
@@ -20,20 +26,22 @@ import warnings
 import torch
 
 from ..layout import piece_blocks
+from ..names import NAME_INDEX_BASE
 from ..pieces import piece_of
 from ..views import view_of
 
 SCORES_KEY = "magma_scores"
 MAGMA_STATE_KEYS = ("magma_score", "magma_tensor_index")
 
-__all__ = ["SCORES_KEY", "MAGMA_STATE_KEYS", "gather_block_scores", "install_block_scores",
+__all__ = ["SCORES_KEY", "MAGMA_STATE_KEYS", "POSITIONS_UNKNOWN", "gather_block_scores", "install_block_scores",
+           "keyed_by_names",
            "without_magma_state", "record_steps_in_groups", "CarriesMagmaScores", "ShardStateFilter"]
 
 
 def _scored_pieces(magma):
     """(parameter, its group, tensor index, first block, blocks of the logical tensor) of every
-    parameter whose state holds a score."""
-    for group in magma.param_groups:
+    parameter whose state holds a score (none for ``magma=None``, a wrapper without parameters)."""
+    for group in magma.param_groups if magma is not None else ():
         for p in group["params"]:
             state = magma.state.get(p)
             if not state or "magma_score" not in state:
@@ -97,6 +105,37 @@ def install_block_scores(magma, saved: dict[int, dict]) -> list[int]:
     return sorted(set(missing))
 
 
+POSITIONS_UNKNOWN = (
+    "the checkpoint's Magma scores are keyed by parameter positions (written by magma_ext.megatron before tensor "
+    "identities came from parameter names), which are known only with pipeline parallelism 1, one model chunk and "
+    "expert parallelism 1: resume it once in such a layout and save again")
+
+
+def keyed_by_names(saved: dict[int, dict], positions: list[int] | None, refusal: str | None = None) -> dict[int, dict]:
+    """``saved`` scores (a ``"magma_scores"`` entry) with every positional key (below ``2**32``:
+    a checkpoint written before names keyed the tensors) replaced by the name index of the
+    parameter at that position: ``positions[k]`` is the name index of position ``k``.
+
+    Without ``positions``, positional keys are refused with ``refusal`` (a ValueError) where one
+    is given (the optimizer numbers its tensors by name, but cannot tell positions), and kept as
+    they are otherwise (an optimizer that numbers its tensors so itself).
+
+    Raises ValueError, changing nothing, as said, and for a position past ``positions``' end.
+    """
+    legacy = sorted(index for index in saved if index < NAME_INDEX_BASE)
+    if not legacy or (positions is None and refusal is None):
+        return saved
+    if positions is None:
+        raise ValueError(refusal)
+    if legacy[-1] >= len(positions):
+        raise ValueError(f"the checkpoint's Magma scores name parameter position {legacy[-1]}, but the model "
+                         f"has {len(positions)} parameters: a checkpoint of another model?")
+    mapped = {index: entry for index, entry in saved.items() if index >= NAME_INDEX_BASE}
+    for position in legacy:
+        mapped[positions[position]] = saved[position]
+    return mapped
+
+
 def without_magma_state(optimizer_state: dict) -> dict:
     """A torch.optim state dict (``{"state": ..., "param_groups": ...}``) whose per-parameter
     entries lack Magma's score and tensor index (new dicts: the optimizer's own are untouched)."""
@@ -121,11 +160,17 @@ class CarriesMagmaScores:
     ``"magma_scores"`` entry instead; each group's step is written to ``group["step"]`` too.
 
     ``state_dict()``/``sharded_state_dict()`` gather the scores from every rank: call them on
-    every rank, as Megatron's checkpointing does.
+    every rank, as Megatron's checkpointing does. Positionally keyed scores (older checkpoints)
+    are mapped with ``legacy_tensor_indices`` (the name index of each position of the first
+    model chunk's parameters) or refused with ``legacy_refusal`` (see :func:`keyed_by_names`).
     """
 
+    legacy_tensor_indices: list[int] | None = None
+    legacy_refusal: str | None = None
+
     def state_dict(self, *args, **kwargs):
-        record_steps_in_groups(self.optimizer)
+        if self.optimizer is not None:  # None: a part without parameters on this rank (a stub)
+            record_steps_in_groups(self.optimizer)
         packed = super().state_dict(*args, **kwargs)
         inner = packed.get("optimizer", packed)
         if isinstance(inner, dict) and isinstance(inner.get("state"), dict):
@@ -135,15 +180,18 @@ class CarriesMagmaScores:
         return packed
 
     def sharded_state_dict(self, model_sharded_state_dict, is_loading: bool = False, **kwargs):
-        if is_loading:
+        if is_loading and self.optimizer is not None:
             self.optimizer.init_state()
         return super().sharded_state_dict(model_sharded_state_dict, is_loading=is_loading, **kwargs)
 
     def load_state_dict(self, state_dict):
         state_dict = dict(state_dict)
-        scores = state_dict.pop(SCORES_KEY, None)
+        scores = keyed_by_names(state_dict.pop(SCORES_KEY, None) or {}, self.legacy_tensor_indices,
+                                self.legacy_refusal)
         super().load_state_dict(state_dict)
-        missing = install_block_scores(self.optimizer, scores or {})
+        if self.optimizer is None:
+            return
+        missing = install_block_scores(self.optimizer, scores)
         if missing:
             warnings.warn(
                 f"the checkpoint holds no Magma scores for {len(missing)} tensors (tensor indices "
