@@ -1,5 +1,6 @@
 # Quick start: `make demo` and `make test`. Each sets up .venv on first use (torch, numpy,
-# pytest, matplotlib, and this package installed editable) and then runs.
+# pytest, matplotlib, and this package installed editable) and then runs; `make test` also
+# installs megatron-core (MEGATRON_SPEC), whose modules the Megatron tests build on the CPU.
 #
 #   TORCH_SPEC=...   the torch to install (default: plain `torch` where nvidia-smi answers,
 #                    else torch==2.13.0, the CPU build)
@@ -9,11 +10,13 @@
 PYTHON ?= python3
 VENV ?= .venv
 TORCH_SPEC ?= $(shell nvidia-smi >/dev/null 2>&1 && echo torch || echo torch==2.13.0)
+MEGATRON_SPEC ?= megatron-core==0.16.1
 PIP_INSTALL = $(BIN)/python -m pip install -q
 
 BIN := $(VENV)/bin
 DEPS_STAMP := $(VENV)/.deps-installed
 INSTALL_STAMP := $(VENV)/.magma_ext-installed
+MEGATRON_STAMP := $(VENV)/.megatron-core-installed
 BUILD_INPUTS := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.cu csrc/*.cuh csrc/*.h)
 
 # torch's extension build looks for `ninja` on PATH; the venv's comes first.
@@ -24,12 +27,16 @@ export PATH := $(abspath $(BIN)):$(PATH)
 demo: $(INSTALL_STAMP)
 	$(BIN)/python -m magma_ext.demo
 
-test: $(INSTALL_STAMP)
+test: $(INSTALL_STAMP) $(MEGATRON_STAMP)
 	$(BIN)/python -m pytest tests -q
 
 $(DEPS_STAMP):
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(PIP_INSTALL) "$(TORCH_SPEC)" numpy pytest matplotlib ninja "setuptools>=64" wheel
+	touch $@
+
+$(MEGATRON_STAMP): $(DEPS_STAMP)
+	$(PIP_INSTALL) "$(MEGATRON_SPEC)"
 	touch $@
 
 # Reinstalled when the build inputs change, so that the CUDA extension (if built) is current.
