@@ -132,7 +132,7 @@ def checked_load(param_groups: list[dict], state_dict: dict, new_indices) -> tup
         # the moments' dtypes are this optimizer's: loading converts the checkpoint's state to them
         dtypes = {option: current[option] for option in MOMENT_DTYPE_OPTIONS.values()}
         group = {**{k: v for k, v in current.items() if k != "params"}, **saved, **dtypes}
-        check_group(group, where=f"loaded parameter group {i}: ")
+        check_group(group, where=f"loaded parameter group {i}: ", params=current["params"])
         groups.append(group)
     params = [p for group in param_groups for p in group["params"]]
     group_of = [i for i, group in enumerate(param_groups) for _ in group["params"]]

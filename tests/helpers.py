@@ -50,3 +50,10 @@ def assert_snapshots_equal(actual: dict, expected: dict) -> None:
     assert actual.keys() == expected.keys()
     for key in expected:
         assert_bitwise_equal(actual[key], expected[key], str(key))
+
+
+def fused_over_cpu_refusal(extension_loaded: bool) -> str:
+    """The start of the message refusing ``fused=True`` over CPU parameters: the extension is
+    missing, or (loaded) the parameters are not CUDA tensors."""
+    return ("fused=True requires every parameter to be a contiguous CUDA tensor" if extension_loaded
+            else "fused=True needs magma_ext's CUDA extension")

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import assert_scaled_close, assert_snapshots_equal, snapshot
+from helpers import assert_scaled_close, assert_snapshots_equal, fused_over_cpu_refusal, snapshot
 import magma_ext
 from magma_ext import Magma, functional
 
@@ -72,11 +72,19 @@ def _checkpoint():
 @pytest.mark.parametrize("change,exc,match", [
     pytest.param(dict(keep_prob=1.5), ValueError, "keep_prob", id="keep_prob-1.5"),
     pytest.param(dict(mask="bogus"), ValueError, "mask", id="mask-bogus"),
-    pytest.param(dict(fused=True), RuntimeError, "fused", id="fused-True-without-cuda-params"),
     pytest.param(dict(amsgrad=True), ValueError, "amsgrad", id="amsgrad"),
     pytest.param(dict(maximize=True), ValueError, "maximize", id="maximize"),
 ])
 def test_bad_loaded_group_changes_nothing(change, exc, match):
+    _assert_load_refused_and_changes_nothing(change, exc, match)
+
+
+def test_loaded_fused_group_over_cpu_params_is_refused_and_changes_nothing(extension_loaded):
+    _assert_load_refused_and_changes_nothing(
+        dict(fused=True), RuntimeError, "loaded parameter group 0: " + fused_over_cpu_refusal(extension_loaded))
+
+
+def _assert_load_refused_and_changes_nothing(change, exc, match):
     state_dict = _checkpoint()
     state_dict["param_groups"][0].update(change)
     params = _params(seed=1)

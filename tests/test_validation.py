@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from helpers import assert_snapshots_equal, snapshot
+from helpers import assert_snapshots_equal, fused_over_cpu_refusal, snapshot
 from magma_ext import Magma
 
 
@@ -58,15 +58,25 @@ BAD_OPTIONS = [
     _err("exp_avg_sq_dtype-float64", dict(exp_avg_sq_dtype=torch.float64), ValueError, "exp_avg_sq_dtype"),
 ]
 
-CONSTRUCTOR_ONLY = [
-    _err("fused-True-on-cpu", dict(fused=True), RuntimeError, "fused"),
-]
 
-
-@pytest.mark.parametrize("kwargs,exc,match", BAD_OPTIONS + CONSTRUCTOR_ONLY)
+@pytest.mark.parametrize("kwargs,exc,match", BAD_OPTIONS)
 def test_constructor_rejects(kwargs, exc, match):
     with pytest.raises(exc, match=match):
         Magma([_param(3, 2)], **kwargs)
+
+
+def test_constructor_rejects_fused_over_cpu_params(extension_loaded):
+    with pytest.raises(RuntimeError, match=fused_over_cpu_refusal(extension_loaded)):
+        Magma([_param(3, 2)], fused=True)
+
+
+def test_add_param_group_rejects_fused_over_cpu_params_and_changes_nothing(extension_loaded):
+    optimizer = Magma([_param(3, 2)], lr=0.1)
+    before = snapshot(optimizer)
+    with pytest.raises(RuntimeError, match="parameter group 1: " + fused_over_cpu_refusal(extension_loaded)):
+        optimizer.add_param_group({"params": [_param(4)], "fused": True})
+    assert len(optimizer.param_groups) == 1
+    assert_snapshots_equal(snapshot(optimizer), before)
 
 
 GROUP_ONLY = [
