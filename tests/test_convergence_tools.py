@@ -418,6 +418,7 @@ def test_every_result_of_a_size_read_twice_says_so():
 
 
 def test_report_page_lists_the_runs_the_paper_and_what_is_missing(first_bundle, tmp_path):
+    pytest.importorskip("matplotlib")  # the report draws its figures
     page_path = tmp_path / "page.md"
     assert cli.main(["report", "--inputs", str(first_bundle), "--page", str(page_path)]) == 0
     text = page_path.read_text()
