@@ -1,5 +1,6 @@
 """pytest configuration of the test suite: every test starts from the same torch seed; the
-``extension_loaded`` fixture runs a test both with and without the CUDA extension."""
+``extension_loaded`` fixture runs a test both with and without the CUDA extension; the
+``multiprocess`` marker names the tests that start torch.distributed ranks on the CPU."""
 
 from __future__ import annotations
 
@@ -7,6 +8,14 @@ import pytest
 import torch
 
 from magma_ext import functional
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers",
+        "multiprocess: starts torch.distributed ranks on the CPU (gloo), each its own process; "
+        "the slow part of the suite, which .ci/run runs once, not again with the CUDA extension (see there)",
+    )
 
 
 @pytest.fixture(autouse=True)

@@ -331,6 +331,7 @@ def test_column_slice_piece_with_bfloat16_state_is_refused_naming_it():
         dist.destroy_process_group()
 
 
+@pytest.mark.multiprocess
 def test_dtensor_sharded_along_dim_1_with_bfloat16_state_is_refused():
     for message, unchanged in run_ranks(2, cases.shard_dim_1_body, 2, "tensor", 1, BF16):
         assert "'encoder.weight' is a DTensor sharded along a dimension other than 0" in message, message
@@ -340,6 +341,7 @@ def test_dtensor_sharded_along_dim_1_with_bfloat16_state_is_refused():
 # ---------------------------------------------------------------------------- sharded runs
 
 
+@pytest.mark.multiprocess
 @pytest.mark.parametrize("world_size", [2, 4])
 def test_flat_shards_with_bfloat16_state_follow_one_process_bit_for_bit(world_size):
     combos = [("adam", "magma", "tensor"), ("laprop", "skip", "row"), ("rmsprop", "magma", 7), ("adam", "none", 7)]
@@ -363,6 +365,7 @@ def test_flat_shards_with_bfloat16_state_follow_one_process_bit_for_bit(world_si
 SHARDED_GRAD_TOL = dict(rtol=1e-3, atol_scale=1e-3)
 
 
+@pytest.mark.multiprocess
 def test_fsdp2_with_bfloat16_state_follows_one_process():
     combos = [("adam", "magma", "tensor"), ("adam", "magma", "row"), ("laprop", "magma", 7)]
     results = run_ranks(2, cases.fsdp_body, 2, combos, 10, False, False, "cpu", BF16)
@@ -385,6 +388,7 @@ def _dcp_loaded_moments_body(rank, world_size, path, block, options):
             for p in model.parameters()]
 
 
+@pytest.mark.multiprocess
 @pytest.mark.parametrize("resume_world_size", [1, 4])
 def test_dcp_checkpoint_carries_bfloat16_state_across_world_sizes(tmp_path, resume_world_size):
     combo, first, rest = ("adam", "magma", "row"), 5, 5
@@ -399,6 +403,7 @@ def test_dcp_checkpoint_carries_bfloat16_state_across_world_sizes(tmp_path, resu
     assert all(m.dtype == torch.bfloat16 for rank in loaded for p in rank for m in p.values())
 
 
+@pytest.mark.multiprocess
 def test_dcp_float32_checkpoint_loads_into_bfloat16_state_to_nearest(tmp_path):
     run_ranks(2, cases.dcp_save_body, 2, ("adam", "magma", "tensor"), 3, str(tmp_path))
     wide = run_ranks(2, _dcp_loaded_moments_body, 2, str(tmp_path), "tensor", {})

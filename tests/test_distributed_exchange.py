@@ -328,6 +328,7 @@ def ranks(request):
     return world_size, run_ranks(world_size, _rank_body, world_size, timeout=90)
 
 
+@pytest.mark.multiprocess
 def test_rows_equal_whole_block_sums(ranks):
     world_size, results = ranks
     for rank, result in enumerate(results):
@@ -339,6 +340,7 @@ def test_rows_equal_whole_block_sums(ranks):
     assert all(sum(case["changed"] for case in result["cases"]) > 0 for result in results)
 
 
+@pytest.mark.multiprocess
 def test_every_piece_of_a_block_ends_with_the_same_bits(ranks):
     world_size, results = ranks
     for c in range(len(results[0]["cases"])):
@@ -348,6 +350,7 @@ def test_every_piece_of_a_block_ends_with_the_same_bits(ranks):
                 assert seen.setdefault(key, bits) == bits, (c, rank, key)
 
 
+@pytest.mark.multiprocess
 def test_one_gather_per_group_at_build_and_one_all_reduce_per_group_per_step(ranks):
     world_size, results = ranks
     total = 0
@@ -386,6 +389,7 @@ EXPECTED_ERRORS = {
 }
 
 
+@pytest.mark.multiprocess
 def test_every_rank_raises_the_same_error_without_hanging(ranks):
     world_size, results = ranks
     last = world_size - 1
@@ -401,6 +405,7 @@ def test_every_rank_raises_the_same_error_without_hanging(ranks):
                                                   "and 'q' holds [2, 6) on rank 3")
 
 
+@pytest.mark.multiprocess
 def test_pieces_with_process_groups_and_reduce_checks(ranks):
     world_size, results = ranks
     total = float(sum(range(1, world_size + 1)))
@@ -442,6 +447,7 @@ def _fail_on_rank_1(rank: int) -> None:
     time.sleep(600)  # rank 0 hangs: the harness must kill it
 
 
+@pytest.mark.multiprocess
 def test_harness_reraises_a_rank_error_and_kills_the_ranks_left():
     import time
 

@@ -12,6 +12,8 @@ import tp_cases
 from distributed_helpers import run_ranks
 from sparse_gather_cases import EXACT_ROUTES, sync_body
 
+pytestmark = pytest.mark.multiprocess
+
 EIGHT = 8
 STEPS = 20
 COMBOS = [("adam", "magma", "tensor"), ("adam", "magma", "row"), ("rmsprop", "skip", 7), ("laprop", "magma", 7)]

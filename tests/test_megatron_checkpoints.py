@@ -13,6 +13,7 @@ from magma_ext import Magma
 from magma_ext.megatron.scores import ShardStateFilter
 
 
+@pytest.mark.multiprocess
 def test_scores_travel_beside_the_state_and_resume_exactly():
     for result in run_ranks(2, cases.checkpoint_body, 2):
         assert result["stripped"] and result["has_scores"]

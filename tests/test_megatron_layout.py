@@ -69,6 +69,7 @@ def test_the_paper_masks_attention_and_mlp_weights_only():
     assert stable_name("module.module.decoder.x") == "decoder.x"
 
 
+@pytest.mark.multiprocess
 @pytest.mark.parametrize("tp_size, world_size, distributed_optimizer", [(2, 2, False), (2, 4, True), (1, 3, True)])
 def test_tensor_and_data_parallel_pieces_follow_one_process(tp_size, world_size, distributed_optimizer):
     results = run_ranks(world_size, cases.tp_dp_body, world_size, tp_size, distributed_optimizer, cases.COMBOS,
@@ -76,6 +77,7 @@ def test_tensor_and_data_parallel_pieces_follow_one_process(tp_size, world_size,
     cases.check_tp_dp_run(results, tp_size)
 
 
+@pytest.mark.multiprocess
 def test_n_element_blocks_of_a_row_parallel_slice_are_refused():
     with pytest.raises(ValueError, match="block=7.*column slice"):
         run_ranks(2, cases.tp_dp_body, 2, 2, False, [("adam", "magma", 7)], 1)

@@ -210,6 +210,7 @@ def overlapped_body(rank, size, seed, steps, route):
     return sparse_steps
 
 
+@pytest.mark.multiprocess
 @pytest.mark.parametrize("route", ["in place", "packed chunks"])
 @pytest.mark.parametrize("size, seed", [(2, 11), (3, 12)])
 def test_bucket_groups_gathered_as_the_forward_pre_hooks_do_equal_a_dense_gather(size, seed, route):

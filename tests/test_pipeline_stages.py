@@ -15,10 +15,14 @@ tests/test_identity.py::test_without_names_a_stage_draws_other_masks shows it in
 
 from __future__ import annotations
 
+import pytest
+
 import pipeline_cases as cases
 import sharded_cases
 from distributed_helpers import run_ranks
 from helpers import assert_bitwise_equal, assert_scaled_close
+
+pytestmark = pytest.mark.multiprocess
 
 STEPS = 20
 TIMEOUT = 600.0  # seconds: two shared cores, one torch start-up per rank

@@ -21,6 +21,7 @@ from helpers import assert_scaled_close
 STEPS = 20
 
 
+@pytest.mark.multiprocess
 @pytest.mark.parametrize("world_size", [2, 4])
 def test_flat_shards_follow_the_single_process_run(world_size):
     results = run_ranks(world_size, cases.flat_shard_body, world_size, cases.COMBOS, STEPS)
@@ -45,6 +46,7 @@ def _block_size(shape, block):
     return block_size_for(tuple(shape), block)
 
 
+@pytest.mark.multiprocess
 def test_ddp_follows_the_single_process_run():
     combos = [("adam", "magma", "tensor"), ("laprop", "skip", "row"), ("rmsprop", "magma", 7)]
     results = run_ranks(2, cases.ddp_body, 2, combos, STEPS)
@@ -54,6 +56,7 @@ def test_ddp_follows_the_single_process_run():
             cases.assert_same_history(result[combo], expected, f"DDP {combo}")
 
 
+@pytest.mark.multiprocess
 @pytest.mark.parametrize("world_size,hsdp,combos", [
     pytest.param(2, False, cases.COMBOS, id="fsdp2-2-ranks-every-combo"),
     pytest.param(4, False, [("adam", "magma", b) for b in cases.BLOCKS] + [("laprop", "skip", "row")],
@@ -70,6 +73,7 @@ def test_fsdp2_follows_the_single_process_run(world_size, hsdp, combos):
             assert all(torch.equal(a, b) for a, b in zip(result[combo][1], scores)), f"rank {rank}: {combo}"
 
 
+@pytest.mark.multiprocess
 @pytest.mark.parametrize("resume_world_size", [1, 4])
 @pytest.mark.parametrize("block", ["tensor", "row", 7], ids=str)
 def test_dcp_checkpoint_of_2_ranks_resumes_on_another_count(tmp_path, block, resume_world_size):
@@ -81,6 +85,7 @@ def test_dcp_checkpoint_of_2_ranks_resumes_on_another_count(tmp_path, block, res
     cases.assert_same_history(resumed[0], expected[first:], f"resumed on {resume_world_size} ranks")
 
 
+@pytest.mark.multiprocess
 def test_zero_redundancy_optimizer_with_numbered_parameters():
     history = run_ranks(2, cases.zero_redundancy_body, 2, STEPS, True)
     expected, _ = cases.single_process_run(("adam", "magma", "tensor"), STEPS)
@@ -88,11 +93,13 @@ def test_zero_redundancy_optimizer_with_numbered_parameters():
         cases.assert_same_history(result, expected, "ZeroRedundancyOptimizer")
 
 
+@pytest.mark.multiprocess
 def test_zero_redundancy_optimizer_without_numbering_is_refused_on_every_rank():
     with pytest.raises((ValueError, RankError), match="number_parameters"):
         run_ranks(2, cases.zero_redundancy_body, 2, 1, False)
 
 
+@pytest.mark.multiprocess
 @pytest.mark.parametrize("case,match", [
     pytest.param("overlap", "overlap", id="overlapping-pieces"),
     pytest.param("shape", "logical shape", id="shapes-disagree"),
@@ -108,6 +115,7 @@ def test_bad_pieces_raise_on_every_rank_and_change_nothing(case, match):
     assert results[0][1] == results[1][1]  # the same message everywhere
 
 
+@pytest.mark.multiprocess
 @pytest.mark.parametrize("world_size,block,reason", [
     pytest.param(2, 7, "would cut across them", id="N-element-blocks-across-column-slices"),
     pytest.param(4, "row", "unequal widths", id="row-blocks-of-unequal-column-slices"),
@@ -118,6 +126,7 @@ def test_dtensor_sharded_along_dim_1_into_blocks_pieces_cannot_express_is_refuse
         assert unchanged
 
 
+@pytest.mark.multiprocess
 @pytest.mark.parametrize("world_size,block", [(4, "tensor"), (2, "row")], ids=str)
 def test_dtensor_sharded_along_dim_1_follows_one_process(world_size, block):
     """Tensor blocks of any shards; row blocks of equal column slices (6 columns on 2 ranks)."""

@@ -67,12 +67,14 @@ def test_chunks_cut_each_stream_into_the_same_elements():
     assert chunk_bounds(100, 4, 10**9, 8) == [(0, 100)] and chunk_bounds(0, 4, 50, 8) == []
 
 
+@pytest.mark.multiprocess
 @pytest.mark.parametrize("route", ROUTES)
 @pytest.mark.parametrize("size, seed", [(2, 1), (3, 2), (4, 3), (4, 4)])
 def test_the_sparse_sync_leaves_every_rank_bit_identical_to_a_dense_gather(size, seed, route):
     check_traffic(run_ranks(size, sync_body, size, seed, 6, route), size, route)
 
 
+@pytest.mark.multiprocess
 @pytest.mark.parametrize("route", ROUTES)
 @pytest.mark.parametrize("size, seed", [(2, 5), (3, 6)])
 def test_parts_in_flight_together_sync_like_one(size, seed, route):

@@ -9,8 +9,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from sparse_gather_record import synthetic_record  # noqa: E402
+
+pytestmark = pytest.mark.multiprocess
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "sparse_gather_bench.py"
 

@@ -40,6 +40,7 @@ def check(results, what):
                 assert_scaled_close(a, e, f"{what} rank {rank} {key}: score of parameter {i}")
 
 
+@pytest.mark.multiprocess
 def test_fsdp2_over_tensor_parallel_dp2_tp2_follows_one_process():
     """Every base x mask x block, sequence-parallel norms; and plain (not parallelized) norms."""
     runs = [(combo, True) for combo in cases.COMBOS]
@@ -47,11 +48,13 @@ def test_fsdp2_over_tensor_parallel_dp2_tp2_follows_one_process():
     check(run_ranks(4, cases.layout_body, 2, 2, runs, STEPS, timeout=900), "dp2 x tp2")
 
 
+@pytest.mark.multiprocess
 def test_tensor_parallel_alone_tp2_follows_one_process():
     runs = [(combo, True) for combo in cases.COMBOS] + [(("laprop", "magma", "row"), False)]
     check(run_ranks(2, cases.layout_body, 1, 2, runs, STEPS, timeout=600), "tp2")
 
 
+@pytest.mark.multiprocess
 def test_dcp_checkpoint_of_dp2_tp2_resumes_on_dp4_and_on_one_process(tmp_path):
     first, rest = 6, 6
     paths = {block: str(tmp_path / str(block)) for block in cases.BLOCKS}
@@ -66,12 +69,14 @@ def test_dcp_checkpoint_of_dp2_tp2_resumes_on_dp4_and_on_one_process(tmp_path):
             assert_same_history(resumed[0][block], history[first:], f"resumed on dp{dp}, {block}")
 
 
+@pytest.mark.multiprocess
 def test_a_group_over_mesh_dimensions_that_are_not_the_world_is_made_once():
     for rank, (ranks, total, cached) in enumerate(run_ranks(4, cases.group_body)):
         pair = [0, 1] if rank < 2 else [2, 3]
         assert ranks == pair and total == sum(pair) and cached, (rank, ranks, total)
 
 
+@pytest.mark.multiprocess
 def test_layouts_pieces_cannot_express_are_refused_on_every_rank_with_nothing_changed():
     from torch.distributed.tensor import Partial, Shard
 
