@@ -77,9 +77,15 @@ __device__ __forceinline__ void store_block(T* p, int length, bool vec, const fl
   }
 }
 
+// The CTAs of THREADS threads that each SM must hold at once: four of 256 threads (64 registers
+// each; left to itself ptxas for sm_90 gives this configuration 71 registers in float32 and
+// about 104 where the rounding stream runs, so three or two CTAs), else what the registers allow.
+template <int THREADS>
+constexpr int kBlockMinCtas = THREADS == 256 ? 4 : 1;
+
 // block_sums: nullptr, or the split step's buffer (TensorArgs::sum_row) for the block's sums.
 template <typename P, typename G, typename M, typename V, int THREADS, int ELEMS>
-__global__ void __launch_bounds__(THREADS)
+__global__ void __launch_bounds__(THREADS, kBlockMinCtas<THREADS>)
 block_kernel(const __grid_constant__ TensorArgs a, const StepHyper h, float* block_sums) {
   static_assert(THREADS % 32 == 0 && THREADS / 32 <= kSum3MaxWarps, "block_sum3 takes up to 32 whole warps");
   constexpr bool kRound = kRounded<M> || kRounded<V>;

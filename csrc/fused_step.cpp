@@ -265,6 +265,8 @@ void run(const char* op, Phase phase, const at::Tensor* block_sums, MAGMA_EXT_ST
   hyper.lr_ptr = lr_tensor ? lr_tensor->data_ptr<float>() : nullptr;
   hyper.beta1 = static_cast<float>(beta1);
   hyper.beta2 = static_cast<float>(beta2);
+  hyper.one_minus_beta1 = static_cast<float>(1.0 - beta1);
+  hyper.one_minus_beta2 = static_cast<float>(1.0 - beta2);
   hyper.eps = static_cast<float>(eps);
   hyper.weight_decay = static_cast<float>(weight_decay);
   hyper.base = base_id;

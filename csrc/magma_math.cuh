@@ -1,8 +1,12 @@
 // Device code shared by every kernel: the per-element math of the Magma step
 // (docs/ALGORITHM.md sections 1, 2, 5, 6), the score, the CTA-wide sum of the alignment sums and
 // the lookup of a work unit's tensor.  The math follows magma_ext/reference.py's order of
-// operations; nvcc contracts some of it into fused multiply-adds, so the two agree to within
-// a few float32 roundings, not bit for bit (tests/cuda_helpers.py states the tolerances).
+// operations with every rounding spelled out (__fmul_rn, __fadd_rn, fmaf), so that nvcc cannot
+// contract one instantiation (parameter, gradient and state dtypes) differently from another:
+// the float32 moments a bfloat16 state rounds are the ones a float32 state keeps.  The moments
+// take the foreach ops' forms (x * beta + alpha * y as one fused multiply-add); the reference
+// run on CPU, or block sums reduced in another order, still differ by a few float32 roundings
+// (tests/cuda_helpers.py states the tolerances).
 #pragma once
 
 #include <cuda_bf16.h>
@@ -67,14 +71,14 @@ __device__ __forceinline__ float load_grad(const G* grad, int64_t i, const StepH
 template <typename M, typename V>
 __device__ __forceinline__ float update_moments(const StepHyper& h, const Coeffs& c, float g,
                                                 float& m, float& v, uint32_t word) {
-  v = as_stored<V>(v * h.beta2 + (1.f - h.beta2) * g * g, word >> 16);
-  const float denom = sqrtf(v / c.bias2) + h.eps;
+  v = as_stored<V>(fmaf(h.one_minus_beta2, __fmul_rn(g, g), __fmul_rn(v, h.beta2)), word >> 16);
+  const float denom = __fadd_rn(__fsqrt_rn(__fdiv_rn(v, c.bias2)), h.eps);
   if (h.base == kLaprop) {
-    m = as_stored<M>(m * h.beta1 + (1.f - h.beta1) * (g / denom), word & 0xFFFFu);
-    return m / c.bias1;
+    m = as_stored<M>(fmaf(h.one_minus_beta1, __fdiv_rn(g, denom), __fmul_rn(m, h.beta1)), word & 0xFFFFu);
+    return __fdiv_rn(m, c.bias1);
   }
-  m = as_stored<M>(m * h.beta1 + (1.f - h.beta1) * g, word & 0xFFFFu);
-  return h.base == kAdam ? (m / c.bias1) / denom : g / denom;
+  m = as_stored<M>(fmaf(h.one_minus_beta1, g, __fmul_rn(m, h.beta1)), word & 0xFFFFu);
+  return h.base == kAdam ? __fdiv_rn(__fdiv_rn(m, c.bias1), denom) : __fdiv_rn(g, denom);
 }
 
 // The rounding stream of tensor t of a launch at this step.
@@ -86,16 +90,16 @@ __device__ __forceinline__ RoundingStream rounding_stream(const StepHyper& h, co
 // The direction D from moments that are already updated (the apply pass of two-pass blocks).
 __device__ __forceinline__ float direction_from_moments(const StepHyper& h, const Coeffs& c,
                                                         float g, float m, float v) {
-  if (h.base == kLaprop) return m / c.bias1;
-  const float denom = sqrtf(v / c.bias2) + h.eps;
-  return h.base == kAdam ? (m / c.bias1) / denom : g / denom;
+  if (h.base == kLaprop) return __fdiv_rn(m, c.bias1);
+  const float denom = __fadd_rn(__fsqrt_rn(__fdiv_rn(v, c.bias2)), h.eps);
+  return h.base == kAdam ? __fdiv_rn(__fdiv_rn(m, c.bias1), denom) : __fdiv_rn(g, denom);
 }
 
 // theta - lr * scale * (D + weight_decay * theta)   (sections 1.4 and 1.5)
 __device__ __forceinline__ float updated_theta(const StepHyper& h, const Coeffs& c, float theta,
                                                float direction, float scale) {
-  const float update = (direction + theta * h.weight_decay) * scale;
-  return theta - update * c.lr;
+  const float update = __fmul_rn(__fadd_rn(direction, __fmul_rn(theta, h.weight_decay)), scale);
+  return __fsub_rn(theta, __fmul_rn(update, c.lr));
 }
 
 // The weights an update reads: the float32 master copy if there is one, else the parameter.

@@ -5,7 +5,7 @@
 // the kernel's parameter block, so a launch needs no host-to-device copy and can be captured
 // in a CUDA graph.  Volta and later take up to 32,764 bytes of parameters (CUDA 12.1+), which
 // lets one launch cover kMaxTensors tensors: sizeof(TensorArgs) is 31,768 bytes, and with
-// StepHyper (80 bytes) and at most three pointers a kernel's parameters are 31,872 bytes
+// StepHyper (88 bytes) and at most three pointers a kernel's parameters are 31,880 bytes
 // (checked below).  Each CTA finds its tensor by binary search over the prefix sums of its
 // work units (`work_start`, or `block_start` for one CTA per block).
 #pragma once
@@ -26,6 +26,7 @@ struct StepHyper {
   float lr;
   const float* lr_ptr;      // device lr (capturable); overrides lr when set
   float beta1, beta2, eps, weight_decay;
+  float one_minus_beta1, one_minus_beta2;  // 1 - beta in double, then float (as the foreach ops' alpha)
   int base;
   float inv_keep_prob;      // the "skip" mask's 1 / keep_prob
   uint64_t keep_threshold;  // see philox.cuh
@@ -63,7 +64,7 @@ struct TensorArgs {
 constexpr size_t kMaxKernelParamBytes = 32764;
 // The most any kernel passes beside TensorArgs and StepHyper: three pointers (finalize_kernel).
 constexpr size_t kMaxExtraKernelParamBytes = 3 * sizeof(void*);
-static_assert(sizeof(TensorArgs) == 31768 && sizeof(StepHyper) == 80,
+static_assert(sizeof(TensorArgs) == 31768 && sizeof(StepHyper) == 88,
               "update the sizes in NOTE: [tensor lists in kernel parameters]");
 static_assert(sizeof(TensorArgs) + sizeof(StepHyper) + kMaxExtraKernelParamBytes <= kMaxKernelParamBytes,
               "a launch's kernel parameters must fit CUDA's limit: lower kMaxTensors");
