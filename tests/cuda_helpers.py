@@ -18,11 +18,12 @@ requires_gpu = pytest.mark.skipif(
 # the gradients, so they differ by a few ulps however many steps ran (the betas decay older
 # rounding): STATE_TOL.  After one step the parameters differ by the rounding of one update:
 # PARAM_TOL (one ulp of a bfloat16/float16 parameter is 2**-8/2**-11 relative).  Over a run the
-# kernels' fused multiply-adds round each update differently from the reference's separate
-# ops, and a low-precision parameter re-rounded every step can flip one ulp either way, so the
-# differences of a parameter random-walk: TRAJECTORY_TOL allows about 200 float32 roundings
-# at |param| ~ 4 (200 * 2**-24 * 4 = 5e-5), and 8 ulps at |param| ~ 2 for bfloat16/float16
-# (seen on an H100: at most 4 bfloat16 ulps, on 1 element in 16385, after 200 steps).
+# scores (their block sums reduced in another order) scale each update a few roundings apart
+# from the reference's, and a low-precision parameter re-rounded every step can flip one ulp
+# either way, so the differences of a parameter random-walk: TRAJECTORY_TOL allows about 200
+# float32 roundings at |param| ~ 4 (200 * 2**-24 * 4 = 5e-5), and 8 ulps at |param| ~ 2 for
+# bfloat16/float16 (seen on an H100: at most 4 bfloat16 ulps, on 1 element in 16385, after 200
+# steps).
 STATE_TOL = dict(rtol=2e-5, atol=1e-6)
 PARAM_TOL = {
     torch.float32: dict(rtol=2e-5, atol=1e-6),
