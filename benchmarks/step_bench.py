@@ -315,13 +315,23 @@ def sync_check(opt, device: torch.device) -> str:
     return "none"
 
 
+def tensor_bytes(tensor: torch.Tensor) -> int:
+    """Bytes a tensor holds: a tensor subclass that flattens into inner tensors (torchao's
+    quantized optimizer states: codes and scales) holds its inner tensors' bytes, not its
+    logical shape's."""
+    if type(tensor) not in (torch.Tensor, torch.nn.Parameter) and hasattr(tensor, "__tensor_flatten__"):
+        names, _ = tensor.__tensor_flatten__()
+        return sum(tensor_bytes(getattr(tensor, name)) for name in names)
+    return tensor.numel() * tensor.element_size()
+
+
 def state_bytes(opt) -> dict[str, int]:
     """Bytes of every tensor in ``opt.state``, summed per state key over all parameters."""
     totals: dict[str, int] = {}
     for state in opt.state.values():
         for key, value in state.items():
             if isinstance(value, torch.Tensor):
-                totals[key] = totals.get(key, 0) + value.numel() * value.element_size()
+                totals[key] = totals.get(key, 0) + tensor_bytes(value)
     return totals
 
 
