@@ -1,7 +1,8 @@
 """benchmarks/study (benchmarks/convergence.py and its report): the committed page against its
 records, a tiny sweep on the CPU and the next invocation going on from it, a run stopped and
-taken up again from its checkpoint, a run that reads its corpus twice, the corpus builder, the
-plan, the records, the page, and the package's layering."""
+taken up again from its checkpoint, a run that reads its corpus twice, tier 5 (size L) over
+several invocations, the corpus builder, the plan, the records, the page with its gap by size,
+and the package's layering."""
 
 import ast
 import dataclasses
@@ -75,7 +76,7 @@ def test_committed_page_is_what_the_committed_records_give():
     study, edition, summ = report.load_report([str(RESULTS / "convergence2")])
     assert (len(study.runs), len(study.throughput), len(study.stale_runs)) == (80, 16, 2)
     argv = ["--inputs", "benchmarks/results/convergence2/", "--page", "benchmarks/results/convergence2.md"]
-    figures = {"val_curves": "convergence2/val_curves.png", "ppl_vs_lr": "convergence2/ppl_vs_lr.png"}
+    figures = {name: f"convergence2/{name}.png" for name in ("val_curves", "ppl_vs_lr", "gap_vs_size")}
     built = page.build_page(study, summ, argv, figures, edition=edition).splitlines()
     committed = (RESULTS / "convergence2.md").read_text().splitlines()
     generated = [i for i, line in enumerate(committed) if line.startswith("Page generated ")]
@@ -153,6 +154,53 @@ def test_a_sweep_refuses_a_size_whose_resume_runs_trained_on_another_corpus(corp
     assert f"trained on corpus ffffffffffff, but this machine builds {here}" in capsys.readouterr().err
 
 
+def test_tier_5_runs_at_the_s_best_lrs_over_several_invocations_reading_its_corpus_again(
+        corpus_dir, first_bundle, tmp_path, monkeypatch):
+    """Tier 5 (L) as the quick study has it: each optimizer at the lr its tinyS sweep chose,
+    stopped by the budget of one invocation and finished by the next from its checkpoint, both
+    reading the same windows in the same order, more than once; the page's gap table then has
+    the size, its passes and the tier still missing."""
+    from benchmarks.study import sweep
+
+    monkeypatch.setattr(sweep, "STOP_MARGIN_S", 0.0)
+    monkeypatch.setattr(sweep, "MIN_LAUNCH_S", -1e9)
+    args = _sweep_args(corpus_dir, tmp_path, "--tiers", "5")
+    cut, rest = tmp_path / "cut.json", tmp_path / "rest.json"
+    assert cli.main(args + ["--time-budget-s", "0.001", "--resume", str(first_bundle), "--bundle", str(cut)]) == 0
+    assert [s["reason"].split(";")[0] for s in json.loads(cut.read_text())["skipped"]] == [
+        "stopped at step 1 of 40 by the time budget"] * 2
+    assert cli.main(args + ["--resume", f"{first_bundle},{cut}", "--bundle", str(rest)]) == 0
+    runs = {r["optimizer"]: r for r in json.loads(rest.read_text())["runs"]}
+    first = json.loads(first_bundle.read_text())["runs"]
+    for name, r in runs.items():
+        assert (r["size"], r["stage"], r["lr_rule"], r["tier"]) == ("tinyL", "transfer", "tinyS-best", 5)
+        assert r["lr"] == plan.best_lr(first, "tinyS", name, 0) and r["resumed_at"] == [1]
+        assert 1 < r["passes"] < 2 and r["status"] == "ok"
+    assert runs["AdamW"]["window_order_sha1"] == runs["Magma-Adam"]["window_order_sha1"]
+
+    study, edition, summ = report.load_report([str(first_bundle), str(cut), str(rest)])
+    text = page.build_page(study, summ, ["--inputs", "x"], {}, edition=edition)
+    label = f"tinyL ({runs['AdamW']['passes']:.2f} passes)"
+    assert f"| {label} | AdamW | {runs['AdamW']['lr']:g} |" in text and "- Tier 5: all 2 planned runs are in." in text
+    gaps = page.gap_lines(study, summ, edition, {})
+    assert "| tinyM | not run yet (tier 3) | 0.01M | | | | |" in gaps
+    row = next(line for line in gaps if line.startswith(f"| {label} | "))
+    assert f"| {runs['AdamW']['passes']:.2f} |" in row and row in text
+
+
+def test_a_checkpoint_outlives_a_new_estimate_of_its_size():
+    """Measuring a size's tokens/s between two calls must not restart its runs: the checkpoint's
+    key ignores the plan's estimates, not what the run trains."""
+    from benchmarks.study.trainer import RunJob, checkpoint_key
+
+    size, recipe = EDITION.sizes["L"], EDITION.optimizers["AdamW"]
+    key = checkpoint_key(RunJob("r", size, 1e-3, 0, 0.1, "sha"), recipe)
+    remeasured = dataclasses.replace(size, tokens_per_s=0.9e6, setup_s=45.0)
+    assert checkpoint_key(RunJob("r", remeasured, 1e-3, 0, 0.1, "sha"), recipe) == key
+    shorter = dataclasses.replace(size, steps=size.steps - 1)
+    assert checkpoint_key(RunJob("r", shorter, 1e-3, 0, 0.1, "sha"), recipe) != key
+
+
 @pytest.mark.parametrize("argv,message", [
     (["--tiers", "1", "--data", "{small}", "--bundle", "{tmp}/b.json"], "to see no byte twice"),
     (["--tiers", "1,3", "--bundle", "{tmp}/b.json"], "train on different corpora"),
@@ -176,7 +224,7 @@ def test_throughput_times_every_optimizer(tmp_path):
 
 @pytest.mark.parametrize("argv,message", [
     (["--tiers", "1"], "--bundle is needed"),
-    (["--plan", "--tiers", "9"], "there are tiers [1, 2, 3, 4], not [9]"),
+    (["--plan", "--tiers", "9"], "there are tiers [1, 2, 3, 4, 5], not [9]"),
     (["--plan", "--optimizers", "Adam"], "unknown ['Adam']"),
     (["--mode", "throughput", "--bundle", "b.json"], "--mode throughput needs --size"),
     (["--plan", "--resume", "absent.json"], "no such file(s) ['absent.json']"),
@@ -311,9 +359,16 @@ def test_plan_prints_every_run_with_tokens_and_minutes(corpus_dir, monkeypatch, 
     assert "S 3.20M (measured on one H200, 2026-11-26)" in out and "M 1.78M (PLACEHOLDER, not measured)" in out
     assert "  tier 1: 36 runs, 7.08B tokens," in out and "  tier 2: 36 runs, 7.08B tokens," in out
     assert "  tier 3: 8 runs, 5.24B tokens," in out and "  tier 4: 18 runs, 3.54B tokens," in out
-    assert "total: 98 runs, 22.94B tokens" in out
+    assert "  tier 5: 2 runs, 1.97B tokens," in out and "total: 100 runs, 24.90B tokens" in out
+    assert "49.90M parameters" in out and "L 1.00M (PLACEHOLDER, not measured)" in out
+    assert ("Measure L's tokens/s first, in one device call on the kind of GPU that will run it: bash "
+            "benchmarks/study_device_run.sh throughput_L 540 --mode throughput --size L --optimizers AdamW,Magma-Adam "
+            "--repeats 1") in out
+    assert "--size M --optimizers AdamW,Magma-Adam,RMSProp,Magma-RMSProp --repeats 1" in out  # M unmeasured here
+    assert "a run takes about 17.0 min: longer than one device call" in out and "one such run fits on one" in out
     assert "NOT ENOUGH" in out  # the test corpus feeds no real run
     assert "M__AdamW__lrS-best+1__seed0" in out and "S__Muon__lr0.05__seed0" in out
+    assert "L__AdamW__lrS-best__seed0" in out and "L__Magma-Adam__lrS-best__seed0" in out
 
 
 def test_plan_counts_each_size_on_its_corpus(corpus_dir, first_bundle, tmp_path, capsys):
@@ -415,6 +470,49 @@ def test_every_result_of_a_size_read_twice_says_so():
     assert "ours L (1.37 passes)" in text and "**L (1.37 passes).** Measured order" in text
     assert "Size L's runs read their training bytes 1.37 times" in text
     assert summary.size_label("S", summary.summarize([_run("AdamW", 1e-3, 0, 2.0, size="S")], EDITION)["S"]) == "S"
+
+
+def _pair(size, params, dim, ppls, passes=None):
+    """AdamW and Magma-Adam at one size: {seed: (AdamW's ppl, Magma-Adam's)} at their best lrs."""
+    extra = {"size": size, "num_parameters": params, "model": {"vocab_size": 256, "dim": dim}, "tokens": 20 * params,
+             "batch_size": 4, "seq_len": 8}
+    extra |= {"passes": passes} if passes else {}
+    return [dict(_run(name, lr, seed, pair[i]), **extra, stage="transfer" if size == "L" else "sweep")
+            for seed, pair in ppls.items() for i, (name, lr) in enumerate((("AdamW", 1e-3), ("Magma-Adam", 5e-3)))]
+
+
+def test_the_gap_by_size_has_every_planned_size_and_the_papers():
+    """The gap table: each size's gap (with each seed's where several ran), a planned size
+    without records as "not run yet", L's passes over its data once it ran, the paper's at its
+    sizes on their transformer bodies."""
+    s_runs = _pair("S", 10_818_432, 384, {0: (2.00, 2.03), 1: (2.02, 2.04)})
+    m_runs = _pair("M", 29_173_248, 512, {0: (1.70, 1.71)})
+    l_runs = _pair("L", 49_900_000, 640, {0: (1.60, 1.576)}, passes=1.374)
+    before = "\n".join(page.gap_lines(records.Study(runs=s_runs + m_runs), summary.summarize(s_runs + m_runs, EDITION),
+                                      EDITION, {}))
+    assert "| L | not run yet (tier 5) | 983.04M | | | | |" in before
+    assert "| S | 10.82M (10.62M) | 216.37M | at most 1 | 2.0100 [2.0000, 2.0200] (2 seeds) | 2.0350 [2.0300, " \
+           "2.0400] (2 seeds) | +1.2% [seed 0 +1.5%; seed 1 +1.0%] |" in before
+    assert "| M | 29.17M (28.91M) | 583.46M | at most 1 | 1.7000 (1 seed) | 1.7100 (1 seed) | +0.6% |" in before
+    assert "| paper 60M | 58.07M (25.31M) | | | 30.79 | 29.09 | -5.5% |" in before
+    assert "| paper 130M | 134.11M (84.95M) | | | 24.77 | 22.08 | -10.9% |" in before
+    assert "gap_vs_size" not in before  # no figure given, none linked
+    runs = s_runs + m_runs + l_runs
+    after = "\n".join(page.gap_lines(records.Study(runs=runs), summary.summarize(runs, EDITION), EDITION,
+                                     {"gap_vs_size": "p/gap_vs_size.png"}))
+    assert "not run yet" not in after and "| L (1.37 passes) | 49.90M (49.57M) | 998.00M | 1.37 |" in after
+    assert "| 1.6000 (1 seed) | 1.5760 (1 seed) | -1.5% |" in after
+    assert "![the gap in final validation perplexity against model size](p/gap_vs_size.png)" in after
+    assert definition.PAPER.models[0].body_parameters == 25_305_600  # GaLore's llama_60m: 512 x 8, MLP 1376
+
+
+def test_the_gap_figure_is_drawn_where_a_size_ran_both(tmp_path):
+    pytest.importorskip("matplotlib")
+    runs = _pair("S", 10_818_432, 384, {0: (2.00, 2.03)}) + _pair("L", 49_900_000, 640, {0: (1.6, 1.58)}, 1.374)
+    files = plots.draw(summary.summarize(runs, EDITION), runs, tmp_path, EDITION)
+    assert files["gap_vs_size"].is_file() and files["gap_vs_size"].stat().st_size > 0
+    only_adamw = [r for r in runs if r["optimizer"] == "AdamW"]
+    assert "gap_vs_size" not in plots.draw(summary.summarize(only_adamw, EDITION), only_adamw, tmp_path / "a", EDITION)
 
 
 def test_report_page_lists_the_runs_the_paper_and_what_is_missing(first_bundle, tmp_path):

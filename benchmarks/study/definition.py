@@ -4,12 +4,12 @@ page's prose.
 This is edition 2 of the study (issue 13; records in ``benchmarks/results/convergence2/``). It
 follows the paper's protocol (GaLore's: Llama, batch x 256 tokens, about 20 tokens per parameter,
 10% linear warm-up then cosine decay to 10% of the peak, best-lr final validation perplexity),
-scaled to byte-level models of about 10M (S) and 30M (M) parameters, in three tiers that run in
-order (each lands before the next starts). Its runs use the study's own training loop
+scaled to byte-level models of about 10M (S), 30M (M) and 50M (L, issue 33) parameters, in tiers
+that run in order (each lands before the next starts). Its runs use the study's own training loop
 (:mod:`.trainer`: torch.compile, bf16 autocast, no host sync per step) on a corpus built from the
-installed Python's files (:mod:`.corpus`), read without replacement. Size L (about 50M
-parameters) is defined for issue 33 but in no tier yet. Edition 1's code (issue 9) was removed
-after commit 30d8086; its page, ``benchmarks/results/convergence.md``, stays as it was.
+installed Python's files (:mod:`.corpus`), read without replacement where it is long enough (L's
+runs read theirs about 1.4 times). Edition 1's code (issue 9) was removed after commit 30d8086;
+its page, ``benchmarks/results/convergence.md``, stays as it was.
 
 A (size, optimizer) pair is a *cell*. Nothing here imports torch or runs anything. The runner
 builds what a :class:`Recipe` names (:mod:`.optimizers`); the report takes the optimizers'
@@ -119,7 +119,8 @@ class Size:
 # alone, 3.26M for four side by side (benchmarks/results/convergence2_pilot/): one run already fills
 # the GPU. M measured on one H200 on 2026-12-03 by tier 3's first run (tier3_h200_2026-12-03_call22.json):
 # 1.78M tokens/s alone; on one H100 (2026-12-06) M runs reached 1.60-1.63M tokens/s. L is a
-# placeholder until `--mode throughput --size L` measures it: M's rate scaled by the parameter counts.
+# placeholder until `--mode throughput --size L` measures it (`--plan` prints the command): M's rate
+# scaled by the parameter counts.
 TOKENS_PER_S = {"S": 3.2e6, "M": 1.78e6, "L": 1.0e6}
 # Where each size's figure was measured (None: a placeholder still).
 MEASURED_TOKENS_PER_S = {"S": "one H200, 2026-11-26", "M": "one H200, 2026-12-03", "L": None}
@@ -139,11 +140,13 @@ SIZES = {
     "L": Size("L", dim=640, layers=10, heads=10, steps=7500, batch_size=512, seq_len=256, eval_batches=4,
               final_eval_batches=16, tokens_per_s=TOKENS_PER_S["L"], corpus="larger", max_passes=2),
 }
-QUICK_SIZES = {
+QUICK_SIZES = {  # tinyL reads more windows than the CPU tests' corpus of about 100 KB holds, as L does
     "S": Size("tinyS", dim=64, layers=2, heads=2, steps=24, batch_size=8, seq_len=64, eval_batches=2, evals=3,
               final_eval_batches=3, train_points=8, tokens_per_s=4e4, setup_s=1.0),
     "M": Size("tinyM", dim=64, layers=3, heads=2, steps=16, batch_size=8, seq_len=64, eval_batches=2, evals=2,
               final_eval_batches=3, train_points=8, tokens_per_s=3e4, setup_s=1.0),
+    "L": Size("tinyL", dim=96, layers=3, heads=3, steps=40, batch_size=48, seq_len=64, eval_batches=2, evals=2,
+              final_eval_batches=3, train_points=8, tokens_per_s=3e4, setup_s=1.0, max_passes=2),
 }
 
 
@@ -263,6 +266,7 @@ class Tier:
 TIER_1 = ("AdamW", "Magma-Adam", "RMSProp", "Magma-RMSProp")
 TIER_2 = ("LaProp", "Magma-LaProp", "SkipUpdate", "Muon")
 TIER_4 = ("Magma-Adam-bf16", "Magma-Adam-bf16-nearest")
+TIER_5 = ("AdamW", "Magma-Adam")
 TIERS = (
     Tier(1, "S", TIER_1, seeds=(0,), best_lr_seeds=(1, 2),
          note="the paper's four over the grid, seed 0; then seeds 1 and 2 at each one's best lr"),
@@ -271,16 +275,41 @@ TIERS = (
          note="tier 1's four at their S-best lr and the next grid point above, seed 0"),
     Tier(4, "S", TIER_4, seeds=(0,), best_lr_seeds=(1, 2),
          note="Magma-Adam with bfloat16 moments, rounded stochastically and to nearest, as tier 1 (issue 31)"),
+    Tier(5, "L", TIER_5, seeds=(0,), transfer_from="S", transfer_offsets=(0,),
+         note="AdamW and Magma-Adam at their S-best lr, seed 0 (issue 33): a run reads M's corpus about 1.4 times"),
 )
 QUICK_TIERS = (  # the smoke test's: one extra seed at the best lr instead of two
     Tier(1, "S", TIER_1, seeds=(0,), best_lr_seeds=(1,), note=TIERS[0].note.replace("1 and 2", "1")),
     Tier(2, "S", TIER_2, seeds=(0,), best_lr_seeds=(1,), note=TIERS[1].note),
     TIERS[2],
     Tier(4, "S", TIER_4, seeds=(0,), best_lr_seeds=(1,), note=TIERS[3].note),
+    TIERS[4],
 )
 
 
 # ---------------------------------------------------------------------------- the claim
+
+
+@dataclass(frozen=True)
+class PaperModel:
+    """One of the paper's Llamas: its name (about its total parameters, with a ``vocab_size``-token
+    embedding and an untied LM head) and the shape of its transformer body."""
+
+    name: str
+    dim: int
+    layers: int
+    mlp_hidden: int
+    vocab_size: int = 32000
+
+    @property
+    def body_parameters(self) -> int:
+        """Parameters of the blocks (attention 4 x dim^2, SwiGLU 3 x dim x mlp_hidden, two norms)
+        and the final norm: all but the embedding and the LM head."""
+        return self.layers * (4 * self.dim ** 2 + 3 * self.dim * self.mlp_hidden + 2 * self.dim) + self.dim
+
+    @property
+    def parameters(self) -> int:
+        return self.body_parameters + 2 * self.vocab_size * self.dim
 
 
 @dataclass(frozen=True)
@@ -289,7 +318,8 @@ class PaperClaim:
 
     ``relations`` are the pairwise orderings that ``ordering`` implies ("a < b": a reaches the
     lower perplexity). ``table`` holds the paper's numbers where the page shows them: its model
-    size -> optimizer (this study's name) -> final validation perplexity.
+    size -> optimizer (this study's name) -> final validation perplexity; ``models`` the shapes of
+    those sizes (the page plots the gap against size on their transformer bodies).
     """
 
     ordering: str
@@ -298,6 +328,7 @@ class PaperClaim:
     not_reproduced: str
     table: Mapping[str, Mapping[str, float]] = field(default_factory=dict, hash=False)
     table_source: str = ""
+    models: tuple[PaperModel, ...] = ()
 
 
 SUBJECT = "Magma"
@@ -313,14 +344,18 @@ PAPER = PaperClaim(
     not_reproduced="Not reproduced: the paper's models (Llama with a 32K-token vocabulary at 60M and 130M "
                    "parameters), its data (C4) and its token-level perplexities. This edition keeps the "
                    "protocol (about 20 tokens per parameter, the schedule, the grid, best-lr selection, what "
-                   "Magma masks) at byte level and at 11M and 29M parameters; compare the relative "
-                   "differences to Adam, not the absolute perplexities. Differences smaller than the seed "
-                   "ranges above are not evidence either way.",
+                   "Magma masks) at byte level and at 11M, 29M and 50M parameters (50M: tier 5); compare "
+                   "the relative differences to Adam, not the absolute perplexities. Differences smaller than "
+                   "the seed ranges above are not evidence either way.",
     table={"60M": {"AdamW": 30.79, "Magma-Adam": 29.09, "LaProp": 29.98, "Magma-LaProp": 29.05,
                    "RMSProp": 29.29, "Magma-RMSProp": 28.55},
            "130M": {"AdamW": 24.77, "Magma-Adam": 22.08, "LaProp": 23.07, "Magma-LaProp": 22.16,
                     "RMSProp": 22.64, "Magma-RMSProp": 21.66}},
     table_source="arXiv 2602.15322, Table 1 (Llama on C4, batch 512 x 256 tokens, 10K steps at 60M)",
+    # GaLore's configs (configs/llama_60m.json, llama_130m.json): most of 60M is its 32K-token embedding
+    # and LM head; its body (25.3M) is about our M's, 130M's (85.0M) above our L's.
+    models=(PaperModel("60M", dim=512, layers=8, mlp_hidden=1376),
+            PaperModel("130M", dim=768, layers=12, mlp_hidden=2048)),
 )
 
 # The training recipe every optimizer shares; {betas} and {weight_decay} come from the records.
@@ -332,7 +367,10 @@ SHARED_RECIPE = (
     "the first 10% of steps, then cosine decay to 10% of the peak; gradient clipping at 1.0; "
     "bfloat16 autocast and torch.compile of the model on CUDA (float32, eager on CPU). Each run "
     "reads windows of seq_len + 1 bytes at stride seq_len in a seeded random order without "
-    "replacement, so no run sees a training byte twice. Validation: fixed windows spread over "
+    "replacement, so no run of S or M sees a training byte twice; an L run reads more windows than "
+    "its corpus holds, and once it has read every window it reads them all again in a new shuffled "
+    "order (each L result says how many passes). Runs of one size and seed read the same windows in the "
+    "same order whatever the optimizer. Validation: fixed windows spread over "
     "the held-out split at step 0 and every twentieth of the run; the final perplexity is "
     "measured on more windows. Perplexity is per byte, exp(val loss).")
 
@@ -340,15 +378,17 @@ SHARED_RECIPE = (
 DESIGN = (
     "Design (issue 13): the paper's protocol (GaLore's: Llama, 10% warm-up then cosine to 10% of the "
     "peak, learning rates 1e-4, 5e-4, 1e-3, 5e-3 and 1e-2, the final validation perplexity at the "
-    "best lr), scaled to byte-level models of about 10M (S) and 30M (M) parameters at about 20 tokens "
-    "per parameter, with 2e-2 and 5e-2 added to the grid for the robustness claim. Tier 1 (S): AdamW, "
+    "best lr), scaled to byte-level models of about 10M (S), 30M (M) and 50M (L) parameters at about 20 "
+    "tokens per parameter, with 2e-2 and 5e-2 added to the grid for the robustness claim. Tier 1 (S): AdamW, "
     "Magma-Adam, RMSProp and Magma-RMSProp over the grid with seed 0, then seeds 1 and 2 at each "
     "one's best lr. Tier 2 (S): LaProp, Magma-LaProp, SkipUpdate and Muon the same way. Tier 3 (M): "
     "tier 1's four at their S-best lr and the next grid point above, seed 0. Tier 4 (S, issue 31): "
     "Magma-Adam with its moments stored in bfloat16, rounded stochastically (Magma-Adam-bf16) and, to "
-    "show what that buys, to nearest (Magma-Adam-bf16-nearest), as tier 1. The best learning rate "
-    "of a cell minimises the mean final validation perplexity over the seeds that every learning "
-    "rate of the cell ran; the extra seeds at it favour it slightly, as seed 0 picked it{shard_note}.")
+    "show what that buys, to nearest (Magma-Adam-bf16-nearest), as tier 1. Tier 5 (L, issue 33): "
+    "AdamW and Magma-Adam at their S-best lr, seed 0, the paper's batch of 512 x 256 tokens; M's corpus "
+    "is shorter than an L run, which reads it about 1.4 times. The best learning rate of a cell "
+    "minimises the mean final validation perplexity over the seeds that every learning rate of the "
+    "cell ran; the extra seeds at it favour it slightly, as seed 0 picked it{shard_note}.")
 
 
 # ---------------------------------------------------------------------------- the edition
@@ -358,7 +398,8 @@ DESIGN = (
 class Edition:
     """The study's protocol. ``sizes``/``tiers`` are the real study, ``quick_sizes``/``quick_tiers``
     its CPU smoke test (``--quick``: the same tiers at tiny sizes, the ``quick_lrs`` middle points
-    of each grid, ``quick_optimizers`` by default)."""
+    of each grid, ``quick_optimizers`` by default). ``gap`` is the (subject, baseline) pair whose
+    difference in best final perplexity the page follows across sizes, beside the paper's."""
 
     number: int
     sizes: Mapping[str, Size]
@@ -374,6 +415,7 @@ class Edition:
     stable_within: float
     weight_decay: float = WEIGHT_DECAY
     quick_lrs: int = 2
+    gap: tuple[str, str] | None = None
 
     def title(self) -> str:
         """The page's title: the subject against every baseline of the optimizers."""
@@ -396,7 +438,7 @@ class Edition:
 EDITION = Edition(
     number=2, sizes=SIZES, optimizers=OPTIMIZERS, tiers=TIERS, quick_sizes=QUICK_SIZES, quick_tiers=QUICK_TIERS,
     quick_optimizers=("AdamW", "Magma-Adam"), reference="AdamW", paper=PAPER, shared_recipe=SHARED_RECIPE,
-    design=DESIGN, stable_within=0.05)
+    design=DESIGN, stable_within=0.05, gap=("Magma-Adam", "AdamW"))
 
 
 # ---------------------------------------------------------------------------- prose helpers

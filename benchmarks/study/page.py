@@ -1,5 +1,6 @@
 """The Markdown page of the study, as text: set-up, results, cost, the check of the paper's
-claim, the runs, the planned runs that have no record yet (:mod:`.plan`) and their provenance.
+claim (with the gap between the edition's subject and its baseline at each size, beside the
+paper's), the runs, the planned runs that have no record yet (:mod:`.plan`) and their provenance.
 
 Optimizer names, their order, the fused paths, the recipe text and the claim come from the
 study's definition (:mod:`.definition`); the numbers from the records. Nothing here knows a
@@ -15,13 +16,16 @@ import shlex
 from .definition import Edition, spelled
 from .plan import make_cells, not_finished, ordered_runs
 from .records import FINISHED, Study, corpus_of, merged_meta, now_utc
-from .summary import CellSummary, Summary, mean, ppl, seeds_run, size_label
+from .summary import CellSummary, Summary, gaps_by_size, mean, ppl, seeds_run, size_label
 
 RUNNER = "benchmarks/convergence.py"
 REPORTER = "benchmarks/convergence.py report"
 # The figures of :mod:`.plots` by name, with the text that stands for them.
 FIGURES = {"val_curves": "validation loss at the best learning rate",
-           "ppl_vs_lr": "final validation perplexity against learning rate"}
+           "ppl_vs_lr": "final validation perplexity against learning rate",
+           "gap_vs_size": "the gap in final validation perplexity against model size"}
+# The figures shown with the results; the others sit beside the text they illustrate.
+RESULT_FIGURES = ("val_curves", "ppl_vs_lr")
 
 
 def uses_magma(name: str, edition: Edition) -> bool:
@@ -263,6 +267,58 @@ def paper_table(summary: Summary, edition: Edition) -> list[str]:
     return lines + [""]
 
 
+def figure_lines(name: str, figures: dict[str, str] | None) -> list[str]:
+    """The image of figure ``name`` (a key of :data:`FIGURES`), where it was drawn."""
+    link = (figures or {}).get(name)
+    return [f"![{FIGURES[name]}]({link})", ""] if link else []
+
+
+def _percent(value: float) -> str:
+    return f"{100 * value:+.1f}%"
+
+
+def gap_lines(study: Study, summary: Summary, edition: Edition, figures: dict[str, str] | None) -> list[str]:
+    """The gap of ``edition.gap``'s subject to its baseline (best mean final perplexity) at each
+    size, a planned size with no result yet as "not run yet", the paper's at its sizes, and the
+    figure of the gaps against the transformer-body parameters."""
+    if not edition.gap:
+        return []
+    subject, baseline = edition.gap
+    gaps = gaps_by_size(summary, subject, baseline)
+    planned = {}  # the sizes of the tiers that run both, in the order of the edition's sizes
+    for cell in make_cells(edition, quick=study.quick, optimizers=[subject, baseline]):
+        if {subject, baseline} <= set(cell.tier.optimizers):
+            planned.setdefault(cell.size.name, (cell.size, {}))[1][cell.tier.number] = None
+    lines = [f"{subject} against {baseline} at each size: the relative gap of their best mean final validation "
+             f"perplexities ({subject} / {baseline} - 1; below 0, {subject} is better), the gap of each seed "
+             "both ran at their best lrs in brackets. The body is the transformer blocks and the final norm: "
+             "without the embedding and the LM head, which are 2 x 256 x width parameters at byte level and "
+             "most of the paper's 60M. The paper's gaps are per token on C4, ours per byte.", "",
+             f"| size | parameters (body) | tokens per run | passes over the training bytes | {baseline} | "
+             f"{subject} | gap |", "|---|---:|---:|---|---:|---:|---|"]
+    for size in list(planned) + [s for s in gaps if s not in planned]:
+        g = gaps.get(size)
+        if g is None:
+            plan, tiers = planned[size]
+            lines.append(f"| {size} | not run yet (tier {', '.join(map(str, tiers))}) | {plan.tokens / 1e6:,.2f}M "
+                         "| | | | |")
+            continue
+        read = next((r.get("passes") for r in g.subject.best_runs + g.baseline.best_runs if r.get("passes")), None)
+        seeds = "; ".join(f"seed {s} {_percent(v)}" for s, v in g.seed_gaps.items())
+        lines.append(f"| {g.label} | {g.parameters / 1e6:.2f}M ({g.body_parameters / 1e6:.2f}M) | "
+                     f"{g.tokens / 1e6:,.2f}M | {f'{read:.2f}' if read and read > 1 else 'at most 1'} | "
+                     f"{fmt_ppl(g.baseline)} | {fmt_ppl(g.subject)} | {_percent(g.gap)}"
+                     + (f" [{seeds}]" if len(g.seed_gaps) > 1 else "") + " |")
+    paper = edition.paper
+    for model in paper.models:
+        table = paper.table.get(model.name, {})
+        if subject in table and baseline in table:
+            lines.append(f"| paper {model.name} | {model.parameters / 1e6:.2f}M ({model.body_parameters / 1e6:.2f}M) "
+                         f"| | | {table[baseline]:.2f} | {table[subject]:.2f} | "
+                         f"{_relative(table[subject], table[baseline])} |")
+    return lines + [""] + figure_lines("gap_vs_size", figures)
+
+
 def _relation_line(a: CellSummary, b: CellSummary) -> tuple[bool, str]:
     """Whether "a < b" holds, and the line that says so."""
     holds = a.mean_ppl < b.mean_ppl
@@ -444,8 +500,7 @@ def provenance_lines(study: Study, argv: list[str]) -> list[str]:
 
 def planned_runs(study: Study, edition: Edition) -> list[tuple[int, list]]:
     """(tier number, its planned runs in the order a sweep runs them), tier by tier."""
-    quick = any(m.get("quick") for m in study.metas if m.get("mode") == "sweep")
-    cells = make_cells(edition, quick=quick)
+    cells = make_cells(edition, quick=study.quick)
     return [(number, ordered_runs([c for c in cells if c.tier.number == number]))
             for number in dict.fromkeys(c.tier.number for c in cells)]
 
@@ -532,14 +587,15 @@ def build_page(study: Study, summary: Summary, argv: list[str], figures: dict[st
     if summary:
         lines += ["## Results", ""] + results_table(summary) + [
             "", "Every learning rate (bold: the best):", ""] + sweep_table(summary, study.runs) + [""]
-        for name, link in (figures or {}).items():
-            lines += [f"![{FIGURES[name]}]({link})", ""]
+        for name in RESULT_FIGURES:
+            lines += figure_lines(name, figures)
     else:
         lines += ["## Results", "", "No run records were given.", ""]
     lines += ["## End-to-end cost", ""] + throughput_table(study.throughput, edition)
     lines += run_speed_table(study, edition)
     lines += ["## What was and was not reproduced", ""] + (
-        paper_table(summary, edition) + ordering_statement(summary, edition) if summary
+        paper_table(summary, edition) + gap_lines(study, summary, edition, figures)
+        + ordering_statement(summary, edition) if summary
         else ["Nothing to compare: no run records."])
     tiers = planned_runs(study, edition)
     lines += ["", "## Runs", ""] + run_status_lines(study, {run.run_id for _, runs in tiers for run in runs})

@@ -7,11 +7,14 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from .definition import MEASURED_TOKENS_PER_S, Edition, Recipe, Size, Tier
+from .definition import MEASURED_TOKENS_PER_S, Edition, Recipe, Size, Tier, spelled
 from .records import run_id
 
 # A device call runs at most 10 minutes; what it can give to runs, start-up and copies aside.
 DEVICE_CALL_S = 540
+# A lent machine is held at most 30 minutes, its start included; a checkpoint cannot leave it, so a
+# run longer than one call must end on the machine it started on.
+MACHINE_HOLD_S = 30 * 60
 # GPU memory of one H100 as the device tool lends it.
 GPU_MEMORY_BYTES = 78 * 2**30
 # CUDA context, allocator slack and torch.compile's workspace of one process, roughly.
@@ -198,6 +201,21 @@ def calls_line(seconds: float) -> str:
     return f"{calls} device call{'s' * (calls != 1)} of up to {DEVICE_CALL_S // 60} min on one GPU"
 
 
+def throughput_command(size_key: str, optimizers: list[str]) -> str:
+    """The one device call that measures a size's whole-step tokens/s (``--mode throughput``)."""
+    return (f"bash benchmarks/study_device_run.sh throughput_{size_key} {DEVICE_CALL_S} --mode throughput "
+            f"--size {size_key} --optimizers {','.join(optimizers)} --repeats 1")
+
+
+def long_run_note(seconds: float) -> str:
+    """What the plan says of a run longer than one device call."""
+    per_machine = int(MACHINE_HOLD_S // seconds)
+    return (": longer than one device call, so it goes on from its checkpoint in the next call on the same "
+            f"machine; a machine is held at most {MACHINE_HOLD_S // 60} min, so {spelled(per_machine)} such "
+            f"run{'s' * (per_machine != 1)} fit{'s' * (per_machine == 1)} on one, and a run must end on the "
+            "machine it started on" if seconds > DEVICE_CALL_S else "")
+
+
 def plan_lines(edition: Edition, cells: list[Cell], finished: list[dict], corpus_note: list[str]) -> list[str]:
     """The plan (``--plan``): the sizes, every run of every tier with its tokens and estimated
     time on one GPU, and the total per tier."""
@@ -213,6 +231,10 @@ def plan_lines(edition: Edition, cells: list[Cell], finished: list[dict], corpus
              f"Estimates from whole-step tokens/s of one GPU: {rates} (definition.TOKENS_PER_S"
              + ("" if all(measured.values()) else ": measure a placeholder with --mode throughput, then replace it")
              + f"), plus {sizes[0].setup_s:.0f} s of start-up per run." if sizes else "No runs."]
+    for size in (s for s in sizes if not measured[s.name]):
+        here = [c for c in cells if c.size.name == size.name]
+        lines.append(f"Measure {size.name}'s tokens/s first, in one device call on the kind of GPU that will run it: "
+                     + throughput_command(here[0].tier.size, list(dict.fromkeys(c.spec.name for c in here))))
     for size in sizes:
         params = Llama(size.model_config()).num_parameters()
         memory = memory_estimate_bytes(size, params, size.training_bytes_needed // size.max_passes)
@@ -223,8 +245,7 @@ def plan_lines(edition: Edition, cells: list[Cell], finished: list[dict], corpus
                      f"evaluation every {size.eval_every} steps on {size.eval_batches} batches, the final one on "
                      f"{size.final_eval_batches or size.eval_batches}; about {memory / 2**30:.1f} GiB of GPU memory "
                      f"(of {GPU_MEMORY_BYTES / 2**30:.0f}); a run takes about {alone / 60:.1f} min"
-                     + (": longer than one device call, so it goes on from its checkpoint in the next call on the "
-                        "same machine" if alone > DEVICE_CALL_S else ""))
+                     + long_run_note(alone))
     lines += corpus_note
     total_runs, total_tokens, total_s = 0, 0, 0.0
     for number in sorted({c.tier.number for c in cells}):

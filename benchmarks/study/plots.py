@@ -1,4 +1,6 @@
-"""The report's two figures (matplotlib, imported only when a figure is drawn)."""
+"""The report's figures (matplotlib, imported only when a figure is drawn): validation curves,
+perplexity against learning rate, and the gap between the edition's subject and its baseline
+against model size."""
 
 from __future__ import annotations
 
@@ -6,7 +8,7 @@ import math
 from pathlib import Path
 
 from .definition import Edition
-from .summary import Summary, mean, ppl, size_label
+from .summary import SizeGap, Summary, gaps_by_size, mean, ppl, size_label
 
 
 def _pyplot():
@@ -122,10 +124,57 @@ def plot_ppl_vs_lr(summary: Summary, runs: list[dict], path: Path, edition: Edit
     plt.close(fig)
 
 
+def plot_gap_vs_size(gaps: dict[str, SizeGap], path: Path, edition: Edition) -> None:
+    """The subject's gap to its baseline (percent of the baseline's best mean final perplexity)
+    against transformer-body parameters (log x): ours joined in size order, each seed as a dot;
+    the paper's at its sizes as open squares on dotted lines, for scale."""
+    plt = _pyplot()
+    subject, baseline = edition.gap
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    ours = sorted(gaps.values(), key=lambda g: g.body_parameters)
+    x = [g.body_parameters / 1e6 for g in ours]
+    ax.plot(x, [100 * g.gap for g in ours], marker="o", color=color(subject, edition),
+            label="this study (per byte), mean over seeds")
+    for g, xi in zip(ours, x):
+        ax.plot([xi] * len(g.seed_gaps), [100 * v for v in g.seed_gaps.values()], ".", color="gray", alpha=0.7)
+        ax.annotate(g.label, (xi, 100 * g.gap), textcoords="offset points", xytext=(6, 6), fontsize=8)
+    paper = edition.paper
+    marked = [(m, paper.table[m.name]) for m in paper.models
+              if subject in paper.table.get(m.name, {}) and baseline in paper.table.get(m.name, {})]
+    for i, (model, table) in enumerate(marked):
+        body, gap = model.body_parameters / 1e6, 100 * (table[subject] / table[baseline] - 1)
+        x.append(body)
+        ax.axvline(body, color="gray", linestyle=":", linewidth=1)
+        ax.plot(body, gap, "s", markerfacecolor="none", color="black",
+                label="the paper (per token, C4)" if i == 0 else None)
+        ax.annotate(f"paper {model.name}\n(body {body:.1f}M)", (body, gap), textcoords="offset points",
+                    xytext=(-8, 0), ha="right", va="center", fontsize=8, color="gray")
+    ax.axhline(0, color="black", linewidth=0.8)
+    ax.set_xscale("log")
+    ax.set_xlim(min(x) / 1.5, max(x) * 1.5)
+    ticks = [t for t in (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000) if min(x) / 1.5 <= t <= max(x) * 1.5]
+    ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
+    ax.xaxis.set_minor_formatter(plt.NullFormatter())
+    ax.set_xlabel("transformer-body parameters, M (embedding and LM head excluded; log scale)")
+    ax.set_ylabel(f"final val ppl, {subject} vs {baseline} (%)")
+    ax.set_title(f"{subject} against {baseline} by model size (below 0: {subject} better; gray dots: seeds)",
+                 fontsize=9)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def draw(summary: Summary, runs: list[dict], plots_dir: Path, edition: Edition) -> dict[str, Path]:
-    """Both figures into ``plots_dir``: name -> file."""
+    """The figures into ``plots_dir``: name -> file (the gap figure where some size ran both of
+    ``edition.gap``)."""
     plots_dir.mkdir(parents=True, exist_ok=True)
     files = {"val_curves": plots_dir / "val_curves.png", "ppl_vs_lr": plots_dir / "ppl_vs_lr.png"}
     plot_val_curves(summary, files["val_curves"], edition)
     plot_ppl_vs_lr(summary, runs, files["ppl_vs_lr"], edition)
+    gaps = gaps_by_size(summary, *edition.gap) if edition.gap else {}
+    if gaps:
+        files["gap_vs_size"] = plots_dir / "gap_vs_size.png"
+        plot_gap_vs_size(gaps, files["gap_vs_size"], edition)
     return files

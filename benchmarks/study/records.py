@@ -14,8 +14,10 @@ chose its lr: "best", "S-best", "S-best+1"), ``lr_note``, the budget (``steps``,
 ``timed_steps``, ``resumed_at`` (steps at which it went on from a checkpoint); a finished run adds
 ``final_train_loss``, ``final_val_loss``, ``final_val_ppl``, ``ms_per_step``, ``tokens_per_s``,
 ``peak_mem_bytes``, ``num_parameters``, ``passes`` (how often it read its training bytes; absent
-in records older than that field, which read them once at most) and the curves ``train_loss`` /
-``val_loss`` (``[step, loss]`` pairs, :func:`curve`); then ``edition``, ``command``, ``date``,
+in records older than that field, which read them once at most), ``window_order_sha1`` (of the
+order it read its training windows in: one for all runs of one size and seed on one corpus;
+absent in older records) and the curves ``train_loss`` / ``val_loss`` (``[step, loss]`` pairs,
+:func:`curve`); then ``edition``, ``command``, ``date``,
 ``env`` and ``data`` of its invocation, ``data`` describing the corpus (:func:`.corpus.describe`):
 file list and content SHA-1. Older records also hold ``gpu`` and ``side_by_side``.
 
@@ -159,6 +161,11 @@ class Study:
     corpora: Corpora = field(default_factory=dict)  # the corpus each size's runs count on
     other_corpus_runs: list[dict] = field(default_factory=list)  # runs on another corpus: left out
     stale_runs: list[dict] = field(default_factory=list)  # best-lr runs at a sweep's former best (the report's)
+
+    @property
+    def quick(self) -> bool:
+        """Whether these are records of the ``--quick`` smoke test (its tiny sizes and grids)."""
+        return any(m.get("quick") for m in self.metas if m.get("mode") == "sweep")
 
     def admits(self, corpus: str | None) -> bool:
         """Whether an invocation that trained on ``corpus`` belongs to the study (its set-up, its skips)."""

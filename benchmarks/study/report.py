@@ -29,9 +29,8 @@ def load_report(inputs: list[str]) -> tuple[Study, Edition, Summary]:
     sweep's former best lr set aside, and their summary (empty without runs)."""
     edition = EDITION
     study = load_study(inputs, edition.number)
-    quick = any(m.get("quick") for m in study.metas if m.get("mode") == "sweep")
-    study.runs, study.stale_runs = split_stale(study.runs, make_cells(edition, quick=quick))
-    summary = summarize(study.runs, edition, quick=quick) if study.runs else {}
+    study.runs, study.stale_runs = split_stale(study.runs, make_cells(edition, quick=study.quick))
+    summary = summarize(study.runs, edition, quick=study.quick) if study.runs else {}
     return study, edition, summary
 
 

@@ -132,3 +132,40 @@ def seeds_run(runs: list[dict], size: str) -> str:
         return f"{transfer} at {' and '.join(rules)}"
     text = f"{every} at every lr"
     return text + (f"; {best} at the best lr of seed {every[0] if every else 0}" if best else "")
+
+
+@dataclass
+class SizeGap:
+    """How ``subject`` compares with ``baseline`` at one size: their best mean final perplexities,
+    the relative gap between them (``subject / baseline - 1``: below 0, the subject is better) and
+    the gap of each seed both ran at their best lrs."""
+
+    size: str
+    label: str  # the size with its passes over the data where more than one (:func:`size_label`)
+    parameters: int
+    body_parameters: int  # without the embedding and the untied LM head
+    tokens: int
+    subject: CellSummary
+    baseline: CellSummary
+    seed_gaps: dict[int, float]
+
+    @property
+    def gap(self) -> float:
+        return self.subject.mean_ppl / self.baseline.mean_ppl - 1
+
+
+def gaps_by_size(summary: Summary, subject: str, baseline: str) -> dict[str, SizeGap]:
+    """size -> :class:`SizeGap`, for the sizes where both cells ran and neither diverged."""
+    out = {}
+    for size, cells in summary.items():
+        a, b = cells.get(subject), cells.get(baseline)
+        if a is None or b is None or not (math.isfinite(a.mean_ppl) and math.isfinite(b.mean_ppl)):
+            continue
+        run = a.best_runs[0]
+        model = run.get("model") or {}
+        embeddings = 2 * model.get("vocab_size", 0) * model.get("dim", 0)
+        by_seed = ({r["seed"]: ppl(r) for r in a.best_runs}, {r["seed"]: ppl(r) for r in b.best_runs})
+        seed_gaps = {s: by_seed[0][s] / by_seed[1][s] - 1 for s in sorted(by_seed[0].keys() & by_seed[1].keys())}
+        out[size] = SizeGap(size, size_label(size, cells), run["num_parameters"], run["num_parameters"] - embeddings,
+                            run.get("tokens", 0), a, b, seed_gaps)
+    return out

@@ -90,9 +90,16 @@ def eval_windows(val: torch.Tensor, size: Size, batches: int) -> list[torch.Tens
     return list(starts.split(size.batch_size))
 
 
+# Fields of a Size that only feed the plan's estimates: a new measurement of them between two calls
+# must not throw away a run's checkpoint.
+ESTIMATE_FIELDS = ("tokens_per_s", "setup_s")
+
+
 def checkpoint_key(job: RunJob, recipe: Recipe) -> str:
-    """What a checkpoint must match to be taken up: the run, its recipe, its data."""
-    what = {"run": job.run_id, "size": asdict(job.size), "lr": job.lr, "seed": job.seed,
+    """What a checkpoint must match to be taken up: the run, its size as it trains (not the
+    estimates of :data:`ESTIMATE_FIELDS`), its recipe, its data."""
+    size = {k: v for k, v in asdict(job.size).items() if k not in ESTIMATE_FIELDS}
+    what = {"run": job.run_id, "size": size, "lr": job.lr, "seed": job.seed,
             "weight_decay": job.weight_decay, "recipe": [recipe.description, dict(recipe.options)], "dtype": job.dtype,
             "data": job.data_sha1}
     return hashlib.sha1(json.dumps(what, sort_keys=True).encode()).hexdigest()
@@ -143,6 +150,12 @@ class Timing:
                 "warmup_s": self.warmup_s, "wall_s": self.wall_s}
 
 
+def order_sha1(order: torch.Tensor) -> str:
+    """SHA-1 of a run's window order (int64, little-endian): runs that record the same one read
+    the same windows in the same order."""
+    return hashlib.sha1(order.to(torch.int64).numpy().astype("<i8").tobytes()).hexdigest()
+
+
 def window_order(windows: int, needed: int, seed: int) -> torch.Tensor:
     """The first ``needed`` training windows a run reads, as indices into the ``windows`` of its
     split: a seeded random order without replacement, then, if ``needed`` exceeds ``windows``,
@@ -191,7 +204,8 @@ def train_run(job: RunJob, recipe: Recipe, train_data: torch.Tensor, val_data: t
     if passes > size.max_passes:
         raise ValueError(f"{job.run_id}: the training split holds {windows:,} windows, the run reads "
                          f"{steps * batch:,}: more than {size.max_passes} pass(es) (see corpus.check_fits)")
-    starts = (window_order(windows, steps * batch, job.seed) * seq).to(device)
+    order = window_order(windows, steps * batch, job.seed)
+    starts = (order * seq).to(device)
     offsets = torch.arange(seq + 1, device=device)
     periodic = eval_windows(val_data, size, size.eval_batches)
     final = eval_windows(val_data, size, size.final_eval_batches or size.eval_batches)
@@ -289,6 +303,7 @@ def train_run(job: RunJob, recipe: Recipe, train_data: torch.Tensor, val_data: t
         "final_val_ppl": math.exp(val_curve[-1][1]), "ms_per_step": ms_per_step,
         "tokens_per_s": tokens_per_step * 1000 / ms_per_step if ms_per_step else None,
         "train_loss": _curve(losses, size.train_points), "val_loss": val_curve, "passes": passes,
+        "window_order_sha1": order_sha1(order),
     })
     if ckpt_path is not None:
         ckpt_path.unlink(missing_ok=True)
