@@ -4,15 +4,15 @@
 #   bash benchmarks/bf16_device_run.sh [DTYPES]     # step_bench's --dtypes: float32,bfloat16 (default)
 #
 # 1. Build (benchmarks/device_setup.sh: magma_ext for sm_90; the wheels of .whl/ on PYTHONPATH).
-# 2. Five pytest processes side by side on the one GPU (the tests are launch-bound, so they
-#    share it well): tests/test_cuda_bf16_state.py (with -s: it prints how often the kernels'
-#    and the reference's float32 and stored moments differ), tests/test_cuda_ops.py and
-#    tests/test_cuda_parity.py in three parts (nothing else broke).
+# 2. benchmarks/gpu_tests_device_run.sh: five pytest processes side by side on the one GPU (the
+#    tests are launch-bound, so they share it well): tests/test_cuda_bf16_state.py (it prints how
+#    often the kernels' and the reference's float32 and stored moments differ),
+#    tests/test_cuda_ops.py and tests/test_cuda_parity.py in three parts (nothing else broke).
 # 3. Then, the GPU to itself, benchmarks/step_bench.py on the Llama-1B shapes: fused AdamW, Magma
 #    with float32 and with bfloat16 state, torchao's AdamW8bit / AdamWFp8 / AdamW4bit, and the
 #    targets of issue 31 below the table.
-# Back in $OUT/logs: build.log, gpu_tests_bf16.log, gpu_tests_ops.log, gpu_tests_parity<k>.log,
-# step_bench_bf16_<gpu>_<date>.md. About 6 minutes: build 1.5, tests 3.5, benchmark 1-2; the tests
+# Back in $OUT/logs: build.log, test_cuda_bf16_state_0.log, test_cuda_ops_0.log,
+# test_cuda_parity_<k>.log, rounding_agreement.txt, step_bench_bf16_<gpu>_<date>.md. About 6 minutes: build 1.5, tests 3.5, benchmark 1-2; the tests
 # stop at 300 s and the benchmark gets what is left of 400 s (--budget-s), so the whole stays
 # under 7 minutes (TESTS_UNTIL=300 and BENCH_UNTIL=400 in the environment change these).
 #
@@ -25,46 +25,17 @@
 started=$SECONDS
 source benchmarks/device_setup.sh || exit 1
 echo "built in $((SECONDS - started)) s"
-logs="${OUT:-/tmp/out}/logs"
-tag=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | tr -dc 'A-Za-z0-9' | tr 'A-Z' 'a-z')
-day=$(date -u +%Y-%m-%d)
-status=0
-note() { [ "$1" = 0 ] || { [ "$status" = 0 ] && status=$1; }; }
-
-left=$((${TESTS_UNTIL:-300} - (SECONDS - started)))
-pids=()
-tests() {  # tests NAME PYTEST_ARGS...: one pytest process in the background, logged to gpu_tests_NAME.log
-  local name=$1
-  shift
-  timeout "$left" python3 -m pytest -q -p no:cacheprovider "$@" > "$logs/gpu_tests_$name.log" 2>&1 &
-  pids+=("$name:$!")
-}
-tests bf16 -s tests/test_cuda_bf16_state.py
-tests ops tests/test_cuda_ops.py
-python3 -m pytest -q -p no:cacheprovider --collect-only tests/test_cuda_parity.py | grep "::" > /tmp/parity_ids
-for part in 0 1 2; do
-  mapfile -t ids < <(awk -v part=$part 'NR % 3 == part' /tmp/parity_ids)
-  tests "parity$part" "${ids[@]}"
-done
-for entry in "${pids[@]}"; do
-  wait "${entry#*:}"
-  rc=$?
-  note $rc
-  echo "GPU tests ${entry%%:*}: exit $rc, $(tail -1 "$logs/gpu_tests_${entry%%:*}.log")"
-done
-grep -ho "rounding agreement .*\|step after step .*\|pieces [0-9].*" "$logs/gpu_tests_bf16.log" \
-  > "$logs/rounding_agreement.txt"  # -s prints them after pytest's progress dots
-awk '/^rounding agreement/ {f += $(NF-6); n += $(NF-4); s += $NF}
-     END {if (n) printf "one step from one state, all cases: float32 moments differ at %d of %d (%.2e), stored bf16 at %d (%.2e)\n", f, n, f / n, s, s / n}' \
-  "$logs/rounding_agreement.txt"
+bash benchmarks/gpu_tests_device_run.sh $((${TESTS_UNTIL:-300} - (SECONDS - started))) \
+  tests/test_cuda_bf16_state.py:1 tests/test_cuda_ops.py:1 tests/test_cuda_parity.py:3
+note $?
 echo "tests done at $((SECONDS - started)) s"
 
 budget=$((${BENCH_UNTIL:-400} - (SECONDS - started)))
 if (( budget >= 30 )); then
   python3 benchmarks/step_bench.py --shapes llama1b --dtypes "${1:-float32,bfloat16}" --budget-s "$budget" \
-    --max-case-s 10 --out "$logs/step_bench_bf16_${tag}_${day}.md" > "$logs/step_bench.log" 2>&1
+    --max-case-s 10 --out "$logs/step_bench_bf16_${gpu_tag}_${day}.md" > "$logs/step_bench.log" 2>&1
   note $?
-  sed -n '/^| shapes/,/^Total wall time/p' "$logs/step_bench_bf16_${tag}_${day}.md" | grep -v "^[0-9]\. \|^Notes"
+  sed -n '/^| shapes/,/^Total wall time/p' "$logs/step_bench_bf16_${gpu_tag}_${day}.md" | grep -v "^[0-9]\. \|^Notes"
 else
   echo "benchmark not run: ${budget} s left for it"
 fi

@@ -20,11 +20,15 @@ day=$(date -u +%Y-%m-%d)
 gpu_tag=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1 | tr -dc 'A-Za-z0-9' | tr 'A-Z' 'a-z')
 status=0
 note() { [ "$1" = 0 ] || { [ "$status" = 0 ] && status=$1; }; }
-if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    || return 1
-  export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+# The installs, once per process tree: a script started by one that sourced this skips them.
+if [ -z "${MAGMA_EXT_DEVICE_BUILT:-}" ]; then
+  if ls .whl/*.whl >/dev/null 2>&1; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+      .whl/*.whl || return 1
+    export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+  fi
+  python3 -m pip install -q --no-build-isolation --no-deps -e . > "$logs/build.log" 2>&1 \
+    || { tail -30 "$logs/build.log"; return 1; }
+  python3 -c 'import magma_ext, torch; print("magma_ext CUDA:", magma_ext.has_cuda_extension(), torch.cuda.device_count(), "GPUs")'
+  export MAGMA_EXT_DEVICE_BUILT=1
 fi
-python3 -m pip install -q --no-build-isolation --no-deps -e . > "${OUT:-/tmp/out}/logs/build.log" 2>&1 \
-  || { tail -30 "${OUT:-/tmp/out}/logs/build.log"; return 1; }
-python3 -c 'import magma_ext, torch; print("magma_ext CUDA:", magma_ext.has_cuda_extension(), torch.cuda.device_count(), "GPUs")'

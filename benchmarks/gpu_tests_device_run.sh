@@ -7,11 +7,12 @@
 # DEADLINE_S counts from the start, the build (benchmarks/device_setup.sh) included. Part k of a
 # file takes every PARTS-th of its tests from the k-th. Back in $OUT/logs: build.log and one
 # <file>_<k>.log per part (pytest -q -s: a part stopped at the deadline shows how far it got),
-# and, from tests/test_cuda_bf16_state.py, the rounding agreement summed over its cases.
+# and, from tests/test_cuda_bf16_state.py, rounding_agreement.txt (its printed rates, per case)
+# and their sum over the cases, printed.
 # The exit status is the first failing part's (124: stopped at the deadline).
 
 source benchmarks/device_setup.sh || exit 1
-echo "built at ${SECONDS} s"
+echo "set up at ${SECONDS} s"
 deadline=$1
 shift
 pids=()
@@ -33,8 +34,10 @@ for entry in "${pids[@]}"; do
   note $rc
   echo "${entry%%:*}: exit $rc, $(tail -1 "$logs/${entry%%:*}.log")"
 done
-cat "$logs"/test_cuda_bf16_state_*.log 2>/dev/null | grep -o "rounding agreement .*" \
-  | awk '{f += $(NF-6); n += $(NF-4); s += $NF}
-         END {if (n) printf "one step from one state, all cases: float32 moments differ at %d of %d (%.2e), stored bf16 at %d (%.2e)\n", f, n, f / n, s, s / n}'
+cat "$logs"/test_cuda_bf16_state_*.log 2>/dev/null \
+  | grep -o "rounding agreement .*\|step after step .*\|pieces [0-9].*" > "$logs/rounding_agreement.txt"
+awk '/^rounding agreement/ {f += $(NF-6); n += $(NF-4); s += $NF}
+     END {if (n) printf "one step from one state, all cases: float32 moments differ at %d of %d (%.2e), stored bf16 at %d (%.2e)\n", f, n, f / n, s, s / n}' \
+  "$logs/rounding_agreement.txt"
 echo "done at ${SECONDS} s"
 exit $status
