@@ -14,13 +14,13 @@
 #    The 2-GPU tests (tests/test_megatron_gpu.py, _example_gpu.py, _sparse_gather_gpu.py) skip
 #    here: benchmarks/megatron_multi_gpu_device_run.sh runs them.
 # Back in $OUT/logs: the two benchmark tables (.md) and logs, the tests' log, build.log.
-# About 6-7 minutes on an H100: build 1.5-2, each benchmark 1.5-2.5, tests 1.5; each part is cut
-# short by a timeout so that the whole stays under 8 minutes (470 s from the start, setup
-# included). The exit status is the first failure's.
+# About 7-8 minutes on an H100: build 1.5-2, each benchmark 1.5-2.5, tests 2.5 (two waves of a
+# dozen small runs); each part is cut short by a timeout so that the whole stays under 9 minutes
+# (UNTIL=530 s from the start, setup included). The exit status is the first failure's.
 
 source benchmarks/device_setup.sh || exit 1
 tag="${1:-$gpu_tag}"
-left() { echo $((470 - SECONDS)); }  # seconds left of the whole run's budget (SECONDS: since the start)
+left() { echo $((${UNTIL:-530} - SECONDS)); }  # seconds left of the whole run's budget (SECONDS: since the start)
 setup_seconds=$SECONDS
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu,power.draw --format=csv | tee "$logs/gpu.log"
 
@@ -28,7 +28,7 @@ echo "set up in ${setup_seconds} s"
 for wrapper in distopt float16; do
   name="megatron_bench_fused_dp1_${wrapper}_${tag}_${day}"
   flags=$([ "$wrapper" = distopt ] && echo --distributed-optimizer)
-  reserve=$([ "$wrapper" = distopt ] && echo 200 || echo 100)  # for what follows
+  reserve=$([ "$wrapper" = distopt ] && echo 270 || echo 160)  # for what follows
   budget=$(( $(left) - reserve ))
   (( budget > 180 )) && budget=180
   if (( budget < 60 )); then echo "$name not run: ${budget} s left for it"; note 1; continue; fi

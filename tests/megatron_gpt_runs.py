@@ -68,6 +68,8 @@ def parse_args():
     parser.add_argument("--first-step", type=int, default=0, help="steps already taken (with --load)")
     parser.add_argument("--block", default="tensor")
     parser.add_argument("--keep-prob", type=float, default=0.5)
+    parser.add_argument("--moments", choices=["float32", "bfloat16"], default="float32",
+                        help="Magma's exp_avg_dtype and exp_avg_sq_dtype")
     parser.add_argument("--save", help="checkpoint directory, written after the last step")
     parser.add_argument("--load", help="checkpoint directory to resume from")
     parser.add_argument("--format", default="fully_reshardable", help="distrib_optim_sharding_type")
@@ -161,8 +163,10 @@ def build(args):
         bf16=args.dtype == "bf16", fp16=args.dtype == "fp16", params_dtype=dtype, clip_grad=1.0,
         use_distributed_optimizer=args.distributed_optimizer, initial_loss_scale=2.0**12,
     )
+    moments = getattr(torch, args.moments)
     optimizer = get_megatron_magma_optimizer(opt_config, ddps, keep_prob=args.keep_prob, block=args.block, seed=SEED,
-                                             sparse_param_gather=args.sparse_param_gather)
+                                             sparse_param_gather=args.sparse_param_gather,
+                                             exp_avg_dtype=moments, exp_avg_sq_dtype=moments)
     config.grad_scale_func = optimizer.scale_loss
     config.finalize_model_grads_func = finalize_model_grads
     return gpts, ddps, optimizer
@@ -387,6 +391,9 @@ def main():
         check_sync()
     record["names"] = masked_names(ddps, tensors)
     record["scores"] = {}
+    record["moment_dtypes"] = sorted({str(value.dtype) for magma in magma_optimizers(optimizer)
+                                      for state in magma.state.values() for key, value in state.items()
+                                      if key in ("exp_avg", "exp_avg_sq")})
     for magma in magma_optimizers(optimizer):
         record["scores"].update({str(i): e["scores"].tolist() for i, e in gather_block_scores(magma).items()})
     if args.save:

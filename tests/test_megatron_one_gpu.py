@@ -7,6 +7,10 @@ torchrun, one process), for what a single GPU can show. Needs megatron-core (>= 
   MoE experts (SequentialMLP; expert parallelism 1 puts them in the dense part).
 - Checkpoints at DP=1 in both distributed-optimizer formats and the Float16 wrapper's: the
   resumed half repeats the uninterrupted one.
+- Magma's bfloat16 moments (``exp_avg_dtype``/``exp_avg_sq_dtype``): the same masks as float32
+  moments, checkpoints in both distributed-optimizer formats and the Float16 wrapper's that
+  resume exactly (the stochastic rounding's stream continues), and float32 moments loading into
+  bfloat16 ones and back.
 - A checkpoint whose Magma scores are keyed by position (as magma_ext.megatron wrote them before
   names) resumes with those scores under the parameters' names, exactly.
 
@@ -29,6 +33,7 @@ from magma_ext import name_index  # noqa: E402
 
 STEPS, HALF = 16, 8
 DISTOPT = ["--distributed-optimizer"]
+BF16 = ["--moments", "bfloat16"]
 FIRST_WAVE = {  # name: (processes, runner arguments)
     "dp1": (1, DISTOPT),
     "f16": (1, []),
@@ -37,12 +42,25 @@ FIRST_WAVE = {  # name: (processes, runner arguments)
     "dp1_half_dpr": (1, [*DISTOPT, "--steps", str(HALF), "--format", "dp_reshardable"]),
     "dp1_half_legacy": (1, [*DISTOPT, "--steps", str(HALF), "--format", "fully_reshardable", "--legacy-scores"]),
     "f16_half": (1, ["--steps", str(HALF)]),
+    "bf16m": (1, [*DISTOPT, *BF16]),
+    "f16_bf16m": (1, BF16),
+    "bf16m_half_full": (1, [*DISTOPT, *BF16, "--steps", str(HALF), "--format", "fully_reshardable"]),
+    "bf16m_half_dpr": (1, [*DISTOPT, *BF16, "--steps", str(HALF), "--format", "dp_reshardable"]),
+    "f16_bf16m_half": (1, [*BF16, "--steps", str(HALF)]),
 }
 RESUMES = {  # name: (processes, checkpoint of, format, extra arguments)
     "dp1_resume_full": (1, "dp1_half_full", "fully_reshardable", DISTOPT),
     "dp1_resume_dpr": (1, "dp1_half_dpr", "dp_reshardable", DISTOPT),
     "dp1_resume_legacy": (1, "dp1_half_legacy", "fully_reshardable", DISTOPT),
     "f16_resume": (1, "f16_half", "fully_reshardable", []),
+    "bf16m_resume_full": (1, "bf16m_half_full", "fully_reshardable", [*DISTOPT, *BF16]),
+    "bf16m_resume_dpr": (1, "bf16m_half_dpr", "dp_reshardable", [*DISTOPT, *BF16]),
+    "f16_bf16m_resume": (1, "f16_bf16m_half", "fully_reshardable", BF16),
+    "bf16m_from_f32_full": (1, "dp1_half_full", "fully_reshardable", [*DISTOPT, *BF16]),
+    "bf16m_from_f32_dpr": (1, "dp1_half_dpr", "dp_reshardable", [*DISTOPT, *BF16]),
+    "f32_from_bf16m_full": (1, "bf16m_half_full", "fully_reshardable", DISTOPT),
+    "f32_from_bf16m_dpr": (1, "bf16m_half_dpr", "dp_reshardable", DISTOPT),
+    "f16_bf16m_from_f32": (1, "f16_half", "fully_reshardable", BF16),
 }
 
 
@@ -74,7 +92,9 @@ def test_the_wrappers_draw_the_same_masks(runs):
 
 
 @pytest.mark.parametrize("resumed, whole", [("dp1_resume_full", "dp1"), ("dp1_resume_dpr", "dp1"),
-                                            ("dp1_resume_legacy", "dp1"), ("f16_resume", "f16")])
+                                            ("dp1_resume_legacy", "dp1"), ("f16_resume", "f16"),
+                                            ("bf16m_resume_full", "bf16m"), ("bf16m_resume_dpr", "bf16m"),
+                                            ("f16_bf16m_resume", "f16_bf16m")])
 def test_a_resumed_run_repeats_the_uninterrupted_one(runs, resumed, whole):
     a, b = runs(resumed), runs(whole)
     assert a["masks"] == b["masks"][HALF:], f"{resumed}: masks after the resume differ from {whole}'s"
@@ -83,3 +103,25 @@ def test_a_resumed_run_repeats_the_uninterrupted_one(runs, resumed, whole):
     assert a["scores"].keys() == b["scores"].keys()
     for index in a["scores"]:
         assert torch.allclose(torch.tensor(a["scores"][index]), torch.tensor(b["scores"][index]), atol=1e-6), index
+
+
+@pytest.mark.parametrize("name, whole", [("bf16m", "dp1"), ("f16_bf16m", "f16")])
+def test_bfloat16_moments_keep_the_masks_and_stay_near_float32s(runs, name, whole):
+    a, b = runs(name), runs(whole)
+    assert a["moment_dtypes"] == ["torch.bfloat16"] and b["moment_dtypes"] == ["torch.float32"]
+    assert a["masks"] == b["masks"] and a["names"] == b["names"]
+    assert a["losses"] != b["losses"], "bfloat16 moments left no trace: were they float32?"
+    for step, (x, y) in enumerate(zip(a["losses"], b["losses"]), start=1):
+        assert abs(x - y) <= 2e-2 * abs(y), f"{name}: step {step} loss {x} vs {whole}'s {y}"
+
+
+@pytest.mark.parametrize("resumed, whole, dtype", [
+    ("bf16m_from_f32_full", "dp1", "bfloat16"), ("bf16m_from_f32_dpr", "dp1", "bfloat16"),
+    ("f16_bf16m_from_f32", "f16", "bfloat16"),
+    ("f32_from_bf16m_full", "bf16m", "float32"), ("f32_from_bf16m_dpr", "bf16m", "float32")])
+def test_moments_load_into_the_other_dtype(runs, resumed, whole, dtype):
+    a, b = runs(resumed), runs(whole)
+    assert a["moment_dtypes"] == [f"torch.{dtype}"]
+    assert a["masks"] == b["masks"][HALF:]
+    for step, (x, y) in enumerate(zip(a["losses"], b["losses"][HALF:]), start=HALF + 1):
+        assert abs(x - y) <= 2e-2 * abs(y), f"{resumed}: step {step} loss {x} vs {whole}'s {y}"

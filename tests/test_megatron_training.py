@@ -11,6 +11,7 @@ import sys
 from types import ModuleType, SimpleNamespace
 
 import pytest
+import torch
 
 from magma_ext.megatron.training import add_magma_arguments, install, magma_options
 
@@ -24,13 +25,14 @@ def parse(argv, seed=1234):
 def test_the_arguments_map_to_the_factorys_keywords():
     args = parse(["--magma", "--magma-keep-prob", "0.25", "--magma-block", "row", "--magma-tau", "1.5",
                   "--magma-score-ema", "0.8", "--magma-base", "laprop", "--magma-mask", "skip",
-                  "--magma-sparse-param-gather"])
+                  "--magma-sparse-param-gather", "--magma-moments", "bfloat16"])
     assert args.magma
     assert magma_options(args) == dict(keep_prob=0.25, block="row", seed=1234, tau=1.5, score_ema=0.8, base="laprop",
-                                       mask="skip", sparse_param_gather=True)
+                                       mask="skip", sparse_param_gather=True, exp_avg_dtype=torch.bfloat16,
+                                       exp_avg_sq_dtype=torch.bfloat16)
     defaults = magma_options(parse(["--magma-seed", "7", "--magma-block", "64"]))
     assert (defaults["seed"], defaults["block"], defaults["keep_prob"], defaults["mask"]) == (7, 64, 0.5, "magma")
-    assert "masked" not in defaults
+    assert "masked" not in defaults and "exp_avg_dtype" not in defaults
     chosen = magma_options(parse(["--magma-masked", r"\.mlp\.linear_fc1\."]))["masked"]
     assert chosen("decoder.layers.3.mlp.linear_fc1.weight", None)
     assert not chosen("decoder.layers.3.self_attention.linear_qkv.weight", None)
@@ -130,8 +132,6 @@ def test_megatron_lms_default_arguments_pass_the_allow_lists(monkeypatch):
     """The OptimizerConfig and DDP config fields Megatron-LM fills from its own defaults (its dtype
     names mapped as its validate_args maps them) are all allowed."""
     import dataclasses
-
-    import torch
 
     _, arguments = _megatron_training()
     from megatron.core.distributed import DistributedDataParallelConfig

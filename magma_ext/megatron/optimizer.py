@@ -109,8 +109,7 @@ def get_megatron_magma_optimizer(
             parallelism > 1, tensor parallelism with groups that are not TP x DP (several
             distributed-optimizer instances with TP > 1), an expert parameter that holds several
             experts, ``block=N`` with a masked row-parallel weight under tensor parallelism,
-            ``sparse_param_gather`` without the distributed optimizer, bfloat16 moments
-            (``exp_avg_dtype``/``exp_avg_sq_dtype``), or a bad Magma option.
+            ``sparse_param_gather`` without the distributed optimizer, or a bad Magma option.
         magma_ext.megatron.internals.UnsupportedMegatron: a megatron-core before 0.19, or one whose
             private functions or distributed-optimizer layout are not the ones this module reads.
     """
@@ -199,10 +198,6 @@ def _check_arguments(config, model_chunks, magma_options: dict) -> None:
     for key in ("lr", "betas", "eps", "weight_decay", "process_group", "params"):
         if key in magma_options:
             raise TypeError(f"{key} comes from config (or the model), not from a keyword")
-    for key in ("exp_avg_dtype", "exp_avg_sq_dtype"):  # Magma's bfloat16 moments
-        if magma_options.get(key, torch.float32) != torch.float32:
-            raise ValueError(f"{key}={magma_options[key]}: moments other than float32 are not supported by "
-                             "magma_ext.megatron yet (Megatron's checkpoint formats are untested with them)")
 
 
 # ---------------------------------------------------------------------------- process groups

@@ -34,6 +34,8 @@ import re
 import runpy
 import sys
 
+import torch
+
 __all__ = ["add_magma_arguments", "magma_options", "install", "main"]
 
 
@@ -66,6 +68,9 @@ def add_magma_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     group.add_argument("--magma-score-ema", type=float, default=0.9, help="EMA coefficient of the score")
     group.add_argument("--magma-base", choices=("adam", "rmsprop", "laprop"), default="adam", help="base optimizer")
     group.add_argument("--magma-mask", choices=("magma", "skip", "none"), default="magma", help="masking rule")
+    group.add_argument("--magma-moments", choices=("float32", "bfloat16"), default="float32",
+                       help="dtype of Magma's exp_avg and exp_avg_sq (bfloat16: stochastically rounded; Megatron's "
+                            "own --exp-avg-dtype belongs to its precision-aware optimizer and is refused)")
     group.add_argument("--magma-masked", type=_pattern, default=None,
                        help="a regular expression: the parameters whose global names it matches (re.search) are "
                             "masked (default: attention and MLP weights, as the paper)")
@@ -81,6 +86,8 @@ def magma_options(args: argparse.Namespace) -> dict:
     options = dict(keep_prob=args.magma_keep_prob, block=args.magma_block, seed=seed, tau=args.magma_tau,
                    score_ema=args.magma_score_ema, base=args.magma_base, mask=args.magma_mask,
                    sparse_param_gather=args.magma_sparse_param_gather)
+    if args.magma_moments != "float32":
+        options["exp_avg_dtype"] = options["exp_avg_sq_dtype"] = getattr(torch, args.magma_moments)
     if args.magma_masked is not None:
         pattern = args.magma_masked
         options["masked"] = lambda name, param: pattern.search(name) is not None
