@@ -26,10 +26,12 @@ setup_seconds=$SECONDS
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu,power.draw --format=csv | tee "$logs/gpu.log"
 
 echo "set up in ${setup_seconds} s"
-for wrapper in ${WRAPPERS:-distopt float16}; do
+wrappers=(${WRAPPERS:-distopt float16})
+for i in "${!wrappers[@]}"; do
+  wrapper=${wrappers[$i]}
   name="megatron_bench_fused_dp1_${wrapper}_${tag}_${day}"
   flags=$([ "$wrapper" = distopt ] && echo --distributed-optimizer)
-  reserve=$([ "$wrapper" = distopt ] && echo 270 || echo 160)  # for what follows
+  reserve=$((150 + 110 * (${#wrappers[@]} - i - 1)))  # for what follows: the tests, the other benchmarks
   budget=$(( $(left) - reserve ))
   (( budget > 180 )) && budget=180
   if (( budget < 60 )); then echo "$name not run: ${budget} s left for it"; note 1; continue; fi
