@@ -3,8 +3,10 @@
 #   source benchmarks/device_setup.sh && python3 -m pytest tests/test_megatron_sparse_gather_gpu.py ...
 #
 # It keeps NVLink multicast off (as that machine's notes require of every process), builds and
-# installs magma_ext for Hopper, installs the wheels carried in .whl/ (megatron-core: that machine
-# reaches no registry), and makes $OUT/logs for what should come back. The wheel is fetched once
+# installs magma_ext for Hopper (or, where benchmarks/prebuild_extension.sh built it beforehand
+# from the same sources and the run carried it, puts the checkout on PYTHONPATH instead), installs
+# the wheels carried in .whl/ (megatron-core: that machine reaches no registry), and makes
+# $OUT/logs for what should come back. The wheel is fetched once
 # per checkout, here, into the git-ignored .whl/ (name .whl in the run's carry):
 #
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
@@ -27,8 +29,16 @@ if [ -z "${MAGMA_EXT_DEVICE_BUILT:-}" ]; then
       .whl/*.whl || return 1
     export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
   fi
-  python3 -m pip install -q --no-build-isolation --no-deps -e . > "$logs/build.log" 2>&1 \
-    || { tail -30 "$logs/build.log"; return 1; }
+  source benchmarks/extension_sources.sh
+  if [ -f magma_ext/_C.cpython-312-x86_64-linux-gnu.so ] \
+      && [ "$(cat .device/extension_sources.sha1 2>/dev/null)" = "$(extension_sources_sha1)" ]; then
+    export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}  # built by benchmarks/prebuild_extension.sh
+    echo "magma_ext._C built beforehand, from these sources" > "$logs/build.log"
+  else
+    rm -f magma_ext/_C.cpython-312-x86_64-linux-gnu.so
+    python3 -m pip install -q --no-build-isolation --no-deps -e . > "$logs/build.log" 2>&1 \
+      || { tail -30 "$logs/build.log"; return 1; }
+  fi
   python3 -c 'import magma_ext, torch; print("magma_ext CUDA:", magma_ext.has_cuda_extension(), torch.cuda.device_count(), "GPUs")'
   export MAGMA_EXT_DEVICE_BUILT=1
 fi
