@@ -75,6 +75,26 @@ def test_shard_state_leaves_out_the_score_and_keeps_the_live_step():
     assert state["step"].item() == 1 and "magma_score" in state and torch.equal(main.detach(), torch.ones(12))
 
 
+@pytest.mark.parametrize("carrier", [torch.float32, torch.bfloat16])
+def test_bfloat16_moments_keep_their_dtype_and_values_through_the_shard_state(carrier):
+    """dp_reshardable saves the moments as they are (bfloat16); fully_reshardable gathers them into
+    float32 buffers. Either way a bfloat16 moment comes back bit for bit and stays bfloat16."""
+    model_param = torch.nn.Parameter(torch.randn(3, 4))
+    main = torch.nn.Parameter(torch.randn(12))
+    optimizer = Magma([main], exp_avg_dtype=torch.bfloat16, exp_avg_sq_dtype=torch.bfloat16)
+    main.grad = torch.randn(12)
+    optimizer.step()
+    wrapper = Filtered(optimizer, model_param)
+    saved = {k: v.to(carrier if k.startswith("exp_avg") else v.dtype).clone()
+             for k, v in wrapper._get_main_param_and_optimizer_states(model_param).items()}
+    expected = {k: optimizer.state[main][k].clone() for k in ("exp_avg", "exp_avg_sq")}
+    for key in expected:
+        optimizer.state[main][key].zero_()
+    wrapper._set_main_param_and_optimizer_states(model_param, saved)
+    for key, value in expected.items():
+        assert optimizer.state[main][key].dtype == torch.bfloat16
+        assert torch.equal(optimizer.state[main][key], value), key
+
 def _named_wrapper(names, block="row"):
     """A CarriesMagmaScores wrapper over whole tensors numbered by name, as the Megatron factory
     numbers them, stepped four times."""

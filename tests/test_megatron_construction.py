@@ -197,3 +197,29 @@ def test_magma_keywords_the_wrapper_does_not_take_are_refused(options, error, me
         _check_arguments(OptimizerConfig(lr=1e-3), ["chunk"], options)
     with pytest.raises(TypeError, match="model_chunks must be a non-empty list"):
         _check_arguments(OptimizerConfig(lr=1e-3), [], {})
+
+
+def _tp_param(partition_dim):
+    p = torch.nn.Parameter(torch.zeros(2, 3))
+    p.tensor_model_parallel, p.partition_dim = True, partition_dim
+    return p
+
+
+@pytest.mark.parametrize("tp_size, options, refused", [
+    (2, dict(exp_avg_dtype=torch.bfloat16), "exp_avg_dtype=torch.bfloat16: decoder.linear_proj.weight"),
+    (2, dict(exp_avg_sq_dtype=torch.bfloat16), "exp_avg_sq_dtype=torch.bfloat16: decoder.linear_proj.weight"),
+    (2, dict(exp_avg_dtype=torch.float32), None),
+    (1, dict(exp_avg_dtype=torch.bfloat16, exp_avg_sq_dtype=torch.bfloat16), None),
+])
+def test_bfloat16_moments_of_row_parallel_slices_are_refused_at_construction(tp_size, options, refused):
+    pytest.importorskip("megatron.core")
+    from magma_ext.megatron.optimizer import _refuse_rounded_column_slices
+
+    column, row = _tp_param(0), _tp_param(1)
+    names = {column: "decoder.linear_qkv.weight", row: "decoder.linear_proj.weight"}
+    groups = [{"params": [column]}, {"params": [row]}]  # the row-parallel weight in a dense group too
+    if refused is None:
+        _refuse_rounded_column_slices(groups, names, tp_size, options)
+    else:
+        with pytest.raises(ValueError, match=refused.replace(".", r"\.") + ".*row-parallel"):
+            _refuse_rounded_column_slices(groups, names, tp_size, options)
