@@ -3,6 +3,10 @@
 #
 #   bash benchmarks/prebuild_extension.sh PYTHON3.12     # a Python 3.12 with torch==2.11.0 (cu130)
 #
+# Such a Python, once (with nvcc 13.0 on the PATH; about 4 minutes to build on 2 cores):
+#
+#   python3.12 -m venv /tmp/py312 && /tmp/py312/bin/python -m pip install torch==2.11.0 numpy ninja "setuptools<82"
+#
 # Leaves magma_ext/_C.cpython-312-x86_64-linux-gnu.so and .device/extension_sources.sha1 (both
 # git-ignored); name both in the run's carry. benchmarks/device_setup.sh uses the library only
 # while the sources' hash still matches (else it builds there, as without it).
