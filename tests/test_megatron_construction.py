@@ -208,18 +208,21 @@ def _tp_param(partition_dim):
 @pytest.mark.parametrize("tp_size, options, refused", [
     (2, dict(exp_avg_dtype=torch.bfloat16), "exp_avg_dtype=torch.bfloat16: decoder.linear_proj.weight"),
     (2, dict(exp_avg_sq_dtype=torch.bfloat16), "exp_avg_sq_dtype=torch.bfloat16: decoder.linear_proj.weight"),
-    (2, dict(exp_avg_dtype=torch.float32), None),
-    (1, dict(exp_avg_dtype=torch.bfloat16, exp_avg_sq_dtype=torch.bfloat16), None),
+    (2, dict(block=64), "block=64: decoder.layers.0.linear_proj.weight"),
+    (2, dict(exp_avg_dtype=torch.float32, block="row"), None),
+    (1, dict(exp_avg_dtype=torch.bfloat16, exp_avg_sq_dtype=torch.bfloat16, block=64), None),
 ])
-def test_bfloat16_moments_of_row_parallel_slices_are_refused_at_construction(tp_size, options, refused):
+def test_what_row_parallel_slices_cannot_take_is_refused_at_construction(tp_size, options, refused):
     pytest.importorskip("megatron.core")
-    from magma_ext.megatron.optimizer import _refuse_rounded_column_slices
+    from magma_ext.megatron.optimizer import MAGMA_GROUP, _refuse_row_parallel_slices
 
-    column, row = _tp_param(0), _tp_param(1)
-    names = {column: "decoder.linear_qkv.weight", row: "decoder.linear_proj.weight"}
-    groups = [{"params": [column]}, {"params": [row]}]  # the row-parallel weight in a dense group too
+    column, row, masked_row = _tp_param(0), _tp_param(1), _tp_param(1)
+    names = {column: "decoder.linear_qkv.weight", row: "decoder.linear_proj.weight",
+             masked_row: "decoder.layers.0.linear_proj.weight"}
+    # an unmasked row-parallel weight first: bfloat16 moments refuse it, N-element blocks do not
+    groups = [{"params": [column, row]}, {"params": [masked_row], "optimizer": MAGMA_GROUP}]
     if refused is None:
-        _refuse_rounded_column_slices(groups, names, tp_size, options)
+        _refuse_row_parallel_slices(groups, names, tp_size, options)
     else:
         with pytest.raises(ValueError, match=refused.replace(".", r"\.") + ".*row-parallel"):
-            _refuse_rounded_column_slices(groups, names, tp_size, options)
+            _refuse_row_parallel_slices(groups, names, tp_size, options)

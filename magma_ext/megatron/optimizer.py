@@ -323,8 +323,7 @@ def _build_part(where: _PartGroups, *, config, model_chunks, config_overrides, n
         # every rank holds every parameter, so dropping empty groups keeps them alike on all
         # ranks, and Megatron's Float16 checkpoints cannot merge an empty group's list
         magma_groups = [group for group in magma_groups if group["params"]]
-    _refuse_split_n_blocks(magma_groups, names, tp_size, magma_options)
-    _refuse_rounded_column_slices(magma_groups, names, tp_size, magma_options)
+    _refuse_row_parallel_slices(magma_groups, names, tp_size, magma_options)
     inner = None
     if magma_groups:
         inner = Magma(magma_groups, lr=config.lr, betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_eps,
@@ -414,37 +413,28 @@ def _partition_dim(param) -> int | None:
     return param.partition_dim if getattr(param, "tensor_model_parallel", False) else None
 
 
-def _refuse_split_n_blocks(groups: list[dict], names: dict, tp_size: int, magma_options: dict) -> None:
-    block = magma_options.get("block", "tensor")
-    if tp_size == 1 or isinstance(block, str):
+def _refuse_row_parallel_slices(groups: list[dict], names: dict, tp_size: int, magma_options: dict) -> None:
+    """What a row-parallel weight split across tensor-parallel ranks (column slices) cannot take,
+    refused at construction rather than at Magma's first step: N-element blocks where it is
+    masked (they would cut across the slices) and bfloat16 moments (their stochastic rounding is
+    keyed by the logical element index, which a column slice lacks: docs/ALGORITHM.md section 6)."""
+    if tp_size == 1:
         return
-    for group in groups:
-        if group.get("optimizer") != MAGMA_GROUP:
-            continue
-        for p in group["params"]:
-            if _partition_dim(p) == 1:
-                raise ValueError(
-                    f"block={block!r}: {names[p]} is a row-parallel weight split across "
-                    f"{tp_size} tensor-parallel ranks, whose N-element blocks would cut across the "
-                    "slices; use block='row' or 'tensor', or leave it unmasked (masked=...)"
-                )
-
-
-def _refuse_rounded_column_slices(groups: list[dict], names: dict, tp_size: int, magma_options: dict) -> None:
-    """bfloat16 moments key their rounding by logical element index, which a column slice lacks
-    (docs/ALGORITHM.md section 6): refused here, at construction, rather than at Magma's first step."""
+    block = magma_options.get("block", "tensor")
     rounded = [key for key in ("exp_avg_dtype", "exp_avg_sq_dtype")
                if magma_options.get(key, torch.float32) != torch.float32]
-    if tp_size == 1 or not rounded:
-        return
     for group in groups:
         for p in group["params"]:
-            if _partition_dim(p) == 1:
-                raise ValueError(
-                    f"{rounded[0]}={magma_options[rounded[0]]}: {names[p]} is a row-parallel weight split across "
-                    f"{tp_size} tensor-parallel ranks (column slices), whose elements cannot key the stochastic "
-                    "rounding of bfloat16 moments; keep float32 moments, or tensor parallelism 1"
-                )
+            if _partition_dim(p) != 1:
+                continue
+            split = f"{names[p]} is a row-parallel weight split across {tp_size} tensor-parallel ranks"
+            if not isinstance(block, str) and group.get("optimizer") == MAGMA_GROUP:
+                raise ValueError(f"block={block!r}: {split}, whose N-element blocks would cut across the "
+                                 "slices; use block='row' or 'tensor', or leave it unmasked (masked=...)")
+            if rounded:
+                raise ValueError(f"{rounded[0]}={magma_options[rounded[0]]}: {split} (column slices), whose "
+                                 "elements cannot key the stochastic rounding of bfloat16 moments; keep float32 "
+                                 "moments, or tensor parallelism 1")
 
 
 def _grad_scaler(config: OptimizerConfig):
