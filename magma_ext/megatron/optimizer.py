@@ -109,7 +109,9 @@ def get_megatron_magma_optimizer(
             parallelism > 1, tensor parallelism with groups that are not TP x DP (several
             distributed-optimizer instances with TP > 1), an expert parameter that holds several
             experts, ``block=N`` with a masked row-parallel weight under tensor parallelism,
-            ``sparse_param_gather`` without the distributed optimizer, or a bad Magma option.
+            bfloat16 moments (``exp_avg_dtype``/``exp_avg_sq_dtype``) with any row-parallel weight
+            under tensor parallelism, ``sparse_param_gather`` without the distributed optimizer,
+            or a bad Magma option.
         magma_ext.megatron.internals.UnsupportedMegatron: a megatron-core before 0.19, or one whose
             private functions or distributed-optimizer layout are not the ones this module reads.
     """
