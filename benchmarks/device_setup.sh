@@ -30,12 +30,12 @@ if [ -z "${MAGMA_EXT_DEVICE_BUILT:-}" ]; then
     export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
   fi
   source benchmarks/extension_sources.sh
-  if [ -f magma_ext/_C.cpython-312-x86_64-linux-gnu.so ] \
+  if [ -f "$prebuilt_extension" ] \
       && [ "$(cat .device/extension_sources.sha1 2>/dev/null)" = "$(extension_sources_sha1)" ]; then
     export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}  # built by benchmarks/prebuild_extension.sh
     echo "magma_ext._C built beforehand, from these sources" > "$logs/build.log"
   else
-    rm -f magma_ext/_C.cpython-312-x86_64-linux-gnu.so
+    rm -f "$prebuilt_extension"
     python3 -m pip install -q --no-build-isolation --no-deps -e . > "$logs/build.log" 2>&1 \
       || { tail -30 "$logs/build.log"; return 1; }
   fi

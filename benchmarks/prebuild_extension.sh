@@ -16,7 +16,7 @@ source "$(dirname "$0")/extension_sources.sh"
 "$python" -c 'import sys, torch; assert sys.version_info[:2] == (3, 12) and torch.__version__ == "2.11.0+cu130", (sys.version, torch.__version__)' || exit 1
 TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=${MAX_JOBS:-2} "$python" setup.py build_ext --inplace > /tmp/prebuild_extension.log 2>&1 \
   || { tail -30 /tmp/prebuild_extension.log; exit 1; }
-strip --strip-debug magma_ext/_C.cpython-312-x86_64-linux-gnu.so  # 41 -> 36 MB of the carry's 64 MiB
+strip --strip-debug "$prebuilt_extension"  # 41 -> 36 MB of the carry's 64 MiB
 mkdir -p .device
 extension_sources_sha1 > .device/extension_sources.sha1
-ls -l magma_ext/_C.cpython-312-x86_64-linux-gnu.so .device/extension_sources.sha1
+ls -l "$prebuilt_extension" .device/extension_sources.sha1

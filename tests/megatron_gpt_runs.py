@@ -41,6 +41,7 @@ from megatron.core.transformer.module import Float16Module  # noqa: E402
 from magma_ext import name_index  # noqa: E402
 from magma_ext.megatron import get_megatron_magma_optimizer, magma_optimizers, param_sync_bytes  # noqa: E402
 from magma_ext.megatron.global_names import global_parameter_names  # noqa: E402
+from magma_ext.state import MOMENT_DTYPE_OPTIONS  # noqa: E402
 from magma_ext.megatron.sparse_gather import ROUTES  # noqa: E402
 from magma_ext.philox import keep_mask_numpy  # noqa: E402
 
@@ -166,7 +167,7 @@ def build(args):
     moments = getattr(torch, args.moments)
     optimizer = get_megatron_magma_optimizer(opt_config, ddps, keep_prob=args.keep_prob, block=args.block, seed=SEED,
                                              sparse_param_gather=args.sparse_param_gather,
-                                             exp_avg_dtype=moments, exp_avg_sq_dtype=moments)
+                                             **dict.fromkeys(MOMENT_DTYPE_OPTIONS.values(), moments))
     config.grad_scale_func = optimizer.scale_loss
     config.finalize_model_grads_func = finalize_model_grads
     return gpts, ddps, optimizer
@@ -393,7 +394,7 @@ def main():
     record["scores"] = {}
     record["moment_dtypes"] = sorted({str(value.dtype) for magma in magma_optimizers(optimizer)
                                       for state in magma.state.values() for key, value in state.items()
-                                      if key in ("exp_avg", "exp_avg_sq")})
+                                      if key in MOMENT_DTYPE_OPTIONS})
     for magma in magma_optimizers(optimizer):
         record["scores"].update({str(i): e["scores"].tolist() for i, e in gather_block_scores(magma).items()})
     if args.save:

@@ -95,6 +95,7 @@ def test_bfloat16_moments_keep_their_dtype_and_values_through_the_shard_state(ca
         assert optimizer.state[main][key].dtype == torch.bfloat16
         assert torch.equal(optimizer.state[main][key], value), key
 
+
 def _named_wrapper(names, block="row"):
     """A CarriesMagmaScores wrapper over whole tensors numbered by name, as the Megatron factory
     numbers them, stepped four times."""

@@ -33,6 +33,7 @@ from megatron.core.process_groups_config import ProcessGroupCollection
 from ..names import name_index
 from ..optimizer import Magma
 from ..pieces import declare_piece
+from ..state import MOMENT_DTYPE_OPTIONS
 from . import internals
 from .allow_list import DDP_CONFIG, OPTIMIZER_CONFIG, check_config
 from .global_names import global_parameter_names
@@ -423,8 +424,8 @@ def _refuse_row_parallel_slices(groups: list[dict], names: dict, tp_size: int, m
     if tp_size == 1:
         return
     block = magma_options.get("block", "tensor")
-    rounded = [key for key in ("exp_avg_dtype", "exp_avg_sq_dtype")
-               if magma_options.get(key, torch.float32) != torch.float32]
+    rounded = [option for option in MOMENT_DTYPE_OPTIONS.values()
+               if magma_options.get(option, torch.float32) != torch.float32]
     for group in groups:
         for p in group["params"]:
             if _partition_dim(p) != 1:
