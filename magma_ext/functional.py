@@ -27,6 +27,7 @@ from .types import GroupTensors, Hyper
 
 BlockSumReducer = Callable[[torch.Tensor], None]
 _warned_no_extension = False
+_warned_remainders_unfused = False
 
 
 @dataclass
@@ -67,6 +68,19 @@ def warn_no_extension() -> None:
             f"CUDA step: {extension_error()}. Build the extension with "
             "`pip install --no-build-isolation .` under a CUDA build of torch with nvcc "
             "(see README.md), or pass fused=False to silence this.",
+            stacklevel=5,
+        )
+
+
+def warn_remainders_unfused() -> None:
+    """Warn, once per process, that groups with ``store_param_remainders`` run the PyTorch path."""
+    global _warned_remainders_unfused
+    if not _warned_remainders_unfused:
+        _warned_remainders_unfused = True
+        warnings.warn(
+            "Magma: parameter groups with store_param_remainders=True run the PyTorch path on CUDA "
+            "(the fused kernels do not take master-weight remainders yet), several times slower "
+            "than the fused step; pass fused=False to silence this.",
             stacklevel=5,
         )
 

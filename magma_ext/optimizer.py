@@ -51,6 +51,15 @@ class Magma(Optimizer):
             is on a CUDA device (warning once if CUDA parameters find no extension); True
             requires them; False always uses the PyTorch reference.
         master_weights: keep a float32 master copy of bfloat16/float16 parameters.
+        store_param_remainders: with ``master_weights``, keep a bfloat16 parameter's master
+            weight as the 16 bits its parameter lacks (``master_param_remainder``, int16): the
+            same float32 master, in 2 bytes of state instead of 4 (as Transformer Engine's
+            ``FusedAdam`` option of that name). The parameter is then the master rounded to
+            nearest with ties away from zero (``.to(torch.bfloat16)`` rounds ties to even).
+            float16 parameters keep a whole float32 master. The CUDA kernels do not take it:
+            such groups run the PyTorch path (``fused=True`` is refused). Turning it on or off
+            mid-run, or loading a checkpoint of the other form, converts the masters exactly at
+            the next step (outside CUDA graph capture).
         exp_avg_dtype, exp_avg_sq_dtype: the dtype each moment is stored in, ``torch.float32``
             (the default) or ``torch.bfloat16`` (half the memory and fewer bytes per step; each
             new value is rounded stochastically from a Philox stream of its own, so a moment
@@ -95,6 +104,7 @@ class Magma(Optimizer):
         master_weights: bool = False,
         exp_avg_dtype: torch.dtype = torch.float32,
         exp_avg_sq_dtype: torch.dtype = torch.float32,
+        store_param_remainders: bool = False,
         capturable: bool = False,
         process_group=None,
     ):
@@ -103,6 +113,7 @@ class Magma(Optimizer):
             keep_prob=keep_prob, tau=tau, score_ema=score_ema, block=block, seed=seed,
             magma=True, fused=fused, master_weights=master_weights, capturable=capturable,
             exp_avg_dtype=exp_avg_dtype, exp_avg_sq_dtype=exp_avg_sq_dtype,
+            store_param_remainders=store_param_remainders,
         )
         check_group(defaults)
         process_groups(process_group)
@@ -117,11 +128,13 @@ class Magma(Optimizer):
 
     def __setstate__(self, state: dict) -> None:
         """Restore a pickled or deep-copied optimizer; its caches are rebuilt on the next step.
-        One pickled before the moments' dtypes were options has float32 moments."""
+        One pickled before the state's storage options existed stores as they did then: float32
+        moments, whole float32 masters."""
         super().__setstate__(state)
         for options in (self.defaults, *self.param_groups):
             for key in state_lib.MOMENT_DTYPE_OPTIONS.values():
                 options.setdefault(key, torch.float32)
+            options.setdefault("store_param_remainders", False)
         self.process_group = None
         self._reset_caches()
 
@@ -185,8 +198,11 @@ class Magma(Optimizer):
         index gets them as on a first step.  The moments' dtypes are this optimizer's (its
         groups keep their ``exp_avg_dtype`` and ``exp_avg_sq_dtype``, whatever the checkpoint's
         say): a float32 moment loaded into bfloat16 state is rounded to nearest, a bfloat16 one
-        loaded into float32 state is exact.  Scores and master weights stay float32; all on the
-        parameter's device (torch.optim would cast them to its dtype),
+        loaded into float32 state is exact.  So is ``store_param_remainders``: a master weight
+        saved in the other form is converted, exactly, at the next step (when the model's weights,
+        which a remainder pairs with, are loaded too).  Scores and whole master weights stay
+        float32, remainders int16; all on the parameter's device (torch.optim would cast them to
+        its dtype),
         and a ``step`` saved as a Python number becomes a float32 tensor; state without a
         ``step`` takes its group's ``"step"`` where the group has one (Megatron-core's distributed
         optimizer saves the step there when Transformer Engine or apex is installed).
@@ -214,11 +230,14 @@ class Magma(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         # Check and plan every group before touching anything, so that an error changes nothing.
-        for group in self.param_groups:
-            if self._checked_options.get(id(group)) != options_key(group):
-                check_group(group)
-                self._checked_options[id(group)] = options_key(group)
+        changed = [group for group in self.param_groups
+                   if self._checked_options.get(id(group)) != options_key(group)]
+        for group in changed:
+            check_group(group)
         plans = self._planner.plan(self.param_groups, self.state, process_groups(self.process_group))
+        if changed:  # after a load too: _reset_caches() forgot every group
+            state_lib.settle_masters(changed, self.state)
+            self._checked_options.update((id(group), options_key(group)) for group in changed)
         for group, plan, states in plans:
             for p, state, view, layout in plan.new_views(states):
                 state.update(state_lib.new_state(p, group, view, layout))

@@ -24,7 +24,7 @@ REAL_FLOATS = frozenset((torch.float16, torch.bfloat16, torch.float32, torch.flo
 # The keys check_group_options reads: a group is checked again when one of them changes.
 OPTION_KEYS = ("lr", "betas", "eps", "weight_decay", "base", "mask", "keep_prob", "tau",
                "score_ema", "block", "seed", "magma", "fused", "master_weights", "capturable",
-               "exp_avg_dtype", "exp_avg_sq_dtype")
+               "exp_avg_dtype", "exp_avg_sq_dtype", "store_param_remainders")
 
 
 def _number(name: str, value) -> float:
@@ -111,8 +111,9 @@ def check_group(group: dict, where: str = "", params=None) -> None:
         check_group_options(group)
         if group["fused"] not in (None, True, False):
             raise TypeError(f"fused must be None, True or False, got {group['fused']!r}")
-        for name in ("master_weights", "capturable"):
+        for name in ("master_weights", "capturable", "store_param_remainders"):
             _check_bool(name, group[name])
+        _check_remainders(group)
     except (TypeError, ValueError) as error:
         if not where:
             raise
@@ -124,6 +125,19 @@ def check_group(group: dict, where: str = "", params=None) -> None:
         )
     if group["fused"] and params is not None:
         check_fused_params(params, where)
+
+
+def _check_remainders(group: dict) -> None:
+    """``store_param_remainders`` keeps part of a master weight: it needs ``master_weights``,
+    and the CUDA kernels do not take it (yet)."""
+    if not group["store_param_remainders"]:
+        return
+    if not group["master_weights"]:
+        raise ValueError("store_param_remainders=True needs master_weights=True (the remainder is "
+                         "the low half of a float32 master weight)")
+    if group["fused"]:
+        raise ValueError("store_param_remainders=True is not taken by the CUDA kernels: use fused=None "
+                         "(its groups then run the PyTorch path) or fused=False")
 
 
 def check_fused_params(params, where: str = "") -> None:

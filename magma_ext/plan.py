@@ -22,7 +22,8 @@ import torch
 from . import dtensors, functional, identity
 from .exchange import BlockSumExchange, PieceRecord
 from .options import REAL_FLOATS, check_fused_params, check_grad
-from .state import check_rounded_state_fits, check_state_fits, wants_master
+from .param_remainders import REMAINDER_KEY
+from .state import check_rounded_state_fits, check_state_fits, master_form
 from .types import GroupTensors, Hyper
 from .views import ParamView, view_of
 
@@ -40,6 +41,7 @@ class DevicePlan:
     # (position, process group, source rank) of replicated scores that a rank with an empty
     # shard cannot update itself: the shard group's first rank sends them after the step
     score_broadcasts: list[tuple[int, object, int]]
+    has_remainders: bool = False  # whether a master weight is kept as a remainder
 
     def __post_init__(self):
         self.has_dtensors = any(view.kind == "dtensor" for view in self.views)
@@ -48,12 +50,14 @@ class DevicePlan:
         """The lists of the step: the local pieces of parameters, grads and state."""
         layouts, params = self.plan.layouts, self.params
         masters = [s.get("master_param") for s in states]
+        remainders = [s.get(REMAINDER_KEY) for s in states] if self.has_remainders else None
         if not self.has_dtensors:  # the common case, kept free of per-tensor calls
             return GroupTensors(
                 params=params, grads=[p.grad for p in params],
                 exp_avgs=[s["exp_avg"] for s in states], exp_avg_sqs=[s["exp_avg_sq"] for s in states],
                 scores=[s["magma_score"] for s in states], steps=[s["step"] for s in states],
                 master_params=masters, layouts=layouts, tensor_indices=self.plan.tensor_indices,
+                master_remainders=remainders,
             )
         return GroupTensors(
             params=dtensors.locals_of(params), grads=dtensors.local_grads(params),
@@ -63,6 +67,8 @@ class DevicePlan:
             steps=[s["step"] for s in states],
             master_params=[None if m is None else dtensors.local(m) for m in masters],
             layouts=layouts, tensor_indices=self.plan.tensor_indices,
+            master_remainders=None if remainders is None else [None if r is None else dtensors.local(r)
+                                                                 for r in remainders],
         )
 
     def run(self, states: list[dict], hyper: Hyper, grad_scale, found_inf) -> None:
@@ -170,10 +176,16 @@ class StepPlanner:
             check_rounded_state_fits(view, group, names[id(p)])
         layouts = [view.layout(block) for view in views]
         indices = [view.piece.index for view in views]
-        masters = [("master_param" in s) if s else wants_master(p, group) for p, s in zip(params, states)]
-        if group["fused"] is None and device.type == "cuda" and not functional.extension_loaded():
-            functional.warn_no_extension()
-        plan = functional.plan_step(device, [view.local for view in views], masters, layouts, indices, group["fused"])
+        forms = [master_form(p, s, group) for p, s in zip(params, states)]
+        has_remainders = "remainder" in forms
+        fused = False if has_remainders else group["fused"]  # the kernels do not take remainders
+        if device.type == "cuda" and group["fused"] is None:
+            if has_remainders:
+                functional.warn_remainders_unfused()
+            elif not functional.extension_loaded():
+                functional.warn_no_extension()
+        masters = [form == "float32" for form in forms]
+        plan = functional.plan_step(device, [view.local for view in views], masters, layouts, indices, fused)
         exchange, broadcasts = None, []
         if _scored(group):
             broadcasts = [(i, *source) for i, (p, view) in enumerate(zip(params, views))
@@ -183,7 +195,7 @@ class StepPlanner:
                 records = [PieceRecord(views[i].piece, block, names[id(params[i])], views[i].kind)
                            for i in plan.row_order]
                 exchange = BlockSumExchange.build(records, device, groups=process_groups)
-        return DevicePlan(params, views, plan, exchange, broadcasts)
+        return DevicePlan(params, views, plan, exchange, broadcasts, has_remainders)
 
     def _empty_exchange(self, group: dict, process_groups: list) -> BlockSumExchange:
         """The exchange a rank with no piece of ``group`` joins (collective when first built)."""
@@ -236,7 +248,8 @@ def _scored(group: dict) -> bool:
 
 def _plan_key(group: dict, params: list[torch.Tensor], process_groups: list) -> tuple:
     return (id(group), group["block"], group["fused"], _scored(group), group["exp_avg_dtype"],
-            group["exp_avg_sq_dtype"], tuple(map(id, params)), tuple(map(id, process_groups)))
+            group["exp_avg_sq_dtype"], group["master_weights"], group["store_param_remainders"],
+            tuple(map(id, params)), tuple(map(id, process_groups)))
 
 
 def _exchange_device(process_group) -> torch.device:

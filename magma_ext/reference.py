@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
+from . import param_remainders
 from .layout import BlockLayout
 from .philox import keep_mask
 from .rounding import EXP_AVG, EXP_AVG_SQ, moment_noise, rounding_words, stochastic_round
@@ -195,8 +196,9 @@ def finalize_and_apply(
 
     # Sections 1.4-1.5: masked, modulated update with decoupled weight decay.
     thetas = [
-        m if m is not None else p.to(torch.float64 if p.dtype == torch.float64 else torch.float32)
-        for p, m in zip(tensors.params, tensors.master_params)
+        m if m is not None else param_remainders.join(p, r) if r is not None
+        else p.to(torch.float64 if p.dtype == torch.float64 else torch.float32)
+        for p, m, r in zip(tensors.params, tensors.master_params, _remainders(tensors))
     ]
     if h.weight_decay != 0:
         directions = torch._foreach_add(directions, torch._foreach_mul(thetas, h.weight_decay))
@@ -237,4 +239,16 @@ def _commit(tensors: GroupTensors, moments: Moments, scores, thetas, found_inf) 
     masters = [(m, t) for m, t in zip(tensors.master_params, thetas) if m is not None]
     if masters:
         put([m for m, _ in masters], [t for _, t in masters])
-    put(tensors.params, thetas)
+    new_params, remainders, lows = list(thetas), [], []
+    for i, remainder in enumerate(_remainders(tensors)):
+        if remainder is not None:  # the parameter is the master's high half
+            new_params[i], low = param_remainders.split(thetas[i])
+            remainders.append(remainder)
+            lows.append(low)
+    if remainders:
+        put(remainders, lows)
+    put(tensors.params, new_params)
+
+
+def _remainders(tensors: GroupTensors) -> list[torch.Tensor | None]:
+    return tensors.master_remainders or [None] * len(tensors.params)

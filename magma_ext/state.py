@@ -3,16 +3,19 @@
 ``optimizer.state[p]`` holds ``step``, ``exp_avg``, ``exp_avg_sq`` (shaped like ``p``, of the
 group's ``exp_avg_dtype`` and ``exp_avg_sq_dtype``: float32 or bfloat16), ``magma_score``
 (float32, one entry per block), ``magma_tensor_index`` and, with master weights for a
-bfloat16/float16 parameter, ``master_param`` (float32).
+bfloat16/float16 parameter, ``master_param`` (float32) or, for a bfloat16 parameter in a group
+with ``store_param_remainders``, its low 16 bits ``master_param_remainder``
+(:mod:`magma_ext.param_remainders`).
 """
 
 from __future__ import annotations
 
 import torch
 
-from . import dtensors
+from . import dtensors, param_remainders
 from .layout import BlockLayout, layout_for
 from .options import check_group
+from .param_remainders import REMAINDER_DTYPE, REMAINDER_KEY
 from .pieces import is_dtensor, piece_of
 from .rounding import MAX_ROUNDED_NUMEL
 from .views import ParamView, view_of
@@ -21,13 +24,72 @@ LOW_PRECISION = (torch.bfloat16, torch.float16)
 FLOAT32_STATE = ("step", "magma_score", "master_param")
 # The moments and the group option that gives each its dtype.
 MOMENT_DTYPE_OPTIONS = {"exp_avg": "exp_avg_dtype", "exp_avg_sq": "exp_avg_sq_dtype"}
+# The group options that say how state is stored, not what a step computes: a loaded group keeps
+# this optimizer's (loading converts the checkpoint's state to them).
+STORAGE_OPTIONS = (*MOMENT_DTYPE_OPTIONS.values(), "store_param_remainders")
 # Keys of torch.optim.AdamW's groups that would change its update; Magma has no such option.
 UNSUPPORTED_TORCH_OPTIONS = ("amsgrad", "maximize")
 
 
 def wants_master(p: torch.Tensor, group: dict) -> bool:
-    """Whether a new state of ``p`` in ``group`` gets a float32 master copy."""
+    """Whether a new state of ``p`` in ``group`` gets a master weight (whole or as a remainder)."""
     return group["master_weights"] and p.dtype in LOW_PRECISION
+
+
+def wants_remainder(p: torch.Tensor, group: dict) -> bool:
+    """Whether ``p``'s master weight in ``group`` is kept as a 16-bit remainder."""
+    return group["master_weights"] and group["store_param_remainders"] and p.dtype == torch.bfloat16
+
+
+def master_form(p: torch.Tensor, state: dict, group: dict) -> str | None:
+    """How ``p``'s master weight is kept once :func:`settle_masters` has run: ``"remainder"``,
+    ``"float32"`` or None (no master). A parameter that has a master keeps one; its group's
+    ``store_param_remainders`` says in which form."""
+    has_master = ("master_param" in state or REMAINDER_KEY in state) if state else wants_master(p, group)
+    if not has_master:
+        return None
+    return "remainder" if wants_remainder(p, group) else "float32"
+
+
+def settle_masters(param_groups: list[dict], states) -> None:
+    """Give every master weight the form its group asks for (:func:`master_form`), exactly: a
+    float32 master (from a checkpoint, or before ``store_param_remainders`` was turned on) is
+    split into the bfloat16 parameter and its remainder, a remainder joined with the parameter
+    into a float32 master. Done at a step, after ``load_state_dict()`` and whenever a group's
+    options change, so that the parameter the remainder pairs with is the one the step updates
+    (a model loaded after its optimizer included)."""
+    work = []
+    for group in param_groups:
+        for p in group["params"]:
+            state = states.get(p)
+            if not state:
+                continue
+            form = master_form(p, state, group)
+            if (form == "remainder") != (REMAINDER_KEY in state) and form is not None:
+                work.append((p, state, form))
+    if work and torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+        raise RuntimeError(
+            "Magma: master weights must change form (store_param_remainders, or a loaded checkpoint "
+            "of the other form) at this step, which is being captured in a CUDA graph; take one step "
+            "outside the capture first"
+        )
+    for p, state, form in work:
+        param, target = dtensors.local(p), _as_local_of(p)
+        if form == "remainder":
+            high, low = param_remainders.split(dtensors.local(state.pop("master_param")))
+            param.copy_(high)
+            state[REMAINDER_KEY] = target(low)
+        else:
+            state["master_param"] = target(param_remainders.join(param, dtensors.local(state.pop(REMAINDER_KEY))))
+
+
+def _as_local_of(p: torch.Tensor):
+    """A function that gives a local tensor of ``p``'s shard the form of ``p``: a DTensor with
+    its placements where ``p`` is one."""
+    if not is_dtensor(p):
+        return lambda local: local
+    return lambda local: dtensors.DTensor.from_local(local, p.device_mesh, p.placements,
+                                                     shape=p.shape, stride=p.stride())
 
 
 def new_state(p: torch.Tensor, group: dict, view: ParamView, layout: BlockLayout, name: str = "") -> dict:
@@ -85,7 +147,9 @@ def add_magma_state(state: dict, p: torch.Tensor, group: dict, tensor_index: int
         layout = view_of(p, tensor_index, group["block"], f"#{tensor_index}").layout(group["block"])
     state["magma_score"] = dtensors.new_score(p, layout, group["block"])
     state["magma_tensor_index"] = tensor_index
-    if wants_master(p, group) and "master_param" not in state:
+    if wants_remainder(p, group) and REMAINDER_KEY not in state and "master_param" not in state:
+        state[REMAINDER_KEY] = torch.zeros_like(p, dtype=REMAINDER_DTYPE)  # p is its master exactly
+    elif wants_master(p, group) and "master_param" not in state and REMAINDER_KEY not in state:
         state["master_param"] = p.detach().to(torch.float32).clone()
 
 
@@ -129,9 +193,9 @@ def checked_load(param_groups: list[dict], state_dict: dict, new_indices) -> tup
         for key in UNSUPPORTED_TORCH_OPTIONS:
             if saved.get(key):
                 raise ValueError(f"loaded parameter group {i} sets {key}=True, which Magma does not support")
-        # the moments' dtypes are this optimizer's: loading converts the checkpoint's state to them
-        dtypes = {option: current[option] for option in MOMENT_DTYPE_OPTIONS.values()}
-        group = {**{k: v for k, v in current.items() if k != "params"}, **saved, **dtypes}
+        # the state's storage is this optimizer's: loading converts the checkpoint's to it
+        storage = {option: current[option] for option in STORAGE_OPTIONS}
+        group = {**{k: v for k, v in current.items() if k != "params"}, **saved, **storage}
         check_group(group, where=f"loaded parameter group {i}: ", params=current["params"])
         groups.append(group)
     params = [p for group in param_groups for p in group["params"]]
@@ -171,6 +235,12 @@ def _loaded_state(saved: dict, p: torch.Tensor, group: dict, position: int) -> d
             value = value.to(dtype=dtype, device=p.device).clone()
         elif key == "magma_tensor_index":
             value = int(value)
+        elif key == REMAINDER_KEY:
+            if not isinstance(value, torch.Tensor) or value.dtype != REMAINDER_DTYPE or p.dtype != torch.bfloat16:
+                raise ValueError(f"loaded state of parameter {position}: {REMAINDER_KEY} must be an int16 "
+                                 f"tensor beside a bfloat16 parameter, got "
+                                 f"{getattr(value, 'dtype', type(value).__name__)} beside {p.dtype}")
+            value = value.to(device=p.device).clone()
         state[key] = value
     if "magma_score" in state and dtensors.has_local_block_scores(p, group["block"]):
         layout = view_of(p, 0, group["block"], "").layout(group["block"])
@@ -186,7 +256,7 @@ def _loaded_state(saved: dict, p: torch.Tensor, group: dict, position: int) -> d
 def check_state_fits(state: dict, p: torch.Tensor, group: dict, where: str) -> None:
     """State tensors shaped like the parameter, moments of the group's dtypes, and a score with
     one entry per block."""
-    for key in ("exp_avg", "exp_avg_sq", "master_param"):
+    for key in ("exp_avg", "exp_avg_sq", "master_param", REMAINDER_KEY):
         value = state.get(key)
         if value is not None and value.shape != p.shape:
             raise ValueError(

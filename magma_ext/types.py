@@ -37,7 +37,9 @@ class Hyper:
 class GroupTensors:
     """The lists one step works on: entry ``i`` of every list belongs to parameter ``i``.
 
-    ``master_params[i]`` is the float32 master copy or None; ``layouts[i]`` says how the
+    ``master_params[i]`` is the float32 master copy or None; ``master_remainders[i]`` (None
+    for the whole list where no entry has one) the int16 low half of a bfloat16 parameter's
+    master (:mod:`magma_ext.param_remainders`) or None; ``layouts[i]`` says how the
     parameter (or piece of a logical tensor) is cut into blocks and ``tensor_indices[i]`` is
     its frozen tensor index.
     """
@@ -51,6 +53,7 @@ class GroupTensors:
     master_params: list[torch.Tensor | None]
     layouts: list[BlockLayout]
     tensor_indices: list[int]
+    master_remainders: list[torch.Tensor | None] | None = None
 
     def num_blocks(self) -> int:
         """Rows of this list's ``block_sums``: the blocks of every entry, in list order."""

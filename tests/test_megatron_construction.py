@@ -185,6 +185,8 @@ def test_a_distributed_optimizer_laid_out_otherwise_is_refused_naming_the_releas
 @pytest.mark.parametrize("options, error, message", [
     (dict(lr=0.1), TypeError, "lr comes from config"),
     (dict(process_group=None), TypeError, "process_group comes from config"),
+    (dict(master_weights=True), TypeError, "master_weights: Megatron keeps float32 main parameters"),
+    (dict(store_param_remainders=True), TypeError, "store_param_remainders: Megatron keeps float32 main"),
 ])
 def test_magma_keywords_the_wrapper_does_not_take_are_refused(options, error, message):
     pytest.importorskip("megatron.core")

@@ -95,7 +95,8 @@ def get_megatron_magma_optimizer(
             pre-hooks (``magma_ext.megatron.overlapped_sync``). Bytes moved:
             :func:`param_sync_bytes`.
         **magma_options: Magma's own keywords (``keep_prob``, ``block``, ``seed``, ``tau``,
-            ``score_ema``, ``base``, ``mask``, ``fused``; moments in float32 only for now).
+            ``score_ema``, ``base``, ``mask``, ``fused``, ``exp_avg_dtype``, ``exp_avg_sq_dtype``;
+            not its master weights: Megatron's float32 main parameters are what Magma steps).
 
     Returns:
         a ``ChainedOptimizer`` of a dense part and, with expert parameters, an expert part:
@@ -104,8 +105,8 @@ def get_megatron_magma_optimizer(
         ``magma_ext.megatron.scores``).
 
     Raises:
-        TypeError: ``config`` or ``model_chunks`` of the wrong type, or a keyword Magma takes from
-            the config.
+        TypeError: ``config`` or ``model_chunks`` of the wrong type, a keyword Magma takes from
+            the config, or Magma's ``master_weights``/``store_param_remainders``.
         ValueError: a config field or value outside the allow-lists (named), expert tensor
             parallelism > 1, tensor parallelism with groups that are not TP x DP (several
             distributed-optimizer instances with TP > 1), an expert parameter that holds several
@@ -201,6 +202,10 @@ def _check_arguments(config, model_chunks, magma_options: dict) -> None:
     for key in ("lr", "betas", "eps", "weight_decay", "process_group", "params"):
         if key in magma_options:
             raise TypeError(f"{key} comes from config (or the model), not from a keyword")
+    for key in ("master_weights", "store_param_remainders"):
+        if key in magma_options:
+            raise TypeError(f"{key}: Megatron keeps float32 main parameters of its own and Magma "
+                            "steps those; leave Magma's master weights off")
 
 
 # ---------------------------------------------------------------------------- process groups
