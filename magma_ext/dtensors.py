@@ -37,6 +37,14 @@ def local(tensor):
     return shard if isinstance(shard, torch.Tensor) else tensor.to_local()
 
 
+def like(p, shard: torch.Tensor):
+    """``shard``, a tensor shaped like ``p``'s local shard, in ``p``'s form: a DTensor over
+    ``p``'s mesh and placements where ``p`` is one, else ``shard`` itself."""
+    if not is_dtensor(p):
+        return shard
+    return DTensor.from_local(shard, p.device_mesh, p.placements, shape=p.shape, stride=p.stride(), run_check=False)
+
+
 def locals_of(tensors) -> list:
     """:func:`local` of every tensor of a list, in one pass (the step's hot path)."""
     if DTensor is None:

@@ -26,8 +26,7 @@ from .reference import BlockIndex, build_block_index, finalize_and_apply, magma_
 from .types import GroupTensors, Hyper
 
 BlockSumReducer = Callable[[torch.Tensor], None]
-_warned_no_extension = False
-_warned_remainders_unfused = False
+_warned: set[str] = set()  # the once-per-process warnings given (:func:`_warn_once`)
 
 
 @dataclass
@@ -60,29 +59,27 @@ def extension_error() -> str:
 
 def warn_no_extension() -> None:
     """Warn, once per process, that CUDA parameters run the PyTorch path."""
-    global _warned_no_extension
-    if not _warned_no_extension:
-        _warned_no_extension = True
-        warnings.warn(
-            "Magma got CUDA parameters but runs its PyTorch path, about 4x slower than the fused "
-            f"CUDA step: {extension_error()}. Build the extension with "
-            "`pip install --no-build-isolation .` under a CUDA build of torch with nvcc "
-            "(see README.md), or pass fused=False to silence this.",
-            stacklevel=5,
-        )
+    _warn_once("no extension", lambda: (
+        "Magma got CUDA parameters but runs its PyTorch path, about 4x slower than the fused "
+        f"CUDA step: {extension_error()}. Build the extension with "
+        "`pip install --no-build-isolation .` under a CUDA build of torch with nvcc "
+        "(see README.md), or pass fused=False to silence this."))
 
 
 def warn_remainders_unfused() -> None:
     """Warn, once per process, that groups with ``store_param_remainders`` run the PyTorch path."""
-    global _warned_remainders_unfused
-    if not _warned_remainders_unfused:
-        _warned_remainders_unfused = True
-        warnings.warn(
-            "Magma: parameter groups with store_param_remainders=True run the PyTorch path on CUDA "
-            "(the fused kernels do not take master-weight remainders yet), several times slower "
-            "than the fused step; pass fused=False to silence this.",
-            stacklevel=5,
-        )
+    _warn_once("remainders unfused", lambda: (
+        "Magma: parameter groups with store_param_remainders=True run the PyTorch path on CUDA "
+        "(the fused kernels do not take master-weight remainders yet), several times slower "
+        "than the fused step; pass fused=False to silence this."))
+
+
+def _warn_once(key: str, message: Callable[[], str]) -> None:
+    """``warnings.warn(message())`` the first time ``key`` comes, attributed to ``Magma.step``
+    (five frames up: the warn_* function and the planner's three)."""
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(message(), stacklevel=6)
 
 
 def fusable(p: torch.Tensor) -> bool:

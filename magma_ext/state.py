@@ -45,10 +45,13 @@ def master_form(p: torch.Tensor, state: dict, group: dict) -> str | None:
     """How ``p``'s master weight is kept once :func:`settle_masters` has run: ``"remainder"``,
     ``"float32"`` or None (no master). A parameter that has a master keeps one; its group's
     ``store_param_remainders`` says in which form."""
-    has_master = ("master_param" in state or REMAINDER_KEY in state) if state else wants_master(p, group)
-    if not has_master:
+    if not (_has_master(state) if state else wants_master(p, group)):
         return None
     return "remainder" if wants_remainder(p, group) else "float32"
+
+
+def _has_master(state: dict) -> bool:
+    return "master_param" in state or REMAINDER_KEY in state
 
 
 def settle_masters(param_groups: list[dict], states) -> None:
@@ -65,7 +68,7 @@ def settle_masters(param_groups: list[dict], states) -> None:
             if not state:
                 continue
             form = master_form(p, state, group)
-            if (form == "remainder") != (REMAINDER_KEY in state) and form is not None:
+            if form is not None and (form == "remainder") != (REMAINDER_KEY in state):
                 work.append((p, state, form))
     if work and torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
         raise RuntimeError(
@@ -74,22 +77,14 @@ def settle_masters(param_groups: list[dict], states) -> None:
             "outside the capture first"
         )
     for p, state, form in work:
-        param, target = dtensors.local(p), _as_local_of(p)
+        param = dtensors.local(p)
         if form == "remainder":
             high, low = param_remainders.split(dtensors.local(state.pop("master_param")))
             param.copy_(high)
-            state[REMAINDER_KEY] = target(low)
+            state[REMAINDER_KEY] = dtensors.like(p, low)
         else:
-            state["master_param"] = target(param_remainders.join(param, dtensors.local(state.pop(REMAINDER_KEY))))
-
-
-def _as_local_of(p: torch.Tensor):
-    """A function that gives a local tensor of ``p``'s shard the form of ``p``: a DTensor with
-    its placements where ``p`` is one."""
-    if not is_dtensor(p):
-        return lambda local: local
-    return lambda local: dtensors.DTensor.from_local(local, p.device_mesh, p.placements,
-                                                     shape=p.shape, stride=p.stride())
+            master = param_remainders.join(param, dtensors.local(state.pop(REMAINDER_KEY)))
+            state["master_param"] = dtensors.like(p, master)
 
 
 def new_state(p: torch.Tensor, group: dict, view: ParamView, layout: BlockLayout, name: str = "") -> dict:
@@ -147,9 +142,11 @@ def add_magma_state(state: dict, p: torch.Tensor, group: dict, tensor_index: int
         layout = view_of(p, tensor_index, group["block"], f"#{tensor_index}").layout(group["block"])
     state["magma_score"] = dtensors.new_score(p, layout, group["block"])
     state["magma_tensor_index"] = tensor_index
-    if wants_remainder(p, group) and REMAINDER_KEY not in state and "master_param" not in state:
+    if _has_master(state):
+        return
+    if wants_remainder(p, group):
         state[REMAINDER_KEY] = torch.zeros_like(p, dtype=REMAINDER_DTYPE)  # p is its master exactly
-    elif wants_master(p, group) and "master_param" not in state and REMAINDER_KEY not in state:
+    elif wants_master(p, group):
         state["master_param"] = p.detach().to(torch.float32).clone()
 
 

@@ -294,7 +294,7 @@ def test_values_written_into_param_groups_are_checked_before_a_step(key, value, 
 # ---------------------------------------------------------------- 9. no silent slow path
 
 def test_cuda_params_without_the_extension_warn_once(monkeypatch):
-    monkeypatch.setattr(functional, "_warned_no_extension", False)
+    monkeypatch.setattr(functional, "_warned", set())
     monkeypatch.setattr(functional, "extension_error", lambda: "import magma_ext._C failed: X")
     with pytest.warns(UserWarning, match=r"PyTorch path.*import magma_ext._C failed: X.*pip install"):
         functional.warn_no_extension()

@@ -331,7 +331,7 @@ def test_dcp_checkpoint_resumes_fsdp2_remainders_exactly(tmp_path, saved_with):
 def test_cuda_groups_with_remainders_run_the_pytorch_path_and_warn_once(monkeypatch):
     from magma_ext import functional
 
-    monkeypatch.setattr(functional, "_warned_remainders_unfused", False)
+    monkeypatch.setattr(functional, "_warned", set())
     cpu_params, cpu = _run(REMAINDERS, 6)
     params = [torch.nn.Parameter(p.detach().cuda()) for p in _params()]
     optimizer = Magma(params, lr=0.02, weight_decay=0.1, seed=5, **REMAINDERS)
